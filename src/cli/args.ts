@@ -19,7 +19,11 @@ export interface ParsedArgs {
  * ends option parsing when `stopAtPositional` is set, so `run IMAGE sh -c x` keeps `-c` for the
  * command. Short boolean flags combine (`-it`).
  */
-export function parseArgs(argv: readonly string[], specs: readonly OptionSpec[], stopAtPositional = false): ParsedArgs {
+export function parseArgs(
+  argv: readonly string[],
+  specs: readonly OptionSpec[],
+  stopAtPositional = false,
+): ParsedArgs {
   const options: Record<string, string | boolean | string[] | undefined> = {};
   const positionals: string[] = [];
   const byName = new Map(specs.map((s) => [s.name, s]));

@@ -9,7 +9,11 @@ export function throwIfAborted(signal: AbortSignal | undefined, what = "operatio
  * Races `promise` against `signal`. The promise keeps running when the signal fires; the caller
  * cleans up whatever it started.
  */
-export function raceAbort<T>(promise: Promise<T>, signal: AbortSignal | undefined, what = "operation"): Promise<T> {
+export function raceAbort<T>(
+  promise: Promise<T>,
+  signal: AbortSignal | undefined,
+  what = "operation",
+): Promise<T> {
   if (!signal) return promise;
   throwIfAborted(signal, what);
   return new Promise<T>((resolve, reject) => {

@@ -13,7 +13,9 @@ export function cacheDir(env: NodeJS.ProcessEnv = process.env): string {
 
 /** Pulled images, flattened root filesystems and snapshots. */
 export function dataDir(env: NodeJS.ProcessEnv = process.env): string {
-  return env.SUPERMACHINE_DATA_DIR || join(env.XDG_DATA_HOME || join(homedir(), ".local", "share"), "supermachine");
+  return (
+    env.SUPERMACHINE_DATA_DIR || join(env.XDG_DATA_HOME || join(homedir(), ".local", "share"), "supermachine")
+  );
 }
 
 /** State of running VMs (sockets, pid files, console logs); swept when its owner is gone. */
