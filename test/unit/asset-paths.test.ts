@@ -1,0 +1,236 @@
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { copyFile, mkdir, mkdtemp, rm, utimes, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { SupermachineError } from "../../src/errors.ts";
+import { cachedAssetPaths, resolveAssetPaths } from "../../src/vmm/asset-paths.ts";
+
+const run = promisify(execFile);
+const repoDir = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+let tmp: string;
+let packageDir: string;
+let cache: string;
+let env: NodeJS.ProcessEnv;
+
+async function touch(path: string, content = "x"): Promise<string> {
+  await mkdir(dirname(path), { recursive: true });
+  await writeFile(path, content);
+  return path;
+}
+
+async function linuxSourceVersion(): Promise<string | null> {
+  try {
+    const { stdout } = await run("dpkg-query", ["-W", "--showformat=$" + "{Version}", "linux-source-6.1"]);
+    return stdout.trim() || null;
+  } catch {
+    return null;
+  }
+}
+
+function assertAssetMissing(error: unknown, ...fragments: string[]): true {
+  assert.ok(SupermachineError.is(error), `not a SupermachineError: ${String(error)}`);
+  assert.equal(error.code, "ASSET_MISSING");
+  for (const fragment of fragments)
+    assert.ok(error.message.includes(fragment), `${fragment} not in: ${error.message}`);
+  return true;
+}
+
+before(async () => {
+  tmp = await mkdtemp(join(tmpdir(), "sm-asset-paths-"));
+  packageDir = join(tmp, "pkg");
+  cache = join(tmp, "cache");
+  env = { SUPERMACHINE_CACHE_DIR: cache };
+  // A package dir with the real build scripts and a small fake guest source tree.
+  for (const path of [
+    "kernel/supermachine.config",
+    "scripts/build-kernel.sh",
+    "scripts/build-initramfs.sh",
+    "scripts/build-assets.sh",
+  ]) {
+    await mkdir(dirname(join(packageDir, path)), { recursive: true });
+    await copyFile(join(repoDir, path), join(packageDir, path));
+  }
+  await touch(join(packageDir, "guest/Makefile"), "all:\n");
+  await touch(join(packageDir, "guest/src/main.c"), "int main(void) { return 0; }\n");
+  await touch(join(packageDir, "guest/src/proto/frame.h"), "#pragma once\n");
+  await touch(join(packageDir, "guest/src/Z-upper.c"), "\n");
+  await touch(join(packageDir, "guest/test/ignored.c"), "\n");
+});
+
+after(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+describe("resolveAssetPaths", () => {
+  test("explicit overrides win over env, package assets and cache", async () => {
+    const kernel = await touch(join(tmp, "o/vmlinux"));
+    const initramfs = await touch(join(tmp, "o/initramfs.cpio"));
+    const envKernel = await touch(join(tmp, "e/vmlinux"));
+    const got = await resolveAssetPaths(
+      { kernel, initramfs },
+      { packageDir, env: { ...env, SUPERMACHINE_KERNEL: envKernel }, linuxSourceVersion: "1" },
+    );
+    assert.deepEqual(got, { kernel, initramfs });
+  });
+
+  test("env variables are used when there are no overrides, each asset separately", async () => {
+    const kernel = await touch(join(tmp, "e/vmlinux"));
+    const initramfs = await touch(join(tmp, "e/initramfs.cpio"));
+    const override = await touch(join(tmp, "o2/initramfs.cpio"));
+    const got = await resolveAssetPaths(
+      { initramfs: override },
+      {
+        packageDir,
+        env: { ...env, SUPERMACHINE_KERNEL: kernel, SUPERMACHINE_INITRAMFS: initramfs },
+        linuxSourceVersion: "1",
+      },
+    );
+    assert.deepEqual(got, { kernel, initramfs: override });
+  });
+
+  test("an override or env path that does not exist is an error naming it", async () => {
+    const gone = join(tmp, "nope/vmlinux");
+    await assert.rejects(
+      resolveAssetPaths({ kernel: gone }, { packageDir, env, linuxSourceVersion: "1" }),
+      (error) => assertAssetMissing(error, gone, "given as kernel"),
+    );
+    await assert.rejects(
+      resolveAssetPaths(
+        {},
+        { packageDir, env: { ...env, SUPERMACHINE_INITRAMFS: gone }, linuxSourceVersion: "1" },
+      ),
+      (error) => assertAssetMissing(error, gone, "SUPERMACHINE_INITRAMFS"),
+    );
+  });
+
+  test("missing assets: the message names each missing file and the build command", async () => {
+    const cached = await cachedAssetPaths({ packageDir, env, linuxSourceVersion: "6.1.0-test" });
+    assert.ok(cached.kernel !== undefined);
+    await assert.rejects(
+      resolveAssetPaths({}, { packageDir, env, linuxSourceVersion: "6.1.0-test" }),
+      (error) =>
+        assertAssetMissing(
+          error,
+          "guest kernel",
+          "guest initramfs",
+          join(packageDir, "assets", "vmlinux"),
+          join(packageDir, "assets", "initramfs.cpio"),
+          cached.kernel!,
+          cached.initramfs,
+          "npm run assets",
+          "scripts/build-assets.sh",
+        ),
+    );
+  });
+
+  test("prebuilt assets in the package dir come before the cache", async () => {
+    const pkg = join(tmp, "prebuilt");
+    const kernel = await touch(join(pkg, "assets/vmlinux"));
+    const initramfs = await touch(join(pkg, "assets/initramfs.cpio"));
+    assert.deepEqual(await resolveAssetPaths({}, { packageDir: pkg, env, linuxSourceVersion: "1" }), {
+      kernel,
+      initramfs,
+    });
+  });
+
+  test("cache paths are found under their keys", async () => {
+    const cached = await cachedAssetPaths({ packageDir, env, linuxSourceVersion: "6.1.0-test" });
+    await touch(cached.kernel!);
+    await touch(cached.initramfs);
+    try {
+      assert.deepEqual(await resolveAssetPaths({}, { packageDir, env, linuxSourceVersion: "6.1.0-test" }), {
+        kernel: cached.kernel,
+        initramfs: cached.initramfs,
+      });
+      // Another source version is another key: that kernel is not built.
+      await assert.rejects(
+        resolveAssetPaths({}, { packageDir, env, linuxSourceVersion: "6.1.0-other" }),
+        (error) => assertAssetMissing(error, "guest kernel"),
+      );
+    } finally {
+      await rm(join(cache, "kernel"), { recursive: true, force: true });
+      await rm(join(cache, "initramfs"), { recursive: true, force: true });
+    }
+  });
+
+  test("without a linux-source version, the newest cached kernel is used", async () => {
+    // Named so that neither name order nor creation order gives the answer: only mtimes do.
+    const newest = await touch(join(cache, "kernel/aaaaaaaaaaaaaaaa/vmlinux"));
+    const older = await touch(join(cache, "kernel/bbbbbbbbbbbbbbbb/vmlinux"));
+    await utimes(newest, new Date(2_000_000_000_000), new Date(2_000_000_000_000));
+    await utimes(older, new Date(1_000_000_000_000), new Date(1_000_000_000_000));
+    const initramfs = await touch(join(tmp, "e/initramfs.cpio"));
+    try {
+      const got = await resolveAssetPaths({ initramfs }, { packageDir, env, linuxSourceVersion: null });
+      assert.equal(got.kernel, newest);
+    } finally {
+      await rm(join(cache, "kernel"), { recursive: true, force: true });
+    }
+    await assert.rejects(
+      resolveAssetPaths({ initramfs }, { packageDir, env, linuxSourceVersion: null }),
+      (error) => assertAssetMissing(error, join(cache, "kernel", "*", "vmlinux")),
+    );
+  });
+});
+
+describe("cache keys match the build scripts", () => {
+  test("initramfs: same path as scripts/build-initramfs.sh --print-path", async () => {
+    const { stdout } = await run("bash", [join(packageDir, "scripts/build-initramfs.sh"), "--print-path"], {
+      env: { ...process.env, ...env },
+    });
+    const cached = await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null });
+    assert.equal(cached.initramfs, stdout.trim());
+    assert.match(cached.initramfs, /\/initramfs\/[0-9a-f]{16}\/initramfs\.cpio$/);
+  });
+
+  test("initramfs key changes with any guest source file and ignores other guest dirs", async () => {
+    const before = (await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null })).initramfs;
+    await touch(join(packageDir, "guest/test/other.c"), "int x;\n");
+    assert.equal((await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null })).initramfs, before);
+    const header = join(packageDir, "guest/src/proto/frame.h");
+    await writeFile(header, "#pragma once\n#define X 1\n");
+    try {
+      assert.notEqual(
+        (await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null })).initramfs,
+        before,
+      );
+    } finally {
+      await writeFile(header, "#pragma once\n");
+    }
+  });
+
+  test("kernel: same path as scripts/build-kernel.sh --print-path", async (t) => {
+    const version = await linuxSourceVersion();
+    if (version === null) {
+      t.skip("dpkg-query does not know linux-source-6.1 on this host");
+      return;
+    }
+    const { stdout } = await run("bash", [join(packageDir, "scripts/build-kernel.sh"), "--print-path"], {
+      env: { ...process.env, ...env },
+    });
+    const cached = await cachedAssetPaths({ packageDir, env });
+    assert.equal(cached.kernel, stdout.trim());
+    assert.match(stdout.trim(), /\/kernel\/[0-9a-f]{16}\/vmlinux$/);
+  });
+
+  test("build-assets.sh --print-paths prints both paths", async (t) => {
+    const version = await linuxSourceVersion();
+    if (version === null) {
+      t.skip("dpkg-query does not know linux-source-6.1 on this host");
+      return;
+    }
+    const { stdout } = await run("bash", [join(packageDir, "scripts/build-assets.sh"), "--print-paths"], {
+      env: { ...process.env, ...env },
+    });
+    const cached = await cachedAssetPaths({ packageDir, env });
+    assert.equal(
+      stdout,
+      `SUPERMACHINE_KERNEL=${cached.kernel}\nSUPERMACHINE_INITRAMFS=${cached.initramfs}\n`,
+    );
+  });
+});
