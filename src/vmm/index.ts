@@ -1,0 +1,52 @@
+/** The VMM layer: QEMU argv, process supervision, QMP, accelerator detection, runtime state. */
+
+export {
+  type AcceleratorChoice,
+  assertHostSupported,
+  detectAccelerator,
+  findQemu,
+  hostTscKHz,
+  type QemuVersion,
+  qemuSupportsSandbox,
+  qemuVersion,
+} from "./accelerator.ts";
+export { ConsoleLog, type ConsoleLogOptions, DEFAULT_CONSOLE_LOG_MAX_BYTES } from "./console-log.ts";
+export {
+  type Accelerator,
+  AGENT_PORT_NAME,
+  BASE_KERNEL_ARGS,
+  buildQemuArgs,
+  type DiskSpec,
+  type GuestMemory,
+  type HostForward,
+  type IncomingMigration,
+  kernelCommandLine,
+  type MachineSpec,
+  type NetworkSpec,
+  type SandboxMode,
+} from "./qemu-args.ts";
+export {
+  type LaunchMachineSpec,
+  type LaunchOptions,
+  type QemuExit,
+  QemuProcess,
+  type QemuState,
+  type StopOptions,
+} from "./qemu-process.ts";
+export {
+  type QmpCallOptions,
+  QmpClient,
+  type QmpConnectOptions,
+  QmpError,
+  type QmpEvent,
+  type QmpGreeting,
+} from "./qmp-client.ts";
+export {
+  DEFAULT_MAX_KEPT_DIRS,
+  type ExitRecord,
+  type OwnerRecord,
+  runtimeRoot,
+  type SweepResult,
+  sweepStaleVms,
+  VmStateDir,
+} from "./state-dir.ts";

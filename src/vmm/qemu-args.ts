@@ -1,0 +1,323 @@
+/**
+ * The QEMU command line for a supermachine VM, as a pure function of a {@link MachineSpec}.
+ *
+ * The argv is deterministic: the same spec always gives the same arguments in the same order.
+ * That matters for snapshots, because QEMU restores device state by device path, and the
+ * virtio-mmio slot a device lands in depends on the order in which devices are created. Devices
+ * that every VM has (rng, the agent's virtio-serial) come first; optional ones (disks, network)
+ * come after them, so adding a disk or a network never moves an earlier device.
+ *
+ * Why each flag is there: docs/vmm.md.
+ */
+
+import { SupermachineError } from "../errors.ts";
+
+/** The hardware accelerator QEMU uses: KVM, or TCG (pure emulation, no hardware isolation). */
+export type Accelerator = "kvm" | "tcg";
+
+/**
+ * QEMU's seccomp sandbox.
+ * - `"strict"`: `-sandbox on` denying obsolete syscalls, privilege changes, process spawning and
+ *   resource control. Note that `migrate` to an `exec:` URI spawns a process, and seccomp then
+ *   KILLS QEMU (SIGSYS); migrate to `unix:` or `fd:` URIs instead.
+ * - `"allow-spawn"`: the same, but QEMU may fork/exec (for `exec:` migration URIs).
+ * - `"off"`: no `-sandbox` argument (for QEMU builds without seccomp).
+ */
+export type SandboxMode = "strict" | "allow-spawn" | "off";
+
+/** One virtio block device. */
+export interface DiskSpec {
+  /**
+   * Stable name of the disk: the block node name, the device id (`blk-<name>`) and the virtio-blk
+   * serial number the guest sees in `/sys/block/vdX/serial`. Use the serial to find a disk in the
+   * guest: the `vdX` letter depends on probe order, not on the order of `disks`.
+   * `[a-z][a-z0-9-]*`, at most 20 characters (the virtio-blk serial limit). Default `disk<index>`.
+   */
+  name?: string;
+  /** Path of the image file on the host. */
+  path: string;
+  /** Image format. A qcow2 overlay opens its backing file (read-only) by itself. */
+  format: "raw" | "qcow2";
+  /** Attach read-only: QEMU opens the file read-only and the guest cannot write. Default false. */
+  readOnly?: boolean;
+}
+
+/** A host port forwarded into the guest by QEMU's user-mode network (`hostfwd`). */
+export interface HostForward {
+  /** Default `"tcp"`. */
+  protocol?: "tcp" | "udp";
+  /** Host address to listen on. Default `127.0.0.1` (never all interfaces unless asked). */
+  hostAddress?: string;
+  /** Host port; 0 is not allowed here (QEMU would not tell us which port it chose). */
+  hostPort: number;
+  /** Guest port. */
+  guestPort: number;
+}
+
+/**
+ * Outbound networking through QEMU's user-mode network stack (slirp): guest 10.0.2.15,
+ * gateway 10.0.2.2, DNS 10.0.2.3. Each VM has its own stack, so clones do not collide.
+ */
+export interface NetworkSpec {
+  /** Guest MAC address `xx:xx:xx:xx:xx:xx`. Default QEMU's `52:54:00:12:34:56`. */
+  mac?: string;
+  /** Isolate the guest from the host and the outside world; only `hostForwards` remain. */
+  restrict?: boolean;
+  /** Forwards installed at start. More can be added at run time with QMP `human-monitor-command hostfwd_add`. */
+  hostForwards?: readonly HostForward[];
+}
+
+/**
+ * Guest RAM.
+ * - `anonymous`: ordinary private memory (the default).
+ * - `file`: a `memory-backend-file` mapping `path`. `share: true` writes guest RAM through to the
+ *   file (baking a snapshot); `share: false` maps it copy-on-write (restoring clones of one file).
+ */
+export type GuestMemory = { kind: "anonymous" } | { kind: "file"; path: string; share: boolean };
+
+/**
+ * Incoming migration (restore): `"defer"` waits for QMP `migrate-incoming`; `{ fd }` reads the
+ * device state from a file descriptor QEMU inherited (see `LaunchOptions.extraFds`).
+ */
+export type IncomingMigration = "defer" | { fd: number };
+
+/** Everything that decides a VM's QEMU command line. */
+export interface MachineSpec {
+  /** `kvm` → `-accel kvm -cpu host`; `tcg` → `-accel tcg -cpu max`. */
+  accel: Accelerator;
+  /** Guest RAM in MiB (`-m`). */
+  memoryMiB: number;
+  /** Number of vCPUs (`-smp`). */
+  vcpus: number;
+  /** Guest kernel (an uncompressed `vmlinux` booted via PVH, or a bzImage). Without one, QEMU runs its firmware and idles. */
+  kernelPath?: string;
+  /** Initramfs (`-initrd`). Requires `kernelPath`. */
+  initramfsPath?: string;
+  /** Extra kernel command-line arguments, appended after the ones supermachine always sets. */
+  kernelArgs?: readonly string[];
+  /**
+   * Host TSC frequency in kHz. Under TCG the guest's `rdtsc` runs at the host's rate, and telling
+   * the kernel (`tsc_early_khz=`) avoids its calibration, which can hang under emulation.
+   * Ignored under KVM. `QemuProcess.launch` fills it in from `hostTscKHz()`.
+   */
+  tscKHz?: number;
+  /** Guest RAM backing. Default anonymous. */
+  memory?: GuestMemory;
+  /** Virtio block devices, attached in this order. */
+  disks?: readonly DiskSpec[];
+  /** User-mode network. Absent: the VM has no network device at all. */
+  network?: NetworkSpec;
+  /** Unix socket the HOST listens on; QEMU connects to it as the QMP client side. */
+  qmpSocketPath: string;
+  /**
+   * Unix socket the HOST listens on; QEMU connects the guest's virtio-serial port `sm.agent`
+   * (`/dev/virtio-ports/sm.agent`) to it. Absent: no agent channel.
+   */
+  agentSocketPath?: string;
+  /** Start as the target of an incoming migration (restore). */
+  incoming?: IncomingMigration;
+  /** Start with the vCPUs stopped (`-S`); QMP `cont` starts them. */
+  paused?: boolean;
+  /** Seccomp sandbox. Default `"strict"`. */
+  sandbox?: SandboxMode;
+  /** Process name (`-name`), shown by `ps` and in QMP `query-name`. */
+  name?: string;
+  /**
+   * Arguments appended verbatim at the end. They must be identical on save and restore when they
+   * add devices.
+   */
+  extraArgs?: readonly string[];
+}
+
+/** Name of the virtio-serial port that carries the agent protocol. */
+export const AGENT_PORT_NAME = "sm.agent";
+
+/** Kernel arguments supermachine always sets, before `kernelArgs`. */
+export const BASE_KERNEL_ARGS: readonly string[] = [
+  // The microvm's only UART; the host keeps its output in the console log.
+  "console=ttyS0",
+  // Reboot by triple fault: with -no-reboot QEMU then exits instead of resetting.
+  "reboot=t",
+  // Reboot (so: exit QEMU) at once on a panic instead of hanging.
+  "panic=-1",
+];
+
+const DISK_NAME = /^[a-z][a-z0-9-]{0,19}$/;
+const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
+const STRICT_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+const SPAWN_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny";
+
+/** The kernel command line for `spec` (`-append`). */
+export function kernelCommandLine(spec: Pick<MachineSpec, "accel" | "tscKHz" | "kernelArgs">): string {
+  const args = [...BASE_KERNEL_ARGS];
+  if (spec.accel === "tcg" && spec.tscKHz !== undefined) {
+    if (!Number.isSafeInteger(spec.tscKHz) || spec.tscKHz <= 0) {
+      throw invalid(`tscKHz must be a positive integer, got ${spec.tscKHz}`);
+    }
+    args.push(`tsc_early_khz=${spec.tscKHz}`);
+  }
+  for (const arg of spec.kernelArgs ?? []) {
+    if (arg === "" || /[\s\0]/.test(arg.replace(/"[^"]*"/g, '""'))) {
+      throw invalid(`kernel argument ${JSON.stringify(arg)} is empty or contains unquoted whitespace`);
+    }
+    args.push(arg);
+  }
+  return args.join(" ");
+}
+
+/** Build QEMU's argv (without the executable) for `spec`. Pure; throws `INVALID_ARGUMENT`. */
+export function buildQemuArgs(spec: MachineSpec): string[] {
+  validate(spec);
+  const args: string[] = [];
+  const push = (...more: string[]) => args.push(...more);
+
+  if (spec.name !== undefined) push("-name", opt(spec.name));
+  push("-nodefaults", "-no-user-config", "-nographic");
+  const sandbox = spec.sandbox ?? "strict";
+  if (sandbox !== "off") push("-sandbox", sandbox === "strict" ? STRICT_SANDBOX : SPAWN_SANDBOX);
+
+  const machine = ["microvm", "acpi=off", "pit=on", "pic=on", "rtc=on", "x-option-roms=off"];
+  const memory = spec.memory ?? { kind: "anonymous" };
+  if (memory.kind === "file") machine.push("memory-backend=mem");
+  push("-M", machine.join(","));
+  if (spec.accel === "kvm") push("-accel", "kvm", "-cpu", "host");
+  else push("-accel", "tcg", "-cpu", "max");
+  push("-m", `${spec.memoryMiB}M`, "-smp", String(spec.vcpus));
+  if (memory.kind === "file") {
+    push(
+      "-object",
+      `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${opt(memory.path)},share=${onOff(memory.share)}`,
+    );
+  }
+  push("-no-reboot");
+
+  if (spec.kernelPath !== undefined) {
+    push("-kernel", spec.kernelPath);
+    if (spec.initramfsPath !== undefined) push("-initrd", spec.initramfsPath);
+    push("-append", kernelCommandLine(spec));
+  }
+
+  // Serial console on QEMU's stdout, which the host reads from a pipe.
+  push("-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con");
+  // QMP: QEMU connects to the host's listening socket.
+  push(
+    "-chardev",
+    `socket,id=qmp,path=${opt(spec.qmpSocketPath)},server=off`,
+    "-mon",
+    "chardev=qmp,mode=control",
+  );
+
+  // Devices, fixed ones first (see the module comment).
+  push("-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0,id=rng");
+  if (spec.agentSocketPath !== undefined) {
+    push(
+      "-device",
+      "virtio-serial-device,id=vser0",
+      "-chardev",
+      `socket,id=agent,path=${opt(spec.agentSocketPath)},server=off`,
+      "-device",
+      `virtserialport,bus=vser0.0,chardev=agent,name=${AGENT_PORT_NAME},id=agent0`,
+    );
+  }
+  for (const [index, disk] of (spec.disks ?? []).entries()) {
+    const name = disk.name ?? `disk${index}`;
+    const readOnly = disk.readOnly === true;
+    const blockdev = [
+      `node-name=${name}`,
+      `driver=${disk.format}`,
+      `read-only=${onOff(readOnly)}`,
+      ...(readOnly ? [] : ["discard=unmap"]),
+      "file.driver=file",
+      `file.filename=${opt(disk.path)}`,
+    ];
+    push("-blockdev", blockdev.join(","));
+    push("-device", `virtio-blk-device,drive=${name},id=blk-${name},serial=${name}`);
+  }
+  if (spec.network !== undefined) {
+    const netdev = ["user", "id=n0"];
+    if (spec.network.restrict === true) netdev.push("restrict=on");
+    for (const fwd of spec.network.hostForwards ?? []) {
+      netdev.push(
+        `hostfwd=${fwd.protocol ?? "tcp"}:${fwd.hostAddress ?? "127.0.0.1"}:${fwd.hostPort}-:${fwd.guestPort}`,
+      );
+    }
+    push("-netdev", netdev.join(","));
+    const device = ["virtio-net-device", "netdev=n0", "id=net0"];
+    if (spec.network.mac !== undefined) device.push(`mac=${spec.network.mac.toLowerCase()}`);
+    push("-device", device.join(","));
+  }
+
+  if (spec.incoming !== undefined) {
+    push("-incoming", spec.incoming === "defer" ? "defer" : `fd:${spec.incoming.fd}`);
+  }
+  if (spec.paused === true) push("-S");
+  push(...(spec.extraArgs ?? []));
+  return args;
+}
+
+function validate(spec: MachineSpec): void {
+  if (spec.accel !== "kvm" && spec.accel !== "tcg")
+    throw invalid(`unknown accelerator ${String(spec.accel)}`);
+  if (!Number.isSafeInteger(spec.memoryMiB) || spec.memoryMiB < 16) {
+    throw invalid(`memoryMiB must be an integer >= 16, got ${spec.memoryMiB}`);
+  }
+  if (!Number.isSafeInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > 255) {
+    throw invalid(`vcpus must be an integer from 1 to 255, got ${spec.vcpus}`);
+  }
+  if (
+    spec.kernelPath === undefined &&
+    (spec.initramfsPath !== undefined || (spec.kernelArgs?.length ?? 0) > 0)
+  ) {
+    throw invalid("initramfsPath and kernelArgs need a kernelPath");
+  }
+  const names = new Set<string>();
+  for (const [index, disk] of (spec.disks ?? []).entries()) {
+    const name = disk.name ?? `disk${index}`;
+    if (!DISK_NAME.test(name)) throw invalid(`disk name ${JSON.stringify(name)} must match ${DISK_NAME}`);
+    if (names.has(name)) throw invalid(`two disks are named ${JSON.stringify(name)}`);
+    names.add(name);
+    if (disk.format !== "raw" && disk.format !== "qcow2")
+      throw invalid(`disk ${name}: unknown format ${disk.format}`);
+    if (disk.path === "") throw invalid(`disk ${name}: empty path`);
+  }
+  if (spec.network?.mac !== undefined && !MAC.test(spec.network.mac)) {
+    throw invalid(`network.mac ${JSON.stringify(spec.network.mac)} is not a MAC address`);
+  }
+  for (const fwd of spec.network?.hostForwards ?? []) {
+    if (!isPort(fwd.hostPort) || !isPort(fwd.guestPort)) {
+      throw invalid(`host forward ${fwd.hostPort}->${fwd.guestPort}: ports must be 1-65535`);
+    }
+    if (fwd.hostAddress !== undefined && !/^[0-9a-fA-F.:]+$/.test(fwd.hostAddress)) {
+      throw invalid(`host forward address ${JSON.stringify(fwd.hostAddress)} must be a numeric IP address`);
+    }
+  }
+  if (spec.incoming !== undefined && spec.incoming !== "defer") {
+    if (!Number.isSafeInteger(spec.incoming.fd) || spec.incoming.fd < 3) {
+      throw invalid(`incoming fd must be an inherited descriptor >= 3, got ${spec.incoming.fd}`);
+    }
+  }
+  if (spec.sandbox !== undefined && !["strict", "allow-spawn", "off"].includes(spec.sandbox)) {
+    throw invalid(`unknown sandbox mode ${spec.sandbox}`);
+  }
+  for (const path of [spec.qmpSocketPath, spec.agentSocketPath, spec.kernelPath, spec.initramfsPath]) {
+    if (path !== undefined && (path === "" || path.includes("\0")))
+      throw invalid(`invalid path ${JSON.stringify(path)}`);
+  }
+}
+
+function isPort(port: number): boolean {
+  return Number.isSafeInteger(port) && port >= 1 && port <= 65535;
+}
+
+/** Escape a value for QEMU's `key=value,...` option syntax: a comma is written as two. */
+function opt(value: string): string {
+  return value.replaceAll(",", ",,");
+}
+
+function onOff(value: boolean): "on" | "off" {
+  return value ? "on" : "off";
+}
+
+function invalid(message: string): SupermachineError {
+  return new SupermachineError("INVALID_ARGUMENT", message);
+}

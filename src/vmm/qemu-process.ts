@@ -1,0 +1,530 @@
+/**
+ * One supervised QEMU process: its runtime dir, its QMP connection, the agent channel socket and
+ * the console log.
+ *
+ * Supervision model (docs/vmm.md):
+ * - The host listens on two unix sockets in the VM's dir BEFORE spawning; QEMU connects to both
+ *   (QMP and the agent's virtio-serial port) while it starts. `launch` resolves once QMP has
+ *   greeted and accepted `qmp_capabilities`, and fails fast with QEMU's stderr when QEMU exits
+ *   first. No polling anywhere.
+ * - QEMU runs under `setpriv --pdeathsig SIGKILL` in its own session: it dies the moment the
+ *   host process dies, even by SIGKILL, and terminal signals (Ctrl-C) reach only the host.
+ *   Without setpriv, a process `exit` hook kills it, and `sweepStaleVms()` catches the rest.
+ * - `stop()` asks QMP `quit`, then SIGTERM, then SIGKILL; `kill()` sends SIGKILL. Both then
+ *   remove the VM's dir. When QEMU exits without being asked, the dir is kept with its console
+ *   log (see state-dir.ts).
+ */
+
+import { type ChildProcess, spawn } from "node:child_process";
+import diagnostics from "node:diagnostics_channel";
+import { once } from "node:events";
+import { createServer, type Server, type Socket } from "node:net";
+import { performance } from "node:perf_hooks";
+import { debuglog } from "node:util";
+import { AbortError, SupermachineError, VmError } from "../errors.ts";
+import { assertHostSupported, findOnPath, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";
+import { ConsoleLog } from "./console-log.ts";
+import { buildQemuArgs, type MachineSpec } from "./qemu-args.ts";
+import { QmpClient } from "./qmp-client.ts";
+import { runtimeRoot, type SweepResult, sweepStaleVms, VmStateDir } from "./state-dir.ts";
+
+const debug = debuglog("supermachine");
+const launchChannel = diagnostics.channel("supermachine:vmm:launch");
+const exitChannel = diagnostics.channel("supermachine:vmm:exit");
+const sweepChannel = diagnostics.channel("supermachine:vmm:sweep");
+
+const DEFAULT_LAUNCH_TIMEOUT_MS = 30_000;
+const DEFAULT_STOP_TIMEOUT_MS = 10_000;
+const SIGTERM_GRACE_MS = 2_000;
+/** After QEMU exits, how long its stdout/stderr may stay open (held by a descendant) before we stop reading. */
+const STDIO_DRAIN_MS = 2_000;
+const STDERR_TAIL_CHARS = 8 * 1024;
+
+/** The part of a {@link MachineSpec} the caller decides; the process fills in sockets and name. */
+export type LaunchMachineSpec = Omit<MachineSpec, "qmpSocketPath" | "agentSocketPath" | "name">;
+
+export interface LaunchOptions {
+  /** The machine. `tscKHz` defaults to `hostTscKHz()` under TCG; `sandbox` to `"strict"` when QEMU supports it. */
+  machine: LaunchMachineSpec;
+  /** VM id: names its runtime dir. Default: 10 random hex digits. */
+  id?: string;
+  /** QEMU binary. Default `findQemu()`. */
+  qemuPath?: string;
+  /** Runtime root. Default `runtimeRoot()`. */
+  runtimeDir?: string;
+  /** Listen for the guest agent's virtio-serial port. Default true. */
+  agent?: boolean;
+  /**
+   * Open file descriptors QEMU inherits: `extraFds[i]` is fd `3 + i` in QEMU (e.g. for
+   * `machine.incoming = { fd: 3 }`). They stay open in this process; close them after launch.
+   */
+  extraFds?: readonly number[];
+  /** Cap of the console log file. Default 1 MiB. */
+  consoleLogMaxBytes?: number;
+  /** Time allowed until QMP is ready. Default 30 s. */
+  timeoutMs?: number;
+  /** Run `sweepStaleVms()` for this runtime root, once per process. Default true. */
+  sweep?: boolean;
+  signal?: AbortSignal;
+}
+
+/** How QEMU ended. */
+export interface QemuExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+/** `starting` until QMP is ready, `running`, then `exited`. */
+export type QemuState = "starting" | "running" | "exited";
+
+export interface StopOptions {
+  /** Time for QMP `quit` to end QEMU before SIGTERM (then 2 s before SIGKILL). Default 10 s. */
+  timeoutMs?: number;
+  /** Keep the VM's dir (its console log and exit.json) instead of removing it. */
+  keepStateDir?: boolean;
+}
+
+const live = new Set<ChildProcess>();
+let exitHookInstalled = false;
+const sweeps = new Map<string, Promise<SweepResult | undefined>>();
+let setprivPath: Promise<string | undefined> | undefined;
+
+/** A running QEMU. Create with {@link QemuProcess.launch}. */
+export class QemuProcess {
+  /** The VM's id (its runtime dir's name). */
+  readonly id: string;
+  /** QEMU's pid. */
+  readonly pid: number;
+  /** The argv QEMU was started with (without the executable), for diagnostics. */
+  readonly args: readonly string[];
+  /** The VM's runtime dir. */
+  readonly stateDir: string;
+  /** The guest console log file. Its path stays valid when the dir is kept after a failure. */
+  readonly consoleLogPath: string;
+  /** The console log, also an emitter of `"output"` chunks. */
+  readonly console: ConsoleLog;
+  /**
+   * The connection QEMU makes to the agent listener (the guest's `sm.agent` port). Rejects with
+   * `VM_EXITED` if QEMU exits before connecting, `INVALID_ARGUMENT` when launched with `agent: false`.
+   */
+  readonly agentSocket: Promise<Socket>;
+  /** Resolves when QEMU has exited and its console output is in the log. Never rejects. */
+  readonly exited: Promise<QemuExit>;
+
+  readonly #child: ChildProcess;
+  readonly #dir: VmStateDir;
+  readonly #servers: Server[];
+  readonly #finished: Promise<void>;
+  #qmp: QmpClient | undefined;
+  #agent: Socket | undefined;
+  #exit: QemuExit | undefined;
+  #stderr = "";
+  #state: QemuState = "starting";
+  /** stop()/kill()/abort asked for the exit: not a failure. */
+  #requested = false;
+  /** Launch failed: keep the dir even though we killed QEMU ourselves. */
+  #failed = false;
+  #keepStateDir = false;
+  #stopping: Promise<void> | undefined;
+
+  private constructor(init: {
+    child: ChildProcess;
+    dir: VmStateDir;
+    args: string[];
+    console: ConsoleLog;
+    servers: Server[];
+    agentServer: Server | undefined;
+  }) {
+    const { child, dir } = init;
+    this.#child = child;
+    this.#dir = dir;
+    this.#servers = init.servers;
+    this.id = dir.id;
+    this.pid = child.pid!;
+    this.args = init.args;
+    this.stateDir = dir.path;
+    this.consoleLogPath = dir.consoleLogPath;
+    this.console = init.console;
+
+    child.stdout!.pipe(this.console);
+    this.console.on("error", (error) => {
+      // Keep reading, or the guest blocks on its console; the log is simply incomplete.
+      debug("console log of %s: %s", this.id, error.message);
+      child.stdout!.resume();
+    });
+    child.stderr!.setEncoding("utf8");
+    child.stderr!.on("data", (text: string) => {
+      debug("qemu %s stderr: %s", this.id, text.trimEnd());
+      this.#stderr = (this.#stderr + text).slice(-STDERR_TAIL_CHARS);
+    });
+    this.exited = new Promise<QemuExit>((resolve) => {
+      child.once("exit", (code, signal) => {
+        this.#exit = { code, signal };
+        // Normally stdout and stderr close right away; a descendant holding them must not stall us.
+        setTimeout(() => {
+          child.stdout?.destroy();
+          child.stderr?.destroy();
+        }, STDIO_DRAIN_MS).unref();
+      });
+      child.once("close", (code, signal) => {
+        this.#exit ??= { code, signal };
+        live.delete(child);
+        this.#state = "exited";
+        this.console.close().then(
+          () => resolve(this.#exit!),
+          () => resolve(this.#exit!),
+        );
+      });
+    });
+    this.#finished = this.exited.then(() => this.#finish());
+
+    this.agentSocket = init.agentServer
+      ? new Promise<Socket>((resolve, reject) => {
+          init.agentServer!.once("connection", (socket) => {
+            socket.on("error", (error) => debug("agent socket of %s: %s", this.id, error.message));
+            this.#agent = socket;
+            init.agentServer!.close();
+            resolve(socket);
+          });
+          this.exited.then(() =>
+            reject(this.#error("VM_EXITED", "QEMU exited before it connected the agent channel")),
+          );
+        })
+      : Promise.reject(
+          new SupermachineError("INVALID_ARGUMENT", "this VM was launched without an agent channel"),
+        );
+    this.agentSocket.catch(() => {});
+  }
+
+  /**
+   * Start QEMU for `options.machine` and resolve once its QMP connection is ready. Fails with
+   * `VMM_FAILED` (carrying QEMU's stderr and the console log path) when QEMU exits or does not
+   * connect in time, `ABORTED` on `signal`.
+   */
+  static async launch(options: LaunchOptions): Promise<QemuProcess> {
+    assertHostSupported();
+    const { signal } = options;
+    throwIfAborted(signal);
+    const startedAt = performance.now();
+    const root = options.runtimeDir ?? runtimeRoot();
+    const qemuPath = options.qemuPath ?? (await findQemu());
+    const requestedSandbox = options.machine.sandbox;
+    const [sandboxSupported, setpriv] = await Promise.all([
+      requestedSandbox === "off" ? Promise.resolve(false) : qemuSupportsSandbox(qemuPath),
+      findSetpriv(),
+      options.sweep === false ? undefined : sweepOnce(root),
+    ]);
+    let sandbox = requestedSandbox ?? "strict";
+    if (sandbox !== "off" && !sandboxSupported) {
+      if (requestedSandbox !== undefined) {
+        throw new SupermachineError(
+          "HOST_UNSUPPORTED",
+          `${qemuPath} cannot run with -sandbox (built without seccomp?): use sandbox "off" or another QEMU`,
+        );
+      }
+      debug("%s does not support -sandbox; running without it", qemuPath);
+      sandbox = "off";
+    }
+    const machine = options.machine;
+    const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
+    throwIfAborted(signal);
+
+    const dir = await VmStateDir.create({ root, ...(options.id === undefined ? {} : { id: options.id }) });
+    const servers: Server[] = [];
+    let console: ConsoleLog | undefined;
+    let child: ChildProcess;
+    let args: string[];
+    let agentServer: Server | undefined;
+    try {
+      servers.push(await listenUnix(dir.qmpSocketPath));
+      if (options.agent !== false) {
+        agentServer = await listenUnix(dir.agentSocketPath);
+        servers.push(agentServer);
+      }
+      console = await ConsoleLog.open(dir.consoleLogPath, {
+        ...(options.consoleLogMaxBytes === undefined ? {} : { maxBytes: options.consoleLogMaxBytes }),
+      });
+      args = buildQemuArgs({
+        ...machine,
+        ...(tscKHz === undefined ? {} : { tscKHz }),
+        sandbox,
+        name: `supermachine-${dir.id}`,
+        qmpSocketPath: dir.qmpSocketPath,
+        ...(agentServer === undefined ? {} : { agentSocketPath: dir.agentSocketPath }),
+      });
+      throwIfAborted(signal);
+      child = await spawnQemu(qemuPath, args, setpriv, options.extraFds ?? []);
+    } catch (error) {
+      for (const server of servers) server.close();
+      await console?.close();
+      await dir.finish({ keep: false, exit: { exitCode: null, signal: null, reason: "failed" } });
+      throw error;
+    }
+    dir.recordQemu(child.pid!);
+    live.add(child);
+    installExitHook();
+
+    const qemu = new QemuProcess({ child, dir, args, console, servers, agentServer });
+    try {
+      await qemu.#connectQmp(servers[0]!, {
+        timeoutMs: options.timeoutMs ?? DEFAULT_LAUNCH_TIMEOUT_MS,
+        signal,
+      });
+    } catch (error) {
+      if (error instanceof AbortError) qemu.#requested = true;
+      else qemu.#failed = true;
+      qemu.#child.kill("SIGKILL");
+      await qemu.#finished;
+      throw error instanceof VmError && error.code === "VM_EXITED" ? qemu.#startupError() : error;
+    }
+    qemu.#state = "running";
+    if (launchChannel.hasSubscribers) {
+      launchChannel.publish({ id: qemu.id, pid: qemu.pid, args, durationMs: performance.now() - startedAt });
+    }
+    return qemu;
+  }
+
+  /** The QMP connection. */
+  get qmp(): QmpClient {
+    if (this.#qmp === undefined) throw new VmError("VM_STOPPED", "QMP is not connected yet");
+    return this.#qmp;
+  }
+
+  get state(): QemuState {
+    return this.#state;
+  }
+
+  /** How QEMU ended, once it has. */
+  get exitInfo(): QemuExit | undefined {
+    return this.#exit;
+  }
+
+  /** The last lines QEMU wrote to stderr (at most 8 KiB). */
+  get stderrTail(): string {
+    return this.#stderr;
+  }
+
+  /**
+   * Stop QEMU: QMP `quit`, SIGTERM after `timeoutMs`, SIGKILL 2 s later; then close the sockets and
+   * remove the VM's dir (unless `keepStateDir`, or QEMU had already failed). Idempotent: every
+   * call returns the same promise.
+   */
+  stop(options: StopOptions = {}): Promise<void> {
+    if (options.keepStateDir === true) this.#keepStateDir = true;
+    this.#stopping ??= this.#stop(options.timeoutMs ?? DEFAULT_STOP_TIMEOUT_MS);
+    return this.#stopping;
+  }
+
+  /** SIGKILL QEMU now, then clean up like `stop()`. Resolves when done. */
+  kill(): Promise<void> {
+    if (this.#exit === undefined) {
+      this.#requested = true;
+      this.#child.kill("SIGKILL");
+    }
+    return this.#finished;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop();
+  }
+
+  async #stop(timeoutMs: number): Promise<void> {
+    if (this.#exit === undefined) {
+      this.#requested = true;
+      const exited = this.exited.then(() => true);
+      this.#qmp?.execute("quit").catch(() => {});
+      if (!(await raceTimeout(exited, timeoutMs))) {
+        debug("qemu %s ignored quit for %d ms: SIGTERM", this.id, timeoutMs);
+        this.#child.kill("SIGTERM");
+        if (!(await raceTimeout(exited, SIGTERM_GRACE_MS))) {
+          this.#child.kill("SIGKILL");
+        }
+      }
+    }
+    await this.#finished;
+  }
+
+  async #connectQmp(
+    server: Server,
+    options: { timeoutMs: number; signal: AbortSignal | undefined },
+  ): Promise<void> {
+    const deadline = AbortSignal.timeout(options.timeoutMs);
+    const signal = options.signal ? AbortSignal.any([options.signal, deadline]) : deadline;
+    const exited = this.exited.then(() => {
+      throw this.#error("VM_EXITED", "QEMU exited");
+    });
+    exited.catch(() => {});
+    const aborted = new Promise<never>((_, reject) => {
+      const onAbort = () => {
+        reject(
+          options.signal?.aborted
+            ? new AbortError("VM launch aborted", { cause: options.signal.reason })
+            : this.#error("VMM_FAILED", `QEMU did not connect QMP within ${options.timeoutMs} ms`),
+        );
+      };
+      if (signal.aborted) onAbort();
+      signal.addEventListener("abort", onAbort, { once: true });
+      this.exited.then(() => signal.removeEventListener("abort", onAbort));
+    });
+    aborted.catch(() => {});
+    const [socket] = (await Promise.race([once(server, "connection"), exited, aborted])) as [Socket];
+    server.close();
+    this.#qmp = await Promise.race([
+      QmpClient.fromSocket(socket, {
+        signal,
+        errorFields: () => ({
+          consoleLogPath: this.consoleLogPath,
+          qemuExitCode: this.#exit?.code ?? undefined,
+        }),
+      }),
+      exited,
+      aborted,
+    ]);
+  }
+
+  #startupError(): VmError {
+    const exit = this.#exit;
+    const how = exit?.signal ? `was killed by ${exit.signal}` : `exited with code ${exit?.code}`;
+    const stderr = this.#stderr.trim();
+    return this.#error(
+      "VMM_FAILED",
+      `QEMU ${how} during startup${stderr === "" ? "" : `: ${stderr.split("\n").slice(-10).join("\n")}`}`,
+    );
+  }
+
+  #error(code: "VMM_FAILED" | "VM_EXITED", message: string): VmError {
+    return new VmError(code, `${message} (console log: ${this.consoleLogPath})`, {
+      consoleLogPath: this.consoleLogPath,
+      qemuExitCode: this.#exit?.code ?? undefined,
+    });
+  }
+
+  /** After exit: close every socket and remove or keep the dir. Runs once. */
+  async #finish(): Promise<void> {
+    this.#qmp?.close();
+    this.#agent?.destroy();
+    for (const server of this.#servers) server.close();
+    const failed = this.#failed || !this.#requested;
+    const keep = failed || this.#keepStateDir;
+    const exit = this.#exit!;
+    try {
+      await this.#dir.finish({
+        keep,
+        exit: { exitCode: exit.code, signal: exit.signal, reason: failed ? "failed" : "kept" },
+      });
+    } catch (error) {
+      debug("qemu %s: cleaning up %s failed: %s", this.id, this.stateDir, error);
+    }
+    if (exitChannel.hasSubscribers) {
+      exitChannel.publish({
+        id: this.id,
+        pid: this.pid,
+        code: exit.code,
+        signal: exit.signal,
+        requested: this.#requested,
+        consoleLogPath: keep ? this.consoleLogPath : undefined,
+      });
+    }
+  }
+}
+
+function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new AbortError("VM launch aborted", { cause: signal.reason });
+}
+
+async function listenUnix(path: string): Promise<Server> {
+  const server = createServer({ pauseOnConnect: false });
+  server.on("error", (error) => debug("listener %s: %s", path, error.message));
+  server.maxConnections = 1;
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen({ path, backlog: 1 }, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  return server;
+}
+
+function spawnQemu(
+  qemuPath: string,
+  args: string[],
+  setpriv: string | undefined,
+  extraFds: readonly number[],
+): Promise<ChildProcess> {
+  const command = setpriv ?? qemuPath;
+  const argv = setpriv === undefined ? args : ["--pdeathsig", "SIGKILL", "--", qemuPath, ...args];
+  const child = spawn(command, argv, {
+    stdio: ["ignore", "pipe", "pipe", ...extraFds],
+    // Own session: terminal signals go to the host only; the host decides how QEMU ends.
+    detached: true,
+  });
+  return new Promise((resolve, reject) => {
+    child.once("spawn", () => resolve(child));
+    child.once("error", (error) => {
+      const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
+      reject(
+        new SupermachineError(
+          notFound ? "QEMU_NOT_FOUND" : "VMM_FAILED",
+          `cannot start ${command}: ${error.message}`,
+          { cause: error },
+        ),
+      );
+    });
+  });
+}
+
+/** `setpriv` from util-linux if it supports `--pdeathsig`. Found out once per process. */
+function findSetpriv(): Promise<string | undefined> {
+  setprivPath ??= (async () => {
+    const found = await findOnPath("setpriv");
+    if (found === undefined) return undefined;
+    const works = await new Promise<boolean>((resolve) => {
+      const probe = spawn(found, ["--pdeathsig", "SIGKILL", "--", "true"], { stdio: "ignore" });
+      probe.once("error", () => resolve(false));
+      probe.once("exit", (code) => resolve(code === 0));
+    });
+    if (!works) debug("%s does not support --pdeathsig: QEMU will not die with this process", found);
+    return works ? found : undefined;
+  })();
+  return setprivPath;
+}
+
+function sweepOnce(root: string): Promise<SweepResult | undefined> {
+  let sweep = sweeps.get(root);
+  if (sweep === undefined) {
+    sweep = sweepStaleVms({ root }).then(
+      (result) => {
+        if (sweepChannel.hasSubscribers) sweepChannel.publish({ root, ...result });
+        return result;
+      },
+      (error: unknown) => {
+        debug("sweeping %s failed: %s", root, error);
+        return undefined;
+      },
+    );
+    sweeps.set(root, sweep);
+  }
+  return sweep;
+}
+
+function installExitHook(): void {
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on("exit", () => {
+    for (const child of live) child.kill("SIGKILL");
+  });
+}
+
+/** True if `promise` settles within `ms`. */
+async function raceTimeout(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms);
+  });
+  try {
+    return (await Promise.race([promise.then(() => true as const), timeout])) === true;
+  } finally {
+    clearTimeout(timer);
+  }
+}

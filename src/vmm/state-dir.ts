@@ -1,0 +1,313 @@
+/**
+ * Runtime state of running VMs, and the sweep that cleans up after hosts that died.
+ *
+ * Layout (all private to the user, mode 0700):
+ * ```
+ * ${SUPERMACHINE_RUNTIME_DIR:-${XDG_RUNTIME_DIR:-/tmp}/supermachine-<uid>}/
+ *   vms/<id>/
+ *     owner.json    {hostPid, hostStartTime, qemuPid, qemuStartTime, createdAt} while the VM lives
+ *     qmp.sock      the host listens, QEMU connects (QMP)
+ *     agent.sock    the host listens, QEMU connects (the guest agent's virtio-serial port)
+ *     console.log   the guest's serial console, bounded (see console-log.ts)
+ *     exit.json     {exitCode, signal, reason, at} once the VM is over and its dir was kept
+ * ```
+ * A VM's dir is removed when it stops, unless it failed (QEMU exited without being asked to, or
+ * launch failed) or the caller asked to keep it: then only `console.log` and `exit.json` remain,
+ * at the same path, so an error's `consoleLogPath` stays valid. The newest
+ * {@link DEFAULT_MAX_KEPT_DIRS} kept dirs survive a sweep; older ones are removed.
+ *
+ * Start times (field 22 of `/proc/<pid>/stat`, clock ticks since boot) guard every pid against
+ * reuse: a pid counts as the recorded process only if its start time matches.
+ */
+
+import { randomBytes } from "node:crypto";
+import { lstatSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { chmod, lstat, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { debuglog } from "node:util";
+import { SupermachineError } from "../errors.ts";
+
+const debug = debuglog("supermachine");
+
+/** How many kept (failed) VM dirs a sweep leaves. */
+export const DEFAULT_MAX_KEPT_DIRS = 16;
+/** A dir with neither owner.json nor exit.json is being created; older than this, it is litter. */
+const UNOWNED_GRACE_MS = 60_000;
+/** `sun_path` is 108 bytes including the terminating NUL. */
+const MAX_SOCKET_PATH_BYTES = 107;
+const VM_ID = /^[A-Za-z0-9_-]{1,40}$/;
+
+/** The runtime root for this user. */
+export function runtimeRoot(env: NodeJS.ProcessEnv = process.env): string {
+  const configured = env.SUPERMACHINE_RUNTIME_DIR;
+  if (configured !== undefined && configured !== "") return path.resolve(configured);
+  const base = env.XDG_RUNTIME_DIR !== undefined && env.XDG_RUNTIME_DIR !== "" ? env.XDG_RUNTIME_DIR : "/tmp";
+  return path.join(base, `supermachine-${process.getuid?.() ?? 0}`);
+}
+
+/** What owner.json says. */
+export interface OwnerRecord {
+  hostPid: number;
+  hostStartTime: string;
+  qemuPid?: number;
+  qemuStartTime?: string;
+  createdAt: string;
+}
+
+/** What exit.json says about a VM whose dir was kept. */
+export interface ExitRecord {
+  exitCode: number | null;
+  signal: string | null;
+  /** `failed`: QEMU exited unasked or did not start; `kept`: the caller asked to keep the dir. */
+  reason: "failed" | "kept";
+  at: string;
+}
+
+/** The start time of a process (clock ticks since boot, as a decimal string), or undefined if it is gone. */
+export function procStartTime(pid: number): string | undefined {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  } catch {
+    return undefined;
+  }
+  // Field 2 (comm) may contain spaces and parentheses: parse after the last ')'.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // fields[0] is field 3 (state); field 22 (starttime) is fields[19]. A zombie is gone.
+  if (fields[0] === "Z" || fields[0] === "X") return undefined;
+  return fields[19];
+}
+
+/** The argv of a process, or undefined if it is gone or unreadable. */
+export function procCmdline(pid: number): string[] | undefined {
+  try {
+    const raw = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    return raw.split("\0").filter((arg, index, all) => arg !== "" || index < all.length - 1);
+  } catch {
+    return undefined;
+  }
+}
+
+let selfStartTime: string | undefined;
+
+function hostRecord(): Pick<OwnerRecord, "hostPid" | "hostStartTime"> {
+  selfStartTime ??= procStartTime(process.pid) ?? "unknown";
+  return { hostPid: process.pid, hostStartTime: selfStartTime };
+}
+
+/** The runtime dir of one VM. */
+export class VmStateDir {
+  readonly id: string;
+  /** The runtime root this dir lives under. */
+  readonly root: string;
+  /** `<root>/vms/<id>`. */
+  readonly path: string;
+  #owner: OwnerRecord;
+
+  private constructor(root: string, id: string, owner: OwnerRecord) {
+    this.root = root;
+    this.id = id;
+    this.path = path.join(root, "vms", id);
+    this.#owner = owner;
+  }
+
+  /**
+   * Create a fresh dir for a VM (mode 0700) with owner.json naming this process. `id` defaults to
+   * 10 random hex digits. Fails with `HOST_UNSUPPORTED` when the root is not private to this user
+   * or its path is too long for unix sockets.
+   */
+  static async create(options: { root?: string; id?: string } = {}): Promise<VmStateDir> {
+    const root = options.root ?? runtimeRoot();
+    const id = options.id ?? randomBytes(5).toString("hex");
+    if (!VM_ID.test(id)) {
+      throw new SupermachineError("INVALID_ARGUMENT", `VM id ${JSON.stringify(id)} must match ${VM_ID}`);
+    }
+    await ensurePrivateDir(root);
+    await ensurePrivateDir(path.join(root, "vms"));
+    const owner: OwnerRecord = { ...hostRecord(), createdAt: new Date().toISOString() };
+    const dir = new VmStateDir(root, id, owner);
+    const longest = Buffer.byteLength(dir.agentSocketPath);
+    if (longest > MAX_SOCKET_PATH_BYTES) {
+      throw new SupermachineError(
+        "HOST_UNSUPPORTED",
+        `the runtime dir ${root} is too long for unix socket paths (${longest} > ${MAX_SOCKET_PATH_BYTES} bytes): ` +
+          "set SUPERMACHINE_RUNTIME_DIR to a shorter path",
+      );
+    }
+    try {
+      await mkdir(dir.path, { mode: 0o700 });
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "EEXIST") {
+        throw new SupermachineError("INVALID_ARGUMENT", `a VM with id ${id} already exists in ${root}`, {
+          cause: error,
+        });
+      }
+      throw error;
+    }
+    dir.#writeOwner();
+    return dir;
+  }
+
+  get qmpSocketPath(): string {
+    return path.join(this.path, "qmp.sock");
+  }
+
+  get agentSocketPath(): string {
+    return path.join(this.path, "agent.sock");
+  }
+
+  get consoleLogPath(): string {
+    return path.join(this.path, "console.log");
+  }
+
+  get ownerPath(): string {
+    return path.join(this.path, "owner.json");
+  }
+
+  /** Record QEMU's pid and start time in owner.json (synchronously: called right after spawn). */
+  recordQemu(pid: number): void {
+    const startTime = procStartTime(pid);
+    this.#owner = {
+      ...this.#owner,
+      qemuPid: pid,
+      ...(startTime === undefined ? {} : { qemuStartTime: startTime }),
+    };
+    this.#writeOwner();
+  }
+
+  /**
+   * The VM is over. `keep: false` removes the dir; `keep: true` leaves console.log plus an
+   * exit.json and removes everything else.
+   */
+  async finish(options: { keep: boolean; exit: Omit<ExitRecord, "at"> }): Promise<void> {
+    if (!options.keep) {
+      await rm(this.path, { recursive: true, force: true });
+      return;
+    }
+    const record: ExitRecord = { ...options.exit, at: new Date().toISOString() };
+    await writeFile(path.join(this.path, "exit.json.tmp"), `${JSON.stringify(record)}\n`, { mode: 0o600 });
+    await rename(path.join(this.path, "exit.json.tmp"), path.join(this.path, "exit.json"));
+    const entries = await readdir(this.path).catch(() => [] as string[]);
+    await Promise.all(
+      entries
+        .filter((name) => name !== "console.log" && name !== "exit.json")
+        .map((name) => rm(path.join(this.path, name), { recursive: true, force: true })),
+    );
+  }
+
+  #writeOwner(): void {
+    const tmp = path.join(this.path, "owner.json.tmp");
+    writeFileSync(tmp, `${JSON.stringify(this.#owner)}\n`, { mode: 0o600 });
+    renameSync(tmp, this.ownerPath);
+  }
+}
+
+async function ensurePrivateDir(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const info = await lstat(dir);
+  const uid = process.getuid?.();
+  if (!info.isDirectory() || (uid !== undefined && info.uid !== uid)) {
+    throw new SupermachineError(
+      "HOST_UNSUPPORTED",
+      `${dir} is not a directory owned by this user: remove it or set SUPERMACHINE_RUNTIME_DIR elsewhere`,
+    );
+  }
+  if ((info.mode & 0o077) !== 0) await chmod(dir, 0o700);
+}
+
+/** What a sweep did. */
+export interface SweepResult {
+  /** QEMU processes killed because their owner is gone. */
+  killedPids: number[];
+  /** VM dirs removed (stale, litter, or kept dirs beyond the limit). */
+  removedDirs: string[];
+}
+
+/**
+ * Clean up after hosts that are gone: for every VM dir whose owner process no longer exists (pid
+ * gone, or reused by a process with another start time), SIGKILL its QEMU if that process is
+ * still the same QEMU (start time matches and its command line names this dir), then remove the
+ * dir. Also prunes kept dirs beyond `maxKeptDirs`. Cheap: a directory listing and a few small
+ * reads per VM.
+ */
+export async function sweepStaleVms(
+  options: { root?: string; maxKeptDirs?: number } = {},
+): Promise<SweepResult> {
+  const root = options.root ?? runtimeRoot();
+  const maxKept = options.maxKeptDirs ?? DEFAULT_MAX_KEPT_DIRS;
+  const vmsDir = path.join(root, "vms");
+  const result: SweepResult = { killedPids: [], removedDirs: [] };
+  let ids: string[];
+  try {
+    ids = await readdir(vmsDir);
+  } catch {
+    return result;
+  }
+  const kept: { dir: string; at: number }[] = [];
+  for (const id of ids) {
+    const dir = path.join(vmsDir, id);
+    const owner = await readJson<OwnerRecord>(path.join(dir, "owner.json"));
+    if (owner !== undefined) {
+      if (procStartTime(owner.hostPid) === owner.hostStartTime) continue; // owner alive
+      const qemuPid = findQemu(dir, owner);
+      if (qemuPid !== undefined) {
+        try {
+          process.kill(qemuPid, "SIGKILL");
+          result.killedPids.push(qemuPid);
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== "ESRCH") {
+            debug("sweep: cannot kill QEMU %d of %s: %s", qemuPid, dir, error);
+            continue;
+          }
+        }
+      }
+      await removeDir(dir, result);
+      continue;
+    }
+    const exitInfo = await stat(path.join(dir, "exit.json")).catch(() => undefined);
+    if (exitInfo !== undefined) {
+      kept.push({ dir, at: exitInfo.mtimeMs });
+      continue;
+    }
+    const info = await stat(dir).catch(() => undefined);
+    if (info?.isDirectory() && Date.now() - info.mtimeMs > UNOWNED_GRACE_MS) await removeDir(dir, result);
+  }
+  kept.sort((a, b) => b.at - a.at);
+  for (const { dir } of kept.slice(maxKept)) await removeDir(dir, result);
+  return result;
+}
+
+/** The pid of the QEMU that serves `dir`, if it still runs. */
+function findQemu(dir: string, owner: OwnerRecord): number | undefined {
+  const marker = path.join(dir, "qmp.sock");
+  const isOurs = (pid: number) => procCmdline(pid)?.some((arg) => arg.includes(marker)) === true;
+  if (owner.qemuPid !== undefined) {
+    const startTime = procStartTime(owner.qemuPid);
+    const sameProcess = owner.qemuStartTime === undefined || startTime === owner.qemuStartTime;
+    return startTime !== undefined && sameProcess && isOurs(owner.qemuPid) ? owner.qemuPid : undefined;
+  }
+  // The host died between spawning QEMU and recording it: look for it.
+  for (const name of readdirSync("/proc")) {
+    const pid = Number(name);
+    if (Number.isSafeInteger(pid) && pid > 0 && procStartTime(pid) !== undefined && isOurs(pid)) return pid;
+  }
+  return undefined;
+}
+
+async function removeDir(dir: string, result: SweepResult): Promise<void> {
+  try {
+    lstatSync(dir);
+  } catch {
+    return;
+  }
+  await rm(dir, { recursive: true, force: true });
+  result.removedDirs.push(dir);
+}
+
+async function readJson<T>(file: string): Promise<T | undefined> {
+  try {
+    return JSON.parse(await readFile(file, "utf8")) as T;
+  } catch {
+    return undefined;
+  }
+}
