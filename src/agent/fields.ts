@@ -1,0 +1,368 @@
+/**
+ * Fields of control payloads (docs/protocol.md, "Fields"): a sequence of
+ * `[u8 tag][u32 length][value]`, big-endian. {@link FieldWriter} encodes in canonical order
+ * (ascending tags, repeated fields in list order); {@link FieldReader} accepts any order, ignores
+ * unknown tags, checks kinds and sizes, and rejects duplicates of non-repeated fields.
+ *
+ * Decoding errors are `VmError` `AGENT_PROTOCOL` (the peer sent bad bytes); encoding errors are
+ * `SupermachineError` `INVALID_ARGUMENT` (the caller passed a value the protocol cannot carry).
+ */
+
+import { SupermachineError } from "../errors.ts";
+import { MAX_PAYLOAD } from "./frame-codec.ts";
+import { protocolError } from "./protocol-error.ts";
+
+/** At most this many fields in one field sequence (a payload, or one nested value). */
+export const MAX_FIELDS = 8192;
+/** A payload is depth 1, a nested value inside it depth 2; deeper nesting is an error. */
+export const MAX_NESTING_DEPTH = 2;
+/** Bytes of a field header: u8 tag + u32 length. */
+export const FIELD_HEADER_BYTES = 5;
+
+export type FieldKind = "u8" | "u16" | "u32" | "u64" | "i32" | "string" | "bytes" | "nested";
+
+export const FIELD_KINDS: readonly FieldKind[] = [
+  "u8",
+  "u16",
+  "u32",
+  "u64",
+  "i32",
+  "string",
+  "bytes",
+  "nested",
+];
+
+const FIXED_SIZE: Partial<Record<FieldKind, number>> = { u8: 1, u16: 2, u32: 4, u64: 8, i32: 4 };
+
+/** One field as it appears on the wire: a tag and the raw bytes of its value. */
+export interface RawField {
+  readonly tag: number;
+  readonly value: Uint8Array;
+}
+
+/** A field with a known kind and a decoded value (used by generic tooling such as fixtures). */
+export interface TypedField {
+  readonly tag: number;
+  readonly kind: FieldKind;
+  readonly value: number | bigint | string | Uint8Array | readonly TypedField[];
+}
+
+const utf8Decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+const utf8Encoder = new TextEncoder();
+
+function invalid(message: string): SupermachineError {
+  return new SupermachineError("INVALID_ARGUMENT", message);
+}
+
+/**
+ * Splits a payload into raw fields, checking the structure only (lengths, count). Values are views
+ * of `payload`.
+ */
+export function decodeFieldList(payload: Uint8Array, what = "payload"): RawField[] {
+  const fields: RawField[] = [];
+  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
+  let offset = 0;
+  while (offset < payload.length) {
+    if (payload.length - offset < FIELD_HEADER_BYTES) {
+      throw protocolError(`${what}: truncated field header at offset ${offset}`);
+    }
+    const tag = payload[offset]!;
+    const length = view.getUint32(offset + 1);
+    offset += FIELD_HEADER_BYTES;
+    if (length > payload.length - offset) {
+      throw protocolError(
+        `${what}: field ${tag} claims ${length} bytes but only ${payload.length - offset} remain`,
+      );
+    }
+    if (fields.length === MAX_FIELDS) throw protocolError(`${what}: more than ${MAX_FIELDS} fields`);
+    fields.push({ tag, value: payload.subarray(offset, offset + length) });
+    offset += length;
+  }
+  return fields;
+}
+
+/** Joins raw fields into a payload, in the given order. */
+export function encodeFieldList(fields: readonly RawField[]): Uint8Array {
+  if (fields.length > MAX_FIELDS) throw invalid(`more than ${MAX_FIELDS} fields in one message`);
+  let size = 0;
+  for (const f of fields) size += FIELD_HEADER_BYTES + f.value.length;
+  const out = new Uint8Array(size);
+  const view = new DataView(out.buffer);
+  let offset = 0;
+  for (const f of fields) {
+    if (!Number.isInteger(f.tag) || f.tag < 0 || f.tag > 255) throw invalid(`field tag ${f.tag} is not a u8`);
+    out[offset] = f.tag;
+    view.setUint32(offset + 1, f.value.length);
+    out.set(f.value, offset + FIELD_HEADER_BYTES);
+    offset += FIELD_HEADER_BYTES + f.value.length;
+  }
+  return out;
+}
+
+/** Encodes one value of `kind` (no field header). */
+export function encodeValue(kind: FieldKind, value: TypedField["value"]): Uint8Array {
+  switch (kind) {
+    case "u8":
+    case "u16":
+    case "u32": {
+      const max = kind === "u8" ? 0xff : kind === "u16" ? 0xffff : 0xffff_ffff;
+      if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > max) {
+        throw invalid(`${String(value)} is not a ${kind}`);
+      }
+      const size = FIXED_SIZE[kind]!;
+      const out = new Uint8Array(size);
+      const view = new DataView(out.buffer);
+      if (size === 1) out[0] = value;
+      else if (size === 2) view.setUint16(0, value);
+      else view.setUint32(0, value);
+      return out;
+    }
+    case "i32": {
+      if (
+        typeof value !== "number" ||
+        !Number.isInteger(value) ||
+        value < -0x8000_0000 ||
+        value > 0x7fff_ffff
+      ) {
+        throw invalid(`${String(value)} is not an i32`);
+      }
+      const out = new Uint8Array(4);
+      new DataView(out.buffer).setInt32(0, value);
+      return out;
+    }
+    case "u64": {
+      const big = typeof value === "number" && Number.isSafeInteger(value) ? BigInt(value) : value;
+      if (typeof big !== "bigint" || big < 0n || big > 0xffff_ffff_ffff_ffffn) {
+        throw invalid(`${String(value)} is not a u64`);
+      }
+      const out = new Uint8Array(8);
+      new DataView(out.buffer).setBigUint64(0, big);
+      return out;
+    }
+    case "string": {
+      if (typeof value !== "string") throw invalid(`${String(value)} is not a string`);
+      if (value.includes("\0")) throw invalid(`string ${JSON.stringify(value)} contains a NUL character`);
+      if (!value.isWellFormed()) throw invalid(`string ${JSON.stringify(value)} is not well-formed Unicode`);
+      return utf8Encoder.encode(value);
+    }
+    case "bytes":
+      if (!(value instanceof Uint8Array)) throw invalid("bytes value is not a Uint8Array");
+      return value;
+    case "nested":
+      if (!Array.isArray(value)) throw invalid("nested value is not a list of fields");
+      return encodeTypedFields(value as readonly TypedField[]);
+    default:
+      throw invalid(`unknown field kind ${String(kind)}`);
+  }
+}
+
+/** Encodes typed fields in the order given (generic tooling; messages use {@link FieldWriter}). */
+export function encodeTypedFields(fields: readonly TypedField[]): Uint8Array {
+  return encodeFieldList(fields.map((f) => ({ tag: f.tag, value: encodeValue(f.kind, f.value) })));
+}
+
+/** Decodes one raw value as `kind`; `depth` is the depth of the sequence holding it. */
+export function decodeValue(
+  kind: FieldKind,
+  raw: Uint8Array,
+  what = "field",
+  depth = 1,
+): number | bigint | string | Uint8Array | RawField[] {
+  const fixed = FIXED_SIZE[kind];
+  if (fixed !== undefined && raw.length !== fixed) {
+    throw protocolError(`${what}: a ${kind} must be ${fixed} bytes, got ${raw.length}`);
+  }
+  const view = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  switch (kind) {
+    case "u8":
+      return raw[0]!;
+    case "u16":
+      return view.getUint16(0);
+    case "u32":
+      return view.getUint32(0);
+    case "i32":
+      return view.getInt32(0);
+    case "u64":
+      return view.getBigUint64(0);
+    case "string": {
+      let text: string;
+      try {
+        text = utf8Decoder.decode(raw);
+      } catch (error) {
+        throw protocolError(`${what}: string is not valid UTF-8`, { cause: error });
+      }
+      if (raw.includes(0)) throw protocolError(`${what}: string contains a NUL byte`);
+      return text;
+    }
+    case "bytes":
+      return raw;
+    case "nested":
+      if (depth + 1 > MAX_NESTING_DEPTH) {
+        throw protocolError(`${what}: nested fields deeper than ${MAX_NESTING_DEPTH} levels`);
+      }
+      return decodeFieldList(raw, what);
+    default:
+      throw protocolError(`${what}: unknown field kind ${String(kind)}`);
+  }
+}
+
+/**
+ * Builds a field sequence in canonical order. Call the setters in ascending tag order (repeated
+ * fields: once per entry, in list order); `undefined` values are skipped.
+ */
+export class FieldWriter {
+  readonly #fields: RawField[] = [];
+  #lastTag = -1;
+  #size = 0;
+
+  #add(tag: number, value: Uint8Array): this {
+    if (tag < this.#lastTag)
+      throw new Error(`fields written out of order: tag ${tag} after ${this.#lastTag}`);
+    this.#lastTag = tag;
+    if (this.#fields.length === MAX_FIELDS) throw invalid(`more than ${MAX_FIELDS} fields in one message`);
+    this.#size += FIELD_HEADER_BYTES + value.length;
+    if (this.#size > MAX_PAYLOAD) throw invalid(`message larger than ${MAX_PAYLOAD} bytes`);
+    this.#fields.push({ tag, value });
+    return this;
+  }
+
+  u8(tag: number, value: number | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("u8", value));
+  }
+  u16(tag: number, value: number | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("u16", value));
+  }
+  u32(tag: number, value: number | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("u32", value));
+  }
+  i32(tag: number, value: number | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("i32", value));
+  }
+  u64(tag: number, value: bigint | number | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("u64", value));
+  }
+  bool(tag: number, value: boolean | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("u8", value ? 1 : 0));
+  }
+  string(tag: number, value: string | undefined): this {
+    return value === undefined ? this : this.#add(tag, encodeValue("string", value));
+  }
+  strings(tag: number, values: readonly string[] | undefined): this {
+    for (const v of values ?? []) this.string(tag, v);
+    return this;
+  }
+  bytes(tag: number, value: Uint8Array | undefined): this {
+    return value === undefined ? this : this.#add(tag, value);
+  }
+  nested(tag: number, value: FieldWriter): this {
+    return this.#add(tag, value.finish());
+  }
+
+  /** The encoded payload. */
+  finish(): Uint8Array {
+    return encodeFieldList(this.#fields);
+  }
+}
+
+/**
+ * Reads a decoded field sequence by tag. Getters return `undefined` for absent optional fields;
+ * `need()` turns that into an error naming the field.
+ */
+export class FieldReader {
+  readonly what: string;
+  readonly depth: number;
+  readonly #byTag = new Map<number, Uint8Array[]>();
+
+  constructor(fields: readonly RawField[], what: string, depth = 1) {
+    this.what = what;
+    this.depth = depth;
+    for (const f of fields) {
+      const list = this.#byTag.get(f.tag);
+      if (list) list.push(f.value);
+      else this.#byTag.set(f.tag, [f.value]);
+    }
+  }
+
+  /** Parses `payload` as a field sequence. */
+  static decode(payload: Uint8Array, what: string, depth = 1): FieldReader {
+    return new FieldReader(decodeFieldList(payload, what), what, depth);
+  }
+
+  /** Tags present, in ascending order. */
+  get tags(): number[] {
+    return [...this.#byTag.keys()].sort((a, b) => a - b);
+  }
+
+  #single(tag: number, name: string): Uint8Array | undefined {
+    const list = this.#byTag.get(tag);
+    if (!list) return undefined;
+    if (list.length > 1)
+      throw protocolError(`${this.what}: field ${name} (${tag}) appears ${list.length} times`);
+    return list[0];
+  }
+
+  #one<T>(kind: FieldKind, tag: number, name: string): T | undefined {
+    const raw = this.#single(tag, name);
+    return raw === undefined ? undefined : (decodeValue(kind, raw, `${this.what}.${name}`, this.depth) as T);
+  }
+
+  u8(tag: number, name: string): number | undefined {
+    return this.#one("u8", tag, name);
+  }
+  u16(tag: number, name: string): number | undefined {
+    return this.#one("u16", tag, name);
+  }
+  u32(tag: number, name: string): number | undefined {
+    return this.#one("u32", tag, name);
+  }
+  i32(tag: number, name: string): number | undefined {
+    return this.#one("i32", tag, name);
+  }
+  u64(tag: number, name: string): bigint | undefined {
+    return this.#one("u64", tag, name);
+  }
+  /** A u64 that must fit in a JavaScript number (sizes, durations). */
+  u64Number(tag: number, name: string): number | undefined {
+    const v = this.u64(tag, name);
+    if (v === undefined) return undefined;
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw protocolError(`${this.what}.${name}: ${v} is too large`);
+    return Number(v);
+  }
+  /** A u8 used as a flag: 0 or 1. */
+  bool(tag: number, name: string): boolean | undefined {
+    const v = this.u8(tag, name);
+    if (v === undefined) return undefined;
+    if (v > 1) throw protocolError(`${this.what}.${name}: flag must be 0 or 1, got ${v}`);
+    return v === 1;
+  }
+  string(tag: number, name: string, maxBytes?: number): string | undefined {
+    const raw = this.#single(tag, name);
+    if (raw === undefined) return undefined;
+    if (maxBytes !== undefined && raw.length > maxBytes) {
+      throw protocolError(`${this.what}.${name}: ${raw.length} bytes, limit ${maxBytes}`);
+    }
+    return decodeValue("string", raw, `${this.what}.${name}`, this.depth) as string;
+  }
+  bytes(tag: number, name: string): Uint8Array | undefined {
+    return this.#single(tag, name);
+  }
+  /** A repeated string field, in order (empty if absent). */
+  strings(tag: number, name: string): string[] {
+    return (this.#byTag.get(tag) ?? []).map(
+      (raw) => decodeValue("string", raw, `${this.what}.${name}`, this.depth) as string,
+    );
+  }
+  /** A repeated nested field, in order (empty if absent). */
+  nestedList(tag: number, name: string): FieldReader[] {
+    return (this.#byTag.get(tag) ?? []).map((raw) => {
+      const fields = decodeValue("nested", raw, `${this.what}.${name}`, this.depth) as RawField[];
+      return new FieldReader(fields, `${this.what}.${name}`, this.depth + 1);
+    });
+  }
+
+  /** Throws `AGENT_PROTOCOL` naming the missing required field. */
+  need<T>(value: T | undefined, name: string): T {
+    if (value === undefined) throw protocolError(`${this.what}: required field ${name} is missing`);
+    return value;
+  }
+}

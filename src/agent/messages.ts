@@ -1,0 +1,410 @@
+/**
+ * Typed payloads of every message in docs/protocol.md. `encodeX` builds a payload (canonical
+ * field order), `decodeX` parses and validates one (`AGENT_PROTOCOL` on malformed input). Both
+ * directions are implemented so tests can play either side.
+ */
+
+import { SupermachineError } from "../errors.ts";
+import { FieldReader, FieldWriter } from "./fields.ts";
+import { MAX_PAYLOAD } from "./frame-codec.ts";
+import { protocolError } from "./protocol-error.ts";
+
+/** The protocol version this host speaks. */
+export const PROTOCOL_VERSION = 1;
+/** Default initial credit for exec output, read-file data and stdin (bytes). */
+export const DEFAULT_WINDOW = 262_144;
+/** Largest `PING`/`PONG` payload. */
+export const MAX_PING_BYTES = 64;
+/** Largest `ERROR` message text in bytes. */
+export const MAX_ERROR_MESSAGE_BYTES = 4096;
+/** Default delay between `SIGTERM` and `SIGKILL` on an exec timeout. */
+export const DEFAULT_GRACE_MS = 2000;
+/** Bounds of `HELLO` entropy. */
+export const MIN_ENTROPY_BYTES = 32;
+export const MAX_ENTROPY_BYTES = 512;
+
+/** `ERROR` codes. */
+export const AgentErrorCode = {
+  UNSUPPORTED: 1,
+  BAD_REQUEST: 2,
+  NOT_FOUND: 3,
+  START_FAILED: 4,
+  IO: 5,
+  VERSION: 6,
+  BAD_FRAME: 7,
+} as const;
+
+export type AgentErrorCodeName = keyof typeof AgentErrorCode;
+
+const ERROR_CODE_NAMES = new Map<number, AgentErrorCodeName>(
+  (Object.entries(AgentErrorCode) as [AgentErrorCodeName, number][]).map(([k, v]) => [v, k]),
+);
+
+/** `"NOT_FOUND"` for a known code, `"code 42"` otherwise. */
+export function agentErrorCodeName(code: number): string {
+  return ERROR_CODE_NAMES.get(code) ?? `code ${code}`;
+}
+
+function invalid(message: string): SupermachineError {
+  return new SupermachineError("INVALID_ARGUMENT", message);
+}
+
+// ---------------------------------------------------------------------------------------------
+// HELLO
+
+export interface HostHello {
+  version: number;
+  epoch: bigint;
+  timeNs?: bigint | undefined;
+  entropy?: Uint8Array | undefined;
+}
+
+export function encodeHostHello(m: HostHello): Uint8Array {
+  if (m.entropy && (m.entropy.length < MIN_ENTROPY_BYTES || m.entropy.length > MAX_ENTROPY_BYTES)) {
+    throw invalid(
+      `HELLO entropy must be ${MIN_ENTROPY_BYTES}–${MAX_ENTROPY_BYTES} bytes, got ${m.entropy.length}`,
+    );
+  }
+  return new FieldWriter().u32(1, m.version).u64(2, m.epoch).u64(3, m.timeNs).bytes(4, m.entropy).finish();
+}
+
+export function decodeHostHello(payload: Uint8Array): HostHello {
+  const r = FieldReader.decode(payload, "HELLO");
+  const entropy = r.bytes(4, "entropy");
+  if (entropy && (entropy.length < MIN_ENTROPY_BYTES || entropy.length > MAX_ENTROPY_BYTES)) {
+    throw protocolError(
+      `HELLO.entropy: ${entropy.length} bytes, expected ${MIN_ENTROPY_BYTES}–${MAX_ENTROPY_BYTES}`,
+    );
+  }
+  return {
+    version: r.need(r.u32(1, "version"), "version"),
+    epoch: r.need(r.u64(2, "epoch"), "epoch"),
+    timeNs: r.u64(3, "timeNs"),
+    entropy,
+  };
+}
+
+export interface GuestHello {
+  version: number;
+  epoch: bigint;
+  agent: string;
+  bootNs: bigint;
+}
+
+export function encodeGuestHello(m: GuestHello): Uint8Array {
+  return new FieldWriter().u32(1, m.version).u64(2, m.epoch).string(5, m.agent).u64(6, m.bootNs).finish();
+}
+
+export function decodeGuestHello(payload: Uint8Array): GuestHello {
+  const r = FieldReader.decode(payload, "HELLO");
+  return {
+    version: r.need(r.u32(1, "version"), "version"),
+    epoch: r.need(r.u64(2, "epoch"), "epoch"),
+    agent: r.string(5, "agent", 256) ?? "",
+    bootNs: r.u64(6, "bootNs") ?? 0n,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// PING / PONG (raw)
+
+export function checkPingPayload(payload: Uint8Array, name: "PING" | "PONG"): Uint8Array {
+  if (payload.length > MAX_PING_BYTES) {
+    throw protocolError(`${name} payload of ${payload.length} bytes exceeds ${MAX_PING_BYTES}`);
+  }
+  return payload;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ERROR
+
+export interface AgentErrorMessage {
+  code: number;
+  errno?: number | undefined;
+  message?: string | undefined;
+}
+
+export function encodeError(m: AgentErrorMessage): Uint8Array {
+  if (m.message !== undefined && Buffer.byteLength(m.message) > MAX_ERROR_MESSAGE_BYTES) {
+    throw invalid(`ERROR message longer than ${MAX_ERROR_MESSAGE_BYTES} bytes`);
+  }
+  return new FieldWriter().u32(1, m.code).u32(2, m.errno).string(3, m.message).finish();
+}
+
+export function decodeError(payload: Uint8Array): AgentErrorMessage {
+  const r = FieldReader.decode(payload, "ERROR");
+  return {
+    code: r.need(r.u32(1, "code"), "code"),
+    errno: r.u32(2, "errno"),
+    message: r.string(3, "message", MAX_ERROR_MESSAGE_BYTES),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// EXEC
+
+export interface StageSpec {
+  path: string;
+  /** Permission bits, default 0644. */
+  mode?: number | undefined;
+  size: number;
+}
+
+export interface ExecMessage {
+  argv: readonly string[];
+  env: readonly string[];
+  cwd?: string | undefined;
+  user?: string | undefined;
+  tty?: boolean | undefined;
+  rows?: number | undefined;
+  cols?: number | undefined;
+  timeoutMs?: number | undefined;
+  graceMs?: number | undefined;
+  chain?: readonly (readonly string[])[] | undefined;
+  stdin?: boolean | undefined;
+  window?: number | undefined;
+  stage?: readonly StageSpec[] | undefined;
+}
+
+export function encodeExec(m: ExecMessage): Uint8Array {
+  if (m.argv.length === 0) throw invalid("argv must have at least one entry");
+  for (const step of m.chain ?? []) {
+    if (step.length === 0) throw invalid("every chained step needs at least one argv entry");
+  }
+  const w = new FieldWriter()
+    .strings(1, m.argv)
+    .strings(2, m.env)
+    .string(3, m.cwd)
+    .string(4, m.user)
+    .bool(5, m.tty)
+    .u16(6, m.rows)
+    .u16(7, m.cols)
+    .u32(8, m.timeoutMs)
+    .u32(9, m.graceMs);
+  for (const step of m.chain ?? []) w.nested(10, new FieldWriter().strings(1, step));
+  w.bool(11, m.stdin).u32(12, m.window);
+  for (const s of m.stage ?? []) {
+    w.nested(13, new FieldWriter().string(1, s.path).u32(2, s.mode).u64(3, s.size));
+  }
+  return w.finish();
+}
+
+export function decodeExec(payload: Uint8Array): ExecMessage {
+  const r = FieldReader.decode(payload, "EXEC");
+  const argv = r.strings(1, "argv");
+  if (argv.length === 0) throw protocolError("EXEC: required field argv is missing");
+  const chain = r.nestedList(10, "chain").map((c) => {
+    const step = c.strings(1, "argv");
+    if (step.length === 0) throw protocolError("EXEC.chain: required field argv is missing");
+    return step;
+  });
+  const stage = r.nestedList(13, "stage").map((s) => ({
+    path: s.need(s.string(1, "path"), "path"),
+    mode: s.u32(2, "mode"),
+    size: s.need(s.u64Number(3, "size"), "size"),
+  }));
+  return {
+    argv,
+    env: r.strings(2, "env"),
+    cwd: r.string(3, "cwd"),
+    user: r.string(4, "user"),
+    tty: r.bool(5, "tty"),
+    rows: r.u16(6, "rows"),
+    cols: r.u16(7, "cols"),
+    timeoutMs: r.u32(8, "timeoutMs"),
+    graceMs: r.u32(9, "graceMs"),
+    chain,
+    stdin: r.bool(11, "stdin"),
+    window: r.u32(12, "window"),
+    stage,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// WINDOW (raw u32)
+
+export function encodeWindow(increment: number): Uint8Array {
+  if (!Number.isInteger(increment) || increment < 0 || increment > 0xffff_ffff) {
+    throw invalid(`WINDOW increment ${increment} is not a u32`);
+  }
+  const out = new Uint8Array(4);
+  new DataView(out.buffer).setUint32(0, increment);
+  return out;
+}
+
+export function decodeWindow(payload: Uint8Array): number {
+  if (payload.length !== 4) throw protocolError(`WINDOW payload must be 4 bytes, got ${payload.length}`);
+  return new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RESIZE / SIGNAL
+
+export interface ResizeMessage {
+  rows: number;
+  cols: number;
+}
+
+export function encodeResize(m: ResizeMessage): Uint8Array {
+  return new FieldWriter().u16(1, m.rows).u16(2, m.cols).finish();
+}
+
+export function decodeResize(payload: Uint8Array): ResizeMessage {
+  const r = FieldReader.decode(payload, "RESIZE");
+  return { rows: r.need(r.u16(1, "rows"), "rows"), cols: r.need(r.u16(2, "cols"), "cols") };
+}
+
+export function encodeSignal(signo: number): Uint8Array {
+  return new FieldWriter().u32(1, signo).finish();
+}
+
+export function decodeSignal(payload: Uint8Array): number {
+  const r = FieldReader.decode(payload, "SIGNAL");
+  return r.need(r.u32(1, "signo"), "signo");
+}
+
+// ---------------------------------------------------------------------------------------------
+// STARTED / EXIT
+
+export function encodeStarted(pid: number): Uint8Array {
+  return new FieldWriter().u32(1, pid).finish();
+}
+
+export function decodeStarted(payload: Uint8Array): { pid: number } {
+  const r = FieldReader.decode(payload, "STARTED");
+  return { pid: r.need(r.u32(1, "pid"), "pid") };
+}
+
+export interface ExitMessage {
+  /** Exit status of the last step run; `undefined` if it was killed by a signal. */
+  exitCode?: number | undefined;
+  /** Terminating signal number; `undefined` if it exited. */
+  signal?: number | undefined;
+  timedOut: boolean;
+  durationUs: number;
+  peakRssKiB: number;
+  step: number;
+}
+
+export function encodeExit(m: ExitMessage): Uint8Array {
+  return new FieldWriter()
+    .i32(1, m.exitCode)
+    .u32(2, m.signal)
+    .bool(3, m.timedOut ? true : undefined)
+    .u64(4, m.durationUs)
+    .u64(5, m.peakRssKiB)
+    .u32(6, m.step)
+    .finish();
+}
+
+export function decodeExit(payload: Uint8Array): ExitMessage {
+  const r = FieldReader.decode(payload, "EXIT");
+  const exitCode = r.i32(1, "exitCode");
+  const signal = r.u32(2, "signal");
+  if ((exitCode === undefined) === (signal === undefined)) {
+    throw protocolError("EXIT: exactly one of exitCode and signal must be present");
+  }
+  return {
+    exitCode,
+    signal,
+    timedOut: r.bool(3, "timedOut") ?? false,
+    durationUs: r.u64Number(4, "durationUs") ?? 0,
+    peakRssKiB: r.u64Number(5, "peakRssKiB") ?? 0,
+    step: r.u32(6, "step") ?? 0,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+export interface WriteFileMessage {
+  path: string;
+  mode?: number | undefined;
+  uid?: number | undefined;
+  gid?: number | undefined;
+  size: number;
+  mkdirs?: boolean | undefined;
+}
+
+export function encodeWriteFile(m: WriteFileMessage): Uint8Array {
+  return new FieldWriter()
+    .string(1, m.path)
+    .u32(2, m.mode)
+    .u32(3, m.uid)
+    .u32(4, m.gid)
+    .u64(5, m.size)
+    .bool(6, m.mkdirs)
+    .finish();
+}
+
+export function decodeWriteFile(payload: Uint8Array): WriteFileMessage {
+  const r = FieldReader.decode(payload, "WRITE_FILE");
+  return {
+    path: r.need(r.string(1, "path"), "path"),
+    mode: r.u32(2, "mode"),
+    uid: r.u32(3, "uid"),
+    gid: r.u32(4, "gid"),
+    size: r.need(r.u64Number(5, "size"), "size"),
+    mkdirs: r.bool(6, "mkdirs"),
+  };
+}
+
+export interface ReadFileMessage {
+  path: string;
+  window?: number | undefined;
+}
+
+export function encodeReadFile(m: ReadFileMessage): Uint8Array {
+  return new FieldWriter().string(1, m.path).u32(2, m.window).finish();
+}
+
+export function decodeReadFile(payload: Uint8Array): ReadFileMessage {
+  const r = FieldReader.decode(payload, "READ_FILE");
+  return { path: r.need(r.string(1, "path"), "path"), window: r.u32(2, "window") };
+}
+
+export interface FileInfoMessage {
+  size: number;
+  /** The full `st_mode` (type and permission bits). */
+  mode: number;
+  uid: number;
+  gid: number;
+}
+
+export function encodeFileInfo(m: FileInfoMessage): Uint8Array {
+  return new FieldWriter().u64(1, m.size).u32(2, m.mode).u32(3, m.uid).u32(4, m.gid).finish();
+}
+
+export function decodeFileInfo(payload: Uint8Array): FileInfoMessage {
+  const r = FieldReader.decode(payload, "FILE_INFO");
+  return {
+    size: r.need(r.u64Number(1, "size"), "size"),
+    mode: r.u32(2, "mode") ?? 0,
+    uid: r.u32(3, "uid") ?? 0,
+    gid: r.u32(4, "gid") ?? 0,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// OK
+
+export interface OkMessage {
+  /** Bytes written, for `WRITE_FILE`. */
+  size?: number | undefined;
+}
+
+export function encodeOk(m: OkMessage = {}): Uint8Array {
+  return new FieldWriter().u64(1, m.size).finish();
+}
+
+export function decodeOk(payload: Uint8Array): OkMessage {
+  const r = FieldReader.decode(payload, "OK");
+  return { size: r.u64Number(1, "size") };
+}
+
+/** Splits `data` into views of at most `MAX_PAYLOAD` bytes (an empty input gives no chunks). */
+export function* chunkPayload(data: Uint8Array, max = MAX_PAYLOAD): Generator<Uint8Array> {
+  for (let offset = 0; offset < data.length; offset += max) {
+    yield data.subarray(offset, Math.min(offset + max, data.length));
+  }
+}
