@@ -1,0 +1,110 @@
+import { constants as osConstants } from "node:os";
+import type { ExecHandle } from "../index.ts";
+import { Vm } from "../index.ts";
+import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
+import type { Cli } from "./cli.ts";
+
+export const RUN_OPTIONS: readonly OptionSpec[] = [
+  { name: "rootfs", kind: "string", value: "PATH", help: "root filesystem: an ext4 image or a directory tree" },
+  { name: "interactive", short: "i", kind: "boolean", help: "forward standard input (default when it is not a terminal)" },
+  { name: "tty", short: "t", kind: "boolean", help: "run the command on a pseudo-terminal" },
+  { name: "env", short: "e", kind: "multi", value: "K=V", help: "set an environment variable (repeatable)" },
+  { name: "workdir", short: "w", kind: "string", value: "DIR", help: "working directory in the guest" },
+  { name: "user", short: "u", kind: "string", value: "USER", help: "user: name, uid, name:group or uid:gid" },
+  { name: "memory", short: "m", kind: "string", value: "MiB", help: "guest memory in MiB (default 512)" },
+  { name: "vcpus", kind: "string", value: "N", help: "number of vCPUs (default 1)" },
+  { name: "timeout", kind: "string", value: "MS", help: "kill the command after this many milliseconds" },
+  { name: "help", short: "h", kind: "boolean", help: "show this help" },
+];
+
+export const RUN_HELP = `Usage: supermachine run --rootfs PATH [OPTIONS] [--] COMMAND [ARG...]
+
+Boot a microVM from a root filesystem and run COMMAND in it. Standard streams pass through; the
+exit code is the command's (128+N when killed by signal N; 125 for supermachine's own errors).
+
+${formatOptions(RUN_OPTIONS)}`;
+
+/** `supermachine run`: returns the exit code. */
+export async function runCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, RUN_OPTIONS, true);
+  if (options.help) {
+    cli.out(RUN_HELP);
+    return 0;
+  }
+  const rootfs = options.rootfs as string | undefined;
+  if (!rootfs) throw usage("run needs --rootfs PATH (see supermachine run --help)");
+  if (positionals.length === 0) throw usage("run needs a COMMAND to run (see supermachine run --help)");
+  const env: Record<string, string> = {};
+  for (const pair of (options.env as string[] | undefined) ?? []) {
+    const eq = pair.indexOf("=");
+    if (eq <= 0) throw usage(`-e expects KEY=VALUE, got ${JSON.stringify(pair)}`);
+    env[pair.slice(0, eq)] = pair.slice(eq + 1);
+  }
+  const tty = options.tty === true;
+  const stdinIsTty = process.stdin.isTTY === true;
+  const forwardStdin = options.interactive === true || !stdinIsTty;
+  if (tty && !stdinIsTty) throw usage("-t needs standard input to be a terminal");
+
+  const vm = await Vm.start({
+    rootfs,
+    ...intOption(options.memory, "memory", (memoryMiB) => ({ memoryMiB })),
+    ...intOption(options.vcpus, "vcpus", (vcpus) => ({ vcpus })),
+    signal: cli.signal,
+  });
+  try {
+    const builder = vm.execBuilder().argv(positionals).env(env).signal(cli.signal);
+    if (options.workdir) builder.cwd(options.workdir as string);
+    if (options.user) builder.user(options.user as string);
+    const timeout = intOption(options.timeout, "timeout", (ms) => ({ ms })).ms;
+    if (timeout !== undefined) builder.timeout(timeout);
+    if (tty) builder.tty(true).winsize(process.stdout.rows || 24, process.stdout.columns || 80);
+    if (forwardStdin) builder.stdin(process.stdin);
+    const handle = await builder.spawn();
+    return await pump(handle, { tty, forwardStdin });
+  } finally {
+    await vm.stop();
+  }
+}
+
+/** Copies the exec's output to ours and our terminal's size to it; returns the exit code. */
+async function pump(handle: ExecHandle, opts: { tty: boolean; forwardStdin: boolean }): Promise<number> {
+  const restore: Array<() => void> = [];
+  if (opts.tty) {
+    process.stdin.setRawMode(true);
+    restore.push(() => process.stdin.setRawMode(false));
+    const onResize = () => handle.resize(process.stdout.rows, process.stdout.columns);
+    process.stdout.on("resize", onResize);
+    restore.push(() => process.stdout.off("resize", onResize));
+  }
+  try {
+    for await (const event of handle) {
+      if (event.kind === "stdout") await write(process.stdout, event.data);
+      else if (event.kind === "stderr") await write(process.stderr, event.data);
+    }
+    const outcome = await handle.wait();
+    if (outcome.timedOut) process.stderr.write(`supermachine: command timed out and was killed\n`);
+    if (outcome.exitCode !== null) return outcome.exitCode;
+    return 128 + signalNumber(outcome.signal);
+  } finally {
+    for (const undo of restore.reverse()) undo();
+    if (opts.forwardStdin) process.stdin.destroy();
+  }
+}
+
+function write(stream: NodeJS.WriteStream, data: Uint8Array): Promise<void> {
+  return new Promise((resolve, reject) => {
+    stream.write(data, (error) => (error ? reject(error) : resolve()));
+  });
+}
+
+function signalNumber(name: string | null): number {
+  const signals = osConstants.signals as Readonly<Record<string, number>>;
+  return (name !== null && signals[name]) || 0;
+}
+
+function intOption<T extends object>(value: unknown, name: string, wrap: (n: number) => T): Partial<T> {
+  if (value === undefined) return {};
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n <= 0) throw usage(`--${name} expects a positive integer, got ${String(value)}`);
+  return wrap(n);
+}

@@ -1,0 +1,45 @@
+import type { AssetPaths } from "../vmm/asset-paths.ts";
+
+/** What a user asks of a VM. The live state of a running VM is {@link Vm}. */
+export interface VmConfig {
+  /**
+   * The root filesystem: an ext4 image file, or a directory tree that supermachine makes into an
+   * image (cached by the tree's contents, like podman's `--rootfs`). The VM never writes to it: its
+   * writes go to a per-VM overlay that disappears with the VM.
+   */
+  rootfs: string;
+  /** Guest RAM in MiB. Default 512. */
+  memoryMiB?: number;
+  /** Number of vCPUs. Default 1. */
+  vcpus?: number;
+  /** Guest kernel and initramfs. Default: found by `resolveAssetPaths()`. */
+  assets?: Partial<AssetPaths>;
+  /** Environment of every exec (merged over `PATH` and the image's env). */
+  env?: Record<string, string>;
+  /** Working directory of every exec. Default `/` (or the image's). */
+  cwd?: string;
+  /** User of every exec: `name`, `uid`, `name:group` or `uid:gid`. Default `root` (or the image's). */
+  user?: string;
+  /** Time allowed from QEMU's start to the guest agent's answer. Default 60 000 ms. */
+  bootTimeoutMs?: number;
+  /** Extra kernel command-line arguments. */
+  kernelArgs?: readonly string[];
+  /** Cancels the start. */
+  signal?: AbortSignal;
+}
+
+/** Per-phase timings of a VM's start, in milliseconds since `Vm.start` was called. */
+export interface VmTimings {
+  /** Root filesystem ready (image found or built, overlay created). */
+  readonly rootfsMs: number;
+  /** QEMU started and its QMP connection ready. */
+  readonly spawnMs: number;
+  /** The guest agent answered the handshake. */
+  readonly agentReadyMs: number;
+  /** Everything, until `Vm.start` resolved. */
+  readonly totalMs: number;
+}
+
+export const DEFAULT_MEMORY_MIB = 512;
+export const DEFAULT_VCPUS = 1;
+export const DEFAULT_BOOT_TIMEOUT_MS = 60_000;
