@@ -1,0 +1,82 @@
+/**
+ * Shared setup of the integration tests that boot real VMs.
+ *
+ * `vmTest` wraps `node:test`'s `test`: it makes sure QEMU and the guest assets exist (with
+ * CI=true their absence is a failure, elsewhere the test is skipped with the reason), and when the
+ * test fails it prints the console logs of the VMs it started.
+ */
+import { execFile } from "node:child_process";
+import { readFile } from "node:fs/promises";
+import { test, type TestContext } from "node:test";
+import { promisify } from "node:util";
+import { resolveAssetPaths, Vm, type VmConfig } from "../../src/index.ts";
+import { findQemu } from "../../src/vmm/accelerator.ts";
+
+const run = promisify(execFile);
+const root = new URL("../../", import.meta.url).pathname;
+
+let prerequisites: Promise<string | undefined> | undefined;
+
+/** Why VM tests cannot run here, or undefined when they can. */
+export function missingVmPrerequisite(): Promise<string | undefined> {
+  prerequisites ??= (async () => {
+    try {
+      await findQemu();
+      await resolveAssetPaths();
+      return undefined;
+    } catch (error) {
+      return (error as Error).message;
+    }
+  })();
+  return prerequisites;
+}
+
+let busybox: Promise<string> | undefined;
+
+/** The bundled busybox root filesystem directory (built by scripts/build-busybox-rootfs.sh). */
+export function busyboxRootfs(): Promise<string> {
+  busybox ??= (async () => {
+    const { stdout } = await run("bash", [`${root}scripts/busybox-rootfs-path.sh`]);
+    const dir = stdout.trim();
+    await run("bash", [`${root}scripts/build-busybox-rootfs.sh`, dir]);
+    return dir;
+  })();
+  return busybox;
+}
+
+export interface VmTestContext {
+  t: TestContext;
+  /** Boots a VM on the busybox rootfs (unless `config.rootfs` says otherwise); stopped after the test. */
+  start(config?: Partial<VmConfig>): Promise<Vm>;
+}
+
+/** A test that boots VMs. */
+export function vmTest(name: string, fn: (ctx: VmTestContext) => Promise<void>, options: { timeout?: number } = {}) {
+  test(name, { timeout: options.timeout ?? 120_000 }, async (t) => {
+    const missing = await missingVmPrerequisite();
+    if (missing !== undefined) {
+      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${missing}`);
+      t.skip(missing);
+      return;
+    }
+    const vms: Vm[] = [];
+    const start = async (config: Partial<VmConfig> = {}) => {
+      const vm = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256, ...config });
+      vms.push(vm);
+      return vm;
+    };
+    let failed = true;
+    try {
+      await fn({ t, start });
+      failed = false;
+    } finally {
+      if (failed) {
+        for (const vm of vms) {
+          const log = await readFile(vm.consoleLogPath, "utf8").catch(() => "(none)");
+          t.diagnostic(`console log of VM ${vm.id} (${vm.consoleLogPath}), last 4 KiB:\n${log.slice(-4096)}`);
+        }
+      }
+      await Promise.all(vms.map((vm) => vm.kill()));
+    }
+  });
+}

@@ -1,0 +1,56 @@
+/** `supermachine run` end to end: the real launcher, a real VM, real pipes. */
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { busyboxRootfs, vmTest } from "../helpers/vm.ts";
+
+const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
+
+function runCli(args: string[], input?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cli, args, { stdio: ["pipe", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+    child.stdin.end(input ?? "");
+  });
+}
+
+vmTest("run prints the command's output and exits with its code", async () => {
+  const rootfs = await busyboxRootfs();
+  const result = await runCli(["run", "--rootfs", rootfs, "--", "sh", "-c", "echo hi; exit 3"]);
+  assert.equal(result.stdout, "hi\n", result.stderr);
+  assert.equal(result.code, 3);
+});
+
+vmTest("run forwards piped stdin", async () => {
+  const rootfs = await busyboxRootfs();
+  const result = await runCli(["run", "--rootfs", rootfs, "--", "wc", "-c"], "x".repeat(100_000));
+  assert.equal(result.stdout.trim(), "100000", result.stderr);
+  assert.equal(result.code, 0);
+});
+
+vmTest("run passes -e, -w and -u and separates stderr", async () => {
+  const rootfs = await busyboxRootfs();
+  const result = await runCli([
+    "run", "--rootfs", rootfs, "-e", "A=1", "-w", "/tmp", "-u", "app", "--",
+    "sh", "-c", 'echo "$A $(pwd) $(id -un)"; echo err >&2',
+  ]);
+  assert.equal(result.stdout, "1 /tmp app\n");
+  assert.equal(result.stderr, "err\n");
+  assert.equal(result.code, 0);
+});
+
+vmTest("run exits 128+N when the command dies of signal N, 125 on its own errors", async () => {
+  const rootfs = await busyboxRootfs();
+  const killed = await runCli(["run", "--rootfs", rootfs, "--", "sh", "-c", "kill -9 $$"]);
+  assert.equal(killed.code, 137);
+  const missing = await runCli(["run", "--rootfs", rootfs, "--", "/no/such/program"]);
+  assert.equal(missing.code, 125);
+  assert.match(missing.stderr, /supermachine: .*no\/such\/program/);
+  const usage = await runCli(["run", "--", "true"]);
+  assert.equal(usage.code, 125);
+  assert.match(usage.stderr, /--rootfs/);
+});
