@@ -35,14 +35,19 @@ const BODIES: Record<Lie, string> = {
 };
 
 /** Builds (into a temp dir) an initramfs whose init tells `lie`. */
-export async function hostileInitramfs(lie: Lie): Promise<string> {
+export function hostileInitramfs(lie: Lie): Promise<string> {
+  return busyboxInitramfs(`${FIND_PORT}${BODIES[lie]}`);
+}
+
+/** Builds (into a temp dir) an initramfs of busybox-static whose /init is `script`. */
+export async function busyboxInitramfs(script: string): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), "sm-hostile-"));
   const tree = join(dir, "tree");
   await mkdir(join(tree, "bin"), { recursive: true });
   await mkdir(join(tree, "dev"));
   await mkdir(join(tree, "sys"));
   await copyFile("/bin/busybox", join(tree, "bin", "busybox"));
-  await writeFile(join(tree, "init"), `${FIND_PORT}${BODIES[lie]}`);
+  await writeFile(join(tree, "init"), script);
   await chmod(join(tree, "init"), 0o755);
   const out = join(dir, "initramfs.cpio");
   await run("sh", ["-c", `cd "${tree}" && find . | sort | cpio -o -H newc --quiet > "${out}"`]);

@@ -1,0 +1,91 @@
+/**
+ * `npm run bench`: measures supermachine against floors measured in the same run and prints one
+ * table (min/median/max, ratio to the floor, budget). Budgets: docs/SPECIFICATION.md.
+ */
+import { spawnSync } from "node:child_process";
+import { performance } from "node:perf_hooks";
+import { resolveAssetPaths, Vm } from "../src/index.ts";
+import { hostAccelerator } from "../src/vm/vm.ts";
+import { QemuProcess } from "../src/vmm/qemu-process.ts";
+import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
+import { busyboxRootfs } from "../test/helpers/vm.ts";
+import { summarize, Table } from "./table.ts";
+
+const quick = process.argv.includes("--quick");
+const table = new Table();
+
+async function time(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = performance.now();
+  await fn();
+  return performance.now() - t0;
+}
+
+async function repeat(n: number, fn: () => Promise<unknown>): Promise<number[]> {
+  const samples: number[] = [];
+  for (let i = 0; i < n; i++) samples.push(await time(fn));
+  return samples;
+}
+
+async function spine(): Promise<void> {
+  const { accel } = await hostAccelerator();
+  const assets = await resolveAssetPaths();
+  const rootfs = await busyboxRootfs();
+  const boots = quick ? 3 : 5;
+
+  // Floor: the same kernel booting an init that reboots at once (QEMU exits on reboot).
+  const floorInitramfs = await busyboxInitramfs("#!/bin/busybox sh\n/bin/busybox reboot -f\n");
+  const floor = await repeat(boots, async () => {
+    const qemu = await QemuProcess.launch({
+      machine: { accel, memoryMiB: 256, vcpus: 1, kernelPath: assets.kernel, initramfsPath: floorInitramfs, kernelArgs: ["quiet"] },
+      agent: false,
+    });
+    await qemu.exited;
+    await qemu.stop();
+  });
+  table.add({ name: "boot floor: QEMU start → kernel → init → exit", unit: "ms", summary: summarize(floor) });
+
+  const bootSamples: number[] = [];
+  let vm: Vm | undefined;
+  for (let i = 0; i < boots; i++) {
+    const t0 = performance.now();
+    const v = await Vm.start({ rootfs, memoryMiB: 256 });
+    bootSamples.push(performance.now() - t0);
+    if (i < boots - 1) await v.stop();
+    else vm = v;
+  }
+  table.add({
+    name: "cold boot to agent ready",
+    unit: "ms",
+    summary: summarize(bootSamples),
+    against: "boot floor: QEMU start → kernel → init → exit",
+    budget: "≤ 1000 ms (TCG)",
+  });
+
+  try {
+    const pings = await repeat(quick ? 200 : 1000, () => vm!.ping());
+    table.add({ name: "channel round trip (ping)", unit: "ms", summary: summarize(pings) });
+
+    const hostForkExec: number[] = [];
+    for (let i = 0; i < 200; i++) {
+      const t0 = performance.now();
+      spawnSync("/bin/true");
+      hostForkExec.push(performance.now() - t0);
+    }
+    table.add({ name: "host fork+exec /bin/true", unit: "ms", summary: summarize(hostForkExec) });
+    const execs = await repeat(200, () => vm!.exec(["true"]));
+    table.add({ name: "exec round trip `true`", unit: "ms", summary: summarize(execs), against: "host fork+exec /bin/true" });
+
+    const bytes = 64 * 1024 * 1024;
+    const throughput = await repeat(quick ? 2 : 5, () => vm!.exec(["head", "-c", String(bytes), "/dev/zero"]));
+    table.add({
+      name: "stdout throughput (64 MiB)",
+      unit: "MB/s",
+      summary: summarize(throughput.map((ms) => bytes / 1e6 / (ms / 1000))),
+    });
+  } finally {
+    await vm?.stop();
+  }
+}
+
+await spine();
+process.stdout.write(`\n${table.render()}\n`);

@@ -1,0 +1,72 @@
+/** Summaries and the printed table of `npm run bench`. */
+
+export interface Summary {
+  readonly n: number;
+  readonly min: number;
+  readonly median: number;
+  readonly p95: number;
+  readonly max: number;
+}
+
+export function summarize(samples: readonly number[]): Summary {
+  if (samples.length === 0) throw new Error("no samples");
+  const sorted = [...samples].sort((a, b) => a - b);
+  const at = (q: number) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
+  return { n: sorted.length, min: sorted[0]!, median: at(0.5), p95: at(0.95), max: sorted[sorted.length - 1]! };
+}
+
+export interface Row {
+  readonly name: string;
+  readonly unit: string;
+  readonly summary: Summary;
+  /** Name of the floor/baseline row this one is compared with, measured in the same run. */
+  readonly against?: string;
+  /** Budget on the ratio (row median / baseline median), e.g. "≤ 1.2". */
+  readonly budget?: string;
+  /** For throughputs, a higher number is better: the ratio is baseline/row. */
+  readonly higherIsBetter?: boolean;
+}
+
+export class Table {
+  readonly rows: Row[] = [];
+
+  add(row: Row): void {
+    this.rows.push(row);
+    process.stderr.write(`bench: ${row.name}: median ${fmt(row.summary.median)} ${row.unit}\n`);
+  }
+
+  ratio(row: Row): number | undefined {
+    if (!row.against) return undefined;
+    const base = this.rows.find((r) => r.name === row.against);
+    if (!base) return undefined;
+    return row.summary.median / base.summary.median;
+  }
+
+  render(): string {
+    const header = ["benchmark", "unit", "n", "min", "median", "max", "vs", "ratio", "budget"];
+    const lines = this.rows.map((row) => {
+      const ratio = this.ratio(row);
+      return [
+        row.name,
+        row.unit,
+        String(row.summary.n),
+        fmt(row.summary.min),
+        fmt(row.summary.median),
+        fmt(row.summary.max),
+        row.against ?? "",
+        ratio === undefined ? "" : `${ratio.toFixed(2)}×`,
+        row.budget ?? "",
+      ];
+    });
+    const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
+    const fmtLine = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(" | ")} |`;
+    return [fmtLine(header), fmtLine(widths.map((w) => "-".repeat(w))), ...lines.map(fmtLine)].join("\n");
+  }
+}
+
+export function fmt(n: number): string {
+  if (n >= 100) return n.toFixed(0);
+  if (n >= 10) return n.toFixed(1);
+  if (n >= 1) return n.toFixed(2);
+  return n.toFixed(3);
+}
