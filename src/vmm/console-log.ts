@@ -91,6 +91,11 @@ export class ConsoleLog extends Writable {
     this.#append(chunk).then(() => callback(), callback);
   }
 
+  /** Chunks that queued up while a write was in flight go to the file in one write. */
+  override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
+    this.#append(Buffer.concat(chunks.map(({ chunk }) => chunk))).then(() => callback(), callback);
+  }
+
   override _final(callback: (error?: Error | null) => void): void {
     this.#file.close().then(() => callback(), callback);
   }

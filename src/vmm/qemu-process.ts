@@ -401,7 +401,7 @@ export class QemuProcess {
 
   /** After exit: close every socket and remove or keep the dir. Runs once. */
   async #finish(): Promise<void> {
-    this.#qmp?.close();
+    this.#qmp?.close(this.#error("VM_EXITED", "QEMU has exited"));
     this.#agent?.destroy();
     for (const server of this.#servers) server.close();
     const failed = this.#failed || !this.#requested;

@@ -232,9 +232,9 @@ export class QmpClient extends EventEmitter<QmpClientEvents> {
     }
   }
 
-  /** Close the connection. Pending calls reject with `VM_STOPPED`. */
-  close(): void {
-    this.#shutdown(new VmError("VM_STOPPED", "the QMP connection was closed", this.#errorFields()));
+  /** Close the connection. Pending and later calls reject with `reason` (default `VM_STOPPED`). */
+  close(reason?: VmError): void {
+    this.#shutdown(reason ?? new VmError("VM_STOPPED", "the QMP connection was closed", this.#errorFields()));
     this.#socket.destroy();
   }
 
