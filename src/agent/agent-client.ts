@@ -1,0 +1,599 @@
+/**
+ * The host side of the guest agent protocol (docs/protocol.md) over one byte stream: the `HELLO`
+ * handshake, multiplexed exec and file streams with credit both ways, ping and shutdown.
+ *
+ * The guest is untrusted: every frame is bounded and validated, and anything malformed closes the
+ * connection with a `VmError` `AGENT_PROTOCOL` (reported through {@link AgentClient.closed} and to
+ * every pending operation) — never a crash, a hang or an unhandled rejection on the host.
+ */
+
+import { randomBytes } from "node:crypto";
+import { createReadStream, createWriteStream } from "node:fs";
+import { mkdtemp, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Duplex, Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { AbortError, SupermachineError, VmError } from "../errors.ts";
+import { debug } from "../internal/diagnostics.ts";
+import { ExecChannel, type ExecRequest } from "./exec-channel.ts";
+import { FileReadStream, FileWriteStream, type GuestFileInfo } from "./file-streams.ts";
+import {
+  describeType,
+  encodeFrameHeader,
+  FLAG_FIN,
+  type Frame,
+  FrameDecoder,
+  MAX_PAYLOAD,
+  MAX_STREAM_ID,
+  MessageType,
+} from "./frame-codec.ts";
+import {
+  AgentErrorCode,
+  agentErrorCodeName,
+  chunkPayload,
+  decodeError,
+  decodeGuestHello,
+  decodeOk,
+  encodeHostHello,
+  encodeReadFile,
+  encodeWriteFile,
+  PROTOCOL_VERSION,
+} from "./messages.ts";
+import { protocolError } from "./protocol-error.ts";
+import { deferred, type StreamHandler, type StreamLink } from "./stream-link.ts";
+
+/** Options of {@link AgentClient.connect}. */
+export interface AgentConnectOptions {
+  /** Restore epoch sent in `HELLO`; default random. */
+  epoch?: bigint;
+  /** Host `CLOCK_REALTIME` in ns for the guest clock; default now. */
+  timeNs?: bigint;
+  /** 32–512 bytes mixed into the guest's RNG; default 64 random bytes. */
+  entropy?: Uint8Array;
+  /** How long to wait for the agent's `HELLO`; default 30 000 ms. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** Options of {@link AgentClient.writeFile}. */
+export interface WriteFileOptions {
+  /** Permission bits, default 0o644. */
+  mode?: number;
+  uid?: number;
+  gid?: number;
+  /** Create missing parent directories. */
+  mkdirs?: boolean;
+  /**
+   * Exact length of a stream source. Without it a stream is first spooled to a temporary file on
+   * the host (the protocol needs the size up front).
+   */
+  sizeBytes?: number;
+  signal?: AbortSignal;
+}
+
+/** A file being read from the guest. */
+export interface GuestFile extends GuestFileInfo {
+  stream: Readable;
+}
+
+/** Sources {@link AgentClient.writeFile} accepts. */
+export type WriteFileSource = Uint8Array | string | AsyncIterable<Uint8Array> | NodeJS.ReadableStream;
+
+const DEFAULT_CONNECT_TIMEOUT_MS = 30_000;
+const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10_000;
+const READ_WINDOW = 1_048_576;
+/** Small frames are copied into one buffer (one write); larger payloads are written as is. */
+const COPY_BELOW = 16 * 1024;
+
+type State = "handshake" | "open" | "closed";
+
+function invalid(message: string): SupermachineError {
+  return new SupermachineError("INVALID_ARGUMENT", message);
+}
+
+function nowNs(): bigint {
+  return BigInt(Math.round((performance.timeOrigin + performance.now()) * 1000)) * 1000n;
+}
+
+/** Guest → host message types; the guest may send nothing else. */
+const GUEST_TYPES: ReadonlySet<number> = new Set([
+  MessageType.HELLO,
+  MessageType.PONG,
+  MessageType.ERROR,
+  MessageType.STDOUT,
+  MessageType.STDERR,
+  MessageType.WINDOW,
+  MessageType.STARTED,
+  MessageType.EXIT,
+  MessageType.FILE_DATA,
+  MessageType.FILE_INFO,
+  MessageType.OK,
+]);
+
+export class AgentClient {
+  /** Name and version the agent reported, e.g. `sm-init 0.1.0`. */
+  agentVersion = "";
+  /** The restore epoch of this session. */
+  readonly epoch: bigint;
+  /** Guest `CLOCK_BOOTTIME` (ns) when the agent answered `HELLO`. */
+  bootNs = 0n;
+  /** Settles when the connection ends: `undefined` for a clean end, else the error. Never rejects. */
+  readonly closed: Promise<Error | undefined>;
+
+  readonly #socket: Duplex;
+  readonly #decoder = new FrameDecoder();
+  readonly #streams = new Map<number, StreamHandler>();
+  readonly #link: StreamLink;
+  #state: State = "handshake";
+  #closedError: Error | undefined;
+  #resolveClosed!: (value: Error | undefined) => void;
+  #nextStream = 1;
+  #needDrain = false;
+  #drainWaiters: (() => void)[] = [];
+  #hello = deferred<void>();
+  #pingSeq = 0n;
+  readonly #pings = new Map<
+    bigint,
+    { resolve: (ms: number) => void; reject: (e: Error) => void; t0: number }
+  >();
+  #shutdown: ReturnType<typeof deferred<void>> | undefined;
+  #shutdownPromise: Promise<void> | undefined;
+  #shutdownAcked = false;
+  readonly #onData = (chunk: Buffer) => this.#receive(chunk);
+  readonly #onEnd = () => this.#channelEnded();
+  readonly #onError = (error: Error) =>
+    this.#fail(new VmError("VM_EXITED", `agent channel failed: ${error.message}`, {}, { cause: error }));
+  readonly #onDrain = () => {
+    this.#needDrain = false;
+    const waiters = this.#drainWaiters;
+    this.#drainWaiters = [];
+    for (const wake of waiters) wake();
+  };
+
+  private constructor(socket: Duplex, epoch: bigint) {
+    this.#socket = socket;
+    this.epoch = epoch;
+    this.closed = new Promise((resolve) => {
+      this.#resolveClosed = resolve;
+    });
+    const self = this;
+    this.#link = {
+      sendControl: (stream, type, payload, flags) => this.#sendControl(stream, type, payload, flags),
+      sendData: (stream, type, payload, flags) => this.#sendData(stream, type, payload, flags),
+      release: (stream) => {
+        this.#streams.delete(stream);
+      },
+      get closedError() {
+        return self.#closedError;
+      },
+    };
+    socket.on("data", this.#onData);
+    socket.on("end", this.#onEnd);
+    socket.on("close", this.#onEnd);
+    socket.on("error", this.#onError);
+    socket.on("drain", this.#onDrain);
+  }
+
+  /**
+   * Sends `HELLO` on `socket` and waits for the agent's. From then on the client owns the socket:
+   * it is destroyed when the client closes, including when the handshake fails.
+   * Rejects with `AGENT_VERSION`, `AGENT_PROTOCOL`, `VM_BOOT_TIMEOUT`, `VM_EXITED` or `AbortError`.
+   */
+  static async connect(socket: Duplex, opts: AgentConnectOptions = {}): Promise<AgentClient> {
+    const epoch = opts.epoch ?? randomBytes(8).readBigUInt64BE();
+    const client = new AgentClient(socket, epoch);
+    const payload = encodeHostHello({
+      version: PROTOCOL_VERSION,
+      epoch,
+      timeNs: opts.timeNs ?? nowNs(),
+      entropy: opts.entropy ?? new Uint8Array(randomBytes(64)),
+    });
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+    const signal = opts.signal;
+    const timer = setTimeout(() => {
+      client.close(new VmError("VM_BOOT_TIMEOUT", `guest agent did not answer HELLO within ${timeoutMs} ms`));
+    }, timeoutMs);
+    const onAbort = () => client.close(new AbortError("agent connect aborted", { cause: signal?.reason }));
+    if (signal?.aborted) onAbort();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      client.#writeFrame(0, MessageType.HELLO, payload, 0);
+      await client.#hello.promise;
+      return client;
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  /** The error the connection closed with, once closed. */
+  get closedError(): Error | undefined {
+    return this.#closedError;
+  }
+
+  /** Number of open streams (execs and file transfers). */
+  get openStreams(): number {
+    return this.#streams.size;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Operations
+
+  /** Opens an exec stream. The request goes out at once; see {@link ExecChannel}. */
+  exec(request: ExecRequest): ExecChannel {
+    this.#checkOpen();
+    const stream = this.#allocate();
+    const channel = new ExecChannel(this.#link, stream, request);
+    this.#streams.set(stream, channel);
+    return channel;
+  }
+
+  /**
+   * Writes a file in the guest (atomically: a temporary file renamed into place), streamed at any
+   * size. Rejects with `GuestIoError` if the guest cannot write it.
+   */
+  async writeFile(path: string, data: WriteFileSource, opts: WriteFileOptions = {}): Promise<void> {
+    if (!path.startsWith("/")) throw invalid(`writeFile path ${JSON.stringify(path)} must be absolute`);
+    this.#checkOpen();
+    const signal = opts.signal;
+    if (signal?.aborted) throw new AbortError("writeFile aborted", { cause: signal.reason });
+    if (typeof data === "string") data = new TextEncoder().encode(data);
+    if (data instanceof Uint8Array) {
+      return this.#writeFile(path, data.length, [data], opts);
+    }
+    if (opts.sizeBytes !== undefined) {
+      if (!Number.isSafeInteger(opts.sizeBytes) || opts.sizeBytes < 0) {
+        throw invalid(`sizeBytes ${opts.sizeBytes} is not a byte count`);
+      }
+      return this.#writeFile(path, opts.sizeBytes, data as AsyncIterable<Uint8Array>, opts);
+    }
+    // Unknown length: spool to a temporary file so the size can be sent first.
+    const dir = await mkdtemp(join(tmpdir(), "supermachine-upload-"));
+    try {
+      const file = join(dir, "data");
+      await pipeline(data as AsyncIterable<Uint8Array>, createWriteStream(file), { signal });
+      const { size } = await stat(file);
+      return await this.#writeFile(path, size, createReadStream(file, { highWaterMark: MAX_PAYLOAD }), opts);
+    } catch (error) {
+      if ((error as Error).name === "AbortError" && !(error instanceof AbortError)) {
+        throw new AbortError("writeFile aborted", { cause: error });
+      }
+      throw error;
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  async #writeFile(
+    path: string,
+    size: number,
+    source: Iterable<Uint8Array> | AsyncIterable<Uint8Array>,
+    opts: WriteFileOptions,
+  ): Promise<void> {
+    const payload = encodeWriteFile({
+      path,
+      mode: opts.mode,
+      uid: opts.uid,
+      gid: opts.gid,
+      size,
+      mkdirs: opts.mkdirs ? true : undefined,
+    });
+    this.#checkOpen();
+    const stream = this.#allocate();
+    const op = new FileWriteStream(this.#link, stream, path, size);
+    this.#streams.set(stream, op);
+    const signal = opts.signal;
+    const onAbort = () => op.reset(new AbortError("writeFile aborted", { cause: signal?.reason }));
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      await this.#sendData(stream, MessageType.WRITE_FILE, payload);
+      op.opened = true;
+      let sent = 0;
+      if (size === 0) await this.#sendData(stream, MessageType.FILE_DATA, new Uint8Array(0), FLAG_FIN);
+      for await (let chunk of source) {
+        if (op.ended) break;
+        if (typeof chunk === "string") chunk = Buffer.from(chunk);
+        if (!(chunk instanceof Uint8Array))
+          throw invalid("writeFile source yielded something other than bytes");
+        if (sent + chunk.length > size) {
+          op.reset(invalid(`writeFile source for ${path} produced more than the ${size} bytes announced`));
+          break;
+        }
+        for (const part of chunkPayload(chunk)) {
+          if (op.ended) break;
+          sent += part.length;
+          await this.#sendData(stream, MessageType.FILE_DATA, part, sent === size ? FLAG_FIN : 0);
+        }
+      }
+      if (!op.ended && sent < size) {
+        op.reset(invalid(`writeFile source for ${path} ended after ${sent} of the ${size} bytes announced`));
+      }
+      await op.result;
+    } catch (error) {
+      op.reset(error as Error);
+      // If the agent had already refused the write, its error says more.
+      throw await op.result.then(
+        () => error,
+        (reason: unknown) => reason,
+      );
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  /**
+   * Opens a file in the guest for reading. Resolves once the agent has sent its metadata; the bytes
+   * follow on `stream`, under backpressure (destroying the stream early abandons the read).
+   */
+  async readFile(path: string, opts: { signal?: AbortSignal } = {}): Promise<GuestFile> {
+    this.#checkOpen();
+    const signal = opts.signal;
+    if (signal?.aborted) throw new AbortError("readFile aborted", { cause: signal.reason });
+    const payload = encodeReadFile({ path, window: READ_WINDOW });
+    const stream = this.#allocate();
+    const op = new FileReadStream(this.#link, stream, path, READ_WINDOW);
+    this.#streams.set(stream, op);
+    const onAbort = () => op.reset(new AbortError("readFile aborted", { cause: signal?.reason }));
+    signal?.addEventListener("abort", onAbort, { once: true });
+    op.readable.once("close", () => signal?.removeEventListener("abort", onAbort));
+    try {
+      await this.#sendData(stream, MessageType.READ_FILE, payload);
+      op.opened = true;
+      const info = await op.info;
+      return { ...info, stream: op.readable };
+    } catch (error) {
+      op.reset(error as Error);
+      signal?.removeEventListener("abort", onAbort);
+      throw error;
+    }
+  }
+
+  /** Reads a whole file from the guest into memory. */
+  async readFileBytes(path: string, opts: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
+    const file = await this.readFile(path, opts);
+    const chunks: Uint8Array[] = [];
+    let total = 0;
+    for await (const chunk of file.stream) {
+      chunks.push(chunk as Uint8Array);
+      total += (chunk as Uint8Array).length;
+    }
+    if (chunks.length === 1) return chunks[0]!;
+    const out = new Uint8Array(total);
+    let offset = 0;
+    for (const c of chunks) {
+      out.set(c, offset);
+      offset += c.length;
+    }
+    return out;
+  }
+
+  /** Round trip to the agent in milliseconds (high resolution). */
+  ping(): Promise<number> {
+    if (this.#closedError) return Promise.reject(this.#closedError);
+    this.#checkOpen();
+    const seq = this.#pingSeq++;
+    const payload = new Uint8Array(8);
+    new DataView(payload.buffer).setBigUint64(0, seq);
+    const d = deferred<number>();
+    this.#pings.set(seq, { resolve: d.resolve, reject: d.reject, t0: performance.now() });
+    this.#sendControl(0, MessageType.PING, payload);
+    return d.promise;
+  }
+
+  /**
+   * Asks the agent to stop every process, sync and power off (`SHUTDOWN`), and waits for its `OK`.
+   * Idempotent. After the `OK`, the end of the channel counts as a clean close.
+   */
+  shutdown(opts: { timeoutMs?: number } = {}): Promise<void> {
+    if (this.#shutdownPromise) return this.#shutdownPromise;
+    if (this.#closedError) return Promise.reject(this.#closedError);
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_SHUTDOWN_TIMEOUT_MS;
+    const d = deferred<void>();
+    this.#shutdown = d;
+    const timer = setTimeout(
+      () =>
+        d.reject(new VmError("AGENT_PROTOCOL", `guest agent did not answer SHUTDOWN within ${timeoutMs} ms`)),
+      timeoutMs,
+    );
+    this.#sendControl(0, MessageType.SHUTDOWN);
+    this.#shutdownPromise = d.promise.finally(() => clearTimeout(timer));
+    this.#shutdownPromise.catch(() => {});
+    return this.#shutdownPromise;
+  }
+
+  /**
+   * Closes the connection: every pending operation fails with `reason` (default `VM_STOPPED`), the
+   * socket is destroyed, and {@link closed} settles with `reason` (or `undefined` if none given).
+   * Idempotent.
+   */
+  close(reason?: Error): void {
+    if (this.#state === "closed") return;
+    this.#closeWith(reason ?? new VmError("VM_STOPPED", "agent connection closed"), reason === undefined);
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Receiving
+
+  #receive(chunk: Uint8Array): void {
+    if (this.#state === "closed") return;
+    try {
+      for (const frame of this.#decoder.push(chunk)) {
+        this.#dispatch(frame);
+        if (this.#closedError) return;
+      }
+    } catch (error) {
+      this.#fail(
+        error instanceof SupermachineError
+          ? error
+          : protocolError(`host failed on a frame: ${error}`, { cause: error }),
+      );
+    }
+  }
+
+  #dispatch(frame: Frame): void {
+    if (!GUEST_TYPES.has(frame.type)) {
+      throw protocolError(`the agent sent ${describeType(frame.type)}, a host-to-guest message`);
+    }
+    if (this.#state === "handshake") {
+      this.#onHello(frame);
+      return;
+    }
+    if (frame.stream === 0) {
+      this.#onControl(frame);
+      return;
+    }
+    const handler = this.#streams.get(frame.stream);
+    if (handler) {
+      handler.onFrame(frame);
+      return;
+    }
+    if (frame.stream < this.#nextStream) return; // ended or reset: frames may cross its end
+    throw protocolError(`${describeType(frame.type)} for stream ${frame.stream}, which was never opened`);
+  }
+
+  #onHello(frame: Frame): void {
+    if (frame.stream === 0 && frame.type === MessageType.ERROR) {
+      const m = decodeError(frame.payload);
+      const text = m.message ? `: ${m.message}` : "";
+      if (m.code === AgentErrorCode.VERSION) {
+        throw new VmError(
+          "AGENT_VERSION",
+          `guest agent does not speak protocol version ${PROTOCOL_VERSION}${text}`,
+        );
+      }
+      throw protocolError(`agent refused HELLO (${agentErrorCodeName(m.code)})${text}`);
+    }
+    if (frame.stream !== 0 || frame.type !== MessageType.HELLO) {
+      throw protocolError(`expected HELLO, got ${describeType(frame.type)} on stream ${frame.stream}`);
+    }
+    const hello = decodeGuestHello(frame.payload);
+    if (hello.version !== PROTOCOL_VERSION) {
+      throw new VmError(
+        "AGENT_VERSION",
+        `guest agent speaks protocol version ${hello.version}, the host speaks ${PROTOCOL_VERSION}`,
+      );
+    }
+    if (hello.epoch !== this.epoch) {
+      throw protocolError(`HELLO echoed epoch ${hello.epoch}, expected ${this.epoch}`);
+    }
+    this.agentVersion = hello.agent;
+    this.bootNs = hello.bootNs;
+    this.#state = "open";
+    debug("agent: connected to %s (epoch %s)", hello.agent, this.epoch);
+    this.#hello.resolve();
+  }
+
+  #onControl(frame: Frame): void {
+    switch (frame.type) {
+      case MessageType.PONG: {
+        if (frame.payload.length !== 8) {
+          throw protocolError(`PONG of ${frame.payload.length} bytes does not match any PING`);
+        }
+        const seq = new DataView(frame.payload.buffer, frame.payload.byteOffset, 8).getBigUint64(0);
+        const ping = this.#pings.get(seq);
+        if (!ping) throw protocolError(`PONG ${seq} does not match any PING`);
+        this.#pings.delete(seq);
+        ping.resolve(performance.now() - ping.t0);
+        return;
+      }
+      case MessageType.OK: {
+        decodeOk(frame.payload);
+        if (!this.#shutdown || this.#shutdownAcked) throw protocolError("OK on stream 0 without a SHUTDOWN");
+        this.#shutdownAcked = true;
+        this.#shutdown.resolve();
+        return;
+      }
+      case MessageType.ERROR: {
+        const m = decodeError(frame.payload);
+        throw protocolError(
+          `agent reported ${agentErrorCodeName(m.code)} on the control stream${m.message ? `: ${m.message}` : ""}`,
+        );
+      }
+      default:
+        throw protocolError(`unexpected ${describeType(frame.type)} on the control stream`);
+    }
+  }
+
+  #channelEnded(): void {
+    if (this.#state === "closed") return;
+    if (this.#shutdownAcked) {
+      this.#closeWith(new VmError("VM_STOPPED", "the guest shut down"), true);
+      return;
+    }
+    const partial = this.#decoder.idle ? "" : " in the middle of a frame";
+    this.#fail(new VmError("VM_EXITED", `agent channel ended${partial} (the VM exited?)`));
+  }
+
+  #fail(error: Error): void {
+    if (this.#state === "closed") return;
+    debug("agent: closing: %s", error.message);
+    this.#closeWith(error, false);
+  }
+
+  #closeWith(error: Error, clean: boolean): void {
+    this.#state = "closed";
+    this.#closedError = error;
+    this.#hello.reject(error);
+    const streams = [...this.#streams.values()];
+    this.#streams.clear();
+    for (const s of streams) s.onClose(error);
+    for (const p of this.#pings.values()) p.reject(error);
+    this.#pings.clear();
+    this.#shutdown?.reject(error);
+    this.#onDrain();
+    this.#socket.off("data", this.#onData);
+    this.#socket.off("end", this.#onEnd);
+    this.#socket.off("close", this.#onEnd);
+    this.#socket.off("drain", this.#onDrain);
+    // Keep an error listener: a destroyed socket may still report EPIPE and the like.
+    this.#socket.destroy();
+    this.#resolveClosed(clean ? undefined : error);
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Sending
+
+  #checkOpen(): void {
+    if (this.#closedError) throw this.#closedError;
+    if (this.#state !== "open") throw new VmError("VM_STOPPED", "agent connection is not open");
+  }
+
+  #allocate(): number {
+    if (this.#nextStream > MAX_STREAM_ID) throw new VmError("VM_STOPPED", "agent stream ids exhausted");
+    return this.#nextStream++;
+  }
+
+  #sendControl(stream: number, type: number, payload: Uint8Array = new Uint8Array(0), flags = 0): void {
+    if (this.#state === "closed") return;
+    this.#writeFrame(stream, type, payload, flags);
+  }
+
+  async #sendData(stream: number, type: number, payload: Uint8Array, flags = 0): Promise<void> {
+    while (this.#needDrain && this.#state !== "closed") {
+      await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
+    }
+    if (this.#closedError) throw this.#closedError;
+    if (stream !== 0 && !this.#streams.has(stream)) return; // reset or ended meanwhile
+    this.#writeFrame(stream, type, payload, flags);
+  }
+
+  #writeFrame(stream: number, type: number, payload: Uint8Array, flags: number): void {
+    const header = encodeFrameHeader(stream, type, flags, payload.length);
+    let ok: boolean;
+    if (payload.length === 0) {
+      ok = this.#socket.write(header);
+    } else if (payload.length < COPY_BELOW) {
+      const frame = Buffer.allocUnsafe(header.length + payload.length);
+      frame.set(header, 0);
+      frame.set(payload, header.length);
+      ok = this.#socket.write(frame);
+    } else {
+      this.#socket.cork();
+      this.#socket.write(header);
+      ok = this.#socket.write(payload);
+      this.#socket.uncork();
+    }
+    if (!ok) this.#needDrain = true;
+  }
+}

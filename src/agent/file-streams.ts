@@ -1,0 +1,236 @@
+/**
+ * File streams (docs/protocol.md, "File streams"): the host side of `WRITE_FILE` and `READ_FILE`.
+ */
+
+import { Readable } from "node:stream";
+import { GuestIoError } from "../errors.ts";
+import { describeType, FLAG_FIN, type Frame, MessageType } from "./frame-codec.ts";
+import {
+  agentErrorCodeName,
+  decodeError,
+  decodeFileInfo,
+  decodeOk,
+  encodeWindow,
+  type FileInfoMessage,
+} from "./messages.ts";
+import { protocolError } from "./protocol-error.ts";
+import { deferred, type StreamHandler, type StreamLink } from "./stream-link.ts";
+
+function guestIoError(op: string, path: string, payload: Uint8Array): GuestIoError {
+  const m = decodeError(payload);
+  const detail = m.message ? `: ${m.message}` : "";
+  return new GuestIoError(`${op} ${path} failed in the guest (${agentErrorCodeName(m.code)})${detail}`, {
+    path,
+    errno: m.errno,
+  });
+}
+
+/** The agent's side of one `WRITE_FILE`: waits for `OK` or `ERROR`. */
+export class FileWriteStream implements StreamHandler {
+  readonly stream: number;
+  readonly path: string;
+  /** Resolves with the size the agent wrote; rejects with `GuestIoError` or the channel's error. */
+  readonly result: Promise<number>;
+  readonly #result = deferred<number>();
+  readonly #link: StreamLink;
+  readonly #size: number;
+  #ended = false;
+  /** Set once the `WRITE_FILE` frame was written (a `RESET` before that is not sent). */
+  opened = false;
+
+  constructor(link: StreamLink, stream: number, path: string, size: number) {
+    this.#link = link;
+    this.stream = stream;
+    this.path = path;
+    this.#size = size;
+    this.result = this.#result.promise;
+  }
+
+  /** True once the agent answered or the stream was reset or closed: stop sending data. */
+  get ended(): boolean {
+    return this.#ended;
+  }
+
+  onFrame(frame: Frame): void {
+    if (frame.type === MessageType.OK) {
+      const { size } = decodeOk(frame.payload);
+      if (size !== undefined && size !== this.#size) {
+        throw protocolError(`write stream ${this.stream}: OK for ${size} bytes, ${this.#size} were sent`);
+      }
+      this.#end();
+      this.#result.resolve(this.#size);
+    } else if (frame.type === MessageType.ERROR) {
+      const error = guestIoError("writeFile", this.path, frame.payload);
+      this.#end();
+      this.#result.reject(error);
+    } else {
+      throw protocolError(
+        `write stream ${this.stream}: unexpected ${describeType(frame.type)} from the agent`,
+      );
+    }
+  }
+
+  onClose(error: Error): void {
+    this.#ended = true;
+    this.#result.reject(error);
+  }
+
+  /** Abandons the write (`RESET`): the agent discards the partial file. */
+  reset(reason: Error): void {
+    if (this.#ended) return;
+    if (this.opened) this.#link.sendControl(this.stream, MessageType.RESET);
+    this.#end();
+    this.#result.reject(reason);
+  }
+
+  #end(): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#link.release(this.stream);
+  }
+}
+
+/** Metadata of a file read from the guest. */
+export interface GuestFileInfo {
+  size: number;
+  /** Full `st_mode` (file type and permission bits). */
+  mode: number;
+  uid: number;
+  gid: number;
+}
+
+/**
+ * The host side of one `READ_FILE`: `FILE_INFO`, then `FILE_DATA` within the credit the host grants
+ * as the {@link readable} is consumed.
+ */
+export class FileReadStream implements StreamHandler {
+  readonly stream: number;
+  readonly path: string;
+  /** Resolves on `FILE_INFO`; rejects with `GuestIoError` (e.g. not found) or the channel's error. */
+  readonly info: Promise<GuestFileInfo>;
+  /** The file's bytes. Destroying it early abandons the stream (`RESET`). */
+  readonly readable: Readable;
+
+  readonly #info = deferred<FileInfoMessage>();
+  readonly #link: StreamLink;
+  #credit: number;
+  #gotInfo = false;
+  #finished = false;
+  #fin = false;
+  #wanting = false;
+  readonly #queue: Uint8Array[] = [];
+  #pendingGrant = 0;
+  #grantScheduled = false;
+  /** Set once the `READ_FILE` frame was written. */
+  opened = false;
+
+  constructor(link: StreamLink, stream: number, path: string, windowBytes: number) {
+    this.#link = link;
+    this.stream = stream;
+    this.path = path;
+    this.#credit = windowBytes;
+    this.info = this.#info.promise;
+    this.readable = new Readable({
+      highWaterMark: 64 * 1024,
+      read: () => {
+        this.#wanting = true;
+        this.#pump();
+      },
+      destroy: (error, callback) => {
+        if (!this.#finished)
+          this.reset(error ?? new GuestIoError(`readFile ${path}: stream destroyed`, { path }));
+        callback(error);
+      },
+    });
+  }
+
+  /** Bytes received and not yet taken by the readable's consumer. */
+  get bufferedBytes(): number {
+    let n = 0;
+    for (const c of this.#queue) n += c.length;
+    return n;
+  }
+
+  onFrame(frame: Frame): void {
+    switch (frame.type) {
+      case MessageType.FILE_INFO: {
+        if (this.#gotInfo) throw protocolError(`read stream ${this.stream}: FILE_INFO twice`);
+        this.#gotInfo = true;
+        this.#info.resolve(decodeFileInfo(frame.payload));
+        return;
+      }
+      case MessageType.FILE_DATA: {
+        if (!this.#gotInfo) throw protocolError(`read stream ${this.stream}: FILE_DATA before FILE_INFO`);
+        const size = frame.payload.length;
+        if (size > this.#credit) {
+          throw protocolError(`read stream ${this.stream}: ${size} bytes exceed the ${this.#credit} granted`);
+        }
+        this.#credit -= size;
+        if (size > 0) this.#queue.push(frame.payload);
+        if ((frame.flags & FLAG_FIN) !== 0) {
+          this.#fin = true;
+          this.#finished = true;
+          this.#link.release(this.stream);
+        }
+        this.#pump();
+        return;
+      }
+      case MessageType.ERROR: {
+        const error = guestIoError("readFile", this.path, frame.payload);
+        this.#fail(error);
+        return;
+      }
+      default:
+        throw protocolError(
+          `read stream ${this.stream}: unexpected ${describeType(frame.type)} from the agent`,
+        );
+    }
+  }
+
+  onClose(error: Error): void {
+    if (this.#finished) return;
+    this.#fail(error);
+  }
+
+  /** Abandons the read (`RESET`); the readable is destroyed with `reason`. */
+  reset(reason: Error): void {
+    if (this.#finished) return;
+    if (this.opened) this.#link.sendControl(this.stream, MessageType.RESET);
+    this.#fail(reason);
+  }
+
+  #fail(error: Error): void {
+    if (this.#finished) return;
+    this.#finished = true;
+    this.#link.release(this.stream);
+    this.#queue.length = 0;
+    this.#info.reject(error);
+    if (!this.readable.destroyed) this.readable.destroy(error);
+  }
+
+  #pump(): void {
+    while (this.#wanting && this.#queue.length > 0) {
+      const chunk = this.#queue.shift()!;
+      this.#grant(chunk.length);
+      this.#wanting = this.readable.push(chunk);
+    }
+    if (this.#fin && this.#queue.length === 0 && this.#wanting) {
+      this.#fin = false;
+      this.readable.push(null);
+    }
+  }
+
+  #grant(bytes: number): void {
+    this.#pendingGrant += bytes;
+    if (this.#grantScheduled) return;
+    this.#grantScheduled = true;
+    queueMicrotask(() => {
+      this.#grantScheduled = false;
+      const n = this.#pendingGrant;
+      this.#pendingGrant = 0;
+      if (this.#finished || n === 0) return;
+      this.#credit += n;
+      this.#link.sendControl(this.stream, MessageType.WINDOW, encodeWindow(n));
+    });
+  }
+}

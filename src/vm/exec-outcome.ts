@@ -1,0 +1,121 @@
+import type { ExecOutcomeLike } from "../errors.ts";
+
+/** The fields of an {@link ExecOutcome}. */
+export interface ExecOutcomeInit {
+  argv: readonly string[];
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  durationMs: number;
+  peakRssKiB: number;
+  stdout: Uint8Array;
+  stderr: Uint8Array;
+  step: number;
+}
+
+const EMPTY = new Uint8Array(0);
+
+/**
+ * The result of one exec, the same shape for success and failure (errors such as `ExecError` carry
+ * it as `outcome`). Output is kept as bytes; `stdoutText`/`stderrText` decode the whole of it as
+ * UTF-8 once (one decoder per stream, so characters split across chunks come out whole; invalid
+ * sequences become U+FFFD).
+ */
+export class ExecOutcome implements ExecOutcomeLike {
+  /** The argv of the first step. */
+  readonly argv: readonly string[];
+  /** Exit status of the last step run; `null` if it was killed by a signal. */
+  readonly exitCode: number | null;
+  /** Name of the signal that killed it (e.g. `"SIGKILL"`), or `null`. */
+  readonly signal: string | null;
+  /** True if the timeout expired and the process group was killed. */
+  readonly timedOut: boolean;
+  /** Guest-measured time from the first step's start to the last step's end, in ms. */
+  readonly durationMs: number;
+  /** Largest resident set size over the steps run, in KiB. */
+  readonly peakRssKiB: number;
+  /** Collected stdout (empty when the output was consumed through a stream or iterator). */
+  readonly stdout: Uint8Array;
+  /** Collected stderr (empty on a tty, where it is merged into stdout). */
+  readonly stderr: Uint8Array;
+  /** Index of the last step run: 0 = `argv`, 1 = the first `chain` step, … */
+  readonly step: number;
+  #stdoutText: string | undefined;
+  #stderrText: string | undefined;
+
+  constructor(init: ExecOutcomeInit) {
+    this.argv = Object.freeze([...init.argv]);
+    this.exitCode = init.exitCode;
+    this.signal = init.signal;
+    this.timedOut = init.timedOut;
+    this.durationMs = init.durationMs;
+    this.peakRssKiB = init.peakRssKiB;
+    this.stdout = init.stdout ?? EMPTY;
+    this.stderr = init.stderr ?? EMPTY;
+    this.step = init.step;
+  }
+
+  /** True when the last step exited 0 without timing out. */
+  get ok(): boolean {
+    return this.exitCode === 0 && !this.timedOut;
+  }
+
+  /** stdout decoded as UTF-8. */
+  get stdoutText(): string {
+    this.#stdoutText ??= new TextDecoder().decode(this.stdout);
+    return this.#stdoutText;
+  }
+
+  /** stderr decoded as UTF-8. */
+  get stderrText(): string {
+    this.#stderrText ??= new TextDecoder().decode(this.stderr);
+    return this.#stderrText;
+  }
+
+  /** A short description: `exited with code 3`, `killed by SIGKILL`, `timed out`. */
+  describe(): string {
+    if (this.timedOut) return `timed out and was killed${this.signal ? ` (${this.signal})` : ""}`;
+    if (this.signal !== null) return `was killed by ${this.signal}`;
+    return `exited with code ${this.exitCode}`;
+  }
+}
+
+/**
+ * Collects output chunks into one buffer per stream, bounded by `maxBytes` per stream.
+ * `add` returns false (and keeps nothing more) once a stream would exceed the bound.
+ */
+export class OutputCollector {
+  readonly maxBytes: number;
+  readonly #chunks: { stdout: Uint8Array[]; stderr: Uint8Array[] } = { stdout: [], stderr: [] };
+  readonly #sizes = { stdout: 0, stderr: 0 };
+
+  constructor(maxBytes: number) {
+    this.maxBytes = maxBytes;
+  }
+
+  add(kind: "stdout" | "stderr", data: Uint8Array): boolean {
+    if (this.#sizes[kind] + data.length > this.maxBytes) return false;
+    this.#chunks[kind].push(data);
+    this.#sizes[kind] += data.length;
+    return true;
+  }
+
+  bytes(kind: "stdout" | "stderr"): Uint8Array {
+    const chunks = this.#chunks[kind];
+    if (chunks.length === 0) return EMPTY;
+    const only = chunks[0]!;
+    // A lone chunk is returned as is only if it owns its whole buffer (frames are views of the
+    // channel's read buffers, which hold other streams' bytes too).
+    if (chunks.length === 1 && only.byteOffset === 0 && only.byteLength === only.buffer.byteLength)
+      return only;
+    const out = new Uint8Array(this.#sizes[kind]);
+    let offset = 0;
+    for (const c of chunks) {
+      out.set(c, offset);
+      offset += c.length;
+    }
+    chunks.length = 0;
+    chunks.push(out);
+    return out;
+  }
+}
