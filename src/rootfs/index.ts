@@ -1,0 +1,378 @@
+/**
+ * Root filesystem images: flatten OCI layers (or take a plain directory) into one ext4 image,
+ * rootless, deterministic, written atomically. See docs/rootfs.md.
+ */
+import { createHash, randomBytes } from "node:crypto";
+import diagnostics_channel from "node:diagnostics_channel";
+import { unlinkSync } from "node:fs";
+import { chmod, mkdir, mkdtemp, rename, rm, stat } from "node:fs/promises";
+import { basename, dirname, join, resolve } from "node:path";
+import { debuglog } from "node:util";
+import { SupermachineError } from "../errors.ts";
+import { mapAbort, throwIfAborted } from "./abort.ts";
+import { applyLayer, DEFAULT_ROOTFS_LIMITS, type RootfsLimits, Spool } from "./apply-layer.ts";
+import { writeExt4 } from "./ext4-writer.ts";
+import { FileTree } from "./file-tree.ts";
+import { materialiseTree } from "./materialise-tree.ts";
+import { openLayer } from "./open-layer.ts";
+import { scanDirectory } from "./scan-directory.ts";
+import { DEFAULT_TAR_LIMITS } from "./tar-reader.ts";
+
+export type { RootfsLimits } from "./apply-layer.ts";
+export type { TarEntry, TarEntryType, TarLimits } from "./tar-reader.ts";
+
+/**
+ * Version of the image format this module writes (layout, features, fix-up rules). Fold it into
+ * any cache key of built images: a new version means old images must be rebuilt.
+ */
+export const ROOTFS_FORMAT_VERSION = 1;
+
+/** Default volume label of built images. */
+export const ROOTFS_LABEL = "supermachine";
+
+const log = debuglog("supermachine");
+const progressChannel = diagnostics_channel.channel("supermachine:rootfs:progress");
+
+export interface LayerSource {
+  /** Path of the layer blob (already verified against `digest` by the caller). */
+  path: string;
+  /** OCI / Docker layer media type; the compression is taken from the blob's magic bytes. */
+  mediaType: string;
+  /** The blob's digest; names the layer in errors and seeds the image's UUID. */
+  digest: string;
+}
+
+export type RootfsProgress =
+  | {
+      phase: "layer";
+      layerIndex: number;
+      layerCount: number;
+      digest: string;
+      /** Compressed bytes of this layer read so far, and the blob's size. */
+      bytesRead: number;
+      bytesTotal: number;
+      entries: number;
+    }
+  | { phase: "scan"; dir: string }
+  | { phase: "stage" }
+  | { phase: "mkfs"; sizeBytes?: number }
+  | { phase: "fixup" }
+  | { phase: "done"; imagePath: string; durationMs: number };
+
+export interface ImageOptions {
+  /** Where the image goes (replaced atomically). Its directory is created if missing. */
+  output: string;
+  signal?: AbortSignal | undefined;
+  onProgress?: ((event: RootfsProgress) => void) | undefined;
+  /** Exact image size. Default: content + `freeBytes` + file-system overhead. */
+  sizeBytes?: number | undefined;
+  /** Free space to leave for writes inside the VM. Default max(1 GiB, 2 × content). */
+  freeBytes?: number | undefined;
+  /** Volume label (≤ 16 bytes). Default {@link ROOTFS_LABEL}. */
+  label?: string | undefined;
+  /** File-system UUID. Default: derived from the inputs (same input → same UUID). */
+  uuid?: string | undefined;
+  /** Scratch space for spooled layer content and the staging tree. Default: next to `output`. */
+  tmpDir?: string | undefined;
+}
+
+export interface FlattenLayersOptions extends ImageOptions {
+  /** Layers, lowest first. */
+  layers: readonly LayerSource[];
+  limits?: Partial<RootfsLimits> | undefined;
+}
+
+export interface BuildImageFromDirectoryOptions extends ImageOptions {
+  /** The root filesystem, as a host directory. It is read, never changed. */
+  dir: string;
+  /**
+   * Host owner whose files become root-owned (uid/gid 0) in the image. Default: the invoking user
+   * when not root (like a rootless container runtime); `null`: keep every owner as it is.
+   */
+  mapOwner?: { uid: number; gid: number } | null | undefined;
+}
+
+export interface RootfsImage {
+  /** Absolute path of the image (= `output`). */
+  imagePath: string;
+  /** Apparent size of the (sparse) image file. */
+  sizeBytes: number;
+  /** Free space inside the file system. */
+  freeBytes: number;
+  /** Free inodes inside the file system. */
+  freeInodes: number;
+  /** Sum of the regular files' sizes. */
+  fileBytes: number;
+  /** Inodes holding the image's content. */
+  inodeCount: number;
+  uuid: string;
+  label: string;
+  formatVersion: number;
+  /** xattrs ext4 has no namespace for, dropped (path, name). */
+  skippedXattrs: { path: string; name: string }[];
+  durationMs: number;
+  timings: { applyMs: number; stageMs: number; mkfsMs: number; fixupMs: number };
+}
+
+/** A UUID (RFC 9562 version 8: custom) derived from `parts`. */
+function derivedUuid(...parts: string[]): string {
+  const h = createHash("sha256").update(parts.join("\0")).digest();
+  h[6] = (h[6]! & 0x0f) | 0x80;
+  h[8] = (h[8]! & 0x3f) | 0x80;
+  const x = h.subarray(0, 16).toString("hex");
+  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`;
+}
+
+function checkOptions(o: ImageOptions): void {
+  if (typeof o.output !== "string" || o.output === "") {
+    throw new SupermachineError("INVALID_ARGUMENT", "output must be a file path");
+  }
+  if (o.sizeBytes !== undefined && o.freeBytes !== undefined) {
+    throw new SupermachineError("INVALID_ARGUMENT", "give sizeBytes or freeBytes, not both");
+  }
+  for (const [k, v] of [
+    ["sizeBytes", o.sizeBytes],
+    ["freeBytes", o.freeBytes],
+  ] as const) {
+    if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) {
+      throw new SupermachineError("INVALID_ARGUMENT", `${k} must be a non-negative integer`);
+    }
+  }
+  if (o.sizeBytes !== undefined && o.sizeBytes < 16 * 1024 * 1024) {
+    throw new SupermachineError("INVALID_ARGUMENT", "sizeBytes must be at least 16 MiB");
+  }
+  if (o.label !== undefined && Buffer.byteLength(o.label) > 16) {
+    throw new SupermachineError("INVALID_ARGUMENT", "label must be at most 16 bytes");
+  }
+  if (
+    o.uuid !== undefined &&
+    !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(o.uuid)
+  ) {
+    throw new SupermachineError("INVALID_ARGUMENT", `uuid ${JSON.stringify(o.uuid)} is not a UUID`);
+  }
+}
+
+interface Scratch {
+  output: string;
+  workDir: string;
+  tempImage: string;
+}
+
+async function makeScratch(o: ImageOptions): Promise<Scratch> {
+  const output = resolve(o.output);
+  await mkdir(dirname(output), { recursive: true });
+  const workDir = await mkdtemp(join(o.tmpDir ?? dirname(output), ".supermachine-rootfs-"));
+  await chmod(workDir, 0o700);
+  const tempImage = join(dirname(output), `.${basename(output)}.${randomBytes(6).toString("hex")}.tmp`);
+  return { output, workDir, tempImage };
+}
+
+async function cleanup(s: Scratch, failed: boolean): Promise<void> {
+  await rm(s.workDir, { recursive: true, force: true, maxRetries: 2 });
+  if (failed) {
+    try {
+      unlinkSync(s.tempImage);
+    } catch {}
+  }
+}
+
+function emitter(o: ImageOptions): (event: RootfsProgress) => void {
+  return (event) => {
+    if (progressChannel.hasSubscribers) progressChannel.publish(event);
+    o.onProgress?.(event);
+  };
+}
+
+/**
+ * Applies `layers` in order and writes the result as an ext4 image at `output`.
+ * Throws `LayerError` (`UNSAFE_LAYER`, `CORRUPT_LAYER`) naming the layer and entry,
+ * `SupermachineError` `ROOTFS_BUILD` when e2fsprogs fails, `ABORTED` on `signal`.
+ */
+export async function flattenLayers(options: FlattenLayersOptions): Promise<RootfsImage> {
+  checkOptions(options);
+  if (!Array.isArray(options.layers))
+    throw new SupermachineError("INVALID_ARGUMENT", "layers must be an array");
+  const { signal } = options;
+  const limits: RootfsLimits = { ...DEFAULT_TAR_LIMITS, ...DEFAULT_ROOTFS_LIMITS, ...options.limits };
+  const progress = emitter(options);
+  throwIfAborted(signal, "building the image");
+  const started = performance.now();
+  const scratch = await makeScratch(options);
+  let failed = true;
+  try {
+    const tree = new FileTree();
+    const spool = new Spool(join(scratch.workDir, "spool"));
+    await mkdir(spool.dir, { mode: 0o700 });
+    tree.onRelease = (file) => {
+      // Content nobody links to any more: free its disk space now.
+      if (file.source !== undefined) {
+        try {
+          unlinkSync(file.source);
+        } catch {}
+        file.source = undefined;
+      }
+    };
+    const t0 = performance.now();
+    for (const [layerIndex, layer] of options.layers.entries()) {
+      throwIfAborted(signal, "applying layers");
+      const name = layer.digest || layer.path;
+      const bytesTotal = (await stat(layer.path)).size;
+      const opened = await openLayer(layer.path, layer.mediaType, signal);
+      let lastReport = 0;
+      const report = (entries: number): void => {
+        progress({
+          phase: "layer",
+          layerIndex,
+          layerCount: options.layers.length,
+          digest: layer.digest,
+          bytesRead: opened.bytesRead(),
+          bytesTotal,
+          entries,
+        });
+      };
+      try {
+        const r = await applyLayer({
+          tree,
+          source: opened.stream,
+          layer: name,
+          spool,
+          limits,
+          signal,
+          onEntry: (entries) => {
+            const now = performance.now();
+            if (now - lastReport >= 100) {
+              lastReport = now;
+              report(entries);
+            }
+          },
+        });
+        report(r.entries);
+        log(
+          "rootfs: layer %s: %d entries, %d tar bytes (%s)",
+          name,
+          r.entries,
+          r.tarBytes,
+          opened.compression,
+        );
+      } catch (err) {
+        throw mapAbort(err, signal, "applying layers");
+      } finally {
+        opened.stream.destroy();
+      }
+    }
+    const applyMs = performance.now() - t0;
+
+    progress({ phase: "stage" });
+    const t1 = performance.now();
+    const staging = join(scratch.workDir, "root");
+    const staged = await materialiseTree(tree, staging, signal);
+    log("rootfs: staged %o", staged);
+    const stageMs = performance.now() - t1;
+
+    const digests = options.layers.map((l) => l.digest || l.path);
+    const uuid =
+      options.uuid ?? derivedUuid("supermachine-rootfs", String(ROOTFS_FORMAT_VERSION), ...digests);
+    const label = options.label ?? ROOTFS_LABEL;
+    const written = await writeExt4({
+      tree,
+      sourceDir: staging,
+      imagePath: scratch.tempImage,
+      workDir: scratch.workDir,
+      sizeBytes: options.sizeBytes,
+      freeBytes: options.freeBytes,
+      uuid,
+      hashSeed: derivedUuid("supermachine-rootfs-hash-seed", uuid),
+      label,
+      copyHostXattrs: false,
+      signal,
+      onPhase: (phase) => progress({ phase }),
+    });
+    throwIfAborted(signal, "building the image");
+    await rename(scratch.tempImage, scratch.output);
+    failed = false;
+    const durationMs = performance.now() - started;
+    progress({ phase: "done", imagePath: scratch.output, durationMs });
+    return {
+      imagePath: scratch.output,
+      sizeBytes: written.sizeBytes,
+      freeBytes: written.freeBytes,
+      freeInodes: written.freeInodes,
+      fileBytes: written.fileBytes,
+      inodeCount: written.inodes,
+      uuid,
+      label,
+      formatVersion: ROOTFS_FORMAT_VERSION,
+      skippedXattrs: written.skippedXattrs,
+      durationMs,
+      timings: { applyMs, stageMs, mkfsMs: written.mkfsMs, fixupMs: written.fixupMs },
+    };
+  } finally {
+    await cleanup(scratch, failed);
+  }
+}
+
+/**
+ * Writes the host directory `dir` as an ext4 image at `output` (like podman's `--rootfs`).
+ * Symlinks are copied as symlinks and never followed; device nodes, FIFOs and sockets are kept;
+ * files owned by the invoking non-root user become owned by root (uid/gid 0); other owners,
+ * permission bits, times and xattrs (as `mke2fs -d` copies them) are kept. `dir` is not changed.
+ */
+export async function buildImageFromDirectory(options: BuildImageFromDirectoryOptions): Promise<RootfsImage> {
+  checkOptions(options);
+  const { signal } = options;
+  const progress = emitter(options);
+  throwIfAborted(signal, "building the image");
+  const started = performance.now();
+  const dir = resolve(options.dir);
+  const scratch = await makeScratch(options);
+  let failed = true;
+  try {
+    progress({ phase: "scan", dir });
+    const t0 = performance.now();
+    const tree = await scanDirectory(dir, {
+      signal,
+      mapUid: options.mapOwner === null ? -1 : options.mapOwner?.uid,
+      mapGid: options.mapOwner === null ? -1 : options.mapOwner?.gid,
+    });
+    const applyMs = performance.now() - t0;
+    const uuid = options.uuid ?? derivedUuid("supermachine-rootfs-dir", String(ROOTFS_FORMAT_VERSION), dir);
+    const label = options.label ?? ROOTFS_LABEL;
+    const written = await writeExt4({
+      tree,
+      sourceDir: dir,
+      imagePath: scratch.tempImage,
+      workDir: scratch.workDir,
+      sizeBytes: options.sizeBytes,
+      freeBytes: options.freeBytes,
+      uuid,
+      hashSeed: derivedUuid("supermachine-rootfs-hash-seed", uuid),
+      label,
+      copyHostXattrs: true,
+      signal,
+      onPhase: (phase) => progress({ phase }),
+    });
+    throwIfAborted(signal, "building the image");
+    await rename(scratch.tempImage, scratch.output);
+    failed = false;
+    const durationMs = performance.now() - started;
+    progress({ phase: "done", imagePath: scratch.output, durationMs });
+    return {
+      imagePath: scratch.output,
+      sizeBytes: written.sizeBytes,
+      freeBytes: written.freeBytes,
+      freeInodes: written.freeInodes,
+      fileBytes: written.fileBytes,
+      inodeCount: written.inodes,
+      uuid,
+      label,
+      formatVersion: ROOTFS_FORMAT_VERSION,
+      skippedXattrs: written.skippedXattrs,
+      durationMs,
+      timings: { applyMs, stageMs: 0, mkfsMs: written.mkfsMs, fixupMs: written.fixupMs },
+    };
+  } catch (err) {
+    throw mapAbort(err, signal, "building the image");
+  } finally {
+    await cleanup(scratch, failed);
+  }
+}

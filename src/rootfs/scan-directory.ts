@@ -1,0 +1,125 @@
+/**
+ * Reads a plain host directory into a {@link FileTree} (for `--rootfs DIR` builds). Nothing is
+ * followed: symlinks become symlinks, special files stay special files. Files owned by the
+ * invoking (non-root) user become root-owned in the model, like a rootless container runtime
+ * maps its user to root; other owners are kept as they are.
+ */
+import { lstatSync, readdirSync, readlinkSync, type Stats } from "node:fs";
+import { setImmediate as yieldToLoop } from "node:timers/promises";
+import { SupermachineError } from "../errors.ts";
+import { throwIfAborted } from "./abort.ts";
+import { type DirNode, FileTree, type HostAttrs, type TreeNode } from "./file-tree.ts";
+
+function hostAttrs(st: Stats): HostAttrs {
+  return {
+    uid: st.uid,
+    gid: st.gid,
+    mode: st.mode & 0o7777,
+    mtime: Math.floor(st.mtimeMs / 1000),
+    atime: Math.floor(st.atimeMs / 1000),
+  };
+}
+
+function devMajor(rdev: number): number {
+  return ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+}
+
+function devMinor(rdev: number): number {
+  return (rdev & 0xff) | ((rdev >>> 12) & ~0xff & 0xfffff);
+}
+
+export interface ScanOptions {
+  /** Owner mapped to root (default: the effective uid/gid when not root; nothing when root). */
+  mapUid?: number | undefined;
+  mapGid?: number | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+export async function scanDirectory(dir: string, options: ScanOptions = {}): Promise<FileTree> {
+  const euid = process.geteuid?.() ?? 0;
+  const egid = process.getegid?.() ?? 0;
+  const mapUid = options.mapUid ?? (euid === 0 ? undefined : euid);
+  const mapGid = options.mapGid ?? (euid === 0 ? undefined : egid);
+  const uid = (u: number): number => (u === mapUid ? 0 : u);
+  const gid = (g: number): number => (g === mapGid ? 0 : g);
+
+  let rootStat: Stats;
+  try {
+    rootStat = lstatSync(dir);
+  } catch (cause) {
+    throw new SupermachineError("INVALID_ARGUMENT", `cannot read root filesystem directory ${dir}`, {
+      cause,
+    });
+  }
+  if (!rootStat.isDirectory()) {
+    throw new SupermachineError("INVALID_ARGUMENT", `root filesystem ${dir} is not a directory`);
+  }
+  const tree = new FileTree();
+  const root = tree.root;
+  root.mode = rootStat.mode & 0o7777;
+  root.uid = uid(rootStat.uid);
+  root.gid = gid(rootStat.gid);
+  root.mtime = Math.floor(rootStat.mtimeMs / 1000);
+
+  const links = new Map<string, TreeNode>();
+  let ops = 0;
+  const visit = async (node: DirNode, path: Buffer): Promise<void> => {
+    let names: Buffer[];
+    try {
+      names = readdirSync(path, { encoding: "buffer" });
+    } catch (cause) {
+      throw new SupermachineError("ROOTFS_BUILD", `cannot read directory ${path.toString()}`, { cause });
+    }
+    for (const nameBuf of names) {
+      if (++ops % 512 === 0) {
+        await yieldToLoop();
+        throwIfAborted(options.signal, "reading the root filesystem directory");
+      }
+      const childPath = Buffer.concat([path, Buffer.from("/"), nameBuf]);
+      const name = nameBuf.toString("latin1");
+      const st = lstatSync(childPath);
+      const host = hostAttrs(st);
+      const meta = {
+        mode: host.mode,
+        uid: uid(st.uid),
+        gid: gid(st.gid),
+        mtime: host.mtime,
+        xattrs: undefined,
+        host,
+      };
+      const key = `${st.dev}:${st.ino}`;
+      if (!st.isDirectory() && !st.isSymbolicLink() && st.nlink > 1) {
+        const seen = links.get(key);
+        if (seen !== undefined) {
+          tree.place(node, name, seen);
+          continue;
+        }
+      }
+      let child: TreeNode;
+      if (st.isDirectory()) {
+        child = { kind: "dir", ...meta, children: new Map() };
+      } else if (st.isFile()) {
+        child = { kind: "file", ...meta, size: st.size, source: childPath.toString("latin1"), nlink: 0 };
+      } else if (st.isSymbolicLink()) {
+        child = {
+          kind: "symlink",
+          ...meta,
+          target: readlinkSync(childPath, { encoding: "buffer" }).toString("latin1"),
+          nlink: 0,
+        };
+      } else if (st.isCharacterDevice() || st.isBlockDevice()) {
+        const kind = st.isCharacterDevice() ? "char" : "block";
+        child = { kind, ...meta, major: devMajor(st.rdev), minor: devMinor(st.rdev), nlink: 0 };
+      } else if (st.isFIFO()) {
+        child = { kind: "fifo", ...meta, nlink: 0 };
+      } else {
+        child = { kind: "socket", ...meta, nlink: 0 };
+      }
+      tree.place(node, name, child);
+      if (st.nlink > 1 && child.kind !== "dir" && child.kind !== "symlink") links.set(key, child);
+      if (child.kind === "dir") await visit(child, childPath);
+    }
+  };
+  await visit(root, Buffer.from(dir));
+  return tree;
+}
