@@ -10,6 +10,7 @@ export {
   qemuSupportsSandbox,
   qemuVersion,
 } from "./accelerator.ts";
+export * from "./asset-paths.ts";
 export { ConsoleLog, type ConsoleLogOptions, DEFAULT_CONSOLE_LOG_MAX_BYTES } from "./console-log.ts";
 export {
   type Accelerator,

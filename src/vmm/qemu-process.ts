@@ -59,6 +59,15 @@ export interface LaunchOptions {
    * `machine.incoming = { fd: 3 }`). They stay open in this process; close them after launch.
    */
   extraFds?: readonly number[];
+  /**
+   * Called once the VM's dir exists, before QEMU starts: create per-VM files there (a qcow2
+   * overlay, say) and return machine fields to add or override (`disks`, …). What it creates in
+   * the dir is removed with the dir.
+   */
+  prepare?: (
+    stateDir: string,
+    context: { signal: AbortSignal | undefined },
+  ) => Promise<Partial<LaunchMachineSpec> | undefined> | Partial<LaunchMachineSpec> | undefined;
   /** Cap of the console log file. Default 1 MiB. */
   consoleLogMaxBytes?: number;
   /** Time allowed until QMP is ready. Default 30 s. */
@@ -225,8 +234,6 @@ export class QemuProcess {
       debug("%s does not support -sandbox; running without it", qemuPath);
       sandbox = "off";
     }
-    const machine = options.machine;
-    const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
     throwIfAborted(signal);
 
     const dir = await VmStateDir.create({ root, ...(options.id === undefined ? {} : { id: options.id }) });
@@ -236,6 +243,11 @@ export class QemuProcess {
     let args: string[];
     let agentServer: Server | undefined;
     try {
+      const prepared =
+        options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal });
+      const machine: LaunchMachineSpec = { ...options.machine, ...prepared };
+      const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
+      throwIfAborted(signal);
       servers.push(await listenUnix(dir.qmpSocketPath));
       if (options.agent !== false) {
         agentServer = await listenUnix(dir.agentSocketPath);

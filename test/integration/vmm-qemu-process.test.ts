@@ -265,6 +265,41 @@ describe("QemuProcess", { skip }, () => {
     );
   });
 
+  it("lets the caller prepare per-VM files in the dir before QEMU starts", async (t) => {
+    let overlay = "";
+    await withVm(
+      t,
+      {
+        prepare: async (stateDir) => {
+          overlay = path.join(stateDir, "scratch.raw");
+          await writeFile(overlay, Buffer.alloc(64 * 1024));
+          return { disks: [{ name: "scratch", path: overlay, format: "raw" }] };
+        },
+      },
+      async (vm) => {
+        const blocks = await vm.qmp.execute<{ inserted: { file: string } }[]>("query-block");
+        assert.deepEqual(
+          blocks.map((block) => block.inserted.file),
+          [overlay],
+        );
+        await vm.stop();
+        assert.equal(existsSync(overlay), false, "removed with the dir");
+      },
+    );
+    const root = await freshRoot();
+    await assert.rejects(
+      QemuProcess.launch({
+        machine: tiny,
+        runtimeDir: root,
+        prepare: () => {
+          throw new Error("no overlay today");
+        },
+      }),
+      /no overlay today/,
+    );
+    assert.deepEqual(await readdir(path.join(root, "vms")), []);
+  });
+
   it("waits for an incoming migration with -incoming defer", async (t) => {
     await withVm(t, { machine: { ...tiny, incoming: "defer" } }, async (vm) => {
       assert.equal((await vm.qmp.execute<{ status: string }>("query-status")).status, "inmigrate");
