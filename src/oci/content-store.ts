@@ -102,9 +102,12 @@ export class BlobSizeError extends Error {
   }
 }
 
-const FLUSH_BYTES = 1024 * 1024;
+const FLUSH_BYTES = 256 * 1024;
 
-/** Writes one blob into a temp file while hashing it. Obtained from {@link ContentStore.writeBlob}. */
+/**
+ * Writes one blob into a temp file while hashing it. Obtained from {@link ContentStore.writeBlob}.
+ * Chunks are gathered into 256 KiB writes; one write is in flight while the next chunks arrive.
+ */
 export class BlobWriter {
   readonly digest: string;
   readonly expectedBytes: number | undefined;
@@ -115,6 +118,7 @@ export class BlobWriter {
   #pending: Uint8Array[] = [];
   #pendingBytes = 0;
   #fileBytes = 0;
+  #inflight: Promise<void> = Promise.resolve();
 
   constructor(fh: FileHandle, digest: string, algorithm: DigestAlgorithm, expectedBytes: number | undefined) {
     this.#fh = fh;
@@ -139,11 +143,13 @@ export class BlobWriter {
     this.#bytes += chunk.length;
     this.#pending.push(chunk);
     this.#pendingBytes += chunk.length;
-    if (this.#pendingBytes >= FLUSH_BYTES) await this.flush();
+    if (this.#pendingBytes >= FLUSH_BYTES) await this.#startWrite();
   }
 
   /** Throw away everything written (a server that ignored a Range request sends from byte 0). */
   async reset(): Promise<void> {
+    await this.#inflight.catch(() => {});
+    this.#inflight = Promise.resolve();
     this.#pending = [];
     this.#pendingBytes = 0;
     await this.#fh.truncate(0);
@@ -152,17 +158,33 @@ export class BlobWriter {
     this.#hash = hasherFor(this.#algorithm);
   }
 
+  /** Write out everything accepted so far. */
   async flush(): Promise<void> {
+    await this.#startWrite();
+    await this.#inflight;
+  }
+
+  /** Wait for the previous write, then start writing the pending chunks (not awaited). */
+  async #startWrite(): Promise<void> {
+    await this.#inflight;
     if (this.#pending.length === 0) return;
     const chunks = this.#pending;
+    const position = this.#fileBytes;
+    const length = this.#pendingBytes;
     this.#pending = [];
     this.#pendingBytes = 0;
-    let position = this.#fileBytes;
+    this.#fileBytes += length;
+    const p = this.#writeAll(chunks, position);
+    p.catch(() => {}); // surfaced by the next await of #inflight
+    this.#inflight = p;
+  }
+
+  async #writeAll(chunks: Uint8Array[], position: number): Promise<void> {
     let remaining = chunks;
+    let pos = position;
     while (remaining.length > 0) {
-      const { bytesWritten } = await this.#fh.writev(remaining, position);
-      position += bytesWritten;
-      // writev may write less than asked; continue with what is left.
+      const { bytesWritten } = await this.#fh.writev(remaining, pos);
+      pos += bytesWritten;
       let skip = bytesWritten;
       const rest: Uint8Array[] = [];
       for (const c of remaining) {
@@ -174,7 +196,11 @@ export class BlobWriter {
       }
       remaining = rest;
     }
-    this.#fileBytes = position;
+  }
+
+  /** @internal Wait for the write in flight, ignoring its outcome (before closing on failure). */
+  async settle(): Promise<void> {
+    await this.#inflight.catch(() => {});
   }
 
   /** @internal Final digest of what was written. */
@@ -359,8 +385,9 @@ export class ContentStore {
       );
     }
     let committed = false;
+    let writer: BlobWriter | undefined;
     try {
-      const writer = new BlobWriter(fh, digest, algorithm, expectedBytes);
+      writer = new BlobWriter(fh, digest, algorithm, expectedBytes);
       await produce(writer);
       await writer.flush();
       if (expectedBytes !== undefined && writer.bytesWritten !== expectedBytes) {
@@ -387,6 +414,7 @@ export class ContentStore {
       return { digest: actual, size: writer.bytesWritten, path: finalPath };
     } finally {
       if (!committed) {
+        await writer?.settle();
         await fh.close().catch(() => {});
         await unlink(tmpPath).catch(() => {});
       }
