@@ -360,38 +360,42 @@ export class QemuProcess {
     server: Server,
     options: { timeoutMs: number; signal: AbortSignal | undefined },
   ): Promise<void> {
-    const deadline = AbortSignal.timeout(options.timeoutMs);
-    const signal = options.signal ? AbortSignal.any([options.signal, deadline]) : deadline;
-    const exited = this.exited.then(() => {
-      throw this.#error("VM_EXITED", "QEMU exited");
+    const stopWaiting = new AbortController();
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    const failure = new Promise<never>((_, reject) => {
+      this.exited.then(() => reject(this.#error("VM_EXITED", "QEMU exited")));
+      timer = setTimeout(
+        () => reject(this.#error("VMM_FAILED", `QEMU did not connect QMP within ${options.timeoutMs} ms`)),
+        options.timeoutMs,
+      );
+      onAbort = () => reject(new AbortError("VM launch aborted", { cause: options.signal?.reason }));
+      if (options.signal?.aborted) onAbort();
+      options.signal?.addEventListener("abort", onAbort, { once: true });
     });
-    exited.catch(() => {});
-    const aborted = new Promise<never>((_, reject) => {
-      const onAbort = () => {
-        reject(
-          options.signal?.aborted
-            ? new AbortError("VM launch aborted", { cause: options.signal.reason })
-            : this.#error("VMM_FAILED", `QEMU did not connect QMP within ${options.timeoutMs} ms`),
-        );
-      };
-      if (signal.aborted) onAbort();
-      signal.addEventListener("abort", onAbort, { once: true });
-      this.exited.then(() => signal.removeEventListener("abort", onAbort));
-    });
-    aborted.catch(() => {});
-    const [socket] = (await Promise.race([once(server, "connection"), exited, aborted])) as [Socket];
-    server.close();
-    this.#qmp = await Promise.race([
-      QmpClient.fromSocket(socket, {
-        signal,
-        errorFields: () => ({
-          consoleLogPath: this.consoleLogPath,
-          qemuExitCode: this.#exit?.code ?? undefined,
+    failure.catch(() => {});
+    failure.catch(() => stopWaiting.abort());
+    try {
+      const [socket] = (await Promise.race([
+        once(server, "connection", { signal: stopWaiting.signal }),
+        failure,
+      ])) as [Socket];
+      server.close();
+      this.#qmp = await Promise.race([
+        QmpClient.fromSocket(socket, {
+          signal: stopWaiting.signal,
+          timeoutMs: options.timeoutMs,
+          errorFields: () => ({
+            consoleLogPath: this.consoleLogPath,
+            qemuExitCode: this.#exit?.code ?? undefined,
+          }),
         }),
-      }),
-      exited,
-      aborted,
-    ]);
+        failure,
+      ]);
+    } finally {
+      clearTimeout(timer);
+      if (onAbort !== undefined) options.signal?.removeEventListener("abort", onAbort);
+    }
   }
 
   #startupError(): VmError {
