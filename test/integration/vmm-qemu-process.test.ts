@@ -453,6 +453,7 @@ describe("supervision across host death", { skip }, () => {
       assert.equal(existsSync(stateDir), false);
     } finally {
       host.kill("SIGKILL");
+      await sweepStaleVms({ root }); // leaves no QEMU behind even when the test fails
     }
   });
 
