@@ -19,7 +19,7 @@ import {
   parseManifestDocument,
 } from "./manifest.ts";
 import { isIndexMediaType, MediaType } from "./media-types.ts";
-import { type Platform, selectPlatform } from "./platform.ts";
+import { type Platform, platformScore, selectPlatform } from "./platform.ts";
 
 export const REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name";
 
@@ -175,16 +175,22 @@ export async function resolveOciLayout(
   const where = `OCI layout ${dir}${tag !== undefined ? `:${tag}` : ""}`;
   let chosen: Descriptor;
   let index: { digest: string; bytes: Uint8Array } | undefined;
-  if (candidates.length === 1) chosen = candidates[0]!;
-  else if (candidates.every((c) => c.platform !== undefined && !isIndexMediaType(c.mediaType))) {
-    chosen = selectPlatform(candidates, wanted, where);
-  } else {
+  const ambiguous = () => {
     const tags = candidates.map((m) => m.annotations?.[REF_NAME_ANNOTATION]).filter((t) => t !== undefined);
-    throw new SupermachineError(
+    return new SupermachineError(
       "INVALID_REFERENCE",
       `${where} holds ${candidates.length} images: name one with oci:${dir}:TAG${tags.length > 0 ? ` (tags: ${tags.join(", ")})` : ""}`,
     );
-  }
+  };
+  if (candidates.length === 1) chosen = candidates[0]!;
+  else if (candidates.every((c) => c.platform !== undefined && !isIndexMediaType(c.mediaType))) {
+    // Per-platform manifests listed directly in index.json: choose by platform, if that is unambiguous.
+    chosen = selectPlatform(candidates, wanted, where);
+    const score = platformScore(chosen.platform!, wanted);
+    if (candidates.filter((c) => c !== chosen && platformScore(c.platform!, wanted) === score).length > 0) {
+      throw ambiguous();
+    }
+  } else throw ambiguous();
   let indexPlatform = chosen.platform;
   for (let depth = 0; isIndexMediaType(chosen.mediaType); depth++) {
     if (depth >= 2) throw malformed("indexes nested more than two deep");
