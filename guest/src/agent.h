@@ -1,0 +1,174 @@
+/* The agent: one single-threaded poll() loop serving the protocol on one channel fd. */
+#ifndef SM_AGENT_H
+#define SM_AGENT_H
+
+#include <stdint.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+
+#include "proto.h"
+
+#define SM_AGENT_NAME "sm-init 0.1.0"
+#define SM_MAX_STREAMS 1024u
+#define SM_DEFAULT_WINDOW 262144u
+#define SM_STDIN_WINDOW 262144u
+#define SM_CHUNK 65536u
+/* Stop producing output (process pipes, file reads) while this much is queued toward the host. */
+#define SM_OUTQ_HIGH (1u << 20)
+/* Stop reading the channel while this much is queued (the host is not reading our answers). */
+#define SM_OUTQ_HARD (8u << 20)
+
+struct sm_user {
+	uid_t uid;
+	gid_t gid;
+	int ngroups;
+	gid_t groups[64];
+	char home[512];
+};
+
+/* A file being written: to a temporary file in the target directory, renamed into place. */
+struct sm_fwriter {
+	int fd;
+	char *tmp;
+	char *path;
+	uint64_t size;
+	uint64_t written;
+};
+
+struct sm_stage {
+	char *path;
+	uint32_t mode;
+	uint64_t size;
+};
+
+enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ };
+enum sm_exec_state { X_STAGING = 1, X_STARTING, X_RUNNING, X_DRAINING };
+
+struct sm_stream {
+	uint32_t id;
+	int kind;
+	int dead;
+	struct sm_stream *hnext; /* hash chain */
+	struct sm_stream *next;  /* list of live streams */
+	struct sm_stream *prev;
+	struct sm_stream *gnext; /* graveyard */
+
+	/* ---- SK_WRITE ---- */
+	struct sm_fwriter w;
+
+	/* ---- SK_READ ---- */
+	int rfd;
+	uint64_t rsize, rsent, rcredit;
+
+	/* ---- SK_EXEC ---- */
+	char *arena;
+	char ***steps;
+	uint32_t nsteps, step;
+	char **env;
+	char *home_env; /* HOME=... from passwd when env has none */
+	char *cwd;
+	struct sm_user user;
+	int tty;
+	uint16_t rows, cols;
+	uint32_t timeout_ms, grace_ms;
+	int stdin_on;
+	uint64_t out_credit;
+	struct sm_stage *stages;
+	uint32_t nstages, stage_i;
+	int stage_open;
+	int state;
+	pid_t pid, first_pid, pgid; /* pid: current step, 0 once reaped; pgid: its group */
+	int errfd;
+	/* our ends; ptm is the pty master (tty mode) */
+	int in_w, out_r, err_r, ptm;
+	/* the child's ends, kept open by the agent until the last step of a chain has started */
+	int in_r_keep, out_w_keep, err_w_keep, pts_keep;
+	uint8_t *inq;
+	size_t inq_off, inq_len, inq_cap;
+	uint64_t in_unacked; /* STDIN bytes received and not yet granted back */
+	int in_fin, in_closed, eof_sent;
+	int out_done, err_done;
+	int counted;            /* draining: only rem_* more bytes are read */
+	uint64_t rem_out, rem_err;
+	int64_t start_ns, end_ns, deadline_ns, kill_ns, drain_ns;
+	int timed_out;
+	int status;
+	uint64_t peak_rss;
+};
+
+/* Global agent state. */
+struct sm_agent {
+	int host_mode;
+	int debug;
+	int chan;
+	int sigfd;
+	int urandom;
+	int connected;
+	int reading; /* 0 after BAD_FRAME until the host reconnects */
+	int in_session;
+	uint64_t epoch;
+	uint32_t max_stream;
+	unsigned nstreams;
+	struct sm_stream *streams;
+	struct sm_stream *graveyard;
+	size_t outq_bytes;
+	uint64_t nofile_soft, nofile_hard;
+};
+
+extern struct sm_agent A;
+
+/* agent.c */
+int sm_agent_run(int chan_fd, int host_mode, int debug);
+void sm_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void sm_dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int64_t sm_now_ns(void);
+void sm_send(uint32_t stream, uint8_t type, uint8_t flags, const void *p, size_t n);
+void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags);
+void sm_send_error(uint32_t stream, uint32_t code, int err, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+void sm_send_window(uint32_t stream, uint32_t n);
+struct sm_stream *sm_stream_new(uint32_t id, int kind);
+/* End a stream: unlink it, release its resources (abandon: SIGKILL its processes, remove partial
+ * files). The struct itself is freed at the end of the loop iteration. */
+void sm_stream_close(struct sm_stream *s, int abandon);
+int sm_output_blocked(void); /* the output queue is above SM_OUTQ_HIGH */
+struct sm_buf *sm_scratch(void);
+void sm_remember_pgid(pid_t pgid);
+void sm_add_pending_kill(pid_t pgid, int64_t at_ns);
+
+/* exec.c */
+void sm_exec_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_exec_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_exec_release(struct sm_stream *s, int abandon);
+void sm_exec_reaped(struct sm_stream *s, int status, const struct rusage *ru);
+void sm_exec_fd_event(struct sm_stream *s, int which, short revents);
+void sm_exec_timers(struct sm_stream *s, int64_t now);
+int64_t sm_exec_next_timer(struct sm_stream *s);
+/* Which of the stream's fds to poll: roles 0 stdout (or pty), 1 stderr, 2 stdin, 3 exec-error pipe. */
+void sm_exec_poll(struct sm_stream *s, int fd[4], short ev[4]);
+void sm_kill_group(pid_t pgid, int sig);
+
+/* file.c */
+int sm_fw_open(struct sm_fwriter *w, const char *path, uint32_t mode, uid_t uid, gid_t gid, int mkdirs, char *msg,
+	       size_t msglen);
+int sm_fw_write(struct sm_fwriter *w, const void *p, size_t n);
+int sm_fw_finish(struct sm_fwriter *w);
+void sm_fw_abort(struct sm_fwriter *w);
+void sm_write_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_read_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_file_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_read_pump(struct sm_stream *s);
+void sm_file_release(struct sm_stream *s, int abandon);
+int sm_read_ready(struct sm_stream *s);
+
+/* user.c */
+int sm_resolve_user(const char *spec, struct sm_user *u, char *msg, size_t msglen);
+
+/* init.c */
+int sm_init_main(void);
+void sm_poweroff(void) __attribute__((noreturn));
+void sm_shutdown_vm(void);
+void sm_chan_flush_blocking(int timeout_ms);
+void sm_kill_all_streams(void);
+
+#endif
