@@ -141,6 +141,8 @@ export function applyEntry(tree: FileTree, entry: TarEntry, ctx: OpContext): Fil
   }
   const base = components[components.length - 1]!;
   const parentPath = components.slice(0, -1);
+  // aufs metadata (/.wh..wh.plnk/…, /.wh..wh.aufs, …): ignored, as moby does.
+  if (components[0]!.startsWith(`${WHITEOUT}${WHITEOUT}`)) return undefined;
 
   if (base.startsWith(WHITEOUT)) {
     const dir = tree.resolveDir(parentPath, false, ctx);

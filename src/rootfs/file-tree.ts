@@ -264,22 +264,24 @@ export class FileTree {
   }
 
   /**
-   * A whiteout for `dir/name`: removes what lower layers put there. Entries the current layer
-   * created survive (OCI: a whiteout applies to lower layers only), and so do the directories
-   * leading to them.
+   * A whiteout for `dir/name`: removes what lower layers put there. What the current layer
+   * created survives (OCI: a whiteout applies to lower layers only), and so do the directories
+   * leading to it; a directory the current layer re-declared keeps only this layer's children.
    */
   whiteout(dir: DirNode, name: string): void {
-    if (this.#isDeclared(dir, name)) return;
     const node = dir.children.get(name);
     if (node === undefined) return;
+    const declared = this.#isDeclared(dir, name);
     if (node.kind === "dir") {
       this.opaque(node);
-      if (node.children.size > 0) return;
+      if (declared || node.children.size > 0) return;
+    } else if (declared) {
+      return;
     }
     this.remove(dir, name);
   }
 
-  /** An opaque marker in `dir`: removes every child lower layers put there. */
+  /** An opaque marker in `dir`: removes everything lower layers put under it. */
   opaque(dir: DirNode): void {
     for (const name of [...dir.children.keys()]) this.whiteout(dir, name);
   }
