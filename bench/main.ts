@@ -36,7 +36,14 @@ async function spine(): Promise<void> {
   const floorInitramfs = await busyboxInitramfs("#!/bin/busybox sh\n/bin/busybox reboot -f\n");
   const floor = await repeat(boots, async () => {
     const qemu = await QemuProcess.launch({
-      machine: { accel, memoryMiB: 256, vcpus: 1, kernelPath: assets.kernel, initramfsPath: floorInitramfs, kernelArgs: ["quiet"] },
+      machine: {
+        accel,
+        memoryMiB: 256,
+        vcpus: 1,
+        kernelPath: assets.kernel,
+        initramfsPath: floorInitramfs,
+        kernelArgs: ["quiet"],
+      },
       agent: false,
     });
     await qemu.exited;
@@ -73,10 +80,17 @@ async function spine(): Promise<void> {
     }
     table.add({ name: "host fork+exec /bin/true", unit: "ms", summary: summarize(hostForkExec) });
     const execs = await repeat(200, () => vm!.exec(["true"]));
-    table.add({ name: "exec round trip `true`", unit: "ms", summary: summarize(execs), against: "host fork+exec /bin/true" });
+    table.add({
+      name: "exec round trip `true`",
+      unit: "ms",
+      summary: summarize(execs),
+      against: "host fork+exec /bin/true",
+    });
 
     const bytes = 64 * 1024 * 1024;
-    const throughput = await repeat(quick ? 2 : 5, () => vm!.exec(["head", "-c", String(bytes), "/dev/zero"]));
+    const throughput = await repeat(quick ? 2 : 5, () =>
+      vm!.exec(["head", "-c", String(bytes), "/dev/zero"]),
+    );
     table.add({
       name: "stdout throughput (64 MiB)",
       unit: "MB/s",

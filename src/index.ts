@@ -4,10 +4,17 @@
  */
 
 export * from "./errors.ts";
-export type { AssetPaths } from "./vmm/asset-paths.ts";
-export { resolveAssetPaths } from "./vmm/asset-paths.ts";
+export type { ImageRecord, PruneResult } from "./oci/content-store.ts";
+export type { ImageConfig } from "./oci/image-config.ts";
+export type { PullProgress } from "./oci/progress.ts";
+export type { PullOptions } from "./oci/pull.ts";
+export { type ImageReference, parseReference } from "./oci/reference.ts";
+export type { RootfsProgress } from "./rootfs/index.ts";
 export { ExecBuilder, type ExecDefaults } from "./vm/exec-builder.ts";
-export { ExecHandle, type ExecEvent } from "./vm/exec-handle.ts";
+export { type ExecEvent, ExecHandle } from "./vm/exec-handle.ts";
 export { ExecOutcome } from "./vm/exec-outcome.ts";
+export { dockerCommand, Image, type ImagePullOptions, type ImageStartConfig } from "./vm/image.ts";
 export { hostAccelerator, Vm, type VmState } from "./vm/vm.ts";
 export type { VmConfig, VmTimings } from "./vm/vm-config.ts";
+export type { AssetPaths } from "./vmm/asset-paths.ts";
+export { resolveAssetPaths } from "./vmm/asset-paths.ts";

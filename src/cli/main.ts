@@ -2,6 +2,16 @@
 import { subscribe } from "node:diagnostics_channel";
 import { SupermachineError } from "../index.ts";
 import type { Cli } from "./cli.ts";
+import {
+  IMAGES_HELP,
+  imagesCommand,
+  PRUNE_HELP,
+  PULL_HELP,
+  pruneCommand,
+  pullCommand,
+  RMI_HELP,
+  rmiCommand,
+} from "./images.ts";
 import { RUN_HELP, runCommand } from "./run.ts";
 
 const HELP = `Usage: supermachine COMMAND [OPTIONS]
@@ -9,13 +19,24 @@ const HELP = `Usage: supermachine COMMAND [OPTIONS]
 Run OCI/Docker images and root filesystems as isolated microVMs.
 
 Commands:
-  run       boot a microVM and run a command in it
+  run       boot a microVM from an image or root filesystem and run a command in it
+  pull      pull an image into the local store
+  images    list stored images
+  rmi       remove stored images
+  prune     delete blobs and root filesystems no image uses
   help      show this help
 
 Run 'supermachine COMMAND --help' for a command's options.`;
 
-const commands: Record<string, { run: (cli: Cli, argv: readonly string[]) => Promise<number>; help: string }> = {
+const commands: Record<
+  string,
+  { run: (cli: Cli, argv: readonly string[]) => Promise<number>; help: string }
+> = {
   run: { run: runCommand, help: RUN_HELP },
+  pull: { run: pullCommand, help: PULL_HELP },
+  images: { run: imagesCommand, help: IMAGES_HELP },
+  rmi: { run: rmiCommand, help: RMI_HELP },
+  prune: { run: pruneCommand, help: PRUNE_HELP },
 };
 
 async function main(argv: readonly string[]): Promise<number> {
@@ -36,7 +57,8 @@ async function main(argv: readonly string[]): Promise<number> {
   // Say once, and only to a person at a terminal, that TCG is emulation.
   subscribe("supermachine:vm:accelerator", (message) => {
     const choice = message as { accel: string; reason?: string };
-    if (choice.accel === "tcg" && process.stderr.isTTY) cli.err(`note: ${choice.reason ?? "running under TCG"}`);
+    if (choice.accel === "tcg" && process.stderr.isTTY)
+      cli.err(`note: ${choice.reason ?? "running under TCG"}`);
   });
 
   const [name, ...rest] = argv;

@@ -1,12 +1,37 @@
 import { constants as osConstants } from "node:os";
 import type { ExecHandle } from "../index.ts";
-import { Vm } from "../index.ts";
+import { Image, Vm } from "../index.ts";
 import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
 import type { Cli } from "./cli.ts";
+import { PULL_OPTIONS, pullOptions } from "./images.ts";
+import { ProgressDisplay } from "./progress.ts";
 
 export const RUN_OPTIONS: readonly OptionSpec[] = [
-  { name: "rootfs", kind: "string", value: "PATH", help: "root filesystem: an ext4 image or a directory tree" },
-  { name: "interactive", short: "i", kind: "boolean", help: "forward standard input (default when it is not a terminal)" },
+  {
+    name: "rootfs",
+    kind: "string",
+    value: "PATH",
+    help: "boot this root filesystem (ext4 image or directory) instead of an IMAGE",
+  },
+  {
+    name: "entrypoint",
+    kind: "string",
+    value: "CMD",
+    help: "replace the image's Entrypoint (and drop its Cmd)",
+  },
+  {
+    name: "rm",
+    kind: "boolean",
+    help: "accepted for docker compatibility: every VM is removed when it ends",
+  },
+  { name: "pull", kind: "string", value: "POLICY", help: "missing (default), always or never" },
+  ...PULL_OPTIONS,
+  {
+    name: "interactive",
+    short: "i",
+    kind: "boolean",
+    help: "forward standard input (default when it is not a terminal)",
+  },
   { name: "tty", short: "t", kind: "boolean", help: "run the command on a pseudo-terminal" },
   { name: "env", short: "e", kind: "multi", value: "K=V", help: "set an environment variable (repeatable)" },
   { name: "workdir", short: "w", kind: "string", value: "DIR", help: "working directory in the guest" },
@@ -17,23 +42,33 @@ export const RUN_OPTIONS: readonly OptionSpec[] = [
   { name: "help", short: "h", kind: "boolean", help: "show this help" },
 ];
 
-export const RUN_HELP = `Usage: supermachine run --rootfs PATH [OPTIONS] [--] COMMAND [ARG...]
+export const RUN_HELP = `Usage: supermachine run [OPTIONS] IMAGE [--] [ARG...]
+       supermachine run [OPTIONS] --rootfs PATH [--] COMMAND [ARG...]
 
-Boot a microVM from a root filesystem and run COMMAND in it. Standard streams pass through; the
-exit code is the command's (128+N when killed by signal N; 125 for supermachine's own errors).
+Boot a microVM and run a command in it: the image's Entrypoint + Cmd (ARGs replace Cmd), or
+COMMAND on a root filesystem. Standard streams pass through; the exit code is the command's
+(128+N when killed by signal N; 125 for supermachine's own errors). Standard input is forwarded
+with -i, or when it is not a terminal.
 
 ${formatOptions(RUN_OPTIONS)}`;
 
 /** `supermachine run`: returns the exit code. */
-export async function runCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, RUN_OPTIONS, true);
+export async function runCommand(cli: Cli, args: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(args, RUN_OPTIONS, true);
   if (options.help) {
     cli.out(RUN_HELP);
     return 0;
   }
   const rootfs = options.rootfs as string | undefined;
-  if (!rootfs) throw usage("run needs --rootfs PATH (see supermachine run --help)");
-  if (positionals.length === 0) throw usage("run needs a COMMAND to run (see supermachine run --help)");
+  if (positionals.length === 0) {
+    throw usage(
+      `run needs ${rootfs ? "a COMMAND" : "an IMAGE or --rootfs PATH"} (see supermachine run --help)`,
+    );
+  }
+  const policy = (options.pull as string | undefined) ?? "missing";
+  if (policy !== "missing" && policy !== "always" && policy !== "never") {
+    throw usage(`--pull must be missing, always or never, not ${JSON.stringify(policy)}`);
+  }
   const env: Record<string, string> = {};
   for (const pair of (options.env as string[] | undefined) ?? []) {
     const eq = pair.indexOf("=");
@@ -45,14 +80,29 @@ export async function runCommand(cli: Cli, argv: readonly string[]): Promise<num
   const forwardStdin = options.interactive === true || !stdinIsTty;
   if (tty && !stdinIsTty) throw usage("-t needs standard input to be a terminal");
 
-  const vm = await Vm.start({
-    rootfs,
+  const machine = {
     ...intOption(options.memory, "memory", (memoryMiB) => ({ memoryMiB })),
     ...intOption(options.vcpus, "vcpus", (vcpus) => ({ vcpus })),
     signal: cli.signal,
-  });
+  };
+  let vm: Vm;
+  let argv: string[];
+  if (rootfs) {
+    vm = await Vm.start({ rootfs, ...machine });
+    argv = [...positionals];
+  } else {
+    const display = new ProgressDisplay();
+    const image = await Image.pull(positionals[0]!, {
+      ...pullOptions(options, cli, display),
+      pullPolicy: policy,
+    });
+    display.finish();
+    const entrypoint = options.entrypoint === undefined ? undefined : [options.entrypoint as string];
+    argv = image.command({ entrypoint, args: positionals.slice(1) });
+    vm = await image.start(machine);
+  }
   try {
-    const builder = vm.execBuilder().argv(positionals).env(env).signal(cli.signal);
+    const builder = vm.execBuilder().argv(argv).env(env).signal(cli.signal);
     if (options.workdir) builder.cwd(options.workdir as string);
     if (options.user) builder.user(options.user as string);
     const timeout = intOption(options.timeout, "timeout", (ms) => ({ ms })).ms;
@@ -105,6 +155,7 @@ function signalNumber(name: string | null): number {
 function intOption<T extends object>(value: unknown, name: string, wrap: (n: number) => T): Partial<T> {
   if (value === undefined) return {};
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n <= 0) throw usage(`--${name} expects a positive integer, got ${String(value)}`);
+  if (!Number.isSafeInteger(n) || n <= 0)
+    throw usage(`--${name} expects a positive integer, got ${String(value)}`);
   return wrap(n);
 }

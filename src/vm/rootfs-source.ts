@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { mkdir, open, readdir, readlink, lstat, stat } from "node:fs/promises";
+import { lstat, mkdir, open, readdir, readlink, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
 import { dataDir } from "../internal/paths.ts";
@@ -18,17 +18,25 @@ const EXT4_MAGIC = 0xef53;
  * under the data dir by a fingerprint of the tree: names, types, modes, owners, sizes, mtimes,
  * link targets).
  */
-export async function resolveRootfs(path: string, opts: { signal?: AbortSignal | undefined } = {}): Promise<RootfsImage> {
+export async function resolveRootfs(
+  path: string,
+  opts: { signal?: AbortSignal | undefined } = {},
+): Promise<RootfsImage> {
   const absolute = resolve(path);
   const info = await stat(absolute).catch((error: NodeJS.ErrnoException) => {
-    throw new SupermachineError("INVALID_ARGUMENT", `rootfs ${path} does not exist (${error.code})`, { cause: error });
+    throw new SupermachineError("INVALID_ARGUMENT", `rootfs ${path} does not exist (${error.code})`, {
+      cause: error,
+    });
   });
   if (info.isFile()) {
     await assertExt4(absolute);
     return { imagePath: absolute };
   }
   if (!info.isDirectory()) {
-    throw new SupermachineError("INVALID_ARGUMENT", `rootfs ${path} is neither an image file nor a directory`);
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      `rootfs ${path} is neither an image file nor a directory`,
+    );
   }
   const key = await fingerprintTree(absolute);
   const dir = join(dataDir(), "rootfs", "dirs");
@@ -66,7 +74,9 @@ export async function fingerprintTree(root: string): Promise<string> {
       const childRel = rel === "" ? name : `${rel}/${name}`;
       const full = join(root, childRel);
       const st = await lstat(full, { bigint: true });
-      hash.update(`${childRel}\0${st.mode}\0${st.uid}\0${st.gid}\0${st.size}\0${st.mtimeNs}\0${st.rdev}\0${st.ino}\n`);
+      hash.update(
+        `${childRel}\0${st.mode}\0${st.uid}\0${st.gid}\0${st.size}\0${st.mtimeNs}\0${st.rdev}\0${st.ino}\n`,
+      );
       if (st.isSymbolicLink()) hash.update(`${await readlink(full)}\n`);
       else if (st.isDirectory()) await walk(childRel);
     }

@@ -75,10 +75,14 @@ export class Vm implements ExecTarget {
     void this.#qemu.exited.then((exit) => {
       if (this.#stopping === undefined) {
         this.#fail(
-          new VmError("VM_EXITED", `VM ${this.id} exited unexpectedly (console log: ${this.consoleLogPath})`, {
-            consoleLogPath: this.consoleLogPath,
-            qemuExitCode: exit.code ?? undefined,
-          }),
+          new VmError(
+            "VM_EXITED",
+            `VM ${this.id} exited unexpectedly (console log: ${this.consoleLogPath})`,
+            {
+              consoleLogPath: this.consoleLogPath,
+              qemuExitCode: exit.code ?? undefined,
+            },
+          ),
         );
       }
     });
@@ -126,7 +130,10 @@ export class Vm implements ExecTarget {
       const socket = await qemu.agentSocket;
       const bootTimeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
       const agent = await Promise.race([
-        AgentClient.connect(socket, { timeoutMs: bootTimeoutMs, ...(signal === undefined ? {} : { signal }) }),
+        AgentClient.connect(socket, {
+          timeoutMs: bootTimeoutMs,
+          ...(signal === undefined ? {} : { signal }),
+        }),
         qemu.exited.then((exit) => {
           throw new VmError(
             "VM_EXITED",
@@ -187,7 +194,14 @@ export class Vm implements ExecTarget {
   writeFile(
     path: string,
     data: Uint8Array | string | AsyncIterable<Uint8Array> | NodeJS.ReadableStream,
-    options: { mode?: number; uid?: number; gid?: number; mkdirs?: boolean; sizeBytes?: number; signal?: AbortSignal } = {},
+    options: {
+      mode?: number;
+      uid?: number;
+      gid?: number;
+      mkdirs?: boolean;
+      sizeBytes?: number;
+      signal?: AbortSignal;
+    } = {},
   ): Promise<void> {
     return this.agent().writeFile(path, data, options);
   }
@@ -285,7 +299,12 @@ function validateConfig(config: VmConfig): void {
 function withConsoleLog(error: unknown, consoleLogPath: string): unknown {
   if (error instanceof VmError || !(error instanceof SupermachineError)) return error;
   if (error.code === "ABORTED") return error;
-  return new VmError("VMM_FAILED", `${error.message} (console log: ${consoleLogPath})`, { consoleLogPath }, {
-    cause: error,
-  });
+  return new VmError(
+    "VMM_FAILED",
+    `${error.message} (console log: ${consoleLogPath})`,
+    { consoleLogPath },
+    {
+      cause: error,
+    },
+  );
 }

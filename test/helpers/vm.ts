@@ -7,7 +7,7 @@
  */
 import { execFile } from "node:child_process";
 import { readFile } from "node:fs/promises";
-import { test, type TestContext } from "node:test";
+import { type TestContext, test } from "node:test";
 import { promisify } from "node:util";
 import { resolveAssetPaths, Vm, type VmConfig } from "../../src/index.ts";
 import { findQemu } from "../../src/vmm/accelerator.ts";
@@ -51,7 +51,11 @@ export interface VmTestContext {
 }
 
 /** A test that boots VMs. */
-export function vmTest(name: string, fn: (ctx: VmTestContext) => Promise<void>, options: { timeout?: number } = {}) {
+export function vmTest(
+  name: string,
+  fn: (ctx: VmTestContext) => Promise<void>,
+  options: { timeout?: number } = {},
+) {
   test(name, { timeout: options.timeout ?? 120_000 }, async (t) => {
     const missing = await missingVmPrerequisite();
     if (missing !== undefined) {

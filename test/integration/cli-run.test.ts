@@ -5,7 +5,10 @@ import { busyboxRootfs, vmTest } from "../helpers/vm.ts";
 
 const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
 
-function runCli(args: string[], input?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+function runCli(
+  args: string[],
+  input?: string,
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     const child = spawn(cli, args, { stdio: ["pipe", "pipe", "pipe"] });
     let stdout = "";
@@ -35,8 +38,19 @@ vmTest("run forwards piped stdin", async () => {
 vmTest("run passes -e, -w and -u and separates stderr", async () => {
   const rootfs = await busyboxRootfs();
   const result = await runCli([
-    "run", "--rootfs", rootfs, "-e", "A=1", "-w", "/tmp", "-u", "app", "--",
-    "sh", "-c", 'echo "$A $(pwd) $(id -un)"; echo err >&2',
+    "run",
+    "--rootfs",
+    rootfs,
+    "-e",
+    "A=1",
+    "-w",
+    "/tmp",
+    "-u",
+    "app",
+    "--",
+    "sh",
+    "-c",
+    'echo "$A $(pwd) $(id -un)"; echo err >&2',
   ]);
   assert.equal(result.stdout, "1 /tmp app\n");
   assert.equal(result.stderr, "err\n");

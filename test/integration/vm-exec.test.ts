@@ -37,7 +37,11 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     });
 
   vmIt("runs a command and reports its output and exit code", async () => {
-    const out = await vm.execBuilder().argv(["sh", "-c", "echo hi; echo oops >&2; exit 3"]).reject(false).output();
+    const out = await vm
+      .execBuilder()
+      .argv(["sh", "-c", "echo hi; echo oops >&2; exit 3"])
+      .reject(false)
+      .output();
     assert.equal(out.exitCode, 3);
     assert.equal(out.signal, null);
     assert.equal(out.stdoutText, "hi\n");
@@ -59,7 +63,11 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
   vmIt("reports every exit code from 0 to 255", async () => {
     const script = 'code=$1; exit "$code"';
     for (let code = 0; code <= 255; code++) {
-      const out = await vm.execBuilder().argv(["sh", "-c", script, "sh", String(code)]).reject(false).output();
+      const out = await vm
+        .execBuilder()
+        .argv(["sh", "-c", script, "sh", String(code)])
+        .reject(false)
+        .output();
       assert.equal(out.exitCode, code);
     }
   });
@@ -86,7 +94,10 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
   });
 
   vmIt("streams stdin and stdout interactively through spawn()", async () => {
-    const handle = await vm.execBuilder().argv(["sh", "-c", "while read line; do echo got:$line; done"]).spawn();
+    const handle = await vm
+      .execBuilder()
+      .argv(["sh", "-c", "while read line; do echo got:$line; done"])
+      .spawn();
     assert.ok(handle.pid > 1);
     await handle.stdin.write(new TextEncoder().encode("one\ntwo\n"));
     await handle.stdin.end();
@@ -100,7 +111,12 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
   vmIt("kills a whole process tree on timeout", async () => {
     const started = Date.now();
     await assert.rejects(
-      vm.execBuilder().argv(["sh", "-c", "sleep 100 & sleep 100 & wait"]).timeout(1_000).killGrace(500).output(),
+      vm
+        .execBuilder()
+        .argv(["sh", "-c", "sleep 100 & sleep 100 & wait"])
+        .timeout(1_000)
+        .killGrace(500)
+        .output(),
       (error: unknown) => {
         assert.ok(error instanceof ExecTimeoutError);
         assert.equal(error.code, "EXEC_TIMEOUT");
@@ -110,7 +126,10 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
       },
     );
     assert.ok(Date.now() - started < 20_000);
-    const left = await vm.execBuilder().argv(["sh", "-c", "ps -o pid,args | grep 'sleep 100' | grep -v grep || true"]).output();
+    const left = await vm
+      .execBuilder()
+      .argv(["sh", "-c", "ps -o pid,args | grep 'sleep 100' | grep -v grep || true"])
+      .output();
     assert.equal(left.stdoutText, "");
   });
 
@@ -185,7 +204,10 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     await vm.writeFile("/tmp/big.bin", data, { mode: 0o600 });
     const back = await vm.readFile("/tmp/big.bin");
     assert.equal(back.byteLength, data.byteLength);
-    assert.equal(createHash("sha256").update(back).digest("hex"), createHash("sha256").update(data).digest("hex"));
+    assert.equal(
+      createHash("sha256").update(back).digest("hex"),
+      createHash("sha256").update(data).digest("hex"),
+    );
     const mode = await vm.exec(["stat", "-c", "%a", "/tmp/big.bin"]);
     assert.equal(mode.stdoutText, "600\n");
     await vm.exec(["rm", "/tmp/big.bin"]);

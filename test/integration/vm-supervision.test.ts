@@ -50,7 +50,9 @@ vmTest("kill -9 of the host leaves no QEMU, and the next command sweeps its stat
   );
   const [line] = (await once(createInterface({ input: host.stdout! }), "line")) as [string];
   const id = line.trim();
-  const owner = JSON.parse(await readFile(join(runtime, "vms", id, "owner.json"), "utf8")) as { qemuPid: number };
+  const owner = JSON.parse(await readFile(join(runtime, "vms", id, "owner.json"), "utf8")) as {
+    qemuPid: number;
+  };
   assert.ok(alive(owner.qemuPid), "QEMU runs while its host does");
 
   host.kill("SIGKILL");

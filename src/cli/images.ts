@@ -1,0 +1,165 @@
+import { Image, type ImagePullOptions } from "../index.ts";
+import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
+import type { Cli } from "./cli.ts";
+import { bytes, ProgressDisplay } from "./progress.ts";
+
+/** Options shared by every command that may pull. */
+export const PULL_OPTIONS: readonly OptionSpec[] = [
+  {
+    name: "platform",
+    kind: "string",
+    value: "OS/ARCH[/VARIANT]",
+    help: "platform to pull (default linux/amd64)",
+  },
+  {
+    name: "insecure-registry",
+    kind: "multi",
+    value: "HOST[:PORT]",
+    help: "registry reachable over plain HTTP (loopback always is; repeatable)",
+  },
+];
+
+const QUIET: OptionSpec = { name: "quiet", short: "q", kind: "boolean", help: "no progress display" };
+const JSON_OPTION: OptionSpec = { name: "json", kind: "boolean", help: "print JSON for scripts" };
+const HELP_OPTION: OptionSpec = { name: "help", short: "h", kind: "boolean", help: "show this help" };
+
+/** Pull options from parsed command-line options. */
+export function pullOptions(
+  options: Record<string, unknown>,
+  cli: Cli,
+  display: ProgressDisplay,
+): ImagePullOptions {
+  return {
+    ...(options.platform ? { platform: options.platform as string } : {}),
+    ...(options["insecure-registry"] ? { insecureRegistries: options["insecure-registry"] as string[] } : {}),
+    signal: cli.signal,
+    onProgress: display.pull,
+    onRootfsProgress: display.rootfs,
+  };
+}
+
+const PULL_SPECS = [...PULL_OPTIONS, QUIET, JSON_OPTION, HELP_OPTION];
+export const PULL_HELP = `Usage: supermachine pull [OPTIONS] REFERENCE
+
+Pull an image into the local store and flatten it into a root filesystem. REFERENCE is a registry
+reference (alpine, localhost:5000/app:1, registry/x@sha256:…), oci:DIR[:TAG] or
+docker-archive:FILE[:NAME:TAG].
+
+${formatOptions(PULL_SPECS)}`;
+
+export async function pullCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, PULL_SPECS);
+  if (options.help) {
+    cli.out(PULL_HELP);
+    return 0;
+  }
+  if (positionals.length !== 1)
+    throw usage("pull needs exactly one REFERENCE (see supermachine pull --help)");
+  const display = new ProgressDisplay(
+    process.stderr,
+    !options.quiet && !options.json && process.stderr.isTTY === true,
+  );
+  const image = await Image.pull(positionals[0]!, {
+    ...pullOptions(options, cli, display),
+    pullPolicy: "always",
+  });
+  display.finish();
+  if (options.json) {
+    cli.out(
+      JSON.stringify({
+        reference: image.reference,
+        digest: image.digest,
+        platform: image.platform,
+        rootfs: image.rootfsPath,
+      }),
+    );
+  } else {
+    cli.out(`${image.reference}@${image.digest}`);
+  }
+  return 0;
+}
+
+const IMAGES_SPECS = [JSON_OPTION, HELP_OPTION];
+export const IMAGES_HELP = `Usage: supermachine images [--json]
+
+List the images in the local store.
+
+${formatOptions(IMAGES_SPECS)}`;
+
+export async function imagesCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, IMAGES_SPECS);
+  if (options.help) {
+    cli.out(IMAGES_HELP);
+    return 0;
+  }
+  if (positionals.length > 0) throw usage("images takes no arguments");
+  const records = await Image.list();
+  if (options.json) {
+    cli.out(JSON.stringify(records, null, 2));
+    return 0;
+  }
+  const rows = records.map((r) => [
+    r.reference,
+    r.manifestDigest.replace(/^sha256:/, "").slice(0, 12),
+    r.platform,
+    bytes(r.sizeBytes),
+    r.pulledAt,
+  ]);
+  const header = ["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
+  for (const row of [header, ...rows])
+    cli.out(
+      row
+        .map((c, i) => c.padEnd(widths[i]!))
+        .join("  ")
+        .trimEnd(),
+    );
+  return 0;
+}
+
+const RMI_SPECS = [
+  { name: "platform", kind: "string", value: "OS/ARCH", help: "remove only this platform" } as const,
+  HELP_OPTION,
+];
+export const RMI_HELP = `Usage: supermachine rmi REFERENCE...
+
+Remove images from the local store (their blobs go with the next prune).
+
+${formatOptions(RMI_SPECS)}`;
+
+export async function rmiCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, RMI_SPECS);
+  if (options.help) {
+    cli.out(RMI_HELP);
+    return 0;
+  }
+  if (positionals.length === 0) throw usage("rmi needs at least one REFERENCE");
+  for (const reference of positionals) {
+    await Image.remove(reference, options.platform ? { platform: options.platform as string } : {});
+    cli.out(`removed ${reference}`);
+  }
+  return 0;
+}
+
+const PRUNE_SPECS = [JSON_OPTION, HELP_OPTION];
+export const PRUNE_HELP = `Usage: supermachine prune [--json]
+
+Delete blobs and root filesystems that no stored image uses.
+
+${formatOptions(PRUNE_SPECS)}`;
+
+export async function pruneCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, PRUNE_SPECS);
+  if (options.help) {
+    cli.out(PRUNE_HELP);
+    return 0;
+  }
+  if (positionals.length > 0) throw usage("prune takes no arguments");
+  const result = await Image.prune({ signal: cli.signal });
+  if (options.json) cli.out(JSON.stringify(result));
+  else
+    cli.out(
+      `removed ${result.removedBlobs.length} blobs and ${result.removedRootfs} root filesystems, freed ${bytes(result.freedBytes)}`,
+    );
+  return 0;
+}
