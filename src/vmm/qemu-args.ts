@@ -29,8 +29,8 @@ export type SandboxMode = "strict" | "allow-spawn" | "off";
 export interface DiskSpec {
   /**
    * Stable name of the disk: the block node name, the device id (`blk-<name>`) and the virtio-blk
-   * serial number the guest sees in `/sys/block/vdX/serial`. Use the serial to find a disk in the
-   * guest: the `vdX` letter depends on probe order, not on the order of `disks`.
+   * serial number the guest sees in `/sys/block/vdX/serial`. The 6.1 guest kernel names disks
+   * `vda`, `vdb`, … in the order of `disks`; the serial identifies one without relying on that.
    * `[a-z][a-z0-9-]*`, at most 20 characters (the virtio-blk serial limit). Default `disk<index>`.
    */
   name?: string;
