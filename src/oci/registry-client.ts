@@ -186,7 +186,7 @@ export class RegistryClient {
   readonly #insecure: boolean;
   #origin: Promise<string> | undefined;
   #challenge: AuthChallenge | undefined;
-  readonly #tokens = new Map<string, CachedToken>();
+  readonly #tokens = new Map<string, Promise<CachedToken>>();
   #credentials: Promise<RegistryCredentials | undefined> | undefined;
 
   constructor(registry: string, options: RegistryClientOptions = {}) {
@@ -328,10 +328,18 @@ export class RegistryClient {
     if (challenge.scheme === "bearer") {
       const key = `${challenge.params.realm ?? ""}|${challenge.params.service ?? ""}|${scope}`;
       const cached = this.#tokens.get(key);
-      if (cached && !forceNewToken && cached.expiresAt > Date.now()) return `Bearer ${cached.token}`;
-      const token = await this.#fetchToken(challenge, scope, signal);
-      this.#tokens.set(key, token);
-      return `Bearer ${token.token}`;
+      if (cached && !forceNewToken) {
+        // Concurrent requests share one token request; an expired or failed one is replaced.
+        const token = await cached.catch(() => undefined);
+        if (token && token.expiresAt > Date.now()) return `Bearer ${token.token}`;
+        if (this.#tokens.get(key) !== cached) return this.#authorization(scope, signal, false);
+      }
+      const pending = this.#fetchToken(challenge, scope, signal);
+      this.#tokens.set(key, pending);
+      pending.catch(() => {
+        if (this.#tokens.get(key) === pending) this.#tokens.delete(key);
+      });
+      return `Bearer ${(await pending).token}`;
     }
     return undefined;
   }

@@ -15,8 +15,10 @@ import {
   RegistryError,
   SupermachineError,
 } from "../../src/errors.ts";
+import { ContentStore } from "../../src/oci/content-store.ts";
 import { PULL_PROGRESS_CHANNEL, type PullProgress } from "../../src/oci/progress.ts";
 import { listImages, type PullOptions, pullImage, resolveLocalImage } from "../../src/oci/pull.ts";
+import { RegistryClient } from "../../src/oci/registry-client.ts";
 import { FakeRegistry, MT, makeImage, makeIndex, type SyntheticImage, sha256 } from "../helpers/oci-kit.ts";
 
 let dataDir: string;
@@ -562,6 +564,22 @@ describe("auth", () => {
       .filter((r) => r.path.includes("/blobs/"))
       .map((r) => r.headers.authorization);
     assert.ok(blobAuth.every((a) => a?.startsWith("Bearer ")));
+  });
+
+  test("Bearer: concurrent requests of a fresh client share one token request", async () => {
+    registry = await FakeRegistry.start({ auth: "bearer" });
+    const image = makeImage({ layerSizes: [100, 200, 300, 400] });
+    registry.add("app", "1", image);
+    const store = await ContentStore.open(dataDir);
+    const client = new RegistryClient(registry.host, {
+      credentials: { username: "user", password: "secret" },
+      dockerConfigPath: false,
+    });
+    await Promise.all(
+      image.layers.map((l) => store.writeBlob(l.digest, l.size, (w) => client.fetchBlob("app", l, w))),
+    );
+    assert.equal(registry.tokenRequests, 1);
+    await assertStored(image);
   });
 
   test("Bearer: the challenge's scope is what the token is asked for", async () => {
