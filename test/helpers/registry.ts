@@ -33,8 +33,9 @@
  * - `push(source, "name:tag", { all?, format? })` copies an image in with `skopeo copy` and resolves
  *   to `{ reference, digest }` (the digest of the manifest or index as stored). `source` is an OCI
  *   layout directory (its only image), a `*.tar` file (docker-archive), or any skopeo source such as
- *   `oci:DIR:REF`. Without `format`, digests are preserved exactly (and skopeo may not substitute
- *   blobs it pushed earlier in another compression). `format: "v2s2"` converts to Docker schema 2.
+ *   `oci:DIR:REF`. An OCI layout is pushed byte for byte (`--preserve-digests`: same manifest
+ *   digest, layers stay zstd or uncompressed, and skopeo's blob-info cache cannot swap in a gzip
+ *   blob it pushed earlier). `format: "v2s2"` converts to Docker schema 2 (gzip layers only).
  * - `storageDir`, `blobPath(digest)`, `corruptBlob(digest)` (flips one byte of a stored blob in
  *   place, same length, so a client must detect it by digest), `deleteBlob(digest)`.
  * - `logs()`: the registry's output so far (print it when a test fails).
@@ -74,8 +75,14 @@ export interface StartRegistryOptions {
 export interface PushOptions {
   /** Copy every image of an index / manifest list (`skopeo copy --all`). */
   all?: boolean;
-  /** Convert the manifest (`skopeo copy --format`); without it digests are preserved. */
+  /** Convert the manifest (`skopeo copy --format`). */
   format?: "oci" | "v2s2";
+  /**
+   * Push the exact manifest and blob bytes (`--preserve-digests`: no recompression, no conversion,
+   * no substitution of blobs skopeo pushed before in another compression). Default: true for OCI
+   * layout sources without `format`, false otherwise (a docker-archive has no stored manifest).
+   */
+  preserveDigests?: boolean;
   signal?: AbortSignal;
 }
 
@@ -342,7 +349,9 @@ export async function startRegistry(options: StartRegistryOptions = {}): Promise
       args.push("--digestfile", digestFile);
       if (pushOptions.all) args.push("--all");
       if (pushOptions.format) args.push("--format", pushOptions.format);
-      else args.push("--preserve-digests");
+      if (pushOptions.preserveDigests ?? (!pushOptions.format && src.startsWith("oci:"))) {
+        args.push("--preserve-digests");
+      }
       if (auth === "none") args.push("--dest-no-creds");
       else args.push("--dest-creds", `${username}:${password}`);
       args.push(src, `docker://${reference}`);
