@@ -20,6 +20,7 @@ import {
   type LaunchOptions,
   QemuProcess,
   QmpError,
+  resolveAssetPaths,
   sweepStaleVms,
 } from "../../src/vmm/index.ts";
 import { procStartTime } from "../../src/vmm/state-dir.ts";
@@ -423,6 +424,42 @@ describe("QemuProcess", { skip }, () => {
       });
     } finally {
       await handle.close();
+    }
+  });
+});
+
+describe("with the guest kernel", { skip }, () => {
+  it("boots it (no initramfs: the kernel panics, and panic=-1 ends QEMU)", async (t) => {
+    const placeholder = path.join(tmp, "no-initramfs");
+    await writeFile(placeholder, "");
+    const kernel = await resolveAssetPaths({ initramfs: placeholder }).then(
+      (assets) => assets.kernel,
+      (error: unknown) => {
+        if (process.env.CI === "true") throw error;
+        return undefined;
+      },
+    );
+    if (kernel === undefined) {
+      t.skip("no guest kernel built (npm run assets); CI=true makes this a failure");
+      return;
+    }
+    const vm = await QemuProcess.launch({
+      machine: { ...tiny, memoryMiB: 128, kernelPath: kernel, kernelArgs: ["quiet"] },
+      runtimeDir: await freshRoot(),
+    });
+    try {
+      assert.ok(vm.args.some((arg) => /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ quiet$/.test(arg)));
+      assert.deepEqual(await vm.exited, { code: 0, signal: null });
+      await vm.stop();
+      assert.match(
+        await readFile(vm.consoleLogPath, "utf8"),
+        /Kernel panic - not syncing: VFS: Unable to mount root fs/,
+      );
+    } catch (error) {
+      t.diagnostic(`console log: ${vm.consoleLogPath}`);
+      throw error;
+    } finally {
+      await vm.kill();
     }
   });
 });
