@@ -352,20 +352,19 @@ export class AgentClient {
   /** Reads a whole file from the guest into memory. */
   async readFileBytes(path: string, opts: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
     const file = await this.readFile(path, opts);
-    const chunks: Uint8Array[] = [];
-    let total = 0;
-    for await (const chunk of file.stream) {
-      chunks.push(chunk as Uint8Array);
-      total += (chunk as Uint8Array).length;
+    // One buffer of the announced size; grown if the file grows while being read.
+    let out = Buffer.allocUnsafeSlow(file.size);
+    let length = 0;
+    for await (const chunk of file.stream as AsyncIterable<Uint8Array>) {
+      if (length + chunk.length > out.length) {
+        const bigger = Buffer.allocUnsafeSlow(Math.max(out.length * 2, length + chunk.length));
+        bigger.set(out.subarray(0, length));
+        out = bigger;
+      }
+      out.set(chunk, length);
+      length += chunk.length;
     }
-    if (chunks.length === 1) return chunks[0]!;
-    const out = new Uint8Array(total);
-    let offset = 0;
-    for (const c of chunks) {
-      out.set(c, offset);
-      offset += c.length;
-    }
-    return out;
+    return new Uint8Array(out.buffer, out.byteOffset, length);
   }
 
   /** Round trip to the agent in milliseconds (high resolution). */

@@ -205,7 +205,12 @@ export class FileReadStream implements StreamHandler {
     this.#link.release(this.stream);
     this.#queue.length = 0;
     this.#info.reject(error);
-    if (!this.readable.destroyed) this.readable.destroy(error);
+    if (this.readable.destroyed) return;
+    // Before FILE_INFO nobody holds the readable: the error goes to readFile()'s promise. After, an
+    // 'error' nobody listens to would crash the host process, so it is only emitted to listeners
+    // (iterating the stream or piping it always listens).
+    if (this.#gotInfo && this.readable.listenerCount("error") > 0) this.readable.destroy(error);
+    else this.readable.destroy();
   }
 
   #pump(): void {

@@ -189,7 +189,7 @@ export class FrameDecoder {
         this.#stream = stream;
         this.#type = type;
         this.#flags = flags;
-        this.#payload = new Uint8Array(length);
+        this.#payload = new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length); // not zero-filled
         this.#payloadFill = 0;
       }
       const payload = this.#payload;

@@ -233,8 +233,12 @@ export class ExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposable {
   }
 
   /** Output and exit as events, in order; the last event is `exit`. */
-  async *[Symbol.asyncIterator](): AsyncIterator<ExecEvent> {
+  [Symbol.asyncIterator](): AsyncIterator<ExecEvent> {
     this.#claim("iterate");
+    return this.#events();
+  }
+
+  async *#events(): AsyncGenerator<ExecEvent> {
     let complete = false;
     try {
       for (;;) {
