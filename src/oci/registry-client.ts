@@ -277,15 +277,25 @@ export class RegistryClient {
           if (res.status === 401) this.#learnChallenge(res.headers.get("www-authenticate"));
           await res.body?.cancel().catch(() => {});
           debug("registry %s: %s /v2/ -> %d", this.registry, origin, res.status);
+          if (scheme === "http" && res.status === 400 && CERT_ERRORS.has(errorCode(lastError) ?? "")) {
+            // It speaks TLS after all ("client sent an HTTP request to an HTTPS server").
+            throw this.#error(
+              "REGISTRY_UNREACHABLE",
+              `TLS certificate of ${this.#host} is not trusted (${errorCode(lastError)}): add its CA with NODE_EXTRA_CA_CERTS`,
+              undefined,
+              lastError,
+            );
+          }
           return origin;
         } catch (err) {
+          if (err instanceof RegistryError) throw err;
           if (isAbort(err, signal)) throw abortError(signal, err);
           lastError = err;
           const code = errorCode(err);
           if (scheme === "https" && CERT_ERRORS.has(code ?? "") && !this.#insecure) {
             throw this.#error(
               "REGISTRY_UNREACHABLE",
-              `TLS certificate of ${this.#host} is not trusted (${code}): add its CA with NODE_EXTRA_CA_CERTS, or list the registry in insecureRegistries to use plain HTTP`,
+              `TLS certificate of ${this.#host} is not trusted (${code}): add its CA certificate with NODE_EXTRA_CA_CERTS=/path/ca.pem (read when node starts)`,
               undefined,
               err,
             );

@@ -336,6 +336,11 @@ describe("TLS", () => {
       code("REGISTRY_UNREACHABLE", (e) => assert.match(e.message, /NODE_EXTRA_CA_CERTS/)),
     );
     await assertClean();
+    // Listed as insecure, it is tried over plain HTTP, which a TLS server answers with 400.
+    await assert.rejects(
+      pullImage(ref, opts({ retries: 0, insecureRegistries: [registry.host] })),
+      code("REGISTRY_UNREACHABLE", (e) => assert.match(e.message, /not trusted.*NODE_EXTRA_CA_CERTS/)),
+    );
     const script = `
       import { pullImage } from ${JSON.stringify(new URL("../../src/oci/pull.ts", import.meta.url).href)};
       const img = await pullImage(process.argv[1], { dataDir: process.argv[2], dockerConfigPath: false });
