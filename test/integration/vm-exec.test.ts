@@ -149,7 +149,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
   vmIt("stages files and chains steps like &&", async () => {
     const out = await vm
       .execBuilder()
-      .stageFile("/tmp/stage/hello.sh", "echo staged $1\n", { mode: 0o755 })
+      .stageFile("/tmp/stage/hello.sh", "#!/bin/sh\necho staged $1\n", { mode: 0o755 })
       .argv(["/tmp/stage/hello.sh", "one"])
       .chain(["sh", "-c", "echo second"])
       .output();
