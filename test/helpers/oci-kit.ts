@@ -5,7 +5,7 @@
  * cases a real registry cannot produce. Real-registry tests use `test/helpers/registry.ts`.
  */
 
-import { createHash, randomBytes } from "node:crypto";
+import { createCipheriv, createHash, randomBytes } from "node:crypto";
 import { mkdir, writeFile } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -140,14 +140,10 @@ export interface ImageOptions {
   readonly seed?: string;
 }
 
+/** Deterministic, incompressible bytes (AES-CTR keystream keyed by the seed). */
 function seededBytes(seed: string, size: number): Buffer {
-  const out = Buffer.alloc(size);
-  let block = createHash("sha256").update(seed).digest();
-  for (let off = 0; off < size; off += block.length) {
-    block.copy(out, off, 0, Math.min(block.length, size - off));
-    block = createHash("sha256").update(block).digest();
-  }
-  return out;
+  const key = createHash("sha256").update(seed).digest().subarray(0, 16);
+  return createCipheriv("aes-128-ctr", key, Buffer.alloc(16)).update(Buffer.alloc(size));
 }
 
 export function makeImage(options: ImageOptions = {}): SyntheticImage {
