@@ -238,7 +238,7 @@ export class QemuProcess {
 
     const dir = await VmStateDir.create({ root, ...(options.id === undefined ? {} : { id: options.id }) });
     const servers: Server[] = [];
-    let console: ConsoleLog | undefined;
+    let consoleLog: ConsoleLog | undefined;
     let child: ChildProcess;
     let args: string[];
     let agentServer: Server | undefined;
@@ -248,14 +248,23 @@ export class QemuProcess {
       const machine: LaunchMachineSpec = { ...options.machine, ...prepared };
       const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
       throwIfAborted(signal);
-      servers.push(await listenUnix(dir.qmpSocketPath));
-      if (options.agent !== false) {
-        agentServer = await listenUnix(dir.agentSocketPath);
+      const [qmpListening, agentListening, consoleOpened] = await Promise.allSettled([
+        listenUnix(dir.qmpSocketPath),
+        options.agent === false ? undefined : listenUnix(dir.agentSocketPath),
+        ConsoleLog.open(dir.consoleLogPath, {
+          ...(options.consoleLogMaxBytes === undefined ? {} : { maxBytes: options.consoleLogMaxBytes }),
+        }),
+      ]);
+      // Record what succeeded first, so that the catch below releases it.
+      if (qmpListening.status === "fulfilled") servers.push(qmpListening.value);
+      if (agentListening.status === "fulfilled" && agentListening.value !== undefined) {
+        agentServer = agentListening.value;
         servers.push(agentServer);
       }
-      console = await ConsoleLog.open(dir.consoleLogPath, {
-        ...(options.consoleLogMaxBytes === undefined ? {} : { maxBytes: options.consoleLogMaxBytes }),
-      });
+      if (consoleOpened.status === "fulfilled") consoleLog = consoleOpened.value;
+      for (const result of [qmpListening, agentListening, consoleOpened]) {
+        if (result.status === "rejected") throw result.reason;
+      }
       args = buildQemuArgs({
         ...machine,
         ...(tscKHz === undefined ? {} : { tscKHz }),
@@ -268,7 +277,7 @@ export class QemuProcess {
       child = await spawnQemu(qemuPath, args, setpriv, options.extraFds ?? []);
     } catch (error) {
       for (const server of servers) server.close();
-      await console?.close();
+      await consoleLog?.close();
       await dir.finish({ keep: false, exit: { exitCode: null, signal: null, reason: "failed" } });
       throw error;
     }
@@ -276,7 +285,7 @@ export class QemuProcess {
     live.add(child);
     installExitHook();
 
-    const qemu = new QemuProcess({ child, dir, args, console, servers, agentServer });
+    const qemu = new QemuProcess({ child, dir, args, console: consoleLog!, servers, agentServer });
     try {
       await qemu.#connectQmp(servers[0]!, {
         timeoutMs: options.timeoutMs ?? DEFAULT_LAUNCH_TIMEOUT_MS,
