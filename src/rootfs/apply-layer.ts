@@ -15,10 +15,11 @@
  *   the same layer survive, in whatever order they appear;
  * - duplicate entries: the later one wins.
  */
-import { closeSync, openSync, writeSync } from "node:fs";
+import { closeSync, openSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import { throwIfAborted } from "./abort.ts";
 import {
+  type ContentRef,
   corrupt,
   type DirNode,
   type FileNode,
@@ -43,19 +44,78 @@ export const DEFAULT_ROOTFS_LIMITS: Readonly<Omit<RootfsLimits, keyof TarLimits>
   maxNodes: 4_000_000,
 });
 
-/** Where content goes: one file per regular-file entry, named by a counter. */
+/**
+ * Where content goes: one append-only file per layer, with a generated name, in a directory
+ * only this build writes to. A file's content is a range of it ({@link ContentRef}). When no
+ * file of the tree refers to a spool file any more (everything it held was replaced or whited
+ * out), it is deleted.
+ */
 export class Spool {
   readonly dir: string;
-  #next = 0;
   /** Bytes of content spooled so far (including content later replaced). */
   totalBytes = 0;
+  #count = 0;
+  #fd: number | undefined;
+  #path = "";
+  #pos = 0;
+  readonly #live = new Map<string, number>();
 
   constructor(dir: string) {
     this.dir = dir;
   }
 
-  allocate(): string {
-    return join(this.dir, String(this.#next++));
+  /** Starts the spool file of the next layer. */
+  beginLayer(): void {
+    this.endLayer();
+    this.#path = join(this.dir, String(this.#count++));
+    this.#fd = openSync(this.#path, "wx", 0o600);
+    this.#pos = 0;
+    this.#live.set(this.#path, 0);
+  }
+
+  /** Closes the current spool file (and deletes it if nothing refers to it). */
+  endLayer(): void {
+    if (this.#fd === undefined) return;
+    closeSync(this.#fd);
+    this.#fd = undefined;
+    this.#maybeDelete(this.#path);
+  }
+
+  /** Appends a body of `size` bytes; returns where it is. */
+  async write(body: AsyncIterable<Buffer>, size: number): Promise<ContentRef> {
+    if (this.#fd === undefined) this.beginLayer();
+    const fd = this.#fd!;
+    const ref: ContentRef = { path: this.#path, offset: this.#pos };
+    for await (const chunk of body) {
+      let off = 0;
+      while (off < chunk.length) {
+        const n = writeSync(fd, chunk, off, chunk.length - off, this.#pos);
+        off += n;
+        this.#pos += n;
+      }
+    }
+    this.totalBytes += size;
+    this.#live.set(this.#path, (this.#live.get(this.#path) ?? 0) + size);
+    return ref;
+  }
+
+  /** `size` bytes at `ref` are no longer needed. */
+  release(ref: ContentRef, size: number): void {
+    if (typeof ref.path !== "string" || !this.#live.has(ref.path)) return;
+    this.#live.set(ref.path, this.#live.get(ref.path)! - size);
+    if (ref.path !== this.#path || this.#fd === undefined) this.#maybeDelete(ref.path);
+  }
+
+  #maybeDelete(path: string): void {
+    if (this.#live.get(path) === 0) {
+      unlinkSync(path);
+      this.#live.delete(path);
+    }
+  }
+
+  /** Spool files still holding content. */
+  get files(): string[] {
+    return [...this.#live.keys()];
   }
 }
 
@@ -86,23 +146,11 @@ function checkId(value: number, what: string, ctx: OpContext): number {
   return value;
 }
 
-async function spoolBody(entry: TarEntry, path: string): Promise<void> {
-  // Exclusive create of a name we generated, in a directory only this build writes to.
-  const fd = openSync(path, "wx", 0o600);
-  try {
-    for await (const chunk of entry.body()) {
-      let off = 0;
-      while (off < chunk.length) off += writeSync(fd, chunk, off, chunk.length - off);
-    }
-  } finally {
-    closeSync(fd);
-  }
-}
-
 export async function applyLayer(options: ApplyLayerOptions): Promise<ApplyLayerResult> {
   const { tree, spool, limits, signal } = options;
   const reader = new TarReader(options.source, { layer: options.layer, limits });
   tree.beginLayer();
+  spool.beginLayer();
   let entries = 0;
   for await (const entry of reader.entries()) {
     throwIfAborted(signal, "applying layers");
@@ -114,15 +162,13 @@ export async function applyLayer(options: ApplyLayerOptions): Promise<ApplyLayer
       if (spool.totalBytes + entry.size > limits.maxTotalBytes) {
         throw unsafe(ctx, `layers expand to more than ${limits.maxTotalBytes} bytes of file content`);
       }
-      // Content goes to a name we generated, never through a path taken from the layer.
-      const path = spool.allocate();
-      await spoolBody(entry, path);
-      spool.totalBytes += entry.size;
-      file.source = path;
+      // Content goes to a file we named, never through a path taken from the layer.
+      file.source = await spool.write(entry.body(), entry.size);
     }
     entries++;
     options.onEntry?.(entries, reader.position);
   }
+  spool.endLayer();
   return { entries, tarBytes: reader.position };
 }
 

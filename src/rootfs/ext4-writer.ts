@@ -1,366 +1,904 @@
 /**
- * Writes an ext4 image from a source directory plus the model of what it should contain:
- * `mke2fs -t ext4 -d DIR` on a sparse file, then one `debugfs -w -f SCRIPT` batch for what an
- * unprivileged host directory cannot carry (owners, exact permission bits, devices, FIFOs, xattrs,
- * times). Deterministic: fixed UUID and hash seed, `E2FSPROGS_FAKE_TIME`, our own `mke2fs.conf`
- * (the host's is ignored), `LC_ALL=C` (mke2fs sorts names with `strcoll`), every inode's times set
- * from the model.
+ * Writes a {@link FileTree} straight into an ext4 image file: no staging directory, no
+ * e2fsprogs, no root. Every byte is decided here, so the same tree always gives the same image.
+ *
+ * Layout (4 KiB blocks, 32768 blocks per group, 256-byte inodes):
+ * - features: has_journal, ext_attr, dir_index | filetype, extent | sparse_super, large_file,
+ *   huge_file, dir_nlink, extra_isize, metadata_csum (crc32c). No flex_bg, 64bit or
+ *   resize_inode: the image is at most 16 TiB and is not grown online;
+ * - each group: [superblock + group descriptors if a backup group] block bitmap, inode bitmap,
+ *   inode table, data. The journal (jbd2 v2, clean, size as mke2fs picks it) comes first in
+ *   group 0's data; then, in inode order, each inode's data, extent leaves, xattr block;
+ * - inodes: 2 root, 8 journal, 11 lost+found, 12… the tree, numbered directory by directory
+ *   (all children of a directory, in byte order of names, then their subdirectories);
+ * - directories are linear (the kernel indexes them when they grow); hardlinks of any file type
+ *   share one inode; xattrs live in the inode when they fit, else in one block;
+ * - unused inode-table blocks and all-zero file blocks are not written: the file is sparse.
  */
-import { spawn } from "node:child_process";
-import { constants } from "node:fs";
-import { access, mkdir, open, writeFile } from "node:fs/promises";
-import { delimiter, join } from "node:path";
+import { closeSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from "node:fs";
+import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
-import { mapAbort, throwIfAborted } from "./abort.ts";
-import { buildFixupScript, clampTime } from "./debugfs-script.ts";
-import type { DirNode, FileTree, HostAttrs, TreeNode } from "./file-tree.ts";
+import { throwIfAborted } from "./abort.ts";
+import { crc32c, crc32cU32 } from "./crc32c.ts";
+import { clampTime } from "./debugfs-script.ts";
+import {
+  compareBytes,
+  type DirNode,
+  type FileNode,
+  type FileTree,
+  MAX_SYMLINK_BYTES,
+  newDir,
+  type TreeNode,
+} from "./file-tree.ts";
+import { ContentReader } from "./materialise-tree.ts";
+import { displayName } from "./tar-reader.ts";
 
 export const BLOCK_SIZE = 4096;
-export const INODE_SIZE = 256;
+const B = BLOCK_SIZE;
+const BLOCKS_PER_GROUP = 32768;
+const INODE_SIZE = 256;
+const EXTRA_ISIZE = 32;
+const FIRST_INO = 11;
+const ROOT_INO = 2;
+const JOURNAL_INO = 8;
+const LPF_INO = 11;
+const DIR_TAIL = 12;
+const DIR_SPACE = B - DIR_TAIL;
+const EXTENTS_PER_BLOCK = (B - 12) / 12; // 340
+const MAX_EXTENT_LEN = 32768;
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
-/** Features of Debian 12's ext4 defaults; all supported by Linux ≥ 4.4. */
-export const EXT4_FEATURES =
-  "has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize,sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr";
 
-const MKE2FS_CONF = `[defaults]
-	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
-	default_mntopts = acl,user_xattr
-	enable_periodic_fsck = 0
-	blocksize = ${BLOCK_SIZE}
-	inode_size = ${INODE_SIZE}
-	inode_ratio = 16384
+// Feature bits.
+const COMPAT = 0x0004 /* has_journal */ | 0x0008 /* ext_attr */ | 0x0020; /* dir_index */
+const INCOMPAT = 0x0002 /* filetype */ | 0x0040; /* extent */
+const RO_COMPAT =
+  0x0001 /* sparse_super */ |
+  0x0002 /* large_file */ |
+  0x0008 /* huge_file */ |
+  0x0020 /* dir_nlink */ |
+  0x0040 /* extra_isize */ |
+  0x0400; /* metadata_csum */
+export const EXT4_FEATURE_NAMES =
+  "has_journal ext_attr dir_index filetype extent sparse_super large_file huge_file dir_nlink extra_isize metadata_csum";
 
-[fs_types]
-	ext4 = {
-		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
-	}
-`;
+const S_IFMT = {
+  dir: 0o040000,
+  file: 0o100000,
+  symlink: 0o120000,
+  char: 0o020000,
+  block: 0o060000,
+  fifo: 0o010000,
+  socket: 0o140000,
+} as const;
+const FT = { file: 1, dir: 2, char: 3, block: 4, fifo: 5, socket: 6, symlink: 7 } as const;
+const EXTENTS_FL = 0x80000;
 
-export interface TreeStats {
-  /** Distinct inodes the image will hold (without the ones mke2fs adds). */
-  inodes: number;
-  /** Bytes the content takes in 4 KiB blocks: file data, directory blocks, long symlinks, xattr blocks. */
-  contentBytes: number;
-  /** Sum of regular-file sizes. */
-  fileBytes: number;
-  /** Newest mtime in the tree (whole seconds), 0 if none. */
-  newestMtime: number;
+/** A run of physical blocks. */
+interface Run {
+  start: number;
+  len: number;
 }
 
-const blocks = (bytes: number): number => Math.ceil(bytes / BLOCK_SIZE);
-
-export function treeStats(root: DirNode): TreeStats {
-  const seen = new Set<TreeNode>();
-  let inodes = 1;
-  let contentBlocks = 0;
-  let fileBytes = 0;
-  let newestMtime = root.mtime;
-  const visit = (dir: DirNode): void => {
-    let dirBytes = 24; // "." and ".."
-    for (const [name, node] of dir.children) {
-      dirBytes += 8 + ((name.length + 3) & ~3);
-      if (node.kind !== "symlink" && node.kind !== "dir" && seen.has(node)) continue;
-      seen.add(node);
-      inodes++;
-      if (node.mtime > newestMtime) newestMtime = node.mtime;
-      if (node.xattrs) {
-        let xattrBytes = 0;
-        for (const [k, v] of node.xattrs) xattrBytes += 16 + ((k.length + 3) & ~3) + ((v.length + 3) & ~3);
-        if (xattrBytes > 96) contentBlocks += 1; // beyond what fits in a 256-byte inode
-      }
-      if (node.kind === "file") {
-        fileBytes += node.size;
-        const b = blocks(node.size);
-        // One extent covers at most 32768 blocks; more than 4 extents need an index block per 340.
-        contentBlocks += b + Math.ceil(Math.ceil(b / 32768) / 340);
-      } else if (node.kind === "symlink" && node.target.length >= 60) {
-        contentBlocks += 1;
-      } else if (node.kind === "dir") {
-        visit(node);
-      }
-    }
-    // Linear directories: 12 bytes of each block hold the checksum tail; allow for slack.
-    contentBlocks += Math.max(1, Math.ceil((dirBytes * 1.25) / (BLOCK_SIZE - 12)));
-  };
-  visit(root);
-  return { inodes, contentBytes: contentBlocks * BLOCK_SIZE, fileBytes, newestMtime };
-}
-
-export interface ImageGeometry {
-  sizeBytes: number;
-  inodes: number;
-}
-
-/**
- * Size of the image: content + requested free space + metadata (inode tables, journal, bitmaps,
- * group descriptors, reserved GDT blocks), rounded up to MiB. Free space defaults to
- * max(1 GiB, 2 × content). An explicit `sizeBytes` is taken as is.
- */
-export function planGeometry(stats: TreeStats, sizeBytes?: number, freeBytes?: number): ImageGeometry {
-  const free = freeBytes ?? Math.max(GiB, 2 * stats.contentBytes);
-  // Room for the files a VM creates: one inode per 16 KiB of free space, at least 16384.
-  const inodes = stats.inodes + Math.max(16384, Math.ceil(free / 16384)) + 16;
-  if (sizeBytes !== undefined) return { sizeBytes, inodes };
-  const base = stats.contentBytes + free + inodes * INODE_SIZE;
-  const journalBlocks =
-    base / BLOCK_SIZE < 256 * 1024
-      ? 4096
-      : base / BLOCK_SIZE < 512 * 1024
-        ? 8192
-        : base / BLOCK_SIZE < 4096 * 1024
-          ? 16384
-          : base / BLOCK_SIZE < 8192 * 1024
-            ? 32768
-            : base / BLOCK_SIZE < 16384 * 1024
-              ? 65536
-              : base / BLOCK_SIZE < 32768 * 1024
-                ? 131072
-                : 262144;
-  const overhead = journalBlocks * BLOCK_SIZE * 2 + base * 0.02 + 16 * MiB;
-  return { sizeBytes: Math.ceil((base + overhead) / MiB) * MiB, inodes };
-}
-
-/** Finds an e2fsprogs binary in PATH, then in the sbin directories a non-root PATH often lacks. */
-export async function findTool(name: string): Promise<string> {
-  const dirs = [
-    ...(process.env.PATH ?? "").split(delimiter).filter(Boolean),
-    "/usr/sbin",
-    "/sbin",
-    "/usr/local/sbin",
-  ];
-  for (const dir of dirs) {
-    const candidate = join(dir, name);
-    try {
-      await access(candidate, constants.X_OK);
-      return candidate;
-    } catch {}
-  }
-  throw new SupermachineError(
-    "HOST_UNSUPPORTED",
-    `${name} not found: install e2fsprogs ≥ 1.47.0 (apt-get install e2fsprogs) to build root filesystem images`,
-  );
-}
-
-interface RunResult {
-  stdout: string;
-  stderr: string;
-  code: number | null;
-}
-
-const MAX_CAPTURE = 4 * MiB;
-
-function run(
-  file: string,
-  args: string[],
-  env: NodeJS.ProcessEnv,
-  signal: AbortSignal | undefined,
-  stdoutMode: "ignore" | "capture" | "debugfs",
-): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, {
-      env,
-      stdio: ["ignore", "pipe", "pipe"],
-      signal,
-      killSignal: "SIGKILL",
-    });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("latin1");
-    child.stderr.setEncoding("latin1");
-    child.stdout.on("data", (d: string) => {
-      if (stdoutMode === "ignore" || stdout.length >= MAX_CAPTURE) return;
-      if (stdoutMode === "capture") {
-        stdout += d;
-        return;
-      }
-      // Keep only what is not an echo of a script line (debugfs prints "debugfs: CMD" for each).
-      for (const line of d.split("\n")) {
-        if (line === "" || line.startsWith("debugfs: ") || line.startsWith("Allocated inode:")) continue;
-        stdout += `${line}\n`;
-      }
-    });
-    child.stderr.on("data", (d: string) => {
-      if (stderr.length < MAX_CAPTURE) stderr += d;
-    });
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ stdout, stderr, code }));
-  });
-}
-
-function tail(text: string, lines = 20): string {
-  return text.trim().split("\n").slice(-lines).join("\n");
+interface Inode {
+  ino: number;
+  node: TreeNode;
+  /** Directories: their entries (".", ".." included) and parent. */
+  entries?: { name: string; ino: number; type: number }[];
+  links: number;
+  dataBlocks: number;
+  runs: Run[];
+  leafBlocks: number[];
+  xattrInline?: Buffer | undefined;
+  xattrBlock?: Buffer | undefined;
+  xattrBlockNr?: number;
 }
 
 export interface Ext4WriteOptions {
   tree: FileTree;
-  /** Directory `mke2fs -d` copies. */
-  sourceDir: string;
   /** Image file to create (must not exist). */
   imagePath: string;
-  /** Scratch directory for the config, the script and xattr values. */
-  workDir: string;
+  /** Exact image size; default: content + `freeBytes` + metadata. */
   sizeBytes?: number | undefined;
+  /** Free space to leave. Default max(1 GiB, 2 × content). */
   freeBytes?: number | undefined;
   uuid: string;
   hashSeed: string;
   label: string;
-  /** Let mke2fs copy the source directory's xattrs (directory builds); layer builds set them all from the model. */
-  copyHostXattrs: boolean;
+  /** fsync the image before returning (default true). */
+  durable?: boolean | undefined;
   signal?: AbortSignal | undefined;
-  onPhase?: ((phase: "mkfs" | "fixup") => void) | undefined;
 }
 
 export interface Ext4WriteResult {
   sizeBytes: number;
-  /** Free space in the file system after building (what a VM can write). */
   freeBytes: number;
-  /** Free inodes after building. */
   freeInodes: number;
+  /** Inodes holding the tree (root and lost+found included). */
   inodes: number;
-  contentBytes: number;
   fileBytes: number;
-  fixupCommands: number;
   skippedXattrs: { path: string; name: string }[];
-  /** Seconds since the epoch used for every time e2fsprogs would otherwise take from the clock. */
-  fakeTime: number;
-  mkfsMs: number;
-  fixupMs: number;
+  /** Seconds since the epoch stamped as creation time (newest mtime of the tree, ≥ 1). */
+  createdTime: number;
+  layoutMs: number;
+  writeMs: number;
 }
 
-export async function writeExt4(options: Ext4WriteOptions): Promise<Ext4WriteResult> {
+function uuidBytes(uuid: string): Buffer {
+  return Buffer.from(uuid.replaceAll("-", ""), "hex");
+}
+
+/** jbd2 journal size mke2fs picks for a file system of `blocks` blocks. */
+export function defaultJournalBlocks(blocks: number): number {
+  if (blocks < 2048) return 0;
+  if (blocks < 32768) return 1024;
+  if (blocks < 256 * 1024) return 4096;
+  if (blocks < 512 * 1024) return 8192;
+  if (blocks < 4096 * 1024) return 16384;
+  if (blocks < 8192 * 1024) return 32768;
+  if (blocks < 16384 * 1024) return 65536;
+  if (blocks < 32768 * 1024) return 131072;
+  return 262144;
+}
+
+function isPowerOf(n: number, base: number): boolean {
+  while (n > 1 && n % base === 0) n /= base;
+  return n === 1;
+}
+
+/** sparse_super: groups 0, 1 and powers of 3, 5, 7 hold superblock backups. */
+export function hasSuperblock(group: number): boolean {
+  return group <= 1 || isPowerOf(group, 3) || isPowerOf(group, 5) || isPowerOf(group, 7);
+}
+
+/** Splits an ext4 timestamp into the 32-bit field and the epoch bits of the `_extra` field. */
+export function encodeTime(t: number): [number, number] {
+  const c = clampTime(t);
+  const epoch = Math.floor((c + 2 ** 31) / 2 ** 32);
+  return [c - epoch * 2 ** 32, epoch];
+}
+
+// ---- extended attributes ----
+
+const XATTR_INDEX: [string, number][] = [
+  ["system.posix_acl_default", 3],
+  ["system.posix_acl_access", 2],
+  ["security.", 6],
+  ["trusted.", 4],
+  ["user.", 1],
+];
+
+function xattrIndex(name: string): [number, string] | undefined {
+  for (const [prefix, index] of XATTR_INDEX) {
+    if (prefix.endsWith(".") ? name.startsWith(prefix) && name.length > prefix.length : name === prefix) {
+      return [index, name.slice(prefix.length)];
+    }
+  }
+  return undefined;
+}
+
+/** POSIX ACL xattr (VFS format, version 2) → ext4 on-disk ACL (version 1). */
+function aclToDisk(value: Buffer): Buffer | undefined {
+  if (value.length < 4 || (value.length - 4) % 8 !== 0 || value.readUInt32LE(0) !== 2) return undefined;
+  const parts: Buffer[] = [Buffer.from([1, 0, 0, 0])];
+  for (let off = 4; off < value.length; off += 8) {
+    const tag = value.readUInt16LE(off);
+    const perm = value.readUInt16LE(off + 2);
+    if (tag === 0x01 || tag === 0x04 || tag === 0x10 || tag === 0x20) {
+      const e = Buffer.alloc(4);
+      e.writeUInt16LE(tag, 0);
+      e.writeUInt16LE(perm, 2);
+      parts.push(e);
+    } else if (tag === 0x02 || tag === 0x08) {
+      const e = Buffer.alloc(8);
+      e.writeUInt16LE(tag, 0);
+      e.writeUInt16LE(perm, 2);
+      e.writeUInt32LE(value.readUInt32LE(off + 4), 4);
+      parts.push(e);
+    } else {
+      return undefined;
+    }
+  }
+  return Buffer.concat(parts);
+}
+
+interface XattrEntry {
+  index: number;
+  name: Buffer;
+  value: Buffer;
+}
+
+function entryHash(e: XattrEntry): number {
+  let hash = 0;
+  for (const c of e.name) hash = ((hash << 5) ^ (hash >>> 27) ^ c) >>> 0;
+  const padded = Buffer.alloc((e.value.length + 3) & ~3);
+  e.value.copy(padded);
+  for (let i = 0; i < padded.length; i += 4)
+    hash = ((hash << 16) ^ (hash >>> 16) ^ padded.readUInt32LE(i)) >>> 0;
+  return hash;
+}
+
+const entrySize = (e: XattrEntry): number => (16 + e.name.length + 3) & ~3;
+const valueSize = (e: XattrEntry): number => (e.value.length + 3) & ~3;
+
+/** Lays entries out: entries from `entriesStart` forward, values from the end backward. */
+function packXattrs(
+  buf: Buffer,
+  entriesStart: number,
+  end: number,
+  offsetBase: number,
+  entries: XattrEntry[],
+  withHash: boolean,
+): void {
+  let e = entriesStart;
+  let v = end;
+  for (const x of entries) {
+    v -= valueSize(x);
+    x.value.copy(buf, v);
+    buf.writeUInt8(x.name.length, e);
+    buf.writeUInt8(x.index, e + 1);
+    buf.writeUInt16LE(v - offsetBase, e + 2);
+    buf.writeUInt32LE(0, e + 4);
+    buf.writeUInt32LE(x.value.length, e + 8);
+    buf.writeUInt32LE(withHash ? entryHash(x) : 0, e + 12);
+    x.name.copy(buf, e + 16);
+    e += entrySize(x);
+  }
+  buf.writeUInt32LE(0, e);
+}
+
+// ---- the writer ----
+
+export async function writeExt4Image(options: Ext4WriteOptions): Promise<Ext4WriteResult> {
   const { tree, signal } = options;
-  const [mke2fs, debugfs, dumpe2fs] = await Promise.all([
-    findTool("mke2fs"),
-    findTool("debugfs"),
-    findTool("dumpe2fs"),
-  ]);
-  if (
-    tree.root.children.get("lost+found")?.kind !== undefined &&
-    tree.root.children.get("lost+found")?.kind !== "dir"
-  ) {
+  const t0 = performance.now();
+  const uuid = uuidBytes(options.uuid);
+  const csumSeed = crc32c(0xffffffff, uuid);
+  const skippedXattrs: { path: string; name: string }[] = [];
+
+  // 1. Number the inodes, directory by directory.
+  const inodes: Inode[] = [];
+  const byNode = new Map<TreeNode, Inode>();
+  let newest = tree.root.mtime;
+  const add = (ino: number, node: TreeNode): Inode => {
+    const i: Inode = { ino, node, links: 0, dataBlocks: 0, runs: [], leafBlocks: [] };
+    inodes.push(i);
+    byNode.set(node, i);
+    if (node.mtime > newest) newest = node.mtime;
+    return i;
+  };
+  const root = add(ROOT_INO, tree.root);
+  const treeLpf = tree.root.children.get("lost+found");
+  if (treeLpf !== undefined && treeLpf.kind !== "dir") {
     throw new SupermachineError(
       "ROOTFS_BUILD",
       "the image has a /lost+found that is not a directory; ext4 needs that name",
     );
   }
-  const stats = treeStats(tree.root);
-  const geometry = planGeometry(stats, options.sizeBytes, options.freeBytes);
-  const fakeTime = Math.min(2 ** 32 - 1, Math.max(1, clampTime(stats.newestMtime)));
-  const env: NodeJS.ProcessEnv = {
-    PATH: process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin",
-    LC_ALL: "C",
-    MKE2FS_CONFIG: join(options.workDir, "mke2fs.conf"),
-    E2FSPROGS_FAKE_TIME: String(fakeTime),
+  const createdTime = Math.min(2 ** 32 - 1, Math.max(1, clampTime(newest)));
+  const lpfNode: DirNode =
+    (treeLpf as DirNode | undefined) ??
+    newDir({ mode: 0o700, uid: 0, gid: 0, mtime: createdTime, xattrs: undefined });
+  const lpf = add(LPF_INO, lpfNode);
+  let next = FIRST_INO + 1;
+  const paths = new Map<Inode, string>([
+    [root, "/"],
+    [lpf, "/lost+found"],
+  ]);
+  const queue: [Inode, Inode, string][] = [[root, root, "/"]];
+  while (queue.length > 0) {
+    const [dirIno, parentIno, dirPath] = queue.shift()!;
+    const dir = dirIno.node as DirNode;
+    const entries: { name: string; ino: number; type: number }[] = [
+      { name: ".", ino: dirIno.ino, type: FT.dir },
+      { name: "..", ino: parentIno.ino, type: FT.dir },
+    ];
+    if (dirIno === root) entries.push({ name: "lost+found", ino: LPF_INO, type: FT.dir });
+    const subdirs: [Inode, string][] = [];
+    for (const name of [...dir.children.keys()].sort(compareBytes)) {
+      const node = dir.children.get(name)!;
+      if (dirIno === root && name === "lost+found") continue; // inode 11, listed third
+      const child = byNode.get(node) ?? add(next++, node);
+      entries.push({ name, ino: child.ino, type: FT[node.kind] });
+      const childPath = `${dirPath}${name}`;
+      if (!paths.has(child)) paths.set(child, childPath);
+      if (node.kind === "dir") subdirs.push([child, `${childPath}/`]);
+      else child.links++;
+    }
+    dirIno.entries = entries;
+    dirIno.links = 2 + subdirs.length + (dirIno === root ? 1 : 0);
+    if (dirIno.links >= 65000) dirIno.links = 1; // dir_nlink
+    for (const [child, p] of subdirs) queue.push([child, dirIno, p]);
+    if (dirIno === root) queue.push([lpf, root, "/lost+found/"]);
+  }
+  const maxIno = next - 1;
+
+  // 2. What each inode needs: data blocks, xattrs.
+  let fileBytes = 0;
+  let contentBlocks = 0;
+  for (const i of inodes) {
+    const node = i.node;
+    if (node.kind === "file") {
+      fileBytes += node.size;
+      i.dataBlocks = Math.ceil(node.size / B);
+    } else if (node.kind === "dir") {
+      i.dataBlocks = dirBlocks(i.entries!).length;
+      if (i.ino === LPF_INO) i.dataBlocks = Math.max(i.dataBlocks, 4); // room for e2fsck, as mke2fs makes it
+    } else if (node.kind === "symlink") {
+      if (node.target.length > MAX_SYMLINK_BYTES)
+        throw new SupermachineError("ROOTFS_BUILD", "symlink target too long");
+      i.dataBlocks = node.target.length < 60 ? 0 : 1;
+    }
+    encodeXattrs(i, paths.get(i) ?? "?", skippedXattrs);
+    // Upper bound of extent leaves: runs break at most once per group.
+    const runsMax = i.dataBlocks === 0 ? 0 : Math.ceil(i.dataBlocks / (BLOCKS_PER_GROUP - 2100)) + 1;
+    contentBlocks +=
+      i.dataBlocks + (runsMax > 4 ? Math.ceil(runsMax / EXTENTS_PER_BLOCK) : 0) + (i.xattrBlock ? 1 : 0);
+  }
+
+  // 3. Geometry.
+  const free = options.freeBytes ?? Math.max(GiB, 2 * contentBlocks * B);
+  const inodesWanted = maxIno + Math.max(16384, Math.ceil(free / 16384));
+  const minGroups = Math.ceil(inodesWanted / BLOCKS_PER_GROUP);
+  const geometry = (blocks: number) => {
+    const groups = Math.ceil(blocks / BLOCKS_PER_GROUP);
+    const ipg = Math.min(BLOCKS_PER_GROUP, Math.max(16, Math.ceil(inodesWanted / groups / 16) * 16));
+    const gdtBlocks = Math.ceil((groups * 32) / B);
+    const itb = (ipg * INODE_SIZE) / B;
+    let overhead = 0;
+    for (let g = 0; g < groups; g++) overhead += (hasSuperblock(g) ? 1 + gdtBlocks : 0) + 2 + itb;
+    return { groups, ipg, gdtBlocks, itb, overhead };
   };
-  await writeFile(env.MKE2FS_CONFIG!, MKE2FS_CONF, { flag: "wx" });
-
-  // A sparse file of the final size; mke2fs assumes it is zeroed (it is) and writes only metadata.
-  const fh = await open(options.imagePath, "wx", 0o644);
-  try {
-    await fh.truncate(geometry.sizeBytes);
-  } finally {
-    await fh.close();
+  let blocks: number;
+  if (options.sizeBytes !== undefined) {
+    blocks = Math.floor(options.sizeBytes / B);
+  } else {
+    blocks = Math.max(contentBlocks + Math.ceil(free / B) + 1024, (minGroups - 1) * BLOCKS_PER_GROUP + 4096);
+    for (;;) {
+      const g = geometry(blocks);
+      const need = contentBlocks + Math.ceil(free / B) + defaultJournalBlocks(blocks) + g.overhead + 64;
+      if (blocks >= need) break;
+      blocks = need;
+    }
+    blocks = Math.ceil(blocks / 256) * 256; // whole MiB
   }
-
-  options.onPhase?.("mkfs");
-  const t0 = performance.now();
-  const extended = [
-    `hash_seed=${options.hashSeed}`,
-    "root_owner=0:0",
-    "assume_storage_prezeroed=1",
-    "nodiscard",
-    ...(options.copyHostXattrs ? [] : ["no_copy_xattrs"]),
-  ].join(",");
-  const mkfsArgs = [
-    "-q",
-    "-F",
-    "-t",
-    "ext4",
-    "-b",
-    String(BLOCK_SIZE),
-    "-I",
-    String(INODE_SIZE),
-    "-N",
-    String(geometry.inodes),
-    "-m",
-    "0",
-    "-L",
-    options.label,
-    "-U",
-    options.uuid,
-    "-O",
-    EXT4_FEATURES,
-    "-E",
-    extended,
-    "-d",
-    options.sourceDir,
-    options.imagePath,
-  ];
-  let result: RunResult;
-  try {
-    result = await run(mke2fs, mkfsArgs, env, signal, "ignore");
-  } catch (err) {
-    throw mapAbort(err, signal, "building the image") as Error;
+  // A last group too small for its own metadata is dropped (as mke2fs does).
+  {
+    const g = geometry(blocks);
+    const last = blocks - (g.groups - 1) * BLOCKS_PER_GROUP;
+    const lastOverhead = (hasSuperblock(g.groups - 1) ? 1 + g.gdtBlocks : 0) + 2 + g.itb;
+    if (g.groups > 1 && last < lastOverhead + 64) {
+      if (options.sizeBytes !== undefined) blocks = (g.groups - 1) * BLOCKS_PER_GROUP;
+      else blocks += lastOverhead + 64 - last;
+    }
   }
-  throwIfAborted(signal, "building the image");
-  if (result.code !== 0) {
-    const full = /Could not allocate block|No space left|while populating/i.test(result.stderr);
+  const geo = geometry(blocks);
+  const { groups, ipg, gdtBlocks, itb } = geo;
+  const inodeCount = groups * ipg;
+  const journalBlocks = defaultJournalBlocks(blocks);
+  if (inodeCount < maxIno + 1 || blocks < contentBlocks + journalBlocks + geo.overhead) {
     throw new SupermachineError(
       "ROOTFS_BUILD",
-      `mke2fs failed (exit ${result.code})${full ? `; the image (${geometry.sizeBytes} bytes) may be too small for the content (~${stats.contentBytes} bytes)` : ""}: ${tail(result.stderr)}`,
+      `the image is too small: ${blocks * B} bytes for ${(contentBlocks + journalBlocks + geo.overhead) * B} bytes of content and metadata`,
     );
   }
-  const mkfsMs = performance.now() - t0;
+  if (blocks >= 2 ** 32)
+    throw new SupermachineError("ROOTFS_BUILD", "images larger than 16 TiB are not supported");
 
-  options.onPhase?.("fixup");
+  // 4. Block allocation.
+  const groupStart = (g: number): number => g * BLOCKS_PER_GROUP;
+  const groupEnd = (g: number): number => Math.min(blocks, (g + 1) * BLOCKS_PER_GROUP);
+  const meta = (g: number) => {
+    const s = groupStart(g);
+    const sb = hasSuperblock(g);
+    const bbitmap = s + (sb ? 1 + gdtBlocks : 0);
+    return { sb, bbitmap, ibitmap: bbitmap + 1, itable: bbitmap + 2, dataStart: bbitmap + 2 + itb };
+  };
+  const metas = Array.from({ length: groups }, (_, g) => meta(g));
+  const bitmaps = Array.from({ length: groups }, () => Buffer.alloc(B));
+  const used = new Uint32Array(groups); // blocks used per group
+  const mark = (start: number, len: number): void => {
+    for (let b = start; b < start + len; b++) {
+      const g = Math.floor(b / BLOCKS_PER_GROUP);
+      const i = b - g * BLOCKS_PER_GROUP;
+      bitmaps[g]![i >> 3]! |= 1 << (i & 7);
+      used[g]!++;
+    }
+  };
+  for (let g = 0; g < groups; g++) mark(groupStart(g), metas[g]!.dataStart - groupStart(g));
+  let cursor = metas[0]!.dataStart;
+  const alloc = (n: number): Run[] => {
+    const runs: Run[] = [];
+    while (n > 0) {
+      const g = Math.floor(cursor / BLOCKS_PER_GROUP);
+      if (g >= groups)
+        throw new SupermachineError("ROOTFS_BUILD", "ran out of space while laying out the image");
+      if (cursor < metas[g]!.dataStart) cursor = metas[g]!.dataStart;
+      const len = Math.min(n, groupEnd(g) - cursor, MAX_EXTENT_LEN);
+      if (len <= 0) {
+        cursor = groupStart(g + 1);
+        continue;
+      }
+      const last = runs[runs.length - 1];
+      if (last && last.start + last.len === cursor && last.len + len <= MAX_EXTENT_LEN) last.len += len;
+      else runs.push({ start: cursor, len });
+      mark(cursor, len);
+      cursor += len;
+      n -= len;
+    }
+    return runs;
+  };
+  const journalRuns = alloc(journalBlocks);
+  const journal: Inode = {
+    ino: JOURNAL_INO,
+    node: newDir(),
+    links: 1,
+    dataBlocks: journalBlocks,
+    runs: journalRuns,
+    leafBlocks: [],
+  };
+  if (journalRuns.length > 4) {
+    for (const r of alloc(Math.ceil(journalRuns.length / EXTENTS_PER_BLOCK))) {
+      for (let k = 0; k < r.len; k++) journal.leafBlocks.push(r.start + k);
+    }
+  }
+  const allocInode = (i: Inode): void => {
+    i.runs = alloc(i.dataBlocks);
+    if (i.runs.length > 4) {
+      const leaves = Math.ceil(i.runs.length / EXTENTS_PER_BLOCK);
+      if (leaves > 4) throw new SupermachineError("ROOTFS_BUILD", `file ${paths.get(i)} is too fragmented`);
+      for (const r of alloc(leaves)) for (let k = 0; k < r.len; k++) i.leafBlocks.push(r.start + k);
+    }
+    if (i.xattrBlock) i.xattrBlockNr = alloc(1)[0]!.start;
+  };
+  inodes.sort((a, b) => a.ino - b.ino);
+  for (const i of inodes) allocInode(i);
+  const layoutMs = performance.now() - t0;
+  throwIfAborted(signal, "writing the image");
+
+  // 5. Write.
   const t1 = performance.now();
-  const rootProduced: HostAttrs = { uid: 0, gid: 0, mode: 0o755, mtime: fakeTime, atime: fakeTime };
-  const xattrDir = join(options.workDir, "xattr");
-  const plan = buildFixupScript(tree.root, { rootProduced, xattrDir });
-  if (plan.xattrValues.size > 0) {
-    await mkdir(xattrDir, { mode: 0o700 });
-    for (const [file, value] of plan.xattrValues) await writeFile(file, value, { flag: "wx", mode: 0o600 });
-  }
-  const scriptPath = join(options.workDir, "fixup.debugfs");
-  await writeFile(scriptPath, plan.script, { flag: "wx", mode: 0o600 });
+  const fd = openSync(options.imagePath, "wx", 0o644);
+  const content = new ContentReader();
   try {
-    result = await run(debugfs, ["-w", "-f", scriptPath, options.imagePath], env, signal, "debugfs");
-  } catch (err) {
-    throw mapAbort(err, signal, "building the image") as Error;
-  }
-  throwIfAborted(signal, "building the image");
-  // debugfs exits 0 even when commands fail: anything on stderr but its banner is a failure.
-  const problems = result.stderr
-    .split("\n")
-    .filter((l) => l.trim() !== "" && !/^debugfs [0-9.]+ \(/.test(l))
-    .concat(result.stdout.split("\n").filter((l) => l.trim() !== ""));
-  if (result.code !== 0 || problems.length > 0) {
-    throw new SupermachineError(
-      "ROOTFS_BUILD",
-      `debugfs failed to finish the image (exit ${result.code}): ${problems.slice(0, 20).join("\n")}`,
-    );
-  }
-  const fixupMs = performance.now() - t1;
+    ftruncateSync(fd, blocks * B);
+    const writeAt = (buf: Buffer, block: number): void => {
+      let off = 0;
+      while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off, block * B + off);
+    };
+    const itables = new Map<number, Buffer>(); // group → its inode table (groups with inodes only)
+    const putInode = (ino: number, raw: Buffer): void => {
+      const g = Math.floor((ino - 1) / ipg);
+      let t = itables.get(g);
+      if (t === undefined) {
+        t = Buffer.alloc(ipg * INODE_SIZE);
+        itables.set(g, t);
+      }
+      raw.copy(t, ((ino - 1) % ipg) * INODE_SIZE);
+    };
+    const inodeSeed = (ino: number): number => crc32cU32(crc32cU32(csumSeed, ino), 0);
 
-  result = await run(dumpe2fs, ["-h", options.imagePath], env, signal, "capture").catch((err) => {
-    throw mapAbort(err, signal, "building the image");
+    // File data, in inode order (sequential on disk), skipping all-zero blocks.
+    const buf = Buffer.allocUnsafe(4 * MiB);
+    let written = 0;
+    for (const i of inodes) {
+      const node = i.node;
+      if (node.kind === "file" && node.size > 0) {
+        await copyFile(node, i.runs);
+        written += node.size;
+        if (written >= 64 * MiB) {
+          written = 0;
+          await yieldToLoop();
+          throwIfAborted(signal, "writing the image");
+        }
+      }
+    }
+
+    async function copyFile(node: FileNode, runs: Run[]): Promise<void> {
+      const src = content.fd(node.source!.path);
+      let logical = 0; // bytes of the file done
+      for (const run of runs) {
+        let runDone = 0;
+        const runBytes = Math.min(run.len * B, node.size - logical);
+        while (runDone < runBytes) {
+          const want = Math.min(buf.length, runBytes - runDone);
+          let got = 0;
+          while (got < want) {
+            const n = readSync(src, buf, got, want - got, node.source!.offset + logical + runDone + got);
+            if (n === 0)
+              throw new SupermachineError(
+                "ROOTFS_BUILD",
+                `content of a file ended early (${String(node.source!.path)})`,
+              );
+            got += n;
+          }
+          // Write block by block, leaving all-zero blocks as holes of the sparse image.
+          let s = 0;
+          while (s < got) {
+            while (s < got && isZero(buf, s, Math.min(got, s + B))) s += B;
+            let e = s;
+            while (e < got && !isZero(buf, e, Math.min(got, e + B))) e += B;
+            e = Math.min(e, got);
+            let off = s;
+            while (off < e) off += writeSync(fd, buf, off, e - off, run.start * B + runDone + off);
+            s = e;
+          }
+          runDone += got;
+        }
+        logical += runBytes;
+      }
+    }
+
+    // Inodes and their metadata blocks.
+    const dirCount = new Uint32Array(groups);
+    let done = 0;
+    for (const i of [journal, ...inodes]) {
+      if (++done % 4096 === 0) {
+        await yieldToLoop();
+        throwIfAborted(signal, "writing the image");
+      }
+      const raw = Buffer.alloc(INODE_SIZE);
+      const node = i.node;
+      const isJournal = i === journal;
+      const kind = isJournal ? "file" : node.kind;
+      const mode = isJournal ? 0o600 : node.mode;
+      raw.writeUInt16LE(S_IFMT[kind] | (mode & 0o7777), 0);
+      const uid = isJournal ? 0 : node.uid;
+      const gid = isJournal ? 0 : node.gid;
+      raw.writeUInt16LE(uid & 0xffff, 2);
+      raw.writeUInt16LE(uid >>> 16, 0x78);
+      raw.writeUInt16LE(gid & 0xffff, 24);
+      raw.writeUInt16LE(gid >>> 16, 0x7a);
+      const [t, te] = encodeTime(isJournal ? createdTime : node.mtime);
+      raw.writeInt32LE(t, 8); // atime
+      raw.writeInt32LE(t, 12); // ctime
+      raw.writeInt32LE(t, 16); // mtime
+      raw.writeUInt32LE(te, 0x84); // ctime_extra
+      raw.writeUInt32LE(te, 0x88); // mtime_extra
+      raw.writeUInt32LE(te, 0x8c); // atime_extra
+      raw.writeUInt32LE(createdTime, 0x90); // crtime
+      raw.writeUInt16LE(i.links, 26);
+      raw.writeUInt16LE(EXTRA_ISIZE, 0x80);
+      let size = 0;
+      let flags = 0;
+      let blocksUsed = 0;
+      if (kind === "file" || kind === "dir" || (kind === "symlink" && i.dataBlocks > 0)) {
+        flags |= EXTENTS_FL;
+        raw.set(extentRoot(i, inodeSeed(i.ino), writeAt), 40);
+        blocksUsed = i.dataBlocks + i.leafBlocks.length;
+        if (isJournal) size = journalBlocks * B;
+        else if (node.kind === "file") size = node.size;
+        else if (node.kind === "dir") size = i.dataBlocks * B;
+        else if (node.kind === "symlink") size = node.target.length;
+      } else if (node.kind === "symlink") {
+        size = node.target.length;
+        raw.write(node.target, 40, "latin1");
+      } else if (node.kind === "char" || node.kind === "block") {
+        const { major, minor } = node;
+        if (major < 256 && minor < 256) raw.writeUInt32LE(major * 256 + minor, 40);
+        else raw.writeUInt32LE(((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0, 44);
+      }
+      if (i.xattrBlockNr !== undefined) {
+        raw.writeUInt32LE(i.xattrBlockNr, 104);
+        blocksUsed++;
+      }
+      raw.writeUInt32LE(flags, 32);
+      raw.writeUInt32LE(size % 2 ** 32, 4);
+      raw.writeUInt32LE(Math.floor(size / 2 ** 32), 108);
+      const sectors = blocksUsed * (B / 512);
+      raw.writeUInt32LE(sectors % 2 ** 32, 28);
+      raw.writeUInt16LE(Math.floor(sectors / 2 ** 32), 0x74);
+      if (i.xattrInline) i.xattrInline.copy(raw, 128 + EXTRA_ISIZE);
+      const crc = crc32c(inodeSeed(i.ino), raw);
+      raw.writeUInt16LE(crc & 0xffff, 0x7c);
+      raw.writeUInt16LE(crc >>> 16, 0x82);
+      putInode(i.ino, raw);
+      if (kind === "dir") dirCount[Math.floor((i.ino - 1) / ipg)]!++;
+
+      // Directory blocks, slow symlink, xattr block.
+      if (!isJournal && node.kind === "dir") {
+        const blocksData = dirBlocks(i.entries!);
+        while (blocksData.length < i.dataBlocks) blocksData.push(emptyDirBlock());
+        const seed = inodeSeed(i.ino);
+        const physical = runBlocks(i.runs);
+        blocksData.forEach((block, k) => {
+          block.writeUInt32LE(crc32c(seed, block, 0, DIR_SPACE), B - 4);
+          writeAt(block, physical[k]!);
+        });
+      } else if (!isJournal && node.kind === "symlink" && i.dataBlocks > 0) {
+        const block = Buffer.alloc(B);
+        block.write(node.target, 0, "latin1");
+        writeAt(block, i.runs[0]!.start);
+      }
+      if (i.xattrBlock && i.xattrBlockNr !== undefined) {
+        const block = i.xattrBlock;
+        const nr = Buffer.alloc(8);
+        nr.writeUInt32LE(i.xattrBlockNr, 0);
+        block.writeUInt32LE(0, 16);
+        block.writeUInt32LE(crc32c(crc32c(csumSeed, nr), block), 16);
+        writeAt(block, i.xattrBlockNr);
+      }
+    }
+
+    // Journal superblock (big-endian, jbd2 v2, clean: s_start = 0).
+    if (journalBlocks > 0) {
+      const jsb = Buffer.alloc(B);
+      jsb.writeUInt32BE(0xc03b3998, 0);
+      jsb.writeUInt32BE(4, 4); // superblock v2
+      jsb.writeUInt32BE(B, 12);
+      jsb.writeUInt32BE(journalBlocks, 16);
+      jsb.writeUInt32BE(1, 20); // s_first
+      jsb.writeUInt32BE(1, 24); // s_sequence
+      uuid.copy(jsb, 0x30);
+      jsb.writeUInt32BE(1, 0x40); // s_nr_users
+      writeAt(jsb, journalRuns[0]!.start);
+    }
+
+    // Inode tables (used part), bitmaps, group descriptors.
+    const usedInodes = new Uint32Array(groups);
+    const lastUsed = new Uint32Array(groups);
+    const inodeBitmaps = Array.from({ length: groups }, () => Buffer.alloc(B));
+    const markInode = (ino: number): void => {
+      const g = Math.floor((ino - 1) / ipg);
+      const idx = (ino - 1) % ipg;
+      inodeBitmaps[g]![idx >> 3]! |= 1 << (idx & 7);
+      usedInodes[g]!++;
+      lastUsed[g] = Math.max(lastUsed[g]!, idx + 1);
+    };
+    for (let ino = 1; ino < FIRST_INO; ino++) markInode(ino);
+    for (const i of inodes) if (i.ino !== ROOT_INO) markInode(i.ino);
+    for (const [g, table] of itables) writeAt(table.subarray(0, lastUsed[g]! * INODE_SIZE), metas[g]!.itable);
+    const gdt = Buffer.alloc(gdtBlocks * B);
+    let freeBlocks = 0;
+    let freeInodes = 0;
+    for (let g = 0; g < groups; g++) {
+      const bb = bitmaps[g]!;
+      const groupBlocks = groupEnd(g) - groupStart(g);
+      for (let k = groupBlocks; k < BLOCKS_PER_GROUP; k++) bb[k >> 3]! |= 1 << (k & 7); // past the end: "used"
+      const ib = inodeBitmaps[g]!;
+      for (let k = ipg; k < B * 8; k++) ib[k >> 3]! |= 1 << (k & 7); // padding
+      writeAt(bb, metas[g]!.bbitmap);
+      writeAt(ib, metas[g]!.ibitmap);
+      const gFreeBlocks = groupBlocks - used[g]!;
+      const gFreeInodes = ipg - usedInodes[g]!;
+      freeBlocks += gFreeBlocks;
+      freeInodes += gFreeInodes;
+      const d = gdt.subarray(g * 32, g * 32 + 32);
+      d.writeUInt32LE(metas[g]!.bbitmap, 0);
+      d.writeUInt32LE(metas[g]!.ibitmap, 4);
+      d.writeUInt32LE(metas[g]!.itable, 8);
+      d.writeUInt16LE(gFreeBlocks, 12);
+      d.writeUInt16LE(gFreeInodes, 14);
+      d.writeUInt16LE(dirCount[g]!, 16);
+      const uninit = usedInodes[g] === 0;
+      d.writeUInt16LE(0x0004 | (uninit ? 0x0001 : 0), 18); // ITABLE_ZEROED (| INODE_UNINIT)
+      d.writeUInt16LE(crc32c(csumSeed, bb) & 0xffff, 24);
+      d.writeUInt16LE(crc32c(csumSeed, ib, 0, ipg / 8) & 0xffff, 26);
+      d.writeUInt16LE(uninit ? ipg : ipg - lastUsed[g]!, 28);
+      d.writeUInt16LE(crc32c(crc32cU32(csumSeed, g), d) & 0xffff, 30);
+    }
+
+    // Superblock and its backups.
+    const sb = Buffer.alloc(1024);
+    sb.writeUInt32LE(inodeCount, 0x00);
+    sb.writeUInt32LE(blocks, 0x04);
+    sb.writeUInt32LE(freeBlocks, 0x0c);
+    sb.writeUInt32LE(freeInodes, 0x10);
+    sb.writeUInt32LE(0, 0x14); // first data block
+    sb.writeUInt32LE(2, 0x18); // log block size: 1024 << 2
+    sb.writeUInt32LE(2, 0x1c);
+    sb.writeUInt32LE(BLOCKS_PER_GROUP, 0x20);
+    sb.writeUInt32LE(BLOCKS_PER_GROUP, 0x24);
+    sb.writeUInt32LE(ipg, 0x28);
+    sb.writeUInt32LE(createdTime, 0x30); // wtime
+    sb.writeInt16LE(-1, 0x36); // max mount count: no forced checks
+    sb.writeUInt16LE(0xef53, 0x38);
+    sb.writeUInt16LE(1, 0x3a); // clean
+    sb.writeUInt16LE(1, 0x3c); // errors: continue
+    sb.writeUInt32LE(createdTime, 0x40); // lastcheck
+    sb.writeUInt32LE(1, 0x4c); // dynamic rev
+    sb.writeUInt32LE(FIRST_INO, 0x54);
+    sb.writeUInt16LE(INODE_SIZE, 0x58);
+    sb.writeUInt32LE(journalBlocks > 0 ? COMPAT : COMPAT & ~0x0004, 0x5c);
+    sb.writeUInt32LE(INCOMPAT, 0x60);
+    sb.writeUInt32LE(RO_COMPAT, 0x64);
+    uuid.copy(sb, 0x68);
+    Buffer.from(options.label, "utf8").copy(sb, 0x78, 0, 16);
+    sb.writeUInt32LE(journalBlocks > 0 ? JOURNAL_INO : 0, 0xe0);
+    uuidBytes(options.hashSeed).copy(sb, 0xec);
+    sb.writeUInt8(1, 0xfc); // half_md4
+    sb.writeUInt8(1, 0xfd); // journal inode backup in s_jnl_blocks
+    sb.writeUInt32LE(0x000c, 0x100); // user_xattr, acl
+    sb.writeUInt32LE(createdTime, 0x108); // mkfs time
+    if (journalBlocks > 0) {
+      const jroot = extentRoot(journal, inodeSeed(JOURNAL_INO), () => {});
+      jroot.copy(sb, 0x10c);
+      sb.writeUInt32LE(0, 0x10c + 60);
+      sb.writeUInt32LE(journalBlocks * B, 0x10c + 64);
+    }
+    sb.writeUInt16LE(EXTRA_ISIZE, 0x15c);
+    sb.writeUInt16LE(EXTRA_ISIZE, 0x15e);
+    sb.writeUInt32LE(0x1, 0x160); // signed directory hash
+    sb.writeUInt8(1, 0x175); // crc32c
+    for (let g = 0; g < groups; g++) {
+      if (!hasSuperblock(g)) continue;
+      const copy = Buffer.from(sb);
+      copy.writeUInt16LE(g, 0x5a);
+      copy.writeUInt32LE(crc32c(0xffffffff, copy, 0, 0x3fc), 0x3fc);
+      if (g === 0) {
+        const block0 = Buffer.alloc(B);
+        copy.copy(block0, 1024);
+        writeAt(block0, 0);
+      } else {
+        const block = Buffer.alloc(B);
+        copy.copy(block, 0);
+        writeAt(block, groupStart(g));
+      }
+      writeAt(gdt, groupStart(g) + 1);
+    }
+    if (options.durable !== false) fsyncSync(fd);
+    return {
+      sizeBytes: blocks * B,
+      freeBytes: freeBlocks * B,
+      freeInodes,
+      inodes: inodes.length,
+      fileBytes,
+      skippedXattrs,
+      createdTime,
+      layoutMs,
+      writeMs: performance.now() - t1,
+    };
+  } finally {
+    content.close();
+    closeSync(fd);
+  }
+
+  function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: string }[]): void {
+    const xattrs = i.node.xattrs;
+    if (!xattrs || xattrs.size === 0) return;
+    const entries: XattrEntry[] = [];
+    for (const [name, raw] of xattrs) {
+      const idx = xattrIndex(name);
+      let value: Buffer | undefined = raw;
+      if (idx && (idx[0] === 2 || idx[0] === 3)) value = aclToDisk(raw);
+      if (!idx || value === undefined || idx[1].length > 255) {
+        skipped.push({ path, name });
+        continue;
+      }
+      entries.push({ index: idx[0], name: Buffer.from(idx[1], "latin1"), value });
+    }
+    if (entries.length === 0) return;
+    entries.sort(
+      (a, b) => a.index - b.index || a.name.length - b.name.length || Buffer.compare(a.name, b.name),
+    );
+    const need = entries.reduce((n, e) => n + entrySize(e) + valueSize(e), 4);
+    const inline = INODE_SIZE - 128 - EXTRA_ISIZE - 4; // after the 4-byte magic
+    if (need <= inline) {
+      const area = Buffer.alloc(INODE_SIZE - 128 - EXTRA_ISIZE);
+      area.writeUInt32LE(0xea020000, 0);
+      packXattrs(area, 4, area.length, 4, entries, false);
+      i.xattrInline = area;
+      return;
+    }
+    if (need > B - 32) {
+      throw new SupermachineError(
+        "ROOTFS_BUILD",
+        `extended attributes of ${displayName(path)} take ${need} bytes, more than one ${B}-byte block`,
+      );
+    }
+    const block = Buffer.alloc(B);
+    block.writeUInt32LE(0xea020000, 0);
+    block.writeUInt32LE(1, 4); // refcount
+    block.writeUInt32LE(1, 8); // blocks
+    packXattrs(block, 32, B, 0, entries, true);
+    let hash = 0;
+    for (const e of entries) hash = ((hash << 16) ^ (hash >>> 16) ^ entryHash(e)) >>> 0;
+    block.writeUInt32LE(hash, 12);
+    i.xattrBlock = block;
+  }
+}
+
+function isZero(buf: Buffer, start: number, end: number): boolean {
+  // Compare 8 bytes at a time where possible.
+  let i = start;
+  for (; i + 8 <= end; i += 8) if (buf.readBigUInt64LE(i) !== 0n) return false;
+  for (; i < end; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+function runBlocks(runs: Run[]): number[] {
+  const out: number[] = [];
+  for (const r of runs) for (let k = 0; k < r.len; k++) out.push(r.start + k);
+  return out;
+}
+
+/** The 60-byte i_block of an extent-mapped inode; writes leaf blocks (with checksums) when needed. */
+function extentRoot(i: Inode, seed: number, writeAt: (buf: Buffer, block: number) => void): Buffer {
+  const root = Buffer.alloc(60);
+  const header = (buf: Buffer, off: number, entries: number, max: number, depth: number): void => {
+    buf.writeUInt16LE(0xf30a, off);
+    buf.writeUInt16LE(entries, off + 2);
+    buf.writeUInt16LE(max, off + 4);
+    buf.writeUInt16LE(depth, off + 6);
+    buf.writeUInt32LE(0, off + 8);
+  };
+  const extents: { logical: number; run: Run }[] = [];
+  let logical = 0;
+  for (const run of i.runs) {
+    extents.push({ logical, run });
+    logical += run.len;
+  }
+  const putExtent = (buf: Buffer, off: number, e: { logical: number; run: Run }): void => {
+    buf.writeUInt32LE(e.logical, off);
+    buf.writeUInt16LE(e.run.len, off + 4);
+    buf.writeUInt16LE(0, off + 6); // start hi
+    buf.writeUInt32LE(e.run.start, off + 8);
+  };
+  if (extents.length <= 4) {
+    header(root, 0, extents.length, 4, 0);
+    extents.forEach((e, k) => putExtent(root, 12 + k * 12, e));
+    return root;
+  }
+  header(root, 0, i.leafBlocks.length, 4, 1);
+  i.leafBlocks.forEach((leaf, k) => {
+    const slice = extents.slice(k * EXTENTS_PER_BLOCK, (k + 1) * EXTENTS_PER_BLOCK);
+    const block = Buffer.alloc(B);
+    header(block, 0, slice.length, EXTENTS_PER_BLOCK, 0);
+    slice.forEach((e, j) => putExtent(block, 12 + j * 12, e));
+    block.writeUInt32LE(crc32c(seed, block, 0, B - 4), B - 4);
+    writeAt(block, leaf);
+    root.writeUInt32LE(slice[0]!.logical, 12 + k * 12);
+    root.writeUInt32LE(leaf, 12 + k * 12 + 4);
+    root.writeUInt16LE(0, 12 + k * 12 + 8);
   });
-  const field = (name: string): number => {
-    const m = new RegExp(`^${name}:\\s+(\\d+)`, "m").exec(result.stdout + result.stderr);
-    return m ? Number(m[1]) : Number.NaN;
+  return root;
+}
+
+const recLen = (nameLen: number): number => (8 + nameLen + 3) & ~3;
+
+/** Packs directory entries into 4 KiB blocks, each ending with the 12-byte checksum tail. */
+function dirBlocks(entries: { name: string; ino: number; type: number }[]): Buffer[] {
+  const blocks: Buffer[] = [];
+  let block: Buffer | undefined;
+  let off = 0;
+  let lastOff = 0;
+  const finish = (): void => {
+    if (!block) return;
+    block.writeUInt16LE(DIR_SPACE - lastOff, lastOff + 4); // last entry spans the rest
+    writeTail(block);
+    blocks.push(block);
   };
-  return {
-    sizeBytes: geometry.sizeBytes,
-    freeBytes: field("Free blocks") * BLOCK_SIZE,
-    freeInodes: field("Free inodes"),
-    inodes: stats.inodes,
-    contentBytes: stats.contentBytes,
-    fileBytes: stats.fileBytes,
-    fixupCommands: plan.commands,
-    skippedXattrs: plan.skippedXattrs,
-    fakeTime,
-    mkfsMs,
-    fixupMs,
-  };
+  for (const e of entries) {
+    const name = Buffer.from(e.name, "latin1");
+    const len = recLen(name.length);
+    if (!block || off + len > DIR_SPACE) {
+      finish();
+      block = Buffer.alloc(B);
+      off = 0;
+    }
+    block.writeUInt32LE(e.ino, off);
+    block.writeUInt16LE(len, off + 4);
+    block.writeUInt8(name.length, off + 6);
+    block.writeUInt8(e.type, off + 7);
+    name.copy(block, off + 8);
+    lastOff = off;
+    off += len;
+  }
+  finish();
+  return blocks;
+}
+
+function emptyDirBlock(): Buffer {
+  const block = Buffer.alloc(B);
+  block.writeUInt32LE(0, 0);
+  block.writeUInt16LE(DIR_SPACE, 4);
+  writeTail(block);
+  return block;
+}
+
+function writeTail(block: Buffer): void {
+  block.writeUInt32LE(0, DIR_SPACE);
+  block.writeUInt16LE(DIR_TAIL, DIR_SPACE + 4);
+  block.writeUInt8(0, DIR_SPACE + 6);
+  block.writeUInt8(0xde, DIR_SPACE + 7);
 }

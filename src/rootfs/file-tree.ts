@@ -44,11 +44,17 @@ export interface DirNode extends Meta {
   children: Map<string, TreeNode>;
 }
 
+/** Where a regular file's bytes are: `size` bytes at `offset` of a host file (a spool file of the build, or a file of a source directory). */
+export interface ContentRef {
+  path: string | Buffer;
+  offset: number;
+}
+
 export interface FileNode extends Meta {
   kind: "file";
   size: number;
-  /** Host path holding the content (a spool file we created, or a file of a source directory); undefined = empty. */
-  source: string | undefined;
+  /** The content; undefined for an empty file. */
+  source: ContentRef | undefined;
   nlink: number;
 }
 

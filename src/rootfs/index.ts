@@ -11,9 +11,10 @@ import { debuglog } from "node:util";
 import { SupermachineError } from "../errors.ts";
 import { mapAbort, throwIfAborted } from "./abort.ts";
 import { applyLayer, DEFAULT_ROOTFS_LIMITS, type RootfsLimits, Spool } from "./apply-layer.ts";
-import { writeExt4 } from "./ext4-writer.ts";
+import { writeExt4Image } from "./ext4-writer.ts";
 import { FileTree } from "./file-tree.ts";
 import { materialiseTree } from "./materialise-tree.ts";
+import { writeWithMke2fs } from "./mke2fs-writer.ts";
 import { openLayer } from "./open-layer.ts";
 import { scanDirectory } from "./scan-directory.ts";
 import { DEFAULT_TAR_LIMITS } from "./tar-reader.ts";
@@ -54,8 +55,9 @@ export type RootfsProgress =
       entries: number;
     }
   | { phase: "scan"; dir: string }
+  | { phase: "write" }
   | { phase: "stage" }
-  | { phase: "mkfs"; sizeBytes?: number }
+  | { phase: "mkfs" }
   | { phase: "fixup" }
   | { phase: "done"; imagePath: string; durationMs: number };
 
@@ -72,8 +74,16 @@ export interface ImageOptions {
   label?: string | undefined;
   /** File-system UUID. Default: derived from the inputs (same input → same UUID). */
   uuid?: string | undefined;
-  /** Scratch space for spooled layer content and the staging tree. Default: next to `output`. */
+  /** Scratch space for spooled layer content (and the `mke2fs` writer's staging tree). Default: next to `output`. */
   tmpDir?: string | undefined;
+  /**
+   * How the image is written. `"builtin"` (default): this library writes ext4 itself, no external
+   * tools. `"mke2fs"`: a staging directory + `mke2fs -d` + one `debugfs` batch (e2fsprogs ≥ 1.47).
+   * Both give the same files, owners, modes, links, devices, xattrs and times (not the same bytes).
+   */
+  writer?: "builtin" | "mke2fs" | undefined;
+  /** fsync the image before it is renamed into place (default true). */
+  durable?: boolean | undefined;
 }
 
 export interface FlattenLayersOptions extends ImageOptions {
@@ -111,7 +121,8 @@ export interface RootfsImage {
   /** xattrs ext4 has no namespace for, dropped (path, name). */
   skippedXattrs: { path: string; name: string }[];
   durationMs: number;
-  timings: { applyMs: number; stageMs: number; mkfsMs: number; fixupMs: number };
+  /** Milliseconds per phase: reading layers (or the directory), then writing the image. */
+  timings: { applyMs: number; writeMs: number };
 }
 
 /** A UUID (RFC 9562 version 8: custom) derived from `parts`. */
@@ -143,6 +154,9 @@ function checkOptions(o: ImageOptions): void {
   }
   if (o.label !== undefined && Buffer.byteLength(o.label) > 16) {
     throw new SupermachineError("INVALID_ARGUMENT", "label must be at most 16 bytes");
+  }
+  if (o.writer !== undefined && o.writer !== "builtin" && o.writer !== "mke2fs") {
+    throw new SupermachineError("INVALID_ARGUMENT", `writer must be "builtin" or "mke2fs"`);
   }
   if (
     o.uuid !== undefined &&
@@ -203,14 +217,9 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     const tree = new FileTree();
     const spool = new Spool(join(scratch.workDir, "spool"));
     await mkdir(spool.dir, { mode: 0o700 });
+    // Content nobody links to any more frees its spool space as soon as possible.
     tree.onRelease = (file) => {
-      // Content nobody links to any more: free its disk space now.
-      if (file.source !== undefined) {
-        try {
-          unlinkSync(file.source);
-        } catch {}
-        file.source = undefined;
-      }
+      if (file.source !== undefined) spool.release(file.source, file.size);
     };
     const t0 = performance.now();
     for (const [layerIndex, layer] of options.layers.entries()) {
@@ -262,49 +271,20 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     }
     const applyMs = performance.now() - t0;
 
-    progress({ phase: "stage" });
-    const t1 = performance.now();
-    const staging = join(scratch.workDir, "root");
-    const staged = await materialiseTree(tree, staging, signal);
-    log("rootfs: staged %o", staged);
-    const stageMs = performance.now() - t1;
-
     const digests = options.layers.map((l) => l.digest || l.path);
     const uuid =
       options.uuid ?? derivedUuid("supermachine-rootfs", String(ROOTFS_FORMAT_VERSION), ...digests);
-    const label = options.label ?? ROOTFS_LABEL;
-    const written = await writeExt4({
-      tree,
-      sourceDir: staging,
-      imagePath: scratch.tempImage,
-      workDir: scratch.workDir,
-      sizeBytes: options.sizeBytes,
-      freeBytes: options.freeBytes,
-      uuid,
-      hashSeed: derivedUuid("supermachine-rootfs-hash-seed", uuid),
-      label,
-      copyHostXattrs: false,
-      signal,
-      onPhase: (phase) => progress({ phase }),
-    });
+    const written = await writeImage(options, tree, scratch, uuid, progress, true);
     throwIfAborted(signal, "building the image");
     await rename(scratch.tempImage, scratch.output);
     failed = false;
     const durationMs = performance.now() - started;
     progress({ phase: "done", imagePath: scratch.output, durationMs });
     return {
+      ...written,
       imagePath: scratch.output,
-      sizeBytes: written.sizeBytes,
-      freeBytes: written.freeBytes,
-      freeInodes: written.freeInodes,
-      fileBytes: written.fileBytes,
-      inodeCount: written.inodes,
-      uuid,
-      label,
-      formatVersion: ROOTFS_FORMAT_VERSION,
-      skippedXattrs: written.skippedXattrs,
       durationMs,
-      timings: { applyMs, stageMs, mkfsMs: written.mkfsMs, fixupMs: written.fixupMs },
+      timings: { applyMs, writeMs: written.writeMs },
     };
   } finally {
     await cleanup(scratch, failed);
@@ -336,43 +316,95 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
     });
     const applyMs = performance.now() - t0;
     const uuid = options.uuid ?? derivedUuid("supermachine-rootfs-dir", String(ROOTFS_FORMAT_VERSION), dir);
-    const label = options.label ?? ROOTFS_LABEL;
-    const written = await writeExt4({
-      tree,
-      sourceDir: dir,
-      imagePath: scratch.tempImage,
-      workDir: scratch.workDir,
-      sizeBytes: options.sizeBytes,
-      freeBytes: options.freeBytes,
-      uuid,
-      hashSeed: derivedUuid("supermachine-rootfs-hash-seed", uuid),
-      label,
-      copyHostXattrs: true,
-      signal,
-      onPhase: (phase) => progress({ phase }),
-    });
+    const written = await writeImage(options, tree, scratch, uuid, progress, false, dir);
     throwIfAborted(signal, "building the image");
     await rename(scratch.tempImage, scratch.output);
     failed = false;
     const durationMs = performance.now() - started;
     progress({ phase: "done", imagePath: scratch.output, durationMs });
     return {
+      ...written,
       imagePath: scratch.output,
-      sizeBytes: written.sizeBytes,
-      freeBytes: written.freeBytes,
-      freeInodes: written.freeInodes,
-      fileBytes: written.fileBytes,
-      inodeCount: written.inodes,
-      uuid,
-      label,
-      formatVersion: ROOTFS_FORMAT_VERSION,
-      skippedXattrs: written.skippedXattrs,
       durationMs,
-      timings: { applyMs, stageMs: 0, mkfsMs: written.mkfsMs, fixupMs: written.fixupMs },
+      timings: { applyMs, writeMs: written.writeMs },
     };
   } catch (err) {
     throw mapAbort(err, signal, "building the image");
   } finally {
     await cleanup(scratch, failed);
   }
+}
+
+type Written = Omit<RootfsImage, "imagePath" | "durationMs" | "timings"> & { writeMs: number };
+
+/** Writes `tree` to `scratch.tempImage` with the chosen writer. */
+async function writeImage(
+  options: ImageOptions,
+  tree: FileTree,
+  scratch: Scratch,
+  uuid: string,
+  progress: (event: RootfsProgress) => void,
+  fromLayers: boolean,
+  sourceDir?: string,
+): Promise<Written> {
+  const label = options.label ?? ROOTFS_LABEL;
+  const hashSeed = derivedUuid("supermachine-rootfs-hash-seed", uuid);
+  const t0 = performance.now();
+  const common = { uuid, label, formatVersion: ROOTFS_FORMAT_VERSION };
+  if ((options.writer ?? "builtin") === "builtin") {
+    progress({ phase: "write" });
+    const r = await writeExt4Image({
+      tree,
+      imagePath: scratch.tempImage,
+      sizeBytes: options.sizeBytes,
+      freeBytes: options.freeBytes,
+      uuid,
+      hashSeed,
+      label,
+      durable: options.durable,
+      signal: options.signal,
+    });
+    log("rootfs: wrote %d inodes, layout %d ms, write %d ms", r.inodes, r.layoutMs, r.writeMs);
+    return {
+      ...common,
+      sizeBytes: r.sizeBytes,
+      freeBytes: r.freeBytes,
+      freeInodes: r.freeInodes,
+      fileBytes: r.fileBytes,
+      inodeCount: r.inodes,
+      skippedXattrs: r.skippedXattrs,
+      writeMs: performance.now() - t0,
+    };
+  }
+  let source = sourceDir;
+  if (fromLayers || source === undefined) {
+    progress({ phase: "stage" });
+    source = join(scratch.workDir, "root");
+    const staged = await materialiseTree(tree, source, options.signal);
+    log("rootfs: staged %o", staged);
+  }
+  const r = await writeWithMke2fs({
+    tree,
+    sourceDir: source,
+    imagePath: scratch.tempImage,
+    workDir: scratch.workDir,
+    sizeBytes: options.sizeBytes,
+    freeBytes: options.freeBytes,
+    uuid,
+    hashSeed,
+    label,
+    copyHostXattrs: !fromLayers,
+    signal: options.signal,
+    onPhase: (phase) => progress({ phase }),
+  });
+  return {
+    ...common,
+    sizeBytes: r.sizeBytes,
+    freeBytes: r.freeBytes,
+    freeInodes: r.freeInodes,
+    fileBytes: r.fileBytes,
+    inodeCount: r.inodes,
+    skippedXattrs: r.skippedXattrs,
+    writeMs: performance.now() - t0,
+  };
 }

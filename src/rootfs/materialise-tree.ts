@@ -1,6 +1,6 @@
 /**
  * Writes a {@link FileTree} into a fresh staging directory that `mke2fs -d` copies: directories,
- * regular files (spool files are renamed into place, hardlinks are real hardlinks), symlinks and
+ * regular files (copied out of the spool, hardlinks are real hardlinks), symlinks and
  * permission bits. Device nodes, FIFOs and sockets are not created here (an unprivileged user
  * cannot make devices); the debugfs pass makes them. Owners, ctimes and xattrs are fixed there
  * too. Every node created gets `host` = what `lstat` reports for its staged copy, so the
@@ -19,12 +19,56 @@ import {
   lutimesSync,
   mkdirSync,
   openSync,
-  renameSync,
+  readSync,
   symlinkSync,
+  writeSync,
 } from "node:fs";
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { throwIfAborted } from "./abort.ts";
-import { compareBytes, type DirNode, type FileTree, type HostAttrs, type TreeNode } from "./file-tree.ts";
+import {
+  compareBytes,
+  type DirNode,
+  type FileNode,
+  type FileTree,
+  type HostAttrs,
+  type TreeNode,
+} from "./file-tree.ts";
+
+/** Opens content sources once each; copies ranges of them into new files. */
+export class ContentReader {
+  readonly #fds = new Map<string, number>();
+  readonly #buf = Buffer.allocUnsafe(1024 * 1024);
+
+  fd(path: string | Buffer): number {
+    const key = typeof path === "string" ? path : path.toString("latin1");
+    let fd = this.#fds.get(key);
+    if (fd === undefined) {
+      fd = openSync(path, "r");
+      this.#fds.set(key, fd);
+    }
+    return fd;
+  }
+
+  /** Copies `file`'s content into `fd` (from offset 0). */
+  copyTo(file: FileNode, fd: number): void {
+    if (file.source === undefined) return;
+    const src = this.fd(file.source.path);
+    let done = 0;
+    while (done < file.size) {
+      const want = Math.min(this.#buf.length, file.size - done);
+      const got = readSync(src, this.#buf, 0, want, file.source.offset + done);
+      if (got === 0) throw new Error(`content of ${String(file.source.path)} ended early`);
+      let off = 0;
+      while (off < got) off += writeSync(fd, this.#buf, off, got - off, done + off);
+      done += got;
+    }
+  }
+
+  close(): void {
+    for (const fd of this.#fds.values()) closeSync(fd);
+    this.#fds.clear();
+  }
+}
 
 const SEP = Buffer.from("/");
 
@@ -72,6 +116,7 @@ export async function materialiseTree(
 ): Promise<MaterialiseStats> {
   const stats: MaterialiseStats = { dirs: 0, files: 0, hardlinks: 0, symlinks: 0, specials: 0 };
   const placed = new Map<TreeNode, Buffer>();
+  const content = new ContentReader();
   let ops = 0;
   mkdirSync(stagingDir, { mode: 0o700 }); // must not exist yet
   chmodSync(stagingDir, 0o700); // drop a setgid bit inherited from the parent
@@ -100,9 +145,12 @@ export async function materialiseTree(
             stats.hardlinks++;
             break;
           }
-          if (node.source !== undefined) renameSync(node.source, target);
-          else closeSync(openSync(target, "wx", 0o600));
-          node.source = undefined; // the spool file now lives at `target`
+          const fd = openSync(target, "wx", 0o600);
+          try {
+            content.copyTo(node, fd);
+          } finally {
+            closeSync(fd);
+          }
           placed.set(node, target);
           stats.files++;
           finish(target, node);
@@ -127,6 +175,10 @@ export async function materialiseTree(
     }
   };
   const root = Buffer.from(stagingDir);
-  await visit(tree.root, root);
+  try {
+    await visit(tree.root, root);
+  } finally {
+    content.close();
+  }
   return stats;
 }

@@ -99,7 +99,7 @@ export async function scanDirectory(dir: string, options: ScanOptions = {}): Pro
       if (st.isDirectory()) {
         child = { kind: "dir", ...meta, children: new Map() };
       } else if (st.isFile()) {
-        child = { kind: "file", ...meta, size: st.size, source: childPath.toString("latin1"), nlink: 0 };
+        child = { kind: "file", ...meta, size: st.size, source: { path: childPath, offset: 0 }, nlink: 0 };
       } else if (st.isSymbolicLink()) {
         child = {
           kind: "symlink",
