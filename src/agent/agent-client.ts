@@ -161,6 +161,7 @@ export class AgentClient {
     this.#link = {
       sendControl: (stream, type, payload, flags) => this.#sendControl(stream, type, payload, flags),
       sendData: (stream, type, payload, flags) => this.#sendData(stream, type, payload, flags),
+      writable: () => this.#writable(),
       release: (stream) => {
         this.#streams.delete(stream);
       },
@@ -568,10 +569,14 @@ export class AgentClient {
     this.#writeFrame(stream, type, payload, flags);
   }
 
-  async #sendData(stream: number, type: number, payload: Uint8Array, flags = 0): Promise<void> {
+  async #writable(): Promise<void> {
     while (this.#needDrain && this.#state !== "closed") {
       await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
     }
+  }
+
+  async #sendData(stream: number, type: number, payload: Uint8Array, flags = 0): Promise<void> {
+    await this.#writable();
     if (this.#closedError) throw this.#closedError;
     if (stream !== 0 && !this.#streams.has(stream)) return; // reset or ended meanwhile
     this.#writeFrame(stream, type, payload, flags);

@@ -364,7 +364,9 @@ export class ExecChannel implements StreamHandler {
     this.#pendingGrant += bytes;
     if (this.#grantScheduled) return;
     this.#grantScheduled = true;
-    queueMicrotask(() => {
+    // Grants wait while the socket is congested: a guest that does not read its end of the
+    // channel gets no more credit, so the host's write buffer cannot grow without bound.
+    void this.#link.writable().then(() => {
       this.#grantScheduled = false;
       const n = this.#pendingGrant;
       this.#pendingGrant = 0;

@@ -12,6 +12,8 @@ export interface StreamLink {
    * the connection's error once it is closed.
    */
   sendData(stream: number, type: number, payload: Uint8Array, flags?: number): Promise<void>;
+  /** Resolves once the socket is not congested (or the connection closed). Never rejects. */
+  writable(): Promise<void>;
   /** Forgets the stream: later frames for it are dropped (docs/protocol.md, "Frames"). */
   release(stream: number): void;
   /** The error the connection closed with, once closed. */

@@ -40,6 +40,12 @@ async function connected(): Promise<{ fake: FakeAgent; client: AgentClient }> {
   return { fake, client };
 }
 
+async function connectedWithSocket() {
+  const { fake, host } = await fakeAgentPair();
+  const [client] = await Promise.all([AgentClient.connect(host, { timeoutMs: 5000 }), fake.handshake()]);
+  return { fake, host, client };
+}
+
 /** Opens an exec and answers STARTED. */
 async function started(fake: FakeAgent, client: AgentClient, request = {}) {
   const channel = client.exec({ argv: ["x"], ...request });
@@ -229,6 +235,27 @@ describe("malformed input closes the channel with AGENT_PROTOCOL", () => {
       fake.send(0, type, payload);
       await expectProtocolClose(client, fake);
     }
+  });
+
+  test("a guest that stops reading its end gets no more credit (the host buffer stays bounded)", async () => {
+    const { fake, host, client } = await connectedWithSocket();
+    const { channel, stream } = await started(fake, client, { windowBytes: 4096 });
+    fake.socket.pause(); // never reads the host's WINDOW frames again
+    let maxQueued = 0;
+    const frame = encodeFrame({ stream, type: MessageType.STDOUT, payload: new Uint8Array(4096) });
+    // Each round sends what the host has granted back so far (the host grants what it consumed).
+    for (let round = 0; round < 20_000 && client.closedError === undefined; round++) {
+      fake.sendRaw(frame);
+      while (channel.bufferedBytes === 0 && client.closedError === undefined) await new Promise(setImmediate);
+      await channel.read().catch(() => {});
+      await new Promise(setImmediate);
+      maxQueued = Math.max(maxQueued, host.writableLength);
+    }
+    // Bounded by the socket's high-water mark (64 KiB) plus one frame, then credit runs out.
+    assert.ok(maxQueued < 128 * 1024, `host queued ${maxQueued} bytes for a guest that does not read`);
+    assert.ok(client.closedError, "the guest ran out of credit and overran it");
+    fake.socket.resume();
+    await expectProtocolClose(client, fake, [channel.exited]);
   });
 
   test("read-file data beyond credit", async () => {
