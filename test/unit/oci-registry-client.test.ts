@@ -676,3 +676,103 @@ describe("auth", () => {
     );
   });
 });
+
+describe("store consistency", () => {
+  // Each failure leaves no temp file, no record and no blob under a failed digest; after the
+  // cause is fixed, the same pull succeeds into the same store.
+  const scenarios: {
+    name: string;
+    code: string;
+    auth?: "basic";
+    setup(
+      r: FakeRegistry,
+      image: SyntheticImage,
+    ): { options?: PullOptions; fix(): void; failedDigest?: string };
+  }[] = [
+    {
+      name: "wrong password",
+      code: "REGISTRY_AUTH",
+      auth: "basic",
+      setup(r, image) {
+        r.add("app", "1", image);
+        const creds = { username: "user", password: "wrong" };
+        return {
+          options: { credentials: () => creds },
+          fix: () => Object.assign(creds, { password: "secret" }),
+        };
+      },
+    },
+    {
+      name: "missing tag",
+      code: "MANIFEST_UNKNOWN",
+      setup(r, image) {
+        return { fix: () => r.add("app", "1", image) };
+      },
+    },
+    {
+      name: "missing platform",
+      code: "PLATFORM_NOT_FOUND",
+      setup(r, image) {
+        const arm = makeImage({ architecture: "arm64" });
+        r.add("app", "1", { index: makeIndex([arm]), images: [arm] });
+        return { fix: () => r.add("app", "1", { index: makeIndex([arm, image]), images: [arm, image] }) };
+      },
+    },
+    {
+      name: "digest mismatch",
+      code: "DIGEST_MISMATCH",
+      setup(r, image) {
+        r.add("app", "1", image);
+        const layer = image.layers[1]!;
+        r.fault = (_req, res, { path }) => {
+          if (!path.endsWith(layer.digest)) return false;
+          res.writeHead(200, { "content-length": layer.size });
+          res.end(Buffer.alloc(layer.size, 7));
+          return true;
+        };
+        return {
+          fix: () => {
+            r.fault = undefined;
+          },
+          failedDigest: layer.digest,
+        };
+      },
+    },
+    {
+      name: "dropped connection",
+      code: "REGISTRY_UNREACHABLE",
+      setup(r, image) {
+        r.add("app", "1", image);
+        const layer = image.layers[1]!;
+        r.fault = (_req, res, { path }) => {
+          if (!path.endsWith(layer.digest)) return false;
+          res.writeHead(200, { "content-length": layer.size });
+          res.write(layer.bytes.subarray(0, 1000), () => res.socket?.destroy());
+          return true;
+        };
+        return {
+          options: { retries: 0 },
+          fix: () => {
+            r.fault = undefined;
+          },
+          failedDigest: layer.digest,
+        };
+      },
+    },
+  ];
+  for (const s of scenarios) {
+    test(`${s.name}: nothing left behind, then a retry succeeds`, async () => {
+      registry = await FakeRegistry.start({ auth: s.auth });
+      const image = makeImage({ layerSizes: [5000, 120_000, 7000] });
+      const { options, fix, failedDigest } = s.setup(registry, image);
+      await assert.rejects(pullImage(`${registry.host}/app:1`, opts(options)), rejectsWith(s.code));
+      await assertClean(failedDigest);
+      fix();
+      const pulled = await pullImage(`${registry.host}/app:1`, opts(options));
+      assert.equal(pulled.manifestDigest, image.manifest.digest);
+      await assertStored(image);
+      const state = await storeState();
+      assert.deepEqual([state.tmp, state.locks, state.images.length], [[], [], 1]);
+    });
+  }
+});
