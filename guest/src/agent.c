@@ -313,6 +313,15 @@ static void host_exit(int code)
 static uint8_t inbuf[SM_HDR_SIZE + SM_MAX_PAYLOAD];
 static size_t in_start, in_end;
 
+/* VM mode: SIGIO on the port only while the host is away. The driver raises it when the host opens
+ * or closes the port, but also for every buffer that arrives, which is noise while connected. */
+static void chan_async(int on)
+{
+	int fl = fcntl(A.chan, F_GETFL);
+	if (fl >= 0)
+		fcntl(A.chan, F_SETFL, on ? fl | O_ASYNC : fl & ~O_ASYNC);
+}
+
 static void chan_disconnected(void)
 {
 	if (A.host_mode) {
@@ -325,6 +334,7 @@ static void chan_disconnected(void)
 	A.reading = 1;
 	in_start = in_end = 0;
 	oq_drop(0);
+	chan_async(1);
 }
 
 /* VM mode: is the host connected to the port? (virtio-serial reports POLLHUP while it is not.) */
@@ -335,14 +345,12 @@ static void chan_check_connected(void)
 	struct pollfd p = { .fd = A.chan, .events = POLLIN };
 	if (poll(&p, 1, 0) < 0)
 		return;
-	if (p.revents & POLLHUP) {
-		/* Discard whatever the previous connection left behind. */
-		char junk[4096];
-		while (read(A.chan, junk, sizeof junk) > 0)
-			;
+	/* Still away. (What the previous connection left was read up to EOF before we got here; any
+	 * byte arriving from now on belongs to the next connection, so nothing is discarded.) */
+	if (p.revents & POLLHUP)
 		return;
-	}
 	sm_dbg("host connected");
+	chan_async(0);
 	A.connected = 1;
 	A.reading = 1;
 	in_start = in_end = 0;
@@ -635,7 +643,10 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 
 static void chan_read(void)
 {
-	for (int round = 0; round < 8 && A.reading && A.connected; round++) {
+	/* A virtio-serial read returns at most one buffer (a page): keep reading until EAGAIN, up to
+	 * 2 MiB per call so that the other fds get their turn. */
+	size_t total = 0;
+	while (A.reading && A.connected && total < (2u << 20)) {
 		if (in_start == in_end)
 			in_start = in_end = 0;
 		size_t space = sizeof inbuf - in_end;
@@ -654,6 +665,7 @@ static void chan_read(void)
 			return;
 		}
 		in_end += (size_t)r;
+		total += (size_t)r;
 		while (A.reading && A.connected && in_end - in_start >= SM_HDR_SIZE) {
 			struct sm_hdr h;
 			if (sm_hdr_decode(inbuf + in_start, &h)) {
@@ -678,7 +690,7 @@ static void chan_read(void)
 			in_end -= in_start;
 			in_start = 0;
 		}
-		if ((size_t)r < space || A.outq_bytes >= SM_OUTQ_HARD)
+		if (A.outq_bytes >= SM_OUTQ_HARD)
 			return;
 	}
 }
@@ -811,7 +823,7 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 	} else {
 		/* The virtio-serial driver sends SIGIO when the host opens or closes the port. */
 		fcntl(chan_fd, F_SETOWN, getpid());
-		fcntl(chan_fd, F_SETFL, fcntl(chan_fd, F_GETFL) | O_ASYNC);
+		chan_async(1);
 		chan_check_connected();
 		if (!A.connected)
 			sm_log("waiting for the host to connect");
@@ -870,7 +882,7 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 			if (next < 0 || pending[i].at < next)
 				next = pending[i].at;
 		int timeout = -1;
-		if (pump || chan_has_buffered_frame())
+		if (pump || (chan_has_buffered_frame() && A.outq_bytes < SM_OUTQ_HARD))
 			timeout = 0;
 		else if (next >= 0)
 			timeout = next <= now ? 0 : (int)((next - now + 999999) / 1000000);

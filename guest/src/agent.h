@@ -12,7 +12,7 @@
 #define SM_MAX_STREAMS 1024u
 #define SM_DEFAULT_WINDOW 262144u
 #define SM_STDIN_WINDOW 262144u
-#define SM_CHUNK 65536u
+#define SM_CHUNK 262144u
 /* Stop producing output (process pipes, file reads) while this much is queued toward the host. */
 #define SM_OUTQ_HIGH (1u << 20)
 /* Stop reading the channel while this much is queued (the host is not reading our answers). */

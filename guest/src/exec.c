@@ -540,6 +540,7 @@ static void start_first(struct sm_stream *s)
 		s->err_w_keep = p[1];
 		set_nonblock(s->out_r);
 		set_nonblock(s->err_r);
+		fcntl(s->out_r, F_SETPIPE_SZ, 1 << 20); /* fewer, larger reads; best effort */
 		if (s->stdin_on) {
 			if (pipe2(p, O_CLOEXEC) < 0)
 				goto sys_fail;
@@ -634,7 +635,10 @@ void sm_exec_reaped(struct sm_stream *s, int status, const struct rusage *ru)
 			return;
 		char msg[128];
 		int n = snprintf(msg, sizeof msg, "sm-init: %s: %s\n", s->steps[s->step][0], strerror(-pid));
-		sm_send(s->id, s->tty ? SM_STDOUT : SM_STDERR, 0, msg, (size_t)n);
+		if (n > 0 && (uint64_t)n <= s->out_credit) { /* like a shell's message, within the credit */
+			sm_send(s->id, s->tty ? SM_STDOUT : SM_STDERR, 0, msg, (size_t)n);
+			s->out_credit -= (uint64_t)n;
+		}
 		s->status = 126 << 8;
 	}
 	begin_drain(s);

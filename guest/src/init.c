@@ -261,7 +261,28 @@ int sm_init_main(void)
 	}
 	sm_dbg("root device %s, agent port open", root);
 
-	must_mount(root, "/mnt", P.rootfstype, 0, *P.rootflags ? P.rootflags : NULL);
+	/* sm.rootflags: mount(8)-style; the generic flags become MS_* bits, the rest is the data string */
+	static const struct {
+		const char *name;
+		unsigned long flag;
+	} generic[] = { { "ro", MS_RDONLY },   { "rw", 0 },		{ "noatime", MS_NOATIME },
+			{ "relatime", MS_RELATIME }, { "nodev", MS_NODEV },	{ "nosuid", MS_NOSUID },
+			{ "noexec", MS_NOEXEC },     { "sync", MS_SYNCHRONOUS }, { "lazytime", MS_LAZYTIME } };
+	unsigned long flags = 0;
+	char data[sizeof P.rootflags] = "", *save = NULL;
+	for (char *tok = strtok_r(P.rootflags, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		size_t i;
+		for (i = 0; i < sizeof generic / sizeof generic[0] && strcmp(tok, generic[i].name); i++)
+			;
+		if (i < sizeof generic / sizeof generic[0]) {
+			flags |= generic[i].flag;
+		} else {
+			if (*data)
+				strcat(data, ",");
+			strcat(data, tok);
+		}
+	}
+	must_mount(root, "/mnt", P.rootfstype, flags, *data ? data : NULL);
 	mkdir_quiet("/mnt/dev", 0755);
 	mkdir_quiet("/mnt/proc", 0555);
 	mkdir_quiet("/mnt/sys", 0555);

@@ -96,7 +96,7 @@ static int stop(struct agent *a)
 {
 	close(a->fd);
 	int st = -1;
-	int64_t end = now_ms() + 3000;
+	int64_t end = now_ms() + 10000;
 	while (waitpid(a->pid, &st, WNOHANG) == 0) {
 		if (now_ms() > end) {
 			fail("the agent did not exit after its channel closed");
@@ -526,7 +526,7 @@ static void test_exec_basic(struct agent *a)
 {
 	current = "exec basic";
 	struct xreq x = { .argv = { "/bin/sh", "-c", "echo hi; echo oops >&2; exit 3" } };
-	struct result *r = run(a, &x, 5000);
+	struct result *r = run(a, &x, 15000);
 	CHECK(r->started && r->pid > 0, "STARTED with a pid");
 	CHECK(!strcmp(r->out, "hi\n"), "stdout '%s'", r->out);
 	CHECK(!strcmp(r->err, "oops\n"), "stderr '%s'", r->err);
@@ -538,7 +538,7 @@ static void test_exec_basic(struct agent *a)
 
 	current = "exec env";
 	struct xreq e = { .argv = { "env" }, .env = { "PATH=/usr/bin:/bin", "A=1", "B=two words", "HOME=/x" } };
-	r = run(a, &e, 5000);
+	r = run(a, &e, 15000);
 	CHECK(!strcmp(r->out, "PATH=/usr/bin:/bin\nA=1\nB=two words\nHOME=/x\n"), "env exactly as given: '%s'", r->out);
 
 	current = "exec cwd/user/HOME";
@@ -546,27 +546,27 @@ static void test_exec_basic(struct agent *a)
 			  .env = { "PATH=/usr/bin:/bin" },
 			  .cwd = "/tmp",
 			  .user = "nobody" };
-	r = run(a, &u, 5000);
+	r = run(a, &u, 15000);
 	if (geteuid() == 0)
 		CHECK(!strcmp(r->out, "/tmp\n65534\n/nonexistent\n"), "cwd, uid, HOME from passwd: '%s'", r->out);
 
 	current = "exec missing binary";
 	struct xreq m = { .argv = { "/nonexistent/prog" } };
-	r = run(a, &m, 5000);
+	r = run(a, &m, 15000);
 	CHECK(r->error == SM_E_NOT_FOUND && r->errnum == ENOENT, "ERROR NOT_FOUND/ENOENT (got %d/%u: %s)", r->error,
 	      r->errnum, r->msg);
 	struct xreq m2 = { .argv = { "no-such-command-sm" } };
-	r = run(a, &m2, 5000);
+	r = run(a, &m2, 15000);
 	CHECK(r->error == SM_E_NOT_FOUND, "PATH lookup miss: NOT_FOUND (got %d: %s)", r->error, r->msg);
 	struct xreq m3 = { .argv = { "true" }, .cwd = "/nonexistent-dir" };
-	r = run(a, &m3, 5000);
+	r = run(a, &m3, 15000);
 	CHECK(r->error == SM_E_START_FAILED && r->errnum == ENOENT, "bad cwd: START_FAILED/ENOENT (got %d/%u)",
 	      r->error, r->errnum);
 	struct xreq m4 = { .argv = { "true" }, .user = "no-such-user-sm" };
-	r = run(a, &m4, 5000);
+	r = run(a, &m4, 15000);
 	CHECK(r->error == SM_E_START_FAILED, "unknown user: START_FAILED (got %d: %s)", r->error, r->msg);
 	struct xreq m5 = { .argv = { "/etc/passwd" } };
-	r = run(a, &m5, 5000);
+	r = run(a, &m5, 15000);
 	CHECK(r->error == SM_E_START_FAILED && r->errnum == EACCES, "not executable: START_FAILED/EACCES (got %d/%u)",
 	      r->error, r->errnum);
 }
@@ -578,14 +578,14 @@ static void test_stdin(struct agent *a)
 	uint32_t id = send_exec(a, &x);
 	send_frame(a, id, SM_STDIN, 0, "hello ", 6);
 	send_frame(a, id, SM_STDIN, SM_FLAG_FIN, "world", 5);
-	collect(a, id, &R, 5000);
+	collect(a, id, &R, 15000);
 	CHECK(!strcmp(R.out, "hello world"), "cat echoes stdin: '%s'", R.out);
 	CHECK(R.code == 0, "exit 0");
 	CHECK(R.stdin_granted == 11, "11 bytes of stdin granted back (got %llu)", (unsigned long long)R.stdin_granted);
 
 	current = "stdin /dev/null";
 	struct xreq n = { .argv = { "cat" } };
-	struct result *r = run(a, &n, 5000);
+	struct result *r = run(a, &n, 15000);
 	CHECK(r->exited && r->code == 0 && r->nout == 0, "cat of /dev/null exits 0 with no output");
 
 	/* 1 MiB through cat with flow control both ways */
@@ -675,7 +675,7 @@ static void test_stage_chain(struct agent *a)
 		.chain = { { "sh", "-c", "echo two" }, { "cat", data } },
 		.stage = { { script, 0755, "#!/bin/sh\necho \"run $1\"\n" }, { data, 0600, "three\n" }, { nested, 0, "" } },
 	};
-	struct result *r = run(a, &x, 5000);
+	struct result *r = run(a, &x, 15000);
 	CHECK(!strcmp(r->out, "run one\ntwo\nthree\n"), "staged script, chain output: '%s' %s", r->out, r->msg);
 	CHECK(r->exited && r->code == 0 && r->step == 2, "exit 0 at step 2 (got %d at %u)", r->code, r->step);
 	struct stat st;
@@ -684,12 +684,12 @@ static void test_stage_chain(struct agent *a)
 
 	current = "chain stops on failure";
 	struct xreq s = { .argv = { "sh", "-c", "echo first; exit 4" }, .chain = { { "echo", "never" } } };
-	r = run(a, &s, 5000);
+	r = run(a, &s, 15000);
 	CHECK(r->code == 4 && r->step == 0 && !strcmp(r->out, "first\n"), "exit 4 at step 0, no second step");
 
 	current = "chain missing binary";
 	struct xreq m = { .argv = { "true" }, .chain = { { "/nonexistent/tool", "x" } } };
-	r = run(a, &m, 5000);
+	r = run(a, &m, 15000);
 	CHECK(r->code == 127 && r->step == 1, "exit 127 at step 1 (got %d at %u)", r->code, r->step);
 	CHECK(strstr(r->err, "/nonexistent/tool") != NULL, "message on stderr: '%s'", r->err);
 
@@ -725,25 +725,25 @@ static void test_timeout(struct agent *a)
 	current = "timeout kills the tree";
 	struct xreq x = { .argv = { "sh", "-c", "sleep 30 & echo $!; sleep 30" }, .timeout_ms = 300 };
 	int64_t t0 = now_ms();
-	struct result *r = run(a, &x, 5000);
+	struct result *r = run(a, &x, 15000);
 	int64_t took = now_ms() - t0;
 	CHECK(r->exited && r->timed_out == 1 && r->has_signal && r->signal == SIGTERM,
 	      "timedOut, killed by SIGTERM (signal %u)", r->signal);
-	CHECK(took >= 250 && took < 3000, "took %lld ms", (long long)took);
+	CHECK(took >= 250 && took < 10000, "took %lld ms", (long long)took);
 	pid_t bg = (pid_t)atoi(r->out);
-	CHECK(bg > 0 && process_gone(bg, 2000), "the background sleep %d is gone", (int)bg);
+	CHECK(bg > 0 && process_gone(bg, 5000), "the background sleep %d is gone", (int)bg);
 
 	current = "timeout grace then SIGKILL";
 	struct xreq g = { .argv = { "sh", "-c", "trap '' TERM; sleep 30 & echo $!; sleep 30; sleep 30" },
 			  .timeout_ms = 200,
 			  .grace_ms = 300 };
 	t0 = now_ms();
-	r = run(a, &g, 5000);
+	r = run(a, &g, 15000);
 	took = now_ms() - t0;
 	CHECK(r->exited && r->timed_out == 1 && r->signal == SIGKILL, "SIGKILL after the grace (signal %u)", r->signal);
-	CHECK(took >= 450 && took < 3000, "took %lld ms (timeout + grace)", (long long)took);
+	CHECK(took >= 450 && took < 10000, "took %lld ms (timeout + grace)", (long long)took);
 	bg = (pid_t)atoi(r->out);
-	CHECK(bg > 0 && process_gone(bg, 2000), "the TERM-ignoring background sleep %d is gone", (int)bg);
+	CHECK(bg > 0 && process_gone(bg, 5000), "the TERM-ignoring background sleep %d is gone", (int)bg);
 }
 
 static void test_signal_reset(struct agent *a)
@@ -772,7 +772,7 @@ static void test_signal_reset(struct agent *a)
 	send_frame(a, 0, SM_PING, 0, "r", 1);
 	if (expect(a, &f, 0, SM_PONG, 2000) == 0)
 		CHECK(1, "nothing more on the reset stream");
-	CHECK(process_gone(pid, 2000), "the reset exec's process is gone");
+	CHECK(process_gone(pid, 5000), "the reset exec's process is gone");
 	sm_buf_free(&b);
 
 	current = "tty";
@@ -960,7 +960,7 @@ static void test_session_reset(void)
 	if (expect(&a, &f, id, SM_STARTED, 3000) == 0) {
 		pid_t pid = (pid_t)fu(&f, 1, 0);
 		hello(&a, 2); /* the next frame must be the HELLO answer, nothing for the old stream */
-		CHECK(process_gone(pid, 2000), "the previous session's process is gone");
+		CHECK(process_gone(pid, 5000), "the previous session's process is gone");
 	}
 	/* ids start over in the new session */
 	struct result *r = run(&a, &(struct xreq){ .argv = { "true" } }, 3000);
@@ -972,7 +972,7 @@ static void test_session_reset(void)
 		pid_t pid = (pid_t)fu(&f, 1, 0);
 		int st = stop(&a);
 		CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit 0 on EOF");
-		CHECK(process_gone(pid, 2000), "its process is gone");
+		CHECK(process_gone(pid, 5000), "its process is gone");
 	} else {
 		stop(&a);
 	}
