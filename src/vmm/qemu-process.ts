@@ -17,7 +17,6 @@
 
 import { type ChildProcess, spawn } from "node:child_process";
 import diagnostics from "node:diagnostics_channel";
-import { once } from "node:events";
 import { createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { debuglog } from "node:util";
@@ -122,7 +121,7 @@ export class QemuProcess {
 
   readonly #child: ChildProcess;
   readonly #dir: VmStateDir;
-  readonly #servers: Server[];
+  readonly #listeners: Listener[];
   readonly #finished: Promise<void>;
   #qmp: QmpClient | undefined;
   #agent: Socket | undefined;
@@ -141,13 +140,13 @@ export class QemuProcess {
     dir: VmStateDir;
     args: string[];
     console: ConsoleLog;
-    servers: Server[];
-    agentServer: Server | undefined;
+    listeners: Listener[];
+    agentListener: Listener | undefined;
   }) {
     const { child, dir } = init;
     this.#child = child;
     this.#dir = dir;
-    this.#servers = init.servers;
+    this.#listeners = init.listeners;
     this.id = dir.id;
     this.pid = child.pid!;
     this.args = init.args;
@@ -187,22 +186,23 @@ export class QemuProcess {
     });
     this.#finished = this.exited.then(() => this.#finish());
 
-    this.agentSocket = init.agentServer
-      ? new Promise<Socket>((resolve, reject) => {
-          init.agentServer!.once("connection", (socket) => {
-            socket.on("error", (error) => debug("agent socket of %s: %s", this.id, error.message));
-            this.#agent = socket;
-            init.agentServer!.close();
-            resolve(socket);
-          });
-          this.exited.then(() =>
-            reject(this.#error("VM_EXITED", "QEMU exited before it connected the agent channel")),
-          );
-        })
+    const agentListener = init.agentListener;
+    this.agentSocket = agentListener
+      ? Promise.race([
+          agentListener.connection,
+          this.exited.then(() => {
+            throw this.#error("VM_EXITED", "QEMU exited before it connected the agent channel");
+          }),
+        ])
       : Promise.reject(
           new SupermachineError("INVALID_ARGUMENT", "this VM was launched without an agent channel"),
         );
-    this.agentSocket.catch(() => {});
+    this.agentSocket.then(
+      (socket) => {
+        this.#agent = socket;
+      },
+      () => {},
+    );
   }
 
   /**
@@ -237,11 +237,11 @@ export class QemuProcess {
     throwIfAborted(signal);
 
     const dir = await VmStateDir.create({ root, ...(options.id === undefined ? {} : { id: options.id }) });
-    const servers: Server[] = [];
+    const listeners: Listener[] = [];
     let consoleLog: ConsoleLog | undefined;
     let child: ChildProcess;
     let args: string[];
-    let agentServer: Server | undefined;
+    let agentListener: Listener | undefined;
     try {
       const prepared =
         options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal });
@@ -256,10 +256,10 @@ export class QemuProcess {
         }),
       ]);
       // Record what succeeded first, so that the catch below releases it.
-      if (qmpListening.status === "fulfilled") servers.push(qmpListening.value);
+      if (qmpListening.status === "fulfilled") listeners.push(qmpListening.value);
       if (agentListening.status === "fulfilled" && agentListening.value !== undefined) {
-        agentServer = agentListening.value;
-        servers.push(agentServer);
+        agentListener = agentListening.value;
+        listeners.push(agentListener);
       }
       if (consoleOpened.status === "fulfilled") consoleLog = consoleOpened.value;
       for (const result of [qmpListening, agentListening, consoleOpened]) {
@@ -271,12 +271,12 @@ export class QemuProcess {
         sandbox,
         name: `supermachine-${dir.id}`,
         qmpSocketPath: dir.qmpSocketPath,
-        ...(agentServer === undefined ? {} : { agentSocketPath: dir.agentSocketPath }),
+        ...(agentListener === undefined ? {} : { agentSocketPath: dir.agentSocketPath }),
       });
       throwIfAborted(signal);
       child = await spawnQemu(qemuPath, args, setpriv, options.extraFds ?? []);
     } catch (error) {
-      for (const server of servers) server.close();
+      for (const listener of listeners) listener.server.close();
       await consoleLog?.close();
       await dir.finish({ keep: false, exit: { exitCode: null, signal: null, reason: "failed" } });
       throw error;
@@ -285,9 +285,9 @@ export class QemuProcess {
     live.add(child);
     installExitHook();
 
-    const qemu = new QemuProcess({ child, dir, args, console: consoleLog!, servers, agentServer });
+    const qemu = new QemuProcess({ child, dir, args, console: consoleLog!, listeners, agentListener });
     try {
-      await qemu.#connectQmp(servers[0]!, {
+      await qemu.#connectQmp(listeners[0]!.connection, {
         timeoutMs: options.timeoutMs ?? DEFAULT_LAUNCH_TIMEOUT_MS,
         signal,
       });
@@ -366,7 +366,7 @@ export class QemuProcess {
   }
 
   async #connectQmp(
-    server: Server,
+    connection: Promise<Socket>,
     options: { timeoutMs: number; signal: AbortSignal | undefined },
   ): Promise<void> {
     const stopWaiting = new AbortController();
@@ -385,11 +385,7 @@ export class QemuProcess {
     failure.catch(() => {});
     failure.catch(() => stopWaiting.abort());
     try {
-      const [socket] = (await Promise.race([
-        once(server, "connection", { signal: stopWaiting.signal }),
-        failure,
-      ])) as [Socket];
-      server.close();
+      const socket = await Promise.race([connection, failure]);
       this.#qmp = await Promise.race([
         QmpClient.fromSocket(socket, {
           signal: stopWaiting.signal,
@@ -428,7 +424,7 @@ export class QemuProcess {
   async #finish(): Promise<void> {
     this.#qmp?.close(this.#error("VM_EXITED", "QEMU has exited"));
     this.#agent?.destroy();
-    for (const server of this.#servers) server.close();
+    for (const listener of this.#listeners) listener.server.close();
     const failed = this.#failed || !this.#requested;
     const keep = failed || this.#keepStateDir;
     const exit = this.#exit!;
@@ -457,18 +453,33 @@ function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new AbortError("VM launch aborted", { cause: signal.reason });
 }
 
-async function listenUnix(path: string): Promise<Server> {
-  const server = createServer({ pauseOnConnect: false });
-  server.on("error", (error) => debug("listener %s: %s", path, error.message));
+/** A unix socket the host listens on for QEMU's one connection. */
+interface Listener {
+  server: Server;
+  /** QEMU's connection; the listener stops listening once it has it. */
+  connection: Promise<Socket>;
+}
+
+/** Listen on `path`, with the connection handler in place before anything can connect. */
+async function listenUnix(path: string): Promise<Listener> {
+  const server = createServer();
   server.maxConnections = 1;
+  const connection = new Promise<Socket>((resolve) => {
+    server.once("connection", (socket) => {
+      socket.on("error", (error) => debug("connection on %s: %s", path, error.message));
+      server.close();
+      resolve(socket);
+    });
+  });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen({ path, backlog: 1 }, () => {
       server.off("error", reject);
+      server.on("error", (error) => debug("listener %s: %s", path, error.message));
       resolve();
     });
   });
-  return server;
+  return { server, connection };
 }
 
 function spawnQemu(
