@@ -56,6 +56,9 @@ export class Vm implements ExecTarget {
   #state: VmState = "running";
   #stopping: Promise<void> | undefined;
   #failure: Error | undefined;
+  #tainted = false;
+  readonly #done: Promise<Error | undefined>;
+  #resolveDone!: (error: Error | undefined) => void;
 
   private constructor(init: {
     qemu: QemuProcess;
@@ -70,6 +73,9 @@ export class Vm implements ExecTarget {
     this.accelerator = init.accelerator;
     this.#defaults = init.defaults;
     this.timings = init.timings;
+    this.#done = new Promise((resolve) => {
+      this.#resolveDone = resolve;
+    });
 
     // QEMU gone: every pending and future operation fails with VM_EXITED.
     void this.#qemu.exited.then((exit) => {
@@ -172,6 +178,22 @@ export class Vm implements ExecTarget {
     return this.#qemu.consoleLogPath;
   }
 
+  /**
+   * Settles when the VM is over: `undefined` after `stop()`/`kill()`, the error when it died
+   * (`VM_EXITED`) or broke the protocol (`AGENT_PROTOCOL`). Never rejects.
+   */
+  get done(): Promise<Error | undefined> {
+    return this.#done;
+  }
+
+  /**
+   * True once something happened that makes the guest's state untrustworthy for reuse: an exec
+   * timed out and was killed, or the VM failed. Pools discard tainted VMs.
+   */
+  get tainted(): boolean {
+    return this.#tainted || this.#failure !== undefined || this.#state !== "running";
+  }
+
   /** The guest agent's name and version. */
   get agentVersion(): string {
     return this.#agent.agentVersion;
@@ -236,6 +258,7 @@ export class Vm implements ExecTarget {
     this.#state = "stopped";
     this.#agent.close(new VmError("VM_STOPPED", `VM ${this.id} was killed`));
     await this.#qemu.kill();
+    this.#resolveDone(this.#failure);
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -251,6 +274,10 @@ export class Vm implements ExecTarget {
 
   defaults(): ExecDefaults {
     return this.#defaults;
+  }
+
+  onExecTimedOut(): void {
+    this.#tainted = true;
   }
 
   describe(): string {
@@ -270,6 +297,7 @@ export class Vm implements ExecTarget {
     this.#agent.close(new VmError("VM_STOPPED", `VM ${this.id} is stopped`));
     await this.#qemu.stop({ timeoutMs: SHUTDOWN_TIMEOUT_MS });
     publish("vm:exit", { id: this.id });
+    this.#resolveDone(this.#failure);
   }
 
   #fail(error: Error): void {
@@ -278,6 +306,7 @@ export class Vm implements ExecTarget {
     this.#state = "stopped";
     this.#agent.close(error);
     publish("vm:exit", { id: this.id, error });
+    this.#resolveDone(error);
   }
 }
 
