@@ -112,18 +112,18 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
 ]);
 
 export class AgentClient {
-  /** Name and version the agent reported, e.g. `sm-init 0.1.0`. */
-  agentVersion = "";
   /** The restore epoch of this session. */
   readonly epoch: bigint;
-  /** Guest `CLOCK_BOOTTIME` (ns) when the agent answered `HELLO`. */
-  bootNs = 0n;
   /** Settles when the connection ends: `undefined` for a clean end, else the error. Never rejects. */
   readonly closed: Promise<Error | undefined>;
 
+  #agentVersion = "";
+  #bootNs = 0n;
   readonly #socket: Duplex;
   readonly #decoder = new FrameDecoder();
   readonly #streams = new Map<number, StreamHandler>();
+  /** Open streams whose opening frame has been written. */
+  readonly #written = new Set<number>();
   readonly #link: StreamLink;
   #state: State = "handshake";
   #closedError: Error | undefined;
@@ -162,8 +162,12 @@ export class AgentClient {
       sendControl: (stream, type, payload, flags) => this.#sendControl(stream, type, payload, flags),
       sendData: (stream, type, payload, flags) => this.#sendData(stream, type, payload, flags),
       writable: () => this.#writable(),
+      reset: (stream) => {
+        if (this.#written.has(stream)) this.#sendControl(stream, MessageType.RESET);
+      },
       release: (stream) => {
         this.#streams.delete(stream);
+        this.#written.delete(stream);
       },
       get closedError() {
         return self.#closedError;
@@ -206,6 +210,16 @@ export class AgentClient {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
     }
+  }
+
+  /** Name and version the agent reported, e.g. `sm-init 0.1.0`. */
+  get agentVersion(): string {
+    return this.#agentVersion;
+  }
+
+  /** Guest `CLOCK_BOOTTIME` (ns) when the agent answered `HELLO`. */
+  get bootNs(): bigint {
+    return this.#bootNs;
   }
 
   /** The error the connection closed with, once closed. */
@@ -289,7 +303,6 @@ export class AgentClient {
     signal?.addEventListener("abort", onAbort, { once: true });
     try {
       await this.#sendData(stream, MessageType.WRITE_FILE, payload);
-      op.opened = true;
       let sent = 0;
       if (size === 0) await this.#sendData(stream, MessageType.FILE_DATA, new Uint8Array(0), FLAG_FIN);
       for await (let chunk of source) {
@@ -340,7 +353,6 @@ export class AgentClient {
     op.readable.once("close", () => signal?.removeEventListener("abort", onAbort));
     try {
       await this.#sendData(stream, MessageType.READ_FILE, payload);
-      op.opened = true;
       const info = await op.info;
       return { ...info, stream: op.readable };
     } catch (error) {
@@ -477,8 +489,8 @@ export class AgentClient {
     if (hello.epoch !== this.epoch) {
       throw protocolError(`HELLO echoed epoch ${hello.epoch}, expected ${this.epoch}`);
     }
-    this.agentVersion = hello.agent;
-    this.bootNs = hello.bootNs;
+    this.#agentVersion = hello.agent;
+    this.#bootNs = hello.bootNs;
     this.#state = "open";
     debug("agent: connected to %s (epoch %s)", hello.agent, this.epoch);
     this.#hello.resolve();
@@ -537,6 +549,7 @@ export class AgentClient {
     this.#hello.reject(error);
     const streams = [...this.#streams.values()];
     this.#streams.clear();
+    this.#written.clear();
     for (const s of streams) s.onClose(error);
     for (const p of this.#pings.values()) p.reject(error);
     this.#pings.clear();
@@ -580,6 +593,7 @@ export class AgentClient {
     if (this.#closedError) throw this.#closedError;
     if (stream !== 0 && !this.#streams.has(stream)) return; // reset or ended meanwhile
     this.#writeFrame(stream, type, payload, flags);
+    if (stream !== 0) this.#written.add(stream);
   }
 
   #writeFrame(stream: number, type: number, payload: Uint8Array, flags: number): void {

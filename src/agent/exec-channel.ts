@@ -471,8 +471,8 @@ export class ExecChannel implements StreamHandler {
   reset(reason: Error): void {
     if (this.#state === "ended") return;
     // If the request is still queued behind socket backpressure, it is never sent: the link drops
-    // data for released streams.
-    if (this.#requestSent) this.#link.sendControl(this.stream, MessageType.RESET);
+    // data for released streams, and sends RESET only for streams the agent has seen.
+    this.#link.reset(this.stream);
     this.#fail(reason);
   }
 

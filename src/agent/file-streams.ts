@@ -35,8 +35,6 @@ export class FileWriteStream implements StreamHandler {
   readonly #link: StreamLink;
   readonly #size: number;
   #ended = false;
-  /** Set once the `WRITE_FILE` frame was written (a `RESET` before that is not sent). */
-  opened = false;
 
   constructor(link: StreamLink, stream: number, path: string, size: number) {
     this.#link = link;
@@ -78,7 +76,7 @@ export class FileWriteStream implements StreamHandler {
   /** Abandons the write (`RESET`): the agent discards the partial file. */
   reset(reason: Error): void {
     if (this.#ended) return;
-    if (this.opened) this.#link.sendControl(this.stream, MessageType.RESET);
+    this.#link.reset(this.stream);
     this.#end();
     this.#result.reject(reason);
   }
@@ -121,8 +119,6 @@ export class FileReadStream implements StreamHandler {
   readonly #queue: Uint8Array[] = [];
   #pendingGrant = 0;
   #grantScheduled = false;
-  /** Set once the `READ_FILE` frame was written. */
-  opened = false;
 
   constructor(link: StreamLink, stream: number, path: string, windowBytes: number) {
     this.#link = link;
@@ -195,7 +191,7 @@ export class FileReadStream implements StreamHandler {
   /** Abandons the read (`RESET`); the readable is destroyed with `reason`. */
   reset(reason: Error): void {
     if (this.#finished) return;
-    if (this.opened) this.#link.sendControl(this.stream, MessageType.RESET);
+    this.#link.reset(this.stream);
     this.#fail(reason);
   }
 

@@ -12,6 +12,11 @@ export interface StreamLink {
    * the connection's error once it is closed.
    */
   sendData(stream: number, type: number, payload: Uint8Array, flags?: number): Promise<void>;
+  /**
+   * Sends `RESET` for the stream if its opening frame was written (a stream the agent never saw
+   * needs none). Call before {@link release}.
+   */
+  reset(stream: number): void;
   /** Resolves once the socket is not congested (or the connection closed). Never rejects. */
   writable(): Promise<void>;
   /** Forgets the stream: later frames for it are dropped (docs/protocol.md, "Frames"). */

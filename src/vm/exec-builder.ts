@@ -181,7 +181,7 @@ export class ExecBuilder {
   }
 
   /** `reject(false)`: `output()` resolves on a non-zero exit or a signal instead of throwing. */
-  reject(on: boolean): this {
+  reject(on = true): this {
     this.#reject = on;
     return this;
   }
