@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,10 +78,63 @@ struct oframe {
 	struct oframe *next;
 	size_t len;
 	size_t off;
+	size_t cap;
 	uint8_t data[];
 };
 
 static struct oframe *oq_head, *oq_tail;
+
+/* Large frames (process output, file data) are recycled: malloc would mmap and munmap each one. */
+#define BIG_CAP (SM_HDR_SIZE + SM_CHUNK)
+#define MAX_SPARE 6
+static struct oframe *spare[MAX_SPARE];
+static int nspare;
+
+static struct oframe *oframe_new(size_t len)
+{
+	if (len > SM_HDR_SIZE + 4096 && len <= BIG_CAP) {
+		if (nspare)
+			return spare[--nspare];
+		len = BIG_CAP;
+	}
+	struct oframe *f = malloc(sizeof *f + len);
+	if (f)
+		f->cap = len;
+	return f;
+}
+
+static void oframe_free(struct oframe *f)
+{
+	if (f->cap == BIG_CAP && nspare < MAX_SPARE)
+		spare[nspare++] = f;
+	else
+		free(f);
+}
+
+static void oq_append(struct oframe *f)
+{
+	f->next = NULL;
+	f->off = 0;
+	if (oq_tail)
+		oq_tail->next = f;
+	else
+		oq_head = f;
+	oq_tail = f;
+	A.outq_bytes += f->len;
+}
+
+uint8_t *sm_frame_alloc(size_t payload_max)
+{
+	struct oframe *f = oframe_new(SM_HDR_SIZE + payload_max);
+	return f ? f->data + SM_HDR_SIZE : NULL;
+}
+
+static struct oframe *frame_of(uint8_t *payload)
+{
+	return (struct oframe *)(void *)(payload - SM_HDR_SIZE - offsetof(struct oframe, data));
+}
+
+void sm_frame_cancel(uint8_t *payload) { oframe_free(frame_of(payload)); }
 static struct sm_buf scratch;
 
 struct sm_buf *sm_scratch(void)
@@ -95,21 +149,14 @@ static void oq_push(const uint8_t *frame, size_t len)
 {
 	if (!A.connected)
 		return; /* nobody to send to: the next session starts with a HELLO */
-	struct oframe *f = malloc(sizeof *f + len);
+	struct oframe *f = oframe_new(len);
 	if (!f) {
-		sm_log("out of memory queueing a frame; dropping the session");
+		sm_log("out of memory queueing a frame; dropping it");
 		return;
 	}
-	f->next = NULL;
 	f->len = len;
-	f->off = 0;
 	memcpy(f->data, frame, len);
-	if (oq_tail)
-		oq_tail->next = f;
-	else
-		oq_head = f;
-	oq_tail = f;
-	A.outq_bytes += len;
+	oq_append(f);
 }
 
 /* Drop queued frames; keep the head if it is partly written (unless the peer is gone). */
@@ -123,7 +170,7 @@ static void oq_drop(int keep_partial)
 	}
 	while (f) {
 		struct oframe *n = f->next;
-		free(f);
+		oframe_free(f);
 		f = n;
 	}
 	oq_head = oq_tail = keep;
@@ -149,6 +196,20 @@ void sm_send(uint32_t stream, uint8_t type, uint8_t flags, const void *p, size_t
 	oq_push(buf, SM_HDR_SIZE + n);
 	if (buf != stack)
 		free(buf);
+}
+
+void sm_frame_commit(uint8_t *payload, uint32_t stream, uint8_t type, uint8_t flags, size_t n)
+{
+	struct oframe *f = frame_of(payload);
+	if (!A.connected) {
+		oframe_free(f);
+		return;
+	}
+	struct sm_hdr h = { (uint32_t)n, stream, type, flags };
+	sm_hdr_encode(f->data, &h);
+	f->len = SM_HDR_SIZE + n;
+	log_frame(">", stream, type, flags, n);
+	oq_append(f);
 }
 
 void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags)
@@ -389,7 +450,7 @@ void sm_chan_flush(void)
 			oq_head = f->next;
 			if (!oq_head)
 				oq_tail = NULL;
-			free(f);
+			oframe_free(f);
 		}
 	}
 }

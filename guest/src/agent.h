@@ -124,6 +124,11 @@ void sm_dbg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int64_t sm_now_ns(void);
 void sm_send(uint32_t stream, uint8_t type, uint8_t flags, const void *p, size_t n);
 void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags);
+/* Zero-copy data frames: allocate room for up to payload_max bytes, fill it, then commit (queue)
+ * or cancel. */
+uint8_t *sm_frame_alloc(size_t payload_max);
+void sm_frame_commit(uint8_t *payload, uint32_t stream, uint8_t type, uint8_t flags, size_t n);
+void sm_frame_cancel(uint8_t *payload);
 void sm_send_error(uint32_t stream, uint32_t code, int err, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 void sm_send_window(uint32_t stream, uint32_t n);

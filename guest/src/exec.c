@@ -769,8 +769,6 @@ static void on_stdin(struct sm_stream *s, const struct sm_hdr *h, const uint8_t 
 	stdin_pump(s);
 }
 
-static uint8_t obuf[SM_CHUNK];
-
 static void output_done(struct sm_stream *s, int role)
 {
 	if (role == 0) {
@@ -793,9 +791,14 @@ static void pump_output(struct sm_stream *s, int role)
 		max = *rem;
 	if (max == 0 || fd < 0)
 		return;
-	ssize_t r = read(fd, obuf, max);
+	uint8_t *buf = sm_frame_alloc((size_t)max);
+	if (!buf)
+		return;
+	ssize_t r = read(fd, buf, max);
+	if (r <= 0)
+		sm_frame_cancel(buf);
 	if (r > 0) {
-		sm_send(s->id, (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR, 0, obuf, (size_t)r);
+		sm_frame_commit(buf, s->id, (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR, 0, (size_t)r);
 		s->out_credit -= (uint64_t)r;
 		if (s->counted) {
 			*rem -= (uint64_t)r;

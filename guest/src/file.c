@@ -235,8 +235,6 @@ int sm_read_ready(struct sm_stream *s)
 	return !s->dead && (s->rsent == s->rsize || s->rcredit > 0) && !sm_output_blocked();
 }
 
-static uint8_t rbuf[128 * 1024];
-
 void sm_read_pump(struct sm_stream *s)
 {
 	while (sm_read_ready(s)) {
@@ -246,12 +244,17 @@ void sm_read_pump(struct sm_stream *s)
 			sm_stream_close(s, 0);
 			return;
 		}
-		size_t want = sizeof rbuf;
+		size_t want = SM_CHUNK;
 		if (want > left)
 			want = (size_t)left;
 		if (want > s->rcredit)
 			want = (size_t)s->rcredit;
-		ssize_t r = pread(s->rfd, rbuf, want, (off_t)s->rsent);
+		uint8_t *buf = sm_frame_alloc(want);
+		if (!buf)
+			return;
+		ssize_t r = pread(s->rfd, buf, want, (off_t)s->rsent);
+		if (r <= 0)
+			sm_frame_cancel(buf);
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0) {
@@ -263,7 +266,7 @@ void sm_read_pump(struct sm_stream *s)
 		s->rsent += (uint64_t)r;
 		s->rcredit -= (uint64_t)r;
 		int last = s->rsent == s->rsize;
-		sm_send(s->id, SM_FILE_DATA, last ? SM_FLAG_FIN : 0, rbuf, (size_t)r);
+		sm_frame_commit(buf, s->id, SM_FILE_DATA, last ? SM_FLAG_FIN : 0, (size_t)r);
 		if (last) {
 			sm_stream_close(s, 0);
 			return;
