@@ -540,13 +540,14 @@ static void start_first(struct sm_stream *s)
 		s->err_w_keep = p[1];
 		set_nonblock(s->out_r);
 		set_nonblock(s->err_r);
-		fcntl(s->out_r, F_SETPIPE_SZ, 1 << 20); /* fewer, larger reads; best effort */
+		fcntl(s->out_r, F_SETPIPE_SZ, SM_CHUNK); /* fewer, larger reads; best effort */
 		if (s->stdin_on) {
 			if (pipe2(p, O_CLOEXEC) < 0)
 				goto sys_fail;
 			s->in_r_keep = p[0];
 			s->in_w = p[1];
 			set_nonblock(s->in_w);
+			fcntl(s->in_w, F_SETPIPE_SZ, SM_CHUNK);
 		}
 	}
 	if (pipe2(errp, O_CLOEXEC) < 0)

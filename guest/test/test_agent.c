@@ -14,6 +14,7 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -1007,6 +1008,69 @@ static void test_session_reset(void)
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit 0 after SHUTDOWN");
 }
 
+static void test_background_holders(struct agent *a)
+{
+	current = "background process holding the pipes";
+	struct xreq x = { .argv = { "sh", "-c", "sleep 3 & echo done" } };
+	int64_t t0 = now_ms();
+	struct result *r = run(a, &x, 15000);
+	int64_t took = now_ms() - t0;
+	CHECK(r->exited && r->code == 0 && !strcmp(r->out, "done\n"), "output and exit: '%s'", r->out);
+	CHECK(took < 2500, "EXIT does not wait for the background sleep (%lld ms)", (long long)took);
+
+	current = "background process holding the tty";
+	struct xreq t = { .argv = { "sh", "-c", "sleep 3 & echo done" }, .tty = 1 };
+	uint32_t id = send_exec(a, &t);
+	t0 = now_ms();
+	struct frame f;
+	char out[256] = "";
+	size_t n = 0;
+	int exited = 0;
+	while (!exited && recv_frame(a, &f, 15000) == 0) {
+		if (f.h.type == SM_STDOUT && f.h.length < sizeof out - n) {
+			memcpy(out + n, f.p, f.h.length);
+			n += f.h.length;
+		}
+		exited = f.h.stream == id && f.h.type == SM_EXIT;
+	}
+	took = now_ms() - t0;
+	CHECK(exited && strstr(out, "done"), "tty output '%s'", out);
+	CHECK(took < 2500, "tty EXIT does not wait for the background sleep (%lld ms)", (long long)took);
+}
+
+static void test_channel_path(void)
+{
+	current = "--channel PATH (unix socket)";
+	char path[100];
+	if ((size_t)snprintf(path, sizeof path, "%s/agent.sock", tmpdir) >= sizeof path) {
+		fail("temporary directory name too long");
+		return;
+	}
+	int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	memcpy(sa.sun_path, path, strlen(path) + 1);
+	if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(ls, 1) < 0) {
+		fail("bind %s: %s", path, strerror(errno));
+		return;
+	}
+	struct agent a;
+	memset(&a, 0, sizeof a);
+	a.pid = fork();
+	if (a.pid == 0) {
+		execl(agent_bin, agent_bin, "--channel", path, (char *)NULL);
+		_exit(127);
+	}
+	a.fd = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+	close(ls);
+	a.buf = malloc(SM_HDR_SIZE + SM_MAX_PAYLOAD);
+	hello(&a, 3);
+	struct frame f;
+	send_frame(&a, 0, SM_PING, 0, "p", 1);
+	expect(&a, &f, 0, SM_PONG, 3000);
+	int st = stop(&a);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit 0 (0x%x)", st);
+}
+
 static void test_many_streams(struct agent *a)
 {
 	current = "concurrent execs";
@@ -1054,10 +1118,12 @@ int main(int argc, char **argv)
 	test_signal_reset(&a);
 	test_files(&a);
 	test_many_streams(&a);
+	test_background_holders(&a);
 	int st = stop(&a);
 	current = "end";
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit status 0x%x", st);
 	test_session_reset();
+	test_channel_path();
 
 	char cmd[400];
 	snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
