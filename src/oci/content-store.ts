@@ -639,6 +639,15 @@ export class ContentStore {
         await rm(join(tmpDir, name), { recursive: true, force: true });
         removedTempFiles++;
       }
+      // Half-written records of crashed processes (writeFileAtomic's temp files).
+      const imagesDir = join(this.root, "images");
+      for (const name of await readdir(imagesDir).catch(() => [] as string[])) {
+        if (!name.startsWith(".tmp.")) continue;
+        const pid = Number(name.split(".")[2]);
+        if (Number.isInteger(pid) && isAlive(pid)) continue;
+        await rm(join(imagesDir, name), { force: true });
+        removedTempFiles++;
+      }
       return { removedBlobs, freedBytes, removedTempFiles };
     } finally {
       await unlink(lockPath).catch(() => {});

@@ -427,9 +427,21 @@ export class RegistryClient {
         res.status,
       );
     }
-    const body = await readBounded(res, 1024 * 1024, () =>
-      this.#error("REGISTRY_ERROR", `token from ${url.origin} is larger than 1 MiB`, res.status),
-    );
+    let body: Buffer;
+    try {
+      body = await readBounded(res, 1024 * 1024, () =>
+        this.#error("REGISTRY_ERROR", `token from ${url.origin} is larger than 1 MiB`, res.status),
+      );
+    } catch (err) {
+      if (err instanceof RegistryError) throw err;
+      if (isAbort(err, signal)) throw abortError(signal, err);
+      throw this.#error(
+        "REGISTRY_UNREACHABLE",
+        `reading the token from ${url.origin} failed: ${describe(err)}`,
+        res.status,
+        err,
+      );
+    }
     let parsed: { token?: unknown; access_token?: unknown; expires_in?: unknown };
     try {
       parsed = JSON.parse(body.toString("utf8"));

@@ -201,6 +201,9 @@ describe("prune", () => {
     await pullImage(`oci:${layout}:a`, { dataDir });
     const b = await pullImage(`oci:${layout}:b`, { dataDir });
     await writeFile(join(store.root, "tmp", "deadbeef.999999.abc.partial"), "junk");
+    const dead = spawn(process.execPath, ["-e", ""]);
+    await once(dead, "exit");
+    await writeFile(join(store.root, "images", `.tmp.${dead.pid}.abcdef`), "{");
     await removeImage(`oci:${layout}:b`, { dataDir });
     const result = await pruneImages({ dataDir });
     assert.deepEqual(
@@ -208,7 +211,11 @@ describe("prune", () => {
       [b.manifestDigest, b.configDigest, ...b.layers.map((l) => l.digest)].sort(),
     );
     assert.ok(result.freedBytes > 0);
-    assert.equal(result.removedTempFiles, 1);
+    assert.equal(result.removedTempFiles, 2);
+    assert.deepEqual(
+      (await readdir(join(store.root, "images"))).filter((n) => n.startsWith(".")),
+      [],
+    );
     for (const d of [image.manifest.digest, image.config.digest, ...image.layers.map((l) => l.digest)]) {
       assert.ok(await store.hasBlob(d), d);
     }
