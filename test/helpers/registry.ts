@@ -263,6 +263,10 @@ export async function startRegistry(options: StartRegistryOptions = {}): Promise
 
     const started = spawnTied("docker-registry", ["serve", configPath], registryEnv());
     child = started;
+    // A registry a test forgot to stop must not keep the test process alive; the exit hook kills it.
+    started.unref();
+    for (const stream of [started.stdout, started.stderr])
+      (stream as { unref?: () => void } | null)?.unref?.();
     let log = "";
     const port = await new Promise<number>((resolve, reject) => {
       const timeoutMs = options.startTimeoutMs ?? 20_000;
