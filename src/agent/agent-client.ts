@@ -124,6 +124,8 @@ export class AgentClient {
   readonly #streams = new Map<number, StreamHandler>();
   /** Open streams whose opening frame has been written. */
   readonly #written = new Set<number>();
+  /** Opening frames go out in stream id order. */
+  #openChain: Promise<void> = Promise.resolve();
   readonly #link: StreamLink;
   #state: State = "handshake";
   #closedError: Error | undefined;
@@ -161,6 +163,7 @@ export class AgentClient {
     this.#link = {
       sendControl: (stream, type, payload, flags) => this.#sendControl(stream, type, payload, flags),
       sendData: (stream, type, payload, flags) => this.#sendData(stream, type, payload, flags),
+      sendOpen: (stream, type, payload) => this.#sendOpen(stream, type, payload),
       writable: () => this.#writable(),
       reset: (stream) => {
         if (this.#written.has(stream)) this.#sendControl(stream, MessageType.RESET);
@@ -302,7 +305,7 @@ export class AgentClient {
     const onAbort = () => op.reset(new AbortError("writeFile aborted", { cause: signal?.reason }));
     signal?.addEventListener("abort", onAbort, { once: true });
     try {
-      await this.#sendData(stream, MessageType.WRITE_FILE, payload);
+      await this.#sendOpen(stream, MessageType.WRITE_FILE, payload);
       let sent = 0;
       if (size === 0) await this.#sendData(stream, MessageType.FILE_DATA, new Uint8Array(0), FLAG_FIN);
       for await (let chunk of source) {
@@ -352,7 +355,7 @@ export class AgentClient {
     signal?.addEventListener("abort", onAbort, { once: true });
     op.readable.once("close", () => signal?.removeEventListener("abort", onAbort));
     try {
-      await this.#sendData(stream, MessageType.READ_FILE, payload);
+      await this.#sendOpen(stream, MessageType.READ_FILE, payload);
       const info = await op.info;
       return { ...info, stream: op.readable };
     } catch (error) {
@@ -580,6 +583,12 @@ export class AgentClient {
   #sendControl(stream: number, type: number, payload: Uint8Array = new Uint8Array(0), flags = 0): void {
     if (this.#state === "closed") return;
     this.#writeFrame(stream, type, payload, flags);
+  }
+
+  #sendOpen(stream: number, type: number, payload: Uint8Array): Promise<void> {
+    const sent = this.#openChain.then(() => this.#sendData(stream, type, payload));
+    this.#openChain = sent.catch(() => {});
+    return sent;
   }
 
   async #writable(): Promise<void> {

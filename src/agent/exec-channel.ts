@@ -177,7 +177,10 @@ export class ExecChannel implements StreamHandler {
       window: request.windowBytes,
       stage: stage.map((s) => ({ path: s.path, mode: s.mode, size: s.content.length })),
     });
-    this.#opened = this.#open(payload, stage);
+    // Queued now, so that opening frames go out in stream id order; written once the client has
+    // registered the stream (the link writes nothing for unknown streams).
+    const execSent = link.sendOpen(stream, MessageType.EXEC, payload);
+    this.#opened = this.#open(execSent, stage);
     this.#opened.catch(() => {});
   }
 
@@ -196,10 +199,9 @@ export class ExecChannel implements StreamHandler {
     return this.#queuedBytes;
   }
 
-  async #open(payload: Uint8Array, stage: readonly StagedFile[]): Promise<void> {
-    await null; // let the client register the stream before the first frame goes out
+  async #open(execSent: Promise<void>, stage: readonly StagedFile[]): Promise<void> {
     try {
-      await this.#link.sendData(this.stream, MessageType.EXEC, payload);
+      await execSent;
       this.#requestSent = true;
       for (const file of stage) {
         if (this.ended) return;

@@ -13,6 +13,11 @@ export interface StreamLink {
    */
   sendData(stream: number, type: number, payload: Uint8Array, flags?: number): Promise<void>;
   /**
+   * Writes the frame that opens a stream (`EXEC`, `WRITE_FILE`, `READ_FILE`) like {@link sendData},
+   * after every opening frame requested before it: the agent requires stream ids to increase.
+   */
+  sendOpen(stream: number, type: number, payload: Uint8Array): Promise<void>;
+  /**
    * Sends `RESET` for the stream if its opening frame was written (a stream the agent never saw
    * needs none). Call before {@link release}.
    */

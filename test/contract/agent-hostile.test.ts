@@ -344,6 +344,36 @@ describe("stream ends and credit", () => {
     client.close();
   });
 
+  test("opening frames go out in stream id order, also under backpressure", async () => {
+    const { fake, client } = await connected();
+    fake.socket.pause();
+    const big = client.writeFile("/big", new Uint8Array(8 * MAX_PAYLOAD)).catch(() => {});
+    const ops: Promise<unknown>[] = [];
+    for (let i = 0; i < 30; i++) {
+      const channel = client.exec({
+        argv: ["x"],
+        stdin: true,
+        stage: [{ path: "/s", content: new Uint8Array(70_000) }],
+      });
+      void channel.writeStdin(new Uint8Array(100_000)).catch(() => {});
+      ops.push(channel.exited.catch(() => {}));
+      if (i % 3 === 0) ops.push(client.readFile(`/f${i}`).catch(() => {}));
+    }
+    fake.socket.resume();
+    // Without backpressure too: an exec (which stages data) then a read, in the same tick.
+    ops.push(client.exec({ argv: ["y"] }).exited.catch(() => {}));
+    ops.push(client.readFile("/last").catch(() => {}));
+    const opening = new Set<number>([MessageType.EXEC, MessageType.WRITE_FILE, MessageType.READ_FILE]);
+    await fake.until((frames) => frames.filter((f) => opening.has(f.type)).length === 43);
+    const ids = fake.pending.filter((f) => opening.has(f.type)).map((f) => f.stream);
+    assert.deepEqual(
+      ids,
+      [...ids].sort((x, y) => x - y),
+    );
+    client.close();
+    await Promise.all([big, ...ops]);
+  });
+
   test("the request is written in one go: EXEC, staged files, first stdin", async () => {
     const { fake, client } = await connected();
     const channel = client.exec({
