@@ -47,16 +47,15 @@ export async function resolveAssetPaths(
 ): Promise<AssetPaths> {
   const env = options.env ?? process.env;
   const packageDir = options.packageDir ?? PACKAGE_DIR;
-  const cached = await cachedAssetPaths(options);
+  const dir = cacheDir(env);
 
   const missing: string[] = [];
   const find = async (
-    name: "kernel" | "initramfs",
+    name: keyof AssetPaths,
     label: string,
     envName: string,
     packaged: string,
-    cachePath: string | undefined,
-    cacheFallback: () => Promise<string | undefined>,
+    fromCache: () => Promise<{ path: string | undefined; lookedFor: string }>,
   ): Promise<string> => {
     const given = overrides[name];
     if (given !== undefined) {
@@ -71,11 +70,9 @@ export async function resolveAssetPaths(
       return "";
     }
     if (await isReadableFile(packaged)) return packaged;
-    if (cachePath !== undefined && (await isReadableFile(cachePath))) return cachePath;
-    const fallback = await cacheFallback();
-    if (fallback !== undefined) return fallback;
-    const cacheHint = cachePath ?? join(cached.cacheDir, "kernel", "*", "vmlinux");
-    missing.push(`${label} (looked for ${packaged} and ${cacheHint})`);
+    const cached = await fromCache();
+    if (cached.path !== undefined) return cached.path;
+    missing.push(`${label} (looked for ${packaged} and ${cached.lookedFor})`);
     return "";
   };
 
@@ -84,16 +81,23 @@ export async function resolveAssetPaths(
     "guest kernel",
     "SUPERMACHINE_KERNEL",
     join(packageDir, "assets", "vmlinux"),
-    cached.kernel,
-    () => (cached.kernel === undefined ? newestCachedKernel(cached.cacheDir) : Promise.resolve(undefined)),
+    async () => {
+      const path = await cachedKernelPath(packageDir, dir, options.linuxSourceVersion);
+      if (path !== undefined)
+        return { path: (await isReadableFile(path)) ? path : undefined, lookedFor: path };
+      // The key cannot be computed here: take the newest kernel any build left in the cache.
+      return { path: await newestCachedKernel(dir), lookedFor: join(dir, "kernel", "*", "vmlinux") };
+    },
   );
   const initramfs = await find(
     "initramfs",
     "guest initramfs",
     "SUPERMACHINE_INITRAMFS",
     join(packageDir, "assets", "initramfs.cpio"),
-    cached.initramfs,
-    () => Promise.resolve(undefined),
+    async () => {
+      const path = await cachedInitramfsPath(packageDir, dir);
+      return { path: (await isReadableFile(path)) ? path : undefined, lookedFor: path };
+    },
   );
   if (missing.length > 0) {
     throw new SupermachineError(
@@ -107,24 +111,35 @@ export async function resolveAssetPaths(
 }
 
 /**
- * The paths `scripts/build-kernel.sh` and `scripts/build-initramfs.sh` install to, computed from the
- * package's own sources. `kernel` is undefined when its key cannot be computed (no `dpkg-query`, or
- * `linux-source-6.1` or the kernel sources are missing).
+ * The paths `scripts/build-kernel.sh` and `scripts/build-initramfs.sh` install to (built or not),
+ * computed from the package's own sources. `kernel` is undefined when its key cannot be computed
+ * (no `dpkg-query`, no `linux-source-6.1`, or the package lacks the kernel sources).
  */
 export async function cachedAssetPaths(
   options: AssetSearchOptions = {},
 ): Promise<{ cacheDir: string; kernel: string | undefined; initramfs: string }> {
   const packageDir = options.packageDir ?? PACKAGE_DIR;
   const dir = cacheDir(options.env ?? process.env);
-  const version =
-    options.linuxSourceVersion !== undefined ? options.linuxSourceVersion : await linuxSourceVersion();
-  const kernelKey = version === null ? undefined : await kernelCacheKey(packageDir, version);
-  const initramfsKey = await initramfsCacheKey(packageDir);
   return {
     cacheDir: dir,
-    kernel: kernelKey === undefined ? undefined : join(dir, "kernel", kernelKey, "vmlinux"),
-    initramfs: join(dir, "initramfs", initramfsKey, "initramfs.cpio"),
+    kernel: await cachedKernelPath(packageDir, dir, options.linuxSourceVersion),
+    initramfs: await cachedInitramfsPath(packageDir, dir),
   };
+}
+
+async function cachedKernelPath(
+  packageDir: string,
+  dir: string,
+  version: string | null | undefined,
+): Promise<string | undefined> {
+  const known = version !== undefined ? version : await linuxSourceVersion();
+  if (known === null) return undefined;
+  const key = await kernelCacheKey(packageDir, known);
+  return key === undefined ? undefined : join(dir, "kernel", key, "vmlinux");
+}
+
+async function cachedInitramfsPath(packageDir: string, dir: string): Promise<string> {
+  return join(dir, "initramfs", await initramfsCacheKey(packageDir), "initramfs.cpio");
 }
 
 /** Key of `scripts/build-kernel.sh`: sha256 of the manifest of its inputs, first 16 hex digits. */

@@ -176,6 +176,29 @@ describe("resolveAssetPaths", () => {
       (error) => assertAssetMissing(error, join(cache, "kernel", "*", "vmlinux")),
     );
   });
+  test("a package without the kernel sources also falls back to the newest cached kernel", async () => {
+    const bare = join(tmp, "bare");
+    const kernel = await touch(join(cache, "kernel/cccccccccccccccc/vmlinux"));
+    const initramfs = await touch(join(tmp, "e/initramfs.cpio"));
+    try {
+      const got = await resolveAssetPaths(
+        { initramfs },
+        { packageDir: bare, env, linuxSourceVersion: "6.1.0-test" },
+      );
+      assert.equal(got.kernel, kernel);
+    } finally {
+      await rm(join(cache, "kernel"), { recursive: true, force: true });
+    }
+  });
+
+  test("a directory is not an asset", async () => {
+    const dir = join(tmp, "adir");
+    await mkdir(dir, { recursive: true });
+    await assert.rejects(
+      resolveAssetPaths({ kernel: dir }, { packageDir, env, linuxSourceVersion: "1" }),
+      (error) => assertAssetMissing(error, dir),
+    );
+  });
 });
 
 describe("cache keys match the build scripts", () => {
