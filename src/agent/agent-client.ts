@@ -403,6 +403,8 @@ export class AgentClient {
   shutdown(opts: { timeoutMs?: number } = {}): Promise<void> {
     if (this.#shutdownPromise) return this.#shutdownPromise;
     if (this.#closedError) return Promise.reject(this.#closedError);
+    if (this.#state !== "open")
+      return Promise.reject(new VmError("VM_STOPPED", "agent connection is not open"));
     const timeoutMs = opts.timeoutMs ?? DEFAULT_SHUTDOWN_TIMEOUT_MS;
     const d = deferred<void>();
     this.#shutdown = d;
