@@ -24,7 +24,6 @@ import { clampTime } from "./debugfs-script.ts";
 import {
   compareBytes,
   type DirNode,
-  type FileNode,
   type FileTree,
   MAX_SYMLINK_BYTES,
   newDir,
@@ -35,7 +34,8 @@ import { displayName } from "./tar-reader.ts";
 
 export const BLOCK_SIZE = 4096;
 const B = BLOCK_SIZE;
-const BLOCKS_PER_GROUP = 32768;
+/** Blocks per group; only tests use fewer (to exercise many groups with small images). */
+export const BLOCKS_PER_GROUP = 32768;
 const INODE_SIZE = 256;
 const EXTRA_ISIZE = 32;
 const FIRST_INO = 11;
@@ -80,11 +80,17 @@ interface Run {
   len: number;
 }
 
+interface DirEntry {
+  name: string;
+  ino: number;
+  type: number;
+}
+
 interface Inode {
   ino: number;
   node: TreeNode;
-  /** Directories: their entries (".", ".." included) and parent. */
-  entries?: { name: string; ino: number; type: number }[];
+  /** Directories: their entries, "." and ".." first. */
+  entries?: DirEntry[];
   links: number;
   dataBlocks: number;
   runs: Run[];
@@ -108,6 +114,8 @@ export interface Ext4WriteOptions {
   /** fsync the image before returning (default true). */
   durable?: boolean | undefined;
   signal?: AbortSignal | undefined;
+  /** Blocks per group (multiple of 8, ≤ 32768). For tests; default {@link BLOCKS_PER_GROUP}. */
+  blocksPerGroup?: number | undefined;
 }
 
 export interface Ext4WriteResult {
@@ -250,495 +258,73 @@ function packXattrs(
 // ---- the writer ----
 
 export async function writeExt4Image(options: Ext4WriteOptions): Promise<Ext4WriteResult> {
-  const { tree, signal } = options;
   const t0 = performance.now();
-  const uuid = uuidBytes(options.uuid);
-  const csumSeed = crc32c(0xffffffff, uuid);
   const skippedXattrs: { path: string; name: string }[] = [];
-
-  // 1. Number the inodes, directory by directory.
-  const inodes: Inode[] = [];
-  const byNode = new Map<TreeNode, Inode>();
-  let newest = tree.root.mtime;
-  const add = (ino: number, node: TreeNode): Inode => {
-    const i: Inode = { ino, node, links: 0, dataBlocks: 0, runs: [], leafBlocks: [] };
-    inodes.push(i);
-    byNode.set(node, i);
-    if (node.mtime > newest) newest = node.mtime;
-    return i;
-  };
-  const root = add(ROOT_INO, tree.root);
-  const treeLpf = tree.root.children.get("lost+found");
-  if (treeLpf !== undefined && treeLpf.kind !== "dir") {
-    throw new SupermachineError(
-      "ROOTFS_BUILD",
-      "the image has a /lost+found that is not a directory; ext4 needs that name",
-    );
-  }
-  const createdTime = Math.min(2 ** 32 - 1, Math.max(1, clampTime(newest)));
-  const lpfNode: DirNode =
-    (treeLpf as DirNode | undefined) ??
-    newDir({ mode: 0o700, uid: 0, gid: 0, mtime: createdTime, xattrs: undefined });
-  const lpf = add(LPF_INO, lpfNode);
-  let next = FIRST_INO + 1;
-  const paths = new Map<Inode, string>([
-    [root, "/"],
-    [lpf, "/lost+found"],
-  ]);
-  const queue: [Inode, Inode, string][] = [[root, root, "/"]];
-  while (queue.length > 0) {
-    const [dirIno, parentIno, dirPath] = queue.shift()!;
-    const dir = dirIno.node as DirNode;
-    const entries: { name: string; ino: number; type: number }[] = [
-      { name: ".", ino: dirIno.ino, type: FT.dir },
-      { name: "..", ino: parentIno.ino, type: FT.dir },
-    ];
-    if (dirIno === root) entries.push({ name: "lost+found", ino: LPF_INO, type: FT.dir });
-    const subdirs: [Inode, string][] = [];
-    for (const name of [...dir.children.keys()].sort(compareBytes)) {
-      const node = dir.children.get(name)!;
-      if (dirIno === root && name === "lost+found") continue; // inode 11, listed third
-      const child = byNode.get(node) ?? add(next++, node);
-      entries.push({ name, ino: child.ino, type: FT[node.kind] });
-      const childPath = `${dirPath}${name}`;
-      if (!paths.has(child)) paths.set(child, childPath);
-      if (node.kind === "dir") subdirs.push([child, `${childPath}/`]);
-      else child.links++;
-    }
-    dirIno.entries = entries;
-    dirIno.links = 2 + subdirs.length + (dirIno === root ? 1 : 0);
-    if (dirIno.links >= 65000) dirIno.links = 1; // dir_nlink
-    for (const [child, p] of subdirs) queue.push([child, dirIno, p]);
-    if (dirIno === root) queue.push([lpf, root, "/lost+found/"]);
-  }
-  const maxIno = next - 1;
-
-  // 2. What each inode needs: data blocks, xattrs.
+  const numbered = numberInodes(options.tree);
+  const { inodes, paths, maxIno, createdTime } = numbered;
+  const bpg = options.blocksPerGroup ?? BLOCKS_PER_GROUP;
   let fileBytes = 0;
   let contentBlocks = 0;
   for (const i of inodes) {
-    const node = i.node;
-    if (node.kind === "file") {
-      fileBytes += node.size;
-      i.dataBlocks = Math.ceil(node.size / B);
-    } else if (node.kind === "dir") {
-      i.dataBlocks = dirBlocks(i.entries!).length;
-      if (i.ino === LPF_INO) i.dataBlocks = Math.max(i.dataBlocks, 4); // room for e2fsck, as mke2fs makes it
-    } else if (node.kind === "symlink") {
-      if (node.target.length > MAX_SYMLINK_BYTES)
-        throw new SupermachineError("ROOTFS_BUILD", "symlink target too long");
-      i.dataBlocks = node.target.length < 60 ? 0 : 1;
-    }
-    encodeXattrs(i, paths.get(i) ?? "?", skippedXattrs);
-    // Upper bound of extent leaves: runs break at most once per group.
-    const runsMax = i.dataBlocks === 0 ? 0 : Math.ceil(i.dataBlocks / (BLOCKS_PER_GROUP - 2100)) + 1;
-    contentBlocks +=
-      i.dataBlocks + (runsMax > 4 ? Math.ceil(runsMax / EXTENTS_PER_BLOCK) : 0) + (i.xattrBlock ? 1 : 0);
+    fileBytes += i.node.kind === "file" ? i.node.size : 0;
+    contentBlocks += measureInode(i, bpg, paths.get(i) ?? "?", skippedXattrs);
   }
-
-  // 3. Geometry.
-  const free = options.freeBytes ?? Math.max(GiB, 2 * contentBlocks * B);
-  const inodesWanted = maxIno + Math.max(16384, Math.ceil(free / 16384));
-  const minGroups = Math.ceil(inodesWanted / BLOCKS_PER_GROUP);
-  const geometry = (blocks: number) => {
-    const groups = Math.ceil(blocks / BLOCKS_PER_GROUP);
-    const ipg = Math.min(BLOCKS_PER_GROUP, Math.max(16, Math.ceil(inodesWanted / groups / 16) * 16));
-    const gdtBlocks = Math.ceil((groups * 32) / B);
-    const itb = (ipg * INODE_SIZE) / B;
-    let overhead = 0;
-    for (let g = 0; g < groups; g++) overhead += (hasSuperblock(g) ? 1 + gdtBlocks : 0) + 2 + itb;
-    return { groups, ipg, gdtBlocks, itb, overhead };
-  };
-  let blocks: number;
-  if (options.sizeBytes !== undefined) {
-    blocks = Math.floor(options.sizeBytes / B);
-  } else {
-    blocks = Math.max(contentBlocks + Math.ceil(free / B) + 1024, (minGroups - 1) * BLOCKS_PER_GROUP + 4096);
-    for (;;) {
-      const g = geometry(blocks);
-      const need = contentBlocks + Math.ceil(free / B) + defaultJournalBlocks(blocks) + g.overhead + 64;
-      if (blocks >= need) break;
-      blocks = need;
-    }
-    blocks = Math.ceil(blocks / 256) * 256; // whole MiB
-  }
-  // A last group too small for its own metadata is dropped (as mke2fs does).
-  {
-    const g = geometry(blocks);
-    const last = blocks - (g.groups - 1) * BLOCKS_PER_GROUP;
-    const lastOverhead = (hasSuperblock(g.groups - 1) ? 1 + g.gdtBlocks : 0) + 2 + g.itb;
-    if (g.groups > 1 && last < lastOverhead + 64) {
-      if (options.sizeBytes !== undefined) blocks = (g.groups - 1) * BLOCKS_PER_GROUP;
-      else blocks += lastOverhead + 64 - last;
-    }
-  }
-  const geo = geometry(blocks);
-  const { groups, ipg, gdtBlocks, itb } = geo;
-  const inodeCount = groups * ipg;
-  const journalBlocks = defaultJournalBlocks(blocks);
-  if (inodeCount < maxIno + 1 || blocks < contentBlocks + journalBlocks + geo.overhead) {
-    throw new SupermachineError(
-      "ROOTFS_BUILD",
-      `the image is too small: ${blocks * B} bytes for ${(contentBlocks + journalBlocks + geo.overhead) * B} bytes of content and metadata`,
-    );
-  }
-  if (blocks >= 2 ** 32)
-    throw new SupermachineError("ROOTFS_BUILD", "images larger than 16 TiB are not supported");
-
-  // 4. Block allocation.
-  const groupStart = (g: number): number => g * BLOCKS_PER_GROUP;
-  const groupEnd = (g: number): number => Math.min(blocks, (g + 1) * BLOCKS_PER_GROUP);
-  const meta = (g: number) => {
-    const s = groupStart(g);
-    const sb = hasSuperblock(g);
-    const bbitmap = s + (sb ? 1 + gdtBlocks : 0);
-    return { sb, bbitmap, ibitmap: bbitmap + 1, itable: bbitmap + 2, dataStart: bbitmap + 2 + itb };
-  };
-  const metas = Array.from({ length: groups }, (_, g) => meta(g));
-  const bitmaps = Array.from({ length: groups }, () => Buffer.alloc(B));
-  const used = new Uint32Array(groups); // blocks used per group
-  const mark = (start: number, len: number): void => {
-    for (let b = start; b < start + len; b++) {
-      const g = Math.floor(b / BLOCKS_PER_GROUP);
-      const i = b - g * BLOCKS_PER_GROUP;
-      bitmaps[g]![i >> 3]! |= 1 << (i & 7);
-      used[g]!++;
-    }
-  };
-  for (let g = 0; g < groups; g++) mark(groupStart(g), metas[g]!.dataStart - groupStart(g));
-  let cursor = metas[0]!.dataStart;
-  const alloc = (n: number): Run[] => {
-    const runs: Run[] = [];
-    while (n > 0) {
-      const g = Math.floor(cursor / BLOCKS_PER_GROUP);
-      if (g >= groups)
-        throw new SupermachineError("ROOTFS_BUILD", "ran out of space while laying out the image");
-      if (cursor < metas[g]!.dataStart) cursor = metas[g]!.dataStart;
-      const len = Math.min(n, groupEnd(g) - cursor, MAX_EXTENT_LEN);
-      if (len <= 0) {
-        cursor = groupStart(g + 1);
-        continue;
-      }
-      const last = runs[runs.length - 1];
-      if (last && last.start + last.len === cursor && last.len + len <= MAX_EXTENT_LEN) last.len += len;
-      else runs.push({ start: cursor, len });
-      mark(cursor, len);
-      cursor += len;
-      n -= len;
-    }
-    return runs;
-  };
-  const journalRuns = alloc(journalBlocks);
+  const geo = chooseGeometry({
+    bpg,
+    contentBlocks,
+    maxIno,
+    sizeBytes: options.sizeBytes,
+    freeBytes: options.freeBytes,
+  });
+  const space = new BlockAllocator(geo);
   const journal: Inode = {
     ino: JOURNAL_INO,
     node: newDir(),
     links: 1,
-    dataBlocks: journalBlocks,
-    runs: journalRuns,
+    dataBlocks: geo.journalBlocks,
+    runs: [],
     leafBlocks: [],
   };
-  if (journalRuns.length > 4) {
-    for (const r of alloc(Math.ceil(journalRuns.length / EXTENTS_PER_BLOCK))) {
-      for (let k = 0; k < r.len; k++) journal.leafBlocks.push(r.start + k);
-    }
-  }
-  const allocInode = (i: Inode): void => {
-    i.runs = alloc(i.dataBlocks);
-    if (i.runs.length > 4) {
-      const leaves = Math.ceil(i.runs.length / EXTENTS_PER_BLOCK);
-      if (leaves > 4) throw new SupermachineError("ROOTFS_BUILD", `file ${paths.get(i)} is too fragmented`);
-      for (const r of alloc(leaves)) for (let k = 0; k < r.len; k++) i.leafBlocks.push(r.start + k);
-    }
-    if (i.xattrBlock) i.xattrBlockNr = alloc(1)[0]!.start;
-  };
-  inodes.sort((a, b) => a.ino - b.ino);
-  for (const i of inodes) allocInode(i);
+  space.allocInode(journal, "the journal");
+  for (const i of inodes) space.allocInode(i, paths.get(i) ?? "?");
   const layoutMs = performance.now() - t0;
-  throwIfAborted(signal, "writing the image");
+  throwIfAborted(options.signal, "writing the image");
 
-  // 5. Write.
   const t1 = performance.now();
   const fd = openSync(options.imagePath, "wx", 0o644);
-  const content = new ContentReader();
   try {
-    ftruncateSync(fd, blocks * B);
-    const writeAt = (buf: Buffer, block: number): void => {
-      let off = 0;
-      while (off < buf.length) off += writeSync(fd, buf, off, buf.length - off, block * B + off);
-    };
-    const itables = new Map<number, Buffer>(); // group → its inode table (groups with inodes only)
-    const putInode = (ino: number, raw: Buffer): void => {
-      const g = Math.floor((ino - 1) / ipg);
-      let t = itables.get(g);
-      if (t === undefined) {
-        t = Buffer.alloc(ipg * INODE_SIZE);
-        itables.set(g, t);
-      }
-      raw.copy(t, ((ino - 1) % ipg) * INODE_SIZE);
-    };
-    const inodeSeed = (ino: number): number => crc32cU32(crc32cU32(csumSeed, ino), 0);
-
-    // File data, in inode order (sequential on disk), skipping all-zero blocks.
-    const buf = Buffer.allocUnsafe(4 * MiB);
-    let written = 0;
-    for (const i of inodes) {
-      const node = i.node;
-      if (node.kind === "file" && node.size > 0) {
-        await copyFile(node, i.runs);
-        written += node.size;
-        if (written >= 64 * MiB) {
-          written = 0;
-          await yieldToLoop();
-          throwIfAborted(signal, "writing the image");
-        }
-      }
-    }
-
-    async function copyFile(node: FileNode, runs: Run[]): Promise<void> {
-      const src = content.fd(node.source!.path);
-      let logical = 0; // bytes of the file done
-      for (const run of runs) {
-        let runDone = 0;
-        const runBytes = Math.min(run.len * B, node.size - logical);
-        while (runDone < runBytes) {
-          const want = Math.min(buf.length, runBytes - runDone);
-          let got = 0;
-          while (got < want) {
-            const n = readSync(src, buf, got, want - got, node.source!.offset + logical + runDone + got);
-            if (n === 0)
-              throw new SupermachineError(
-                "ROOTFS_BUILD",
-                `content of a file ended early (${String(node.source!.path)})`,
-              );
-            got += n;
-          }
-          // Write block by block, leaving all-zero blocks as holes of the sparse image.
-          let s = 0;
-          while (s < got) {
-            while (s < got && isZero(buf, s, Math.min(got, s + B))) s += B;
-            let e = s;
-            while (e < got && !isZero(buf, e, Math.min(got, e + B))) e += B;
-            e = Math.min(e, got);
-            let off = s;
-            while (off < e) off += writeSync(fd, buf, off, e - off, run.start * B + runDone + off);
-            s = e;
-          }
-          runDone += got;
-        }
-        logical += runBytes;
-      }
-    }
-
-    // Inodes and their metadata blocks.
-    const dirCount = new Uint32Array(groups);
+    ftruncateSync(fd, geo.blocks * B);
+    const image = new ImageFile(fd, uuidBytes(options.uuid));
+    await writeFileData(image, inodes, options.signal);
+    const tables = new InodeTables(geo);
     let done = 0;
     for (const i of [journal, ...inodes]) {
       if (++done % 4096 === 0) {
         await yieldToLoop();
-        throwIfAborted(signal, "writing the image");
+        throwIfAborted(options.signal, "writing the image");
       }
-      const raw = Buffer.alloc(INODE_SIZE);
-      const node = i.node;
-      const isJournal = i === journal;
-      const kind = isJournal ? "file" : node.kind;
-      const mode = isJournal ? 0o600 : node.mode;
-      raw.writeUInt16LE(S_IFMT[kind] | (mode & 0o7777), 0);
-      const uid = isJournal ? 0 : node.uid;
-      const gid = isJournal ? 0 : node.gid;
-      raw.writeUInt16LE(uid & 0xffff, 2);
-      raw.writeUInt16LE(uid >>> 16, 0x78);
-      raw.writeUInt16LE(gid & 0xffff, 24);
-      raw.writeUInt16LE(gid >>> 16, 0x7a);
-      const [t, te] = encodeTime(isJournal ? createdTime : node.mtime);
-      raw.writeInt32LE(t, 8); // atime
-      raw.writeInt32LE(t, 12); // ctime
-      raw.writeInt32LE(t, 16); // mtime
-      raw.writeUInt32LE(te, 0x84); // ctime_extra
-      raw.writeUInt32LE(te, 0x88); // mtime_extra
-      raw.writeUInt32LE(te, 0x8c); // atime_extra
-      raw.writeUInt32LE(createdTime, 0x90); // crtime
-      raw.writeUInt16LE(i.links, 26);
-      raw.writeUInt16LE(EXTRA_ISIZE, 0x80);
-      let size = 0;
-      let flags = 0;
-      let blocksUsed = 0;
-      if (kind === "file" || kind === "dir" || (kind === "symlink" && i.dataBlocks > 0)) {
-        flags |= EXTENTS_FL;
-        raw.set(extentRoot(i, inodeSeed(i.ino), writeAt), 40);
-        blocksUsed = i.dataBlocks + i.leafBlocks.length;
-        if (isJournal) size = journalBlocks * B;
-        else if (node.kind === "file") size = node.size;
-        else if (node.kind === "dir") size = i.dataBlocks * B;
-        else if (node.kind === "symlink") size = node.target.length;
-      } else if (node.kind === "symlink") {
-        size = node.target.length;
-        raw.write(node.target, 40, "latin1");
-      } else if (node.kind === "char" || node.kind === "block") {
-        const { major, minor } = node;
-        if (major < 256 && minor < 256) raw.writeUInt32LE(major * 256 + minor, 40);
-        else raw.writeUInt32LE(((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0, 44);
-      }
-      if (i.xattrBlockNr !== undefined) {
-        raw.writeUInt32LE(i.xattrBlockNr, 104);
-        blocksUsed++;
-      }
-      raw.writeUInt32LE(flags, 32);
-      raw.writeUInt32LE(size % 2 ** 32, 4);
-      raw.writeUInt32LE(Math.floor(size / 2 ** 32), 108);
-      const sectors = blocksUsed * (B / 512);
-      raw.writeUInt32LE(sectors % 2 ** 32, 28);
-      raw.writeUInt16LE(Math.floor(sectors / 2 ** 32), 0x74);
-      if (i.xattrInline) i.xattrInline.copy(raw, 128 + EXTRA_ISIZE);
-      const crc = crc32c(inodeSeed(i.ino), raw);
-      raw.writeUInt16LE(crc & 0xffff, 0x7c);
-      raw.writeUInt16LE(crc >>> 16, 0x82);
-      putInode(i.ino, raw);
-      if (kind === "dir") dirCount[Math.floor((i.ino - 1) / ipg)]!++;
-
-      // Directory blocks, slow symlink, xattr block.
-      if (!isJournal && node.kind === "dir") {
-        const blocksData = dirBlocks(i.entries!);
-        while (blocksData.length < i.dataBlocks) blocksData.push(emptyDirBlock());
-        const seed = inodeSeed(i.ino);
-        const physical = runBlocks(i.runs);
-        blocksData.forEach((block, k) => {
-          block.writeUInt32LE(crc32c(seed, block, 0, DIR_SPACE), B - 4);
-          writeAt(block, physical[k]!);
-        });
-      } else if (!isJournal && node.kind === "symlink" && i.dataBlocks > 0) {
-        const block = Buffer.alloc(B);
-        block.write(node.target, 0, "latin1");
-        writeAt(block, i.runs[0]!.start);
-      }
-      if (i.xattrBlock && i.xattrBlockNr !== undefined) {
-        const block = i.xattrBlock;
-        const nr = Buffer.alloc(8);
-        nr.writeUInt32LE(i.xattrBlockNr, 0);
-        block.writeUInt32LE(0, 16);
-        block.writeUInt32LE(crc32c(crc32c(csumSeed, nr), block), 16);
-        writeAt(block, i.xattrBlockNr);
-      }
+      tables.put(
+        i.ino,
+        encodeInode(image, i, i === journal, createdTime),
+        i.node.kind === "dir" && i !== journal,
+      );
+      if (i !== journal) writeInodeBlocks(image, i);
     }
-
-    // Journal superblock (big-endian, jbd2 v2, clean: s_start = 0).
-    if (journalBlocks > 0) {
-      const jsb = Buffer.alloc(B);
-      jsb.writeUInt32BE(0xc03b3998, 0);
-      jsb.writeUInt32BE(4, 4); // superblock v2
-      jsb.writeUInt32BE(B, 12);
-      jsb.writeUInt32BE(journalBlocks, 16);
-      jsb.writeUInt32BE(1, 20); // s_first
-      jsb.writeUInt32BE(1, 24); // s_sequence
-      uuid.copy(jsb, 0x30);
-      jsb.writeUInt32BE(1, 0x40); // s_nr_users
-      writeAt(jsb, journalRuns[0]!.start);
-    }
-
-    // Inode tables (used part), bitmaps, group descriptors.
-    const usedInodes = new Uint32Array(groups);
-    const lastUsed = new Uint32Array(groups);
-    const inodeBitmaps = Array.from({ length: groups }, () => Buffer.alloc(B));
-    const markInode = (ino: number): void => {
-      const g = Math.floor((ino - 1) / ipg);
-      const idx = (ino - 1) % ipg;
-      inodeBitmaps[g]![idx >> 3]! |= 1 << (idx & 7);
-      usedInodes[g]!++;
-      lastUsed[g] = Math.max(lastUsed[g]!, idx + 1);
-    };
-    for (let ino = 1; ino < FIRST_INO; ino++) markInode(ino);
-    for (const i of inodes) if (i.ino !== ROOT_INO) markInode(i.ino);
-    for (const [g, table] of itables) writeAt(table.subarray(0, lastUsed[g]! * INODE_SIZE), metas[g]!.itable);
-    const gdt = Buffer.alloc(gdtBlocks * B);
-    let freeBlocks = 0;
-    let freeInodes = 0;
-    for (let g = 0; g < groups; g++) {
-      const bb = bitmaps[g]!;
-      const groupBlocks = groupEnd(g) - groupStart(g);
-      for (let k = groupBlocks; k < BLOCKS_PER_GROUP; k++) bb[k >> 3]! |= 1 << (k & 7); // past the end: "used"
-      const ib = inodeBitmaps[g]!;
-      for (let k = ipg; k < B * 8; k++) ib[k >> 3]! |= 1 << (k & 7); // padding
-      writeAt(bb, metas[g]!.bbitmap);
-      writeAt(ib, metas[g]!.ibitmap);
-      const gFreeBlocks = groupBlocks - used[g]!;
-      const gFreeInodes = ipg - usedInodes[g]!;
-      freeBlocks += gFreeBlocks;
-      freeInodes += gFreeInodes;
-      const d = gdt.subarray(g * 32, g * 32 + 32);
-      d.writeUInt32LE(metas[g]!.bbitmap, 0);
-      d.writeUInt32LE(metas[g]!.ibitmap, 4);
-      d.writeUInt32LE(metas[g]!.itable, 8);
-      d.writeUInt16LE(gFreeBlocks, 12);
-      d.writeUInt16LE(gFreeInodes, 14);
-      d.writeUInt16LE(dirCount[g]!, 16);
-      const uninit = usedInodes[g] === 0;
-      d.writeUInt16LE(0x0004 | (uninit ? 0x0001 : 0), 18); // ITABLE_ZEROED (| INODE_UNINIT)
-      d.writeUInt16LE(crc32c(csumSeed, bb) & 0xffff, 24);
-      d.writeUInt16LE(crc32c(csumSeed, ib, 0, ipg / 8) & 0xffff, 26);
-      d.writeUInt16LE(uninit ? ipg : ipg - lastUsed[g]!, 28);
-      d.writeUInt16LE(crc32c(crc32cU32(csumSeed, g), d) & 0xffff, 30);
-    }
-
-    // Superblock and its backups.
-    const sb = Buffer.alloc(1024);
-    sb.writeUInt32LE(inodeCount, 0x00);
-    sb.writeUInt32LE(blocks, 0x04);
-    sb.writeUInt32LE(freeBlocks, 0x0c);
-    sb.writeUInt32LE(freeInodes, 0x10);
-    sb.writeUInt32LE(0, 0x14); // first data block
-    sb.writeUInt32LE(2, 0x18); // log block size: 1024 << 2
-    sb.writeUInt32LE(2, 0x1c);
-    sb.writeUInt32LE(BLOCKS_PER_GROUP, 0x20);
-    sb.writeUInt32LE(BLOCKS_PER_GROUP, 0x24);
-    sb.writeUInt32LE(ipg, 0x28);
-    sb.writeUInt32LE(createdTime, 0x30); // wtime
-    sb.writeInt16LE(-1, 0x36); // max mount count: no forced checks
-    sb.writeUInt16LE(0xef53, 0x38);
-    sb.writeUInt16LE(1, 0x3a); // clean
-    sb.writeUInt16LE(1, 0x3c); // errors: continue
-    sb.writeUInt32LE(createdTime, 0x40); // lastcheck
-    sb.writeUInt32LE(1, 0x4c); // dynamic rev
-    sb.writeUInt32LE(FIRST_INO, 0x54);
-    sb.writeUInt16LE(INODE_SIZE, 0x58);
-    sb.writeUInt32LE(journalBlocks > 0 ? COMPAT : COMPAT & ~0x0004, 0x5c);
-    sb.writeUInt32LE(INCOMPAT, 0x60);
-    sb.writeUInt32LE(RO_COMPAT, 0x64);
-    uuid.copy(sb, 0x68);
-    Buffer.from(options.label, "utf8").copy(sb, 0x78, 0, 16);
-    sb.writeUInt32LE(journalBlocks > 0 ? JOURNAL_INO : 0, 0xe0);
-    uuidBytes(options.hashSeed).copy(sb, 0xec);
-    sb.writeUInt8(1, 0xfc); // half_md4
-    sb.writeUInt8(1, 0xfd); // journal inode backup in s_jnl_blocks
-    sb.writeUInt32LE(0x000c, 0x100); // user_xattr, acl
-    sb.writeUInt32LE(createdTime, 0x108); // mkfs time
-    if (journalBlocks > 0) {
-      const jroot = extentRoot(journal, inodeSeed(JOURNAL_INO), () => {});
-      jroot.copy(sb, 0x10c);
-      sb.writeUInt32LE(0, 0x10c + 60);
-      sb.writeUInt32LE(journalBlocks * B, 0x10c + 64);
-    }
-    sb.writeUInt16LE(EXTRA_ISIZE, 0x15c);
-    sb.writeUInt16LE(EXTRA_ISIZE, 0x15e);
-    sb.writeUInt32LE(0x1, 0x160); // signed directory hash
-    sb.writeUInt8(1, 0x175); // crc32c
-    for (let g = 0; g < groups; g++) {
-      if (!hasSuperblock(g)) continue;
-      const copy = Buffer.from(sb);
-      copy.writeUInt16LE(g, 0x5a);
-      copy.writeUInt32LE(crc32c(0xffffffff, copy, 0, 0x3fc), 0x3fc);
-      if (g === 0) {
-        const block0 = Buffer.alloc(B);
-        copy.copy(block0, 1024);
-        writeAt(block0, 0);
-      } else {
-        const block = Buffer.alloc(B);
-        copy.copy(block, 0);
-        writeAt(block, groupStart(g));
-      }
-      writeAt(gdt, groupStart(g) + 1);
-    }
+    if (geo.journalBlocks > 0) writeJournalSuperblock(image, geo.journalBlocks, journal.runs[0]!.start);
+    for (let ino = 1; ino < FIRST_INO; ino++) tables.mark(ino);
+    for (const i of inodes) if (i.ino !== ROOT_INO) tables.mark(i.ino);
+    const { freeBlocks, freeInodes, gdt } = writeGroups(image, geo, space, tables);
+    writeSuperblocks(image, geo, gdt, {
+      freeBlocks,
+      freeInodes,
+      createdTime,
+      label: options.label,
+      hashSeed: uuidBytes(options.hashSeed),
+      journal,
+    });
     if (options.durable !== false) fsyncSync(fd);
     return {
-      sizeBytes: blocks * B,
+      sizeBytes: geo.blocks * B,
       freeBytes: freeBlocks * B,
       freeInodes,
       inodes: inodes.length,
@@ -749,52 +335,653 @@ export async function writeExt4Image(options: Ext4WriteOptions): Promise<Ext4Wri
       writeMs: performance.now() - t1,
     };
   } finally {
-    content.close();
     closeSync(fd);
   }
+}
 
-  function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: string }[]): void {
-    const xattrs = i.node.xattrs;
-    if (!xattrs || xattrs.size === 0) return;
-    const entries: XattrEntry[] = [];
-    for (const [name, raw] of xattrs) {
-      const idx = xattrIndex(name);
-      let value: Buffer | undefined = raw;
-      if (idx && (idx[0] === 2 || idx[0] === 3)) value = aclToDisk(raw);
-      if (!idx || value === undefined || idx[1].length > 255) {
-        skipped.push({ path, name });
+// ---- 1. inode numbers ----
+
+interface Numbered {
+  /** In inode-number order: 2 (root), 11 (lost+found), 12, 13, … */
+  inodes: Inode[];
+  paths: Map<Inode, string>;
+  maxIno: number;
+  /** Newest mtime of the tree (≥ 1, ≤ 2^32 - 1): the image's creation time. */
+  createdTime: number;
+}
+
+/** Numbers the tree's inodes directory by directory: all children of a directory (byte order), then its subdirectories. */
+function numberInodes(tree: FileTree): Numbered {
+  const inodes: Inode[] = [];
+  const byNode = new Map<TreeNode, Inode>();
+  let newest = tree.root.mtime;
+  const add = (ino: number, node: TreeNode): Inode => {
+    const i: Inode = { ino, node, links: 0, dataBlocks: 0, runs: [], leafBlocks: [] };
+    inodes.push(i);
+    byNode.set(node, i);
+    if (node.mtime > newest) newest = node.mtime;
+    return i;
+  };
+  const treeLpf = tree.root.children.get("lost+found");
+  if (treeLpf !== undefined && treeLpf.kind !== "dir") {
+    throw new SupermachineError(
+      "ROOTFS_BUILD",
+      "the image has a /lost+found that is not a directory; ext4 needs that name",
+    );
+  }
+  const root = add(ROOT_INO, tree.root);
+  const lpf = add(LPF_INO, treeLpf ?? newDir({ mode: 0o700, uid: 0, gid: 0, mtime: 0, xattrs: undefined }));
+  let next = FIRST_INO + 1;
+  const paths = new Map<Inode, string>([
+    [root, "/"],
+    [lpf, "/lost+found"],
+  ]);
+  const queue: [Inode, Inode, string][] = [[root, root, "/"]];
+  for (let q = 0; q < queue.length; q++) {
+    const [dirIno, parentIno, dirPath] = queue[q]!;
+    const dir = dirIno.node as DirNode;
+    const entries: DirEntry[] = [
+      { name: ".", ino: dirIno.ino, type: FT.dir },
+      { name: "..", ino: parentIno.ino, type: FT.dir },
+    ];
+    if (dirIno === root) entries.push({ name: "lost+found", ino: LPF_INO, type: FT.dir });
+    const subdirs: [Inode, string][] = dirIno === root ? [[lpf, "/lost+found/"]] : [];
+    for (const name of [...dir.children.keys()].sort(compareBytes)) {
+      if (dirIno === root && name === "lost+found") continue; // inode 11, listed third
+      const node = dir.children.get(name)!;
+      const child = byNode.get(node) ?? add(next++, node);
+      entries.push({ name, ino: child.ino, type: FT[node.kind] });
+      const childPath = `${dirPath}${name}`;
+      if (!paths.has(child)) paths.set(child, childPath);
+      if (node.kind === "dir") subdirs.push([child, `${childPath}/`]);
+      else child.links++;
+    }
+    dirIno.entries = entries;
+    dirIno.links = 2 + subdirs.length;
+    if (dirIno.links >= 65000) dirIno.links = 1; // dir_nlink: "many"
+    for (const [child, p] of subdirs) queue.push([child, dirIno, p]);
+  }
+  const createdTime = Math.min(2 ** 32 - 1, Math.max(1, clampTime(newest)));
+  if (treeLpf === undefined) lpf.node.mtime = createdTime;
+  inodes.sort((a, b) => a.ino - b.ino);
+  return { inodes, paths, maxIno: next - 1, createdTime };
+}
+
+// ---- 2. what each inode needs ----
+
+/** Sets data blocks and xattr encoding; returns an upper bound of the blocks the inode takes. */
+function measureInode(
+  i: Inode,
+  bpg: number,
+  path: string,
+  skipped: { path: string; name: string }[],
+): number {
+  const node = i.node;
+  if (node.kind === "file") {
+    i.dataBlocks = Math.ceil(node.size / B);
+  } else if (node.kind === "dir") {
+    i.dataBlocks = dirBlocks(i.entries!).length;
+    if (i.ino === LPF_INO) i.dataBlocks = Math.max(i.dataBlocks, 4); // room for e2fsck, as mke2fs makes it
+  } else if (node.kind === "symlink") {
+    if (node.target.length > MAX_SYMLINK_BYTES) {
+      throw new SupermachineError("ROOTFS_BUILD", `symlink target of ${displayName(path)} is too long`);
+    }
+    i.dataBlocks = node.target.length < 60 ? 0 : 1;
+  }
+  encodeXattrs(i, path, skipped);
+  // Runs break at group boundaries (at most one break per group crossed).
+  const runsMax = i.dataBlocks === 0 ? 0 : Math.ceil(i.dataBlocks / (bpg / 2)) + 1;
+  return i.dataBlocks + (runsMax > 4 ? Math.ceil(runsMax / EXTENTS_PER_BLOCK) : 0) + (i.xattrBlock ? 1 : 0);
+}
+
+function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: string }[]): void {
+  const xattrs = i.node.xattrs;
+  if (!xattrs || xattrs.size === 0) return;
+  const entries: XattrEntry[] = [];
+  for (const [name, raw] of xattrs) {
+    const idx = xattrIndex(name);
+    let value: Buffer | undefined = raw;
+    if (idx && (idx[0] === 2 || idx[0] === 3)) value = aclToDisk(raw);
+    if (!idx || value === undefined || idx[1].length > 255) {
+      skipped.push({ path, name });
+      continue;
+    }
+    entries.push({ index: idx[0], name: Buffer.from(idx[1], "latin1"), value });
+  }
+  if (entries.length === 0) return;
+  entries.sort(
+    (a, b) => a.index - b.index || a.name.length - b.name.length || Buffer.compare(a.name, b.name),
+  );
+  const need = entries.reduce((n, e) => n + entrySize(e) + valueSize(e), 4);
+  const inline = INODE_SIZE - 128 - EXTRA_ISIZE - 4; // after the 4-byte magic
+  if (need <= inline) {
+    const area = Buffer.alloc(INODE_SIZE - 128 - EXTRA_ISIZE);
+    area.writeUInt32LE(0xea020000, 0);
+    packXattrs(area, 4, area.length, 4, entries, false);
+    i.xattrInline = area;
+    return;
+  }
+  if (need > B - 32) {
+    throw new SupermachineError(
+      "ROOTFS_BUILD",
+      `extended attributes of ${displayName(path)} take ${need} bytes, more than one ${B}-byte block`,
+    );
+  }
+  const block = Buffer.alloc(B);
+  block.writeUInt32LE(0xea020000, 0);
+  block.writeUInt32LE(1, 4); // refcount
+  block.writeUInt32LE(1, 8); // blocks
+  packXattrs(block, 32, B, 0, entries, true);
+  let hash = 0;
+  for (const e of entries) hash = ((hash << 16) ^ (hash >>> 16) ^ entryHash(e)) >>> 0;
+  block.writeUInt32LE(hash, 12);
+  i.xattrBlock = block;
+}
+
+// ---- 3. geometry ----
+
+export interface Geometry {
+  blocks: number;
+  bpg: number;
+  groups: number;
+  ipg: number;
+  gdtBlocks: number;
+  /** Inode-table blocks per group. */
+  itb: number;
+  journalBlocks: number;
+}
+
+function overheadOf(g: number, geo: Omit<Geometry, "blocks" | "journalBlocks">): number {
+  return (hasSuperblock(g) ? 1 + geo.gdtBlocks : 0) + 2 + geo.itb;
+}
+
+function shape(blocks: number, bpg: number, inodesWanted: number) {
+  const groups = Math.ceil(blocks / bpg);
+  const ipg = Math.min(B * 8, Math.max(16, Math.ceil(inodesWanted / groups / 16) * 16));
+  const gdtBlocks = Math.ceil((groups * 32) / B);
+  const geo = { bpg, groups, ipg, gdtBlocks, itb: (ipg * INODE_SIZE) / B };
+  let overhead = 0;
+  for (let g = 0; g < groups; g++) overhead += overheadOf(g, geo);
+  return { ...geo, overhead };
+}
+
+/**
+ * Picks the image size and group shape. Free space defaults to max(1 GiB, 2 × content); free
+ * inodes to one per 16 KiB of free space (at least 16384). An explicit size is taken as is and
+ * must hold the content.
+ */
+export function chooseGeometry(o: {
+  bpg: number;
+  contentBlocks: number;
+  maxIno: number;
+  sizeBytes?: number | undefined;
+  freeBytes?: number | undefined;
+}): Geometry {
+  const { bpg, contentBlocks } = o;
+  const free = o.freeBytes ?? Math.max(GiB, 2 * contentBlocks * B);
+  const freeBlocks = Math.ceil(free / B);
+  const inodesWanted = o.maxIno + Math.max(16384, Math.ceil(free / 16384));
+  let blocks: number;
+  if (o.sizeBytes !== undefined) {
+    blocks = Math.floor(o.sizeBytes / B);
+  } else {
+    // Enough groups for the inodes (≤ 8 × block size inodes per group), then enough blocks.
+    blocks = Math.max(
+      contentBlocks + freeBlocks + 1024,
+      (Math.ceil(inodesWanted / (B * 8)) - 1) * bpg + 1024,
+    );
+    for (;;) {
+      const need =
+        contentBlocks +
+        freeBlocks +
+        defaultJournalBlocks(blocks) +
+        shape(blocks, bpg, inodesWanted).overhead +
+        64;
+      if (blocks >= need) break;
+      blocks = need;
+    }
+    blocks = Math.ceil(blocks / 256) * 256; // whole MiB
+  }
+  // A last group too small for its own metadata: drop it (explicit size) or fill it up.
+  const s = shape(blocks, bpg, inodesWanted);
+  const last = blocks - (s.groups - 1) * bpg;
+  const lastOverhead = overheadOf(s.groups - 1, s);
+  if (s.groups > 1 && last < lastOverhead + 64) {
+    if (o.sizeBytes !== undefined) blocks = (s.groups - 1) * bpg;
+    else blocks += lastOverhead + 64 - last;
+  }
+  const final = shape(blocks, bpg, inodesWanted);
+  const journalBlocks = defaultJournalBlocks(blocks);
+  const needed = contentBlocks + journalBlocks + final.overhead;
+  if (final.groups * final.ipg < o.maxIno + 1 || blocks < needed) {
+    throw new SupermachineError(
+      "ROOTFS_BUILD",
+      `the image is too small: ${blocks * B} bytes for ${needed * B} bytes of content and metadata and ${o.maxIno} inodes`,
+    );
+  }
+  if (blocks >= 2 ** 32)
+    throw new SupermachineError("ROOTFS_BUILD", "images of 16 TiB or more are not supported");
+  return {
+    blocks,
+    bpg,
+    groups: final.groups,
+    ipg: final.ipg,
+    gdtBlocks: final.gdtBlocks,
+    itb: final.itb,
+    journalBlocks,
+  };
+}
+
+// ---- 4. block allocation ----
+
+interface GroupMeta {
+  start: number;
+  end: number;
+  bbitmap: number;
+  ibitmap: number;
+  itable: number;
+  dataStart: number;
+}
+
+/** Hands out blocks front to back, skipping each group's metadata; keeps the block bitmaps. */
+class BlockAllocator {
+  readonly metas: GroupMeta[];
+  readonly bitmaps: Buffer[];
+  readonly used: Uint32Array;
+  readonly #bpg: number;
+  #cursor: number;
+
+  constructor(geo: Geometry) {
+    this.#bpg = geo.bpg;
+    this.metas = Array.from({ length: geo.groups }, (_, g) => {
+      const start = g * geo.bpg;
+      const bbitmap = start + (hasSuperblock(g) ? 1 + geo.gdtBlocks : 0);
+      return {
+        start,
+        end: Math.min(geo.blocks, start + geo.bpg),
+        bbitmap,
+        ibitmap: bbitmap + 1,
+        itable: bbitmap + 2,
+        dataStart: bbitmap + 2 + geo.itb,
+      };
+    });
+    this.bitmaps = this.metas.map(() => Buffer.alloc(B));
+    this.used = new Uint32Array(geo.groups);
+    for (const m of this.metas) this.#mark(m.start, m.dataStart - m.start);
+    this.#cursor = this.metas[0]!.dataStart;
+  }
+
+  #mark(start: number, len: number): void {
+    for (let b = start; b < start + len; b++) {
+      const g = Math.floor(b / this.#bpg);
+      const i = b - g * this.#bpg;
+      this.bitmaps[g]![i >> 3]! |= 1 << (i & 7);
+      this.used[g]!++;
+    }
+  }
+
+  alloc(n: number): Run[] {
+    const runs: Run[] = [];
+    while (n > 0) {
+      const g = Math.floor(this.#cursor / this.#bpg);
+      const m = this.metas[g];
+      if (m === undefined)
+        throw new SupermachineError("ROOTFS_BUILD", "ran out of space while laying out the image");
+      if (this.#cursor < m.dataStart) this.#cursor = m.dataStart;
+      const len = Math.min(n, m.end - this.#cursor, MAX_EXTENT_LEN);
+      if (len <= 0) {
+        this.#cursor = m.start + this.#bpg;
         continue;
       }
-      entries.push({ index: idx[0], name: Buffer.from(idx[1], "latin1"), value });
+      const last = runs[runs.length - 1];
+      if (last && last.start + last.len === this.#cursor && last.len + len <= MAX_EXTENT_LEN) last.len += len;
+      else runs.push({ start: this.#cursor, len });
+      this.#mark(this.#cursor, len);
+      this.#cursor += len;
+      n -= len;
     }
-    if (entries.length === 0) return;
-    entries.sort(
-      (a, b) => a.index - b.index || a.name.length - b.name.length || Buffer.compare(a.name, b.name),
+    return runs;
+  }
+
+  /** Data runs, then extent leaves (when more than 4 runs), then the xattr block. */
+  allocInode(i: Inode, path: string): void {
+    i.runs = this.alloc(i.dataBlocks);
+    if (i.runs.length > 4) {
+      const leaves = Math.ceil(i.runs.length / EXTENTS_PER_BLOCK);
+      if (leaves > 4) throw new SupermachineError("ROOTFS_BUILD", `${displayName(path)} is too fragmented`);
+      for (const r of this.alloc(leaves)) for (let k = 0; k < r.len; k++) i.leafBlocks.push(r.start + k);
+    }
+    if (i.xattrBlock) i.xattrBlockNr = this.alloc(1)[0]!.start;
+  }
+}
+
+// ---- 5. writing ----
+
+/** The image file: positioned block writes plus the metadata checksum seed. */
+class ImageFile {
+  readonly fd: number;
+  readonly uuid: Buffer;
+  /** crc32c(~0, uuid): the seed of every metadata checksum. */
+  readonly csumSeed: number;
+
+  constructor(fd: number, uuid: Buffer) {
+    this.fd = fd;
+    this.uuid = uuid;
+    this.csumSeed = crc32c(0xffffffff, uuid);
+  }
+
+  writeAt(buf: Buffer, block: number): void {
+    this.writeBytes(buf, 0, buf.length, block * B);
+  }
+
+  writeBytes(buf: Buffer, start: number, end: number, position: number): void {
+    let off = start;
+    while (off < end) off += writeSync(this.fd, buf, off, end - off, position + off - start);
+  }
+
+  /** Seed of an inode's checksums (inode, directory blocks, extent blocks): crc(seed, ino, generation 0). */
+  inodeSeed(ino: number): number {
+    return crc32cU32(crc32cU32(this.csumSeed, ino), 0);
+  }
+}
+
+/** Copies every regular file's content into its blocks, in inode order, leaving all-zero blocks unwritten. */
+async function writeFileData(
+  image: ImageFile,
+  inodes: Inode[],
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const content = new ContentReader();
+  const buf = Buffer.allocUnsafe(4 * MiB);
+  let sinceYield = 0;
+  try {
+    for (const i of inodes) {
+      const node = i.node;
+      if (node.kind !== "file" || node.size === 0 || node.source === undefined) continue;
+      const src = content.fd(node.source.path);
+      let logical = 0;
+      for (const run of i.runs) {
+        const runBytes = Math.min(run.len * B, node.size - logical);
+        for (let runDone = 0; runDone < runBytes; ) {
+          const want = Math.min(buf.length, runBytes - runDone);
+          let got = 0;
+          while (got < want) {
+            const n = readSync(src, buf, got, want - got, node.source.offset + logical + runDone + got);
+            if (n === 0)
+              throw new SupermachineError(
+                "ROOTFS_BUILD",
+                `content of a file ended early (${String(node.source.path)})`,
+              );
+            got += n;
+          }
+          const position = run.start * B + runDone;
+          for (let s = 0; s < got; ) {
+            while (s < got && isZero(buf, s, Math.min(got, s + B))) s += B;
+            let e = s;
+            while (e < got && !isZero(buf, e, Math.min(got, e + B))) e += B;
+            e = Math.min(e, got);
+            if (e > s) image.writeBytes(buf, s, e, position + s);
+            s = e;
+          }
+          runDone += got;
+        }
+        logical += runBytes;
+      }
+      sinceYield += node.size;
+      if (sinceYield >= 64 * MiB) {
+        sinceYield = 0;
+        await yieldToLoop();
+        throwIfAborted(signal, "writing the image");
+      }
+    }
+  } finally {
+    content.close();
+  }
+}
+
+/** The 256 bytes of an inode, checksummed. Writes its extent leaves. */
+function encodeInode(image: ImageFile, i: Inode, isJournal: boolean, createdTime: number): Buffer {
+  const raw = Buffer.alloc(INODE_SIZE);
+  const node = i.node;
+  const kind = isJournal ? "file" : node.kind;
+  const uid = isJournal ? 0 : node.uid;
+  const gid = isJournal ? 0 : node.gid;
+  raw.writeUInt16LE(S_IFMT[kind] | ((isJournal ? 0o600 : node.mode) & 0o7777), 0);
+  raw.writeUInt16LE(uid & 0xffff, 2);
+  raw.writeUInt16LE(uid >>> 16, 0x78);
+  raw.writeUInt16LE(gid & 0xffff, 24);
+  raw.writeUInt16LE(gid >>> 16, 0x7a);
+  const [t, epoch] = encodeTime(isJournal ? createdTime : node.mtime);
+  raw.writeInt32LE(t, 8); // atime
+  raw.writeInt32LE(t, 12); // ctime
+  raw.writeInt32LE(t, 16); // mtime
+  raw.writeUInt32LE(epoch, 0x84); // ctime_extra
+  raw.writeUInt32LE(epoch, 0x88); // mtime_extra
+  raw.writeUInt32LE(epoch, 0x8c); // atime_extra
+  raw.writeUInt32LE(createdTime, 0x90); // crtime
+  raw.writeUInt16LE(i.links, 26);
+  raw.writeUInt16LE(EXTRA_ISIZE, 0x80);
+  let size = 0;
+  let flags = 0;
+  let blocksUsed = 0;
+  if (kind === "file" || kind === "dir" || (kind === "symlink" && i.dataBlocks > 0)) {
+    flags |= EXTENTS_FL;
+    raw.set(
+      extentRoot(i, image.inodeSeed(i.ino), (b, n) => image.writeAt(b, n)),
+      40,
     );
-    const need = entries.reduce((n, e) => n + entrySize(e) + valueSize(e), 4);
-    const inline = INODE_SIZE - 128 - EXTRA_ISIZE - 4; // after the 4-byte magic
-    if (need <= inline) {
-      const area = Buffer.alloc(INODE_SIZE - 128 - EXTRA_ISIZE);
-      area.writeUInt32LE(0xea020000, 0);
-      packXattrs(area, 4, area.length, 4, entries, false);
-      i.xattrInline = area;
-      return;
+    blocksUsed = i.dataBlocks + i.leafBlocks.length;
+    if (isJournal) size = i.dataBlocks * B;
+    else if (node.kind === "file") size = node.size;
+    else if (node.kind === "dir") size = i.dataBlocks * B;
+    else if (node.kind === "symlink") size = node.target.length;
+  } else if (node.kind === "symlink") {
+    size = node.target.length; // fast symlink: the target lives in i_block
+    raw.write(node.target, 40, "latin1");
+  } else if (node.kind === "char" || node.kind === "block") {
+    const { major, minor } = node;
+    if (major < 256 && minor < 256) raw.writeUInt32LE(major * 256 + minor, 40);
+    else raw.writeUInt32LE(((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0, 44);
+  }
+  if (i.xattrBlockNr !== undefined) {
+    raw.writeUInt32LE(i.xattrBlockNr, 104);
+    blocksUsed++;
+  }
+  raw.writeUInt32LE(flags, 32);
+  raw.writeUInt32LE(size % 2 ** 32, 4);
+  raw.writeUInt32LE(Math.floor(size / 2 ** 32), 108);
+  const sectors = blocksUsed * (B / 512);
+  raw.writeUInt32LE(sectors % 2 ** 32, 28);
+  raw.writeUInt16LE(Math.floor(sectors / 2 ** 32), 0x74);
+  if (i.xattrInline) i.xattrInline.copy(raw, 128 + EXTRA_ISIZE);
+  const crc = crc32c(image.inodeSeed(i.ino), raw);
+  raw.writeUInt16LE(crc & 0xffff, 0x7c);
+  raw.writeUInt16LE(crc >>> 16, 0x82);
+  return raw;
+}
+
+/** Directory blocks, a slow symlink's block, the xattr block. */
+function writeInodeBlocks(image: ImageFile, i: Inode): void {
+  const node = i.node;
+  if (node.kind === "dir") {
+    const blocks = dirBlocks(i.entries!);
+    while (blocks.length < i.dataBlocks) blocks.push(emptyDirBlock());
+    const seed = image.inodeSeed(i.ino);
+    const physical = runBlocks(i.runs);
+    for (const [k, block] of blocks.entries()) {
+      block.writeUInt32LE(crc32c(seed, block, 0, DIR_SPACE), B - 4);
+      image.writeAt(block, physical[k]!);
     }
-    if (need > B - 32) {
-      throw new SupermachineError(
-        "ROOTFS_BUILD",
-        `extended attributes of ${displayName(path)} take ${need} bytes, more than one ${B}-byte block`,
-      );
-    }
+  } else if (node.kind === "symlink" && i.dataBlocks > 0) {
     const block = Buffer.alloc(B);
-    block.writeUInt32LE(0xea020000, 0);
-    block.writeUInt32LE(1, 4); // refcount
-    block.writeUInt32LE(1, 8); // blocks
-    packXattrs(block, 32, B, 0, entries, true);
-    let hash = 0;
-    for (const e of entries) hash = ((hash << 16) ^ (hash >>> 16) ^ entryHash(e)) >>> 0;
-    block.writeUInt32LE(hash, 12);
-    i.xattrBlock = block;
+    block.write(node.target, 0, "latin1");
+    image.writeAt(block, i.runs[0]!.start);
+  }
+  if (i.xattrBlock && i.xattrBlockNr !== undefined) {
+    const block = i.xattrBlock;
+    const nr = Buffer.alloc(8);
+    nr.writeUInt32LE(i.xattrBlockNr, 0);
+    block.writeUInt32LE(0, 16);
+    block.writeUInt32LE(crc32c(crc32c(image.csumSeed, nr), block), 16);
+    image.writeAt(block, i.xattrBlockNr);
+  }
+}
+
+/** jbd2 superblock, v2, clean (s_start = 0): nothing to replay. Big-endian. */
+function writeJournalSuperblock(image: ImageFile, journalBlocks: number, block: number): void {
+  const jsb = Buffer.alloc(B);
+  jsb.writeUInt32BE(0xc03b3998, 0);
+  jsb.writeUInt32BE(4, 4); // superblock v2
+  jsb.writeUInt32BE(B, 12);
+  jsb.writeUInt32BE(journalBlocks, 16);
+  jsb.writeUInt32BE(1, 20); // s_first
+  jsb.writeUInt32BE(1, 24); // s_sequence
+  image.uuid.copy(jsb, 0x30);
+  jsb.writeUInt32BE(1, 0x40); // s_nr_users
+  image.writeAt(jsb, block);
+}
+
+/** Inode tables of the groups that hold inodes, and the inode bitmaps. */
+class InodeTables {
+  readonly #geo: Geometry;
+  readonly tables = new Map<number, Buffer>();
+  readonly bitmaps: Buffer[];
+  readonly used: Uint32Array;
+  readonly lastUsed: Uint32Array;
+  readonly dirs: Uint32Array;
+
+  constructor(geo: Geometry) {
+    this.#geo = geo;
+    this.bitmaps = Array.from({ length: geo.groups }, () => Buffer.alloc(B));
+    this.used = new Uint32Array(geo.groups);
+    this.lastUsed = new Uint32Array(geo.groups);
+    this.dirs = new Uint32Array(geo.groups);
+  }
+
+  put(ino: number, raw: Buffer, isDir: boolean): void {
+    const { ipg } = this.#geo;
+    const g = Math.floor((ino - 1) / ipg);
+    let t = this.tables.get(g);
+    if (t === undefined) {
+      t = Buffer.alloc(ipg * INODE_SIZE);
+      this.tables.set(g, t);
+    }
+    raw.copy(t, ((ino - 1) % ipg) * INODE_SIZE);
+    if (isDir) this.dirs[g]!++;
+  }
+
+  mark(ino: number): void {
+    const { ipg } = this.#geo;
+    const g = Math.floor((ino - 1) / ipg);
+    const idx = (ino - 1) % ipg;
+    this.bitmaps[g]![idx >> 3]! |= 1 << (idx & 7);
+    this.used[g]!++;
+    this.lastUsed[g] = Math.max(this.lastUsed[g]!, idx + 1);
+  }
+}
+
+/** Inode tables (used part), bitmaps and the group descriptor table. */
+function writeGroups(image: ImageFile, geo: Geometry, space: BlockAllocator, tables: InodeTables) {
+  const { ipg, bpg } = geo;
+  for (const [g, table] of tables.tables) {
+    image.writeAt(table.subarray(0, tables.lastUsed[g]! * INODE_SIZE), space.metas[g]!.itable);
+  }
+  const gdt = Buffer.alloc(geo.gdtBlocks * B);
+  let freeBlocks = 0;
+  let freeInodes = 0;
+  for (let g = 0; g < geo.groups; g++) {
+    const m = space.metas[g]!;
+    const bb = space.bitmaps[g]!;
+    const groupBlocks = m.end - m.start;
+    for (let k = groupBlocks; k < B * 8; k++) bb[k >> 3]! |= 1 << (k & 7); // past the end: in use
+    const ib = tables.bitmaps[g]!;
+    for (let k = ipg; k < B * 8; k++) ib[k >> 3]! |= 1 << (k & 7); // padding
+    image.writeAt(bb, m.bbitmap);
+    image.writeAt(ib, m.ibitmap);
+    const gFreeBlocks = groupBlocks - space.used[g]!;
+    const gFreeInodes = ipg - tables.used[g]!;
+    freeBlocks += gFreeBlocks;
+    freeInodes += gFreeInodes;
+    const uninit = tables.used[g] === 0;
+    const d = gdt.subarray(g * 32, g * 32 + 32);
+    d.writeUInt32LE(m.bbitmap, 0);
+    d.writeUInt32LE(m.ibitmap, 4);
+    d.writeUInt32LE(m.itable, 8);
+    d.writeUInt16LE(gFreeBlocks, 12);
+    d.writeUInt16LE(gFreeInodes, 14);
+    d.writeUInt16LE(tables.dirs[g]!, 16);
+    d.writeUInt16LE(0x0004 | (uninit ? 0x0001 : 0), 18); // ITABLE_ZEROED (| INODE_UNINIT)
+    d.writeUInt16LE(crc32c(image.csumSeed, bb, 0, bpg / 8) & 0xffff, 24);
+    d.writeUInt16LE(crc32c(image.csumSeed, ib, 0, ipg / 8) & 0xffff, 26);
+    d.writeUInt16LE(uninit ? ipg : ipg - tables.lastUsed[g]!, 28); // itable_unused
+    d.writeUInt16LE(crc32c(crc32cU32(image.csumSeed, g), d) & 0xffff, 30);
+  }
+  return { freeBlocks, freeInodes, gdt };
+}
+
+/** The superblock, and its copies (with the group descriptors) in groups 1 and powers of 3, 5, 7. */
+function writeSuperblocks(
+  image: ImageFile,
+  geo: Geometry,
+  gdt: Buffer,
+  o: {
+    freeBlocks: number;
+    freeInodes: number;
+    createdTime: number;
+    label: string;
+    hashSeed: Buffer;
+    journal: Inode;
+  },
+): void {
+  const sb = Buffer.alloc(1024);
+  sb.writeUInt32LE(geo.groups * geo.ipg, 0x00);
+  sb.writeUInt32LE(geo.blocks, 0x04);
+  sb.writeUInt32LE(o.freeBlocks, 0x0c);
+  sb.writeUInt32LE(o.freeInodes, 0x10);
+  sb.writeUInt32LE(0, 0x14); // first data block
+  sb.writeUInt32LE(2, 0x18); // block size 1024 << 2
+  sb.writeUInt32LE(2, 0x1c); // cluster size
+  sb.writeUInt32LE(geo.bpg, 0x20);
+  sb.writeUInt32LE(geo.bpg, 0x24);
+  sb.writeUInt32LE(geo.ipg, 0x28);
+  sb.writeUInt32LE(o.createdTime, 0x30); // wtime
+  sb.writeInt16LE(-1, 0x36); // max mount count: no forced checks
+  sb.writeUInt16LE(0xef53, 0x38);
+  sb.writeUInt16LE(1, 0x3a); // clean
+  sb.writeUInt16LE(1, 0x3c); // errors: continue
+  sb.writeUInt32LE(o.createdTime, 0x40); // lastcheck
+  sb.writeUInt32LE(1, 0x4c); // dynamic revision
+  sb.writeUInt32LE(FIRST_INO, 0x54);
+  sb.writeUInt16LE(INODE_SIZE, 0x58);
+  sb.writeUInt32LE(geo.journalBlocks > 0 ? COMPAT : COMPAT & ~0x0004, 0x5c);
+  sb.writeUInt32LE(INCOMPAT, 0x60);
+  sb.writeUInt32LE(RO_COMPAT, 0x64);
+  image.uuid.copy(sb, 0x68);
+  Buffer.from(o.label, "utf8").copy(sb, 0x78, 0, 16);
+  o.hashSeed.copy(sb, 0xec);
+  sb.writeUInt8(1, 0xfc); // half_md4 directory hash
+  sb.writeUInt32LE(0x000c, 0x100); // default mount options: user_xattr, acl
+  sb.writeUInt32LE(o.createdTime, 0x108); // mkfs time
+  if (geo.journalBlocks > 0) {
+    sb.writeUInt32LE(JOURNAL_INO, 0xe0);
+    sb.writeUInt8(1, 0xfd); // s_jnl_blocks holds a copy of the journal inode's i_block
+    extentRoot(o.journal, image.inodeSeed(JOURNAL_INO), () => {}).copy(sb, 0x10c);
+    sb.writeUInt32LE(0, 0x10c + 60); // i_size_high
+    sb.writeUInt32LE(geo.journalBlocks * B, 0x10c + 64); // i_size
+  }
+  sb.writeUInt16LE(EXTRA_ISIZE, 0x15c);
+  sb.writeUInt16LE(EXTRA_ISIZE, 0x15e);
+  sb.writeUInt32LE(0x1, 0x160); // signed directory hash
+  sb.writeUInt8(1, 0x175); // checksum type crc32c
+  for (let g = 0; g < geo.groups; g++) {
+    if (!hasSuperblock(g)) continue;
+    const copy = Buffer.from(sb);
+    copy.writeUInt16LE(g, 0x5a);
+    copy.writeUInt32LE(crc32c(0xffffffff, copy, 0, 0x3fc), 0x3fc);
+    const block = Buffer.alloc(B);
+    copy.copy(block, g === 0 ? 1024 : 0); // group 0: after the 1 KiB boot area
+    image.writeAt(block, g * geo.bpg);
+    image.writeAt(gdt, g * geo.bpg + 1);
   }
 }
 
@@ -836,7 +1023,7 @@ function extentRoot(i: Inode, seed: number, writeAt: (buf: Buffer, block: number
   };
   if (extents.length <= 4) {
     header(root, 0, extents.length, 4, 0);
-    extents.forEach((e, k) => putExtent(root, 12 + k * 12, e));
+    for (const [k, e] of extents.entries()) putExtent(root, 12 + k * 12, e);
     return root;
   }
   header(root, 0, i.leafBlocks.length, 4, 1);
@@ -844,7 +1031,7 @@ function extentRoot(i: Inode, seed: number, writeAt: (buf: Buffer, block: number
     const slice = extents.slice(k * EXTENTS_PER_BLOCK, (k + 1) * EXTENTS_PER_BLOCK);
     const block = Buffer.alloc(B);
     header(block, 0, slice.length, EXTENTS_PER_BLOCK, 0);
-    slice.forEach((e, j) => putExtent(block, 12 + j * 12, e));
+    for (const [j, e] of slice.entries()) putExtent(block, 12 + j * 12, e);
     block.writeUInt32LE(crc32c(seed, block, 0, B - 4), B - 4);
     writeAt(block, leaf);
     root.writeUInt32LE(slice[0]!.logical, 12 + k * 12);
@@ -857,7 +1044,7 @@ function extentRoot(i: Inode, seed: number, writeAt: (buf: Buffer, block: number
 const recLen = (nameLen: number): number => (8 + nameLen + 3) & ~3;
 
 /** Packs directory entries into 4 KiB blocks, each ending with the 12-byte checksum tail. */
-function dirBlocks(entries: { name: string; ino: number; type: number }[]): Buffer[] {
+function dirBlocks(entries: DirEntry[]): Buffer[] {
   const blocks: Buffer[] = [];
   let block: Buffer | undefined;
   let off = 0;
