@@ -58,6 +58,13 @@ static void fatal(const char *fmt, ...)
 	sm_poweroff();
 }
 
+static long boot_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void sleep_ms(int ms)
 {
 	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000 };
@@ -239,6 +246,7 @@ int sm_init_main(void)
 	must_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
 	parse_cmdline();
 	A.debug = P.debug;
+	long t_start = boot_ms();
 	sm_dbg("root=%s rootfstype=%s rootflags=%s hostname=%s port=%s", P.root, P.rootfstype, P.rootflags,
 	       P.hostname, P.port);
 
@@ -259,7 +267,8 @@ int sm_init_main(void)
 		}
 		sleep_ms(step);
 	}
-	sm_dbg("root device %s, agent port open", root);
+	sm_dbg("root device %s and agent port ready after %ld ms (boot time %ld ms)", root, boot_ms() - t_start,
+	       boot_ms());
 
 	/* sm.rootflags: mount(8)-style; the generic flags become MS_* bits, the rest is the data string */
 	static const struct {
@@ -317,6 +326,7 @@ int sm_init_main(void)
 	A.urandom = open("/dev/urandom", O_RDWR | O_CLOEXEC);
 	setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
 
+	sm_dbg("serving the host from boot time %ld ms", boot_ms());
 	sm_agent_run(port, 0, P.debug);
 	fatal("the agent loop ended");
 }
