@@ -482,7 +482,15 @@ export class AgentClient {
       throw protocolError(`agent refused HELLO (${agentErrorCodeName(m.code)})${text}`);
     }
     if (frame.stream !== 0 || frame.type !== MessageType.HELLO) {
-      throw protocolError(`expected HELLO, got ${describeType(frame.type)} on stream ${frame.stream}`);
+      // Left over from before a restore (output of a process that ran at snapshot time): the agent
+      // learns that the host changed only from our HELLO. Frames stay bounded by the decoder and
+      // the wait by the handshake timeout.
+      debug(
+        "agent: ignoring %s on stream %d before the HELLO answer",
+        describeType(frame.type),
+        frame.stream,
+      );
+      return;
     }
     const hello = decodeGuestHello(frame.payload);
     if (hello.version !== PROTOCOL_VERSION) {

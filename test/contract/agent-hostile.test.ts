@@ -98,11 +98,22 @@ describe("handshake", () => {
     }
   });
 
-  test("anything but HELLO first → AGENT_PROTOCOL", async () => {
+  test("guest frames before the HELLO answer are ignored (left over from before a restore)", async () => {
     const { fake, host } = await fakeAgentPair();
-    const connecting = AgentClient.connect(host);
-    await fake.next();
+    const connecting = AgentClient.connect(host, { timeoutMs: 5000 });
     fake.send(0, MessageType.PONG, new Uint8Array(8));
+    fake.send(3, MessageType.STDOUT, new Uint8Array([1, 2, 3]));
+    fake.send(3, MessageType.EXIT, encodeExit({ exitCode: 0, durationUs: 1n, peakRssKiB: 1n, step: 0 }));
+    await fake.handshake();
+    const client = await connecting;
+    assert.equal(client.agentVersion, "fake-agent 1");
+    client.close();
+  });
+
+  test("a host-to-guest message before HELLO → AGENT_PROTOCOL", async () => {
+    const { fake, host } = await fakeAgentPair();
+    const connecting = AgentClient.connect(host, { timeoutMs: 5000 });
+    fake.send(0, MessageType.SHUTDOWN, new Uint8Array(0));
     await assert.rejects(connecting, isCode("AGENT_PROTOCOL"));
   });
 
