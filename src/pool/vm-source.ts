@@ -1,0 +1,53 @@
+import { Vm } from "../vm/vm.ts";
+import type { VmConfig } from "../vm/vm-config.ts";
+
+/**
+ * What a pool needs from a VM: an id, a `done` promise that settles when the VM is over (never
+ * rejects), a `tainted` flag (set after an exec timeout or a failure), and `stop()`/`kill()`.
+ * {@link Vm} is one.
+ */
+export interface PoolableVm {
+  readonly id: string;
+  /** Settles when the VM is over: `undefined` after stop/kill, the error when it died. Never rejects. */
+  readonly done: Promise<Error | undefined>;
+  /** True once the VM's state cannot be trusted for reuse. */
+  readonly tainted: boolean;
+  /** Graceful and idempotent. */
+  stop(): Promise<void>;
+  /** Forced. */
+  kill(): Promise<void>;
+}
+
+/** A VM process started ahead of time and waiting for its state (see {@link VmSource.prestart}). */
+export interface PrestartedVmHandle<V extends PoolableVm> {
+  /** Turn the waiting process into a running VM. Called at most once. */
+  activate(): Promise<V>;
+  /** End the waiting process without activating it. Idempotent. */
+  dispose(): Promise<void>;
+}
+
+/**
+ * Where a pool gets its VMs: a snapshot restore, a cold boot, or a fake in tests.
+ */
+export interface VmSource<V extends PoolableVm> {
+  /** A fresh VM, ready for work. Honours `signal` (the pool aborts it when closed). */
+  create(signal?: AbortSignal): Promise<V>;
+  /**
+   * Optional: start the expensive part (the QEMU process) ahead of time; `activate()` finishes
+   * the job. Pools with `prestarted(n)` keep `n` of these ready.
+   */
+  prestart?(): Promise<PrestartedVmHandle<V>>;
+  /** Human-readable name of the source, used in error messages. */
+  describe(): string;
+}
+
+/**
+ * A source that cold-boots every VM with {@link Vm.start}. Works for any root filesystem; a
+ * snapshot source restores much faster.
+ */
+export function coldBootSource(config: VmConfig): VmSource<Vm> {
+  return {
+    create: (signal) => Vm.start(signal === undefined ? config : { ...config, signal }),
+    describe: () => `cold boot of ${config.rootfs}`,
+  };
+}
