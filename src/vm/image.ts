@@ -7,8 +7,18 @@ import type { ImageConfig } from "../oci/image-config.ts";
 import type { PulledImage, PullOptions, StoreOptions } from "../oci/pull.ts";
 import { listImages, pruneImages, pullImage, removeImage } from "../oci/pull.ts";
 import { flattenLayers, ROOTFS_FORMAT_VERSION, type RootfsProgress } from "../rootfs/index.ts";
-import { Vm } from "./vm.ts";
-import type { VmConfig } from "./vm-config.ts";
+import { bakeSnapshot } from "../snapshot/bake.ts";
+import { Snapshot, type SnapshotOpenOptions } from "../snapshot/snapshot.ts";
+import {
+  listSnapshots,
+  removeSnapshot,
+  type SnapshotInfo,
+  snapshotBackingFiles,
+  snapshotDirOf,
+} from "../snapshot/store.ts";
+import type { AssetPaths } from "../vmm/asset-paths.ts";
+import { type PrestartedVm, type RestoreConfig, Vm } from "./vm.ts";
+import { DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, type VmConfig } from "./vm-config.ts";
 
 /** Options of {@link Image.pull}. */
 export interface ImagePullOptions extends PullOptions {
@@ -35,12 +45,78 @@ export class Image {
   /** The flattened root filesystem (ext4, never written to: VMs write to overlays). */
   readonly rootfsPath: string;
 
-  private constructor(pulled: PulledImage, rootfsPath: string) {
-    this.reference = pulled.reference;
-    this.digest = pulled.manifestDigest;
-    this.platform = pulled.platform;
-    this.config = pulled.config;
-    this.rootfsPath = rootfsPath;
+  readonly #snapshot: Snapshot | undefined;
+
+  private constructor(
+    init: { reference: string; digest: string; platform: string; config: ImageConfig; rootfsPath: string },
+    snapshot?: Snapshot,
+  ) {
+    this.reference = init.reference;
+    this.digest = init.digest;
+    this.platform = init.platform;
+    this.config = init.config;
+    this.rootfsPath = init.rootfsPath;
+    this.#snapshot = snapshot;
+  }
+
+  /** The snapshot this image restores from (built by {@link Image.builder} or {@link Image.fromSnapshot}), if any. */
+  get snapshot(): Snapshot | undefined {
+    return this.#snapshot;
+  }
+
+  /**
+   * A builder for an image backed by a snapshot: pull + flatten + boot + workload + warm-up +
+   * save, cached by (image manifest digest, memory, vCPUs, kernel and initramfs digests, warm-up
+   * tag, accelerator, QEMU version). `start()` of the result restores instead of booting.
+   */
+  static builder(reference: string): ImageBuilder {
+    return new ImageBuilder(reference);
+  }
+
+  /**
+   * Open a snapshot (a store name or a dir) as an image. Validates it first: `SnapshotError`
+   * `SNAPSHOT_INCOMPATIBLE` (other accelerator, QEMU, kernel, initramfs) or `SNAPSHOT_CORRUPT`
+   * (missing or damaged files) before anything starts.
+   */
+  static async fromSnapshot(
+    nameOrDir: string,
+    options: SnapshotOpenOptions & { dataDir?: string } = {},
+  ): Promise<Image> {
+    const snapshot = await Snapshot.open(snapshotDirOf(nameOrDir, options.dataDir ?? dataDir()), options);
+    return Image.#fromSnapshotObject(snapshot);
+  }
+
+  static #fromSnapshotObject(snapshot: Snapshot): Image {
+    const m = snapshot.manifest;
+    const chain = m.files.disk.backingChain;
+    return new Image(
+      {
+        reference: m.reference,
+        digest: m.imageDigest,
+        platform: m.platform,
+        config: m.imageConfig,
+        rootfsPath: chain[chain.length - 1]?.path ?? "",
+      },
+      snapshot,
+    );
+  }
+
+  /** @internal Used by {@link ImageBuilder}. */
+  static fromBake(image: Image, snapshot: Snapshot): Image {
+    return new Image(image, snapshot);
+  }
+
+  /** The snapshots in the store (`<dataDir>/snapshots`). */
+  static snapshots(options: { dataDir?: string } = {}): Promise<SnapshotInfo[]> {
+    return listSnapshots(options);
+  }
+
+  /**
+   * Delete a stored snapshot by name. Refuses (`INVALID_ARGUMENT`) when another stored snapshot is
+   * layered on it, unless `force`. Running VMs restored from it are not affected.
+   */
+  static removeSnapshot(name: string, options: { dataDir?: string; force?: boolean } = {}): Promise<void> {
+    return removeSnapshot(name, options);
   }
 
   /**
@@ -51,7 +127,16 @@ export class Image {
   static async pull(reference: string, options: ImagePullOptions = {}): Promise<Image> {
     const pulled = await pullImage(reference, options);
     const rootfsPath = await flattenedRootfs(pulled, options);
-    return new Image(pulled, rootfsPath);
+    return new Image(
+      {
+        reference: pulled.reference,
+        digest: pulled.manifestDigest,
+        platform: pulled.platform,
+        config: pulled.config,
+        rootfsPath,
+      },
+      undefined,
+    );
   }
 
   /** The images in the local store. */
@@ -81,8 +166,13 @@ export class Image {
     return { ...result, removedRootfs };
   }
 
-  /** Boot a VM from this image. The image's env, working dir and user are the defaults of every exec. */
+  /**
+   * A new VM of this image. Backed by a snapshot: a fresh restore (the snapshot's memory and disk
+   * exactly as baked; `memoryMiB`/`vcpus` must match it if given). Otherwise a boot. The image's
+   * env, working dir and user are the defaults of every exec.
+   */
   start(config: ImageStartConfig = {}): Promise<Vm> {
+    if (this.#snapshot !== undefined) return Vm.restore(this.#snapshot, restoreConfig(config));
     const defaults = imageExecDefaults(this.config);
     return Vm.start({
       ...config,
@@ -91,6 +181,22 @@ export class Image {
       cwd: config.cwd ?? defaults.cwd,
       user: config.user ?? defaults.user,
     });
+  }
+
+  /**
+   * Start a QEMU process for this image's snapshot now, waiting for its state;
+   * `prestarted.activate()` then gives a running VM faster than `start()`. Snapshot images only.
+   */
+  prestart(config: ImageStartConfig = {}): Promise<PrestartedVm> {
+    if (this.#snapshot === undefined) {
+      return Promise.reject(
+        new SupermachineError(
+          "INVALID_ARGUMENT",
+          "prestart() needs an image backed by a snapshot (Image.builder or Image.fromSnapshot)",
+        ),
+      );
+    }
+    return Vm.prestart(this.#snapshot, restoreConfig(config));
   }
 
   /**
@@ -114,6 +220,8 @@ export function rootfsCachePath(manifestDigest: string, root = dataDir()): strin
 async function pruneRootfsCache(options: StoreOptions): Promise<number> {
   const root = options.dataDir ?? dataDir();
   const keep = new Set((await listImages(options)).map((r) => rootfsCachePath(r.manifestDigest, root)));
+  // Snapshots' disks are layered on flattened root filesystems: those stay while a snapshot needs them.
+  for (const path of await snapshotBackingFiles({ dataDir: root })) keep.add(path);
   const dir = join(root, "rootfs", "images");
   const names = await readdir(dir).catch(() => [] as string[]);
   let removed = 0;
@@ -178,4 +286,137 @@ export function dockerCommand(
     );
   }
   return argv;
+}
+
+function restoreConfig(config: ImageStartConfig): RestoreConfig {
+  if (config.kernelArgs !== undefined || config.assets !== undefined) {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      "kernelArgs and assets are fixed when a snapshot is baked; a restore cannot change them",
+    );
+  }
+  const { kernelArgs: _k, assets: _a, ...rest } = config;
+  return rest;
+}
+
+/** Builds an {@link Image} backed by a snapshot. Setters are bare nouns; `build()` does the work. */
+export class ImageBuilder {
+  readonly #reference: string;
+  #name: string | undefined;
+  #memoryMiB = DEFAULT_MEMORY_MIB;
+  #vcpus = DEFAULT_VCPUS;
+  #warmup: ((vm: Vm) => Promise<void>) | undefined;
+  #warmupTag: string | undefined;
+  #platform: string | undefined;
+  #pullOptions: ImagePullOptions = {};
+  #assets: Partial<AssetPaths> | undefined;
+  #workload = true;
+  #force = false;
+  #env: Record<string, string> = {};
+  #signal: AbortSignal | undefined;
+
+  /** @internal Use {@link Image.builder}. */
+  constructor(reference: string) {
+    this.#reference = reference;
+  }
+
+  /** Name in the snapshot store. Default: from the reference and the cache key. */
+  name(name: string): this {
+    this.#name = name;
+    return this;
+  }
+
+  /** Guest RAM in MiB (default 512): fixed for every VM restored from the snapshot. */
+  memoryMiB(memoryMiB: number): this {
+    this.#memoryMiB = memoryMiB;
+    return this;
+  }
+
+  vcpus(vcpus: number): this {
+    this.#vcpus = vcpus;
+    return this;
+  }
+
+  /** Runs after the workload started, before the snapshot is taken: what it leaves is in every clone. */
+  withWarmup(warmup: (vm: Vm) => Promise<void>): this {
+    this.#warmup = warmup;
+    return this;
+  }
+
+  /**
+   * Names the warm-up's version: part of the cache key, so a new tag bakes again. With a warm-up
+   * and no tag, every `build()` bakes again (a function cannot be compared).
+   */
+  warmupTag(tag: string): this {
+    this.#warmupTag = tag;
+    return this;
+  }
+
+  /** `os/arch[/variant]` to pull. Default `linux/amd64`. */
+  platform(platform: string): this {
+    this.#platform = platform;
+    return this;
+  }
+
+  /** Options of the pull (credentials, insecure registries, progress, data dir). */
+  pullOptions(options: ImagePullOptions): this {
+    this.#pullOptions = options;
+    return this;
+  }
+
+  /** Guest kernel and initramfs. Default: found by `resolveAssetPaths()`. */
+  assets(assets: Partial<AssetPaths>): this {
+    this.#assets = assets;
+    return this;
+  }
+
+  /** Extra environment of the workload, the warm-up and every exec. Part of the cache key. */
+  env(vars: Record<string, string>): this {
+    this.#env = { ...this.#env, ...vars };
+    return this;
+  }
+
+  /** Start the image's Entrypoint + Cmd in the background before the warm-up (default true). */
+  workload(on: boolean): this {
+    this.#workload = on;
+    return this;
+  }
+
+  /** Bake again even if a snapshot with the same inputs is stored. */
+  force(on = true): this {
+    this.#force = on;
+    return this;
+  }
+
+  signal(signal: AbortSignal): this {
+    this.#signal = signal;
+    return this;
+  }
+
+  /** Pull, flatten and bake (or reuse the stored snapshot with the same inputs). */
+  async build(): Promise<Image> {
+    const signal = this.#signal ?? this.#pullOptions.signal;
+    const image = await Image.pull(this.#reference, {
+      ...this.#pullOptions,
+      ...(this.#platform === undefined ? {} : { platform: this.#platform }),
+      ...(signal === undefined ? {} : { signal }),
+    });
+    const defaults = imageExecDefaults(image.config);
+    const hasCommand = (image.config.entrypoint?.length ?? 0) > 0 || (image.config.cmd?.length ?? 0) > 0;
+    const { snapshot } = await bakeSnapshot({
+      image,
+      execDefaults: { env: { ...defaults.env, ...this.#env }, cwd: defaults.cwd, user: defaults.user },
+      workload: this.#workload && hasCommand ? image.command() : undefined,
+      name: this.#name,
+      memoryMiB: this.#memoryMiB,
+      vcpus: this.#vcpus,
+      warmup: this.#warmup,
+      warmupTag: this.#warmupTag ?? "",
+      assets: this.#assets,
+      force: this.#force || (this.#warmup !== undefined && this.#warmupTag === undefined),
+      dataDir: this.#pullOptions.dataDir,
+      signal,
+    });
+    return Image.fromBake(image, snapshot);
+  }
 }

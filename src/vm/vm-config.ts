@@ -28,16 +28,27 @@ export interface VmConfig {
   signal?: AbortSignal;
 }
 
-/** Per-phase timings of a VM's start, in milliseconds since `Vm.start` was called. */
+/**
+ * Per-phase timings of a VM's start, in milliseconds since the start was asked for: `Vm.start`
+ * (`kind: "boot"`), `Vm.restore`/`image.start()` of a snapshot (`"restore"`), or
+ * `PrestartedVm.activate()` (`"prestarted"`: QEMU was already running, so `rootfsMs` and `spawnMs`
+ * are 0 and `prestartMs` says what the prestart took).
+ */
 export interface VmTimings {
+  /** How the VM came to be. */
+  readonly kind: "boot" | "restore" | "prestarted";
   /** Root filesystem ready (image found or built, overlay created). */
   readonly rootfsMs: number;
   /** QEMU started and its QMP connection ready. */
   readonly spawnMs: number;
+  /** Restores only: the snapshot's state loaded into QEMU and the vCPUs running. */
+  readonly stateLoadedMs?: number;
   /** The guest agent answered the handshake. */
   readonly agentReadyMs: number;
-  /** Everything, until `Vm.start` resolved. */
+  /** Everything, until the start resolved. */
   readonly totalMs: number;
+  /** Prestarted VMs only: how long starting QEMU ahead of time took (not part of `totalMs`). */
+  readonly prestartMs?: number;
 }
 
 export const DEFAULT_MEMORY_MIB = 512;

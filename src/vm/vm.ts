@@ -1,13 +1,19 @@
+import { createWriteStream } from "node:fs";
+import { open } from "node:fs/promises";
+import { createServer } from "node:net";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
+import { pipeline } from "node:stream/promises";
 import { AgentClient } from "../agent/agent-client.ts";
 import { SupermachineError, VmError } from "../errors.ts";
 import { throwIfAborted } from "../internal/abort.ts";
 import { debug, publish } from "../internal/diagnostics.ts";
-import { type AcceleratorChoice, detectAccelerator } from "../vmm/accelerator.ts";
+import type { Snapshot } from "../snapshot/snapshot.ts";
+import { type AcceleratorChoice, detectAccelerator, hostTscKHz } from "../vmm/accelerator.ts";
 import { resolveAssetPaths } from "../vmm/asset-paths.ts";
 import { createDiskOverlay } from "../vmm/disk-overlay.ts";
-import { QemuProcess } from "../vmm/qemu-process.ts";
+import type { GuestMemory } from "../vmm/qemu-args.ts";
+import { type LaunchMachineSpec, QemuProcess } from "../vmm/qemu-process.ts";
 import { ExecBuilder, type ExecDefaults, type ExecTarget } from "./exec-builder.ts";
 import type { ExecOutcome } from "./exec-outcome.ts";
 import { resolveRootfs } from "./rootfs-source.ts";
@@ -23,6 +29,41 @@ import {
 export type VmState = "created" | "running" | "stopped";
 
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/** Kernel arguments of every VM, before `VmConfig.kernelArgs`. */
+const BOOT_KERNEL_ARGS = ["quiet", "sm.root=/dev/vda", "sm.rootfstype=ext4"];
+/** Migration capabilities of saving and restoring: RAM in a shared file is not copied; MIGRATION events. */
+const MIGRATION_CAPABILITIES = {
+  capabilities: [
+    { capability: "x-ignore-shared", state: true },
+    { capability: "events", state: true },
+  ],
+};
+
+/** What `Vm.restore`/`Vm.prestart` accept: exec defaults and limits (the machine is the snapshot's). */
+export interface RestoreConfig {
+  /** Must equal the snapshot's if given. */
+  memoryMiB?: number;
+  /** Must equal the snapshot's if given. */
+  vcpus?: number;
+  /** Environment of every exec (merged over the snapshot's). */
+  env?: Record<string, string>;
+  cwd?: string;
+  user?: string;
+  /** Time allowed from the state load to the agent's answer. Default 60 000 ms. */
+  bootTimeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+interface VmInit {
+  qemu: QemuProcess;
+  agent: AgentClient;
+  accelerator: "kvm" | "tcg";
+  defaults: ExecDefaults;
+  timings: VmTimings;
+  machine: LaunchMachineSpec;
+  overlayPath: string;
+  source?: Snapshot | undefined;
+}
 const SHUTDOWN_TIMEOUT_MS = 5_000;
 
 let acceleratorChoice: Promise<AcceleratorChoice> | undefined;
@@ -60,13 +101,15 @@ export class Vm implements ExecTarget {
   readonly #done: Promise<Error | undefined>;
   #resolveDone!: (error: Error | undefined) => void;
 
-  private constructor(init: {
-    qemu: QemuProcess;
-    agent: AgentClient;
-    accelerator: "kvm" | "tcg";
-    defaults: ExecDefaults;
-    timings: VmTimings;
-  }) {
+  /** How the VM's QEMU was configured, and where its RAM and disk live: what `snapshot()` needs. */
+  readonly #machine: LaunchMachineSpec;
+  readonly #overlayPath: string;
+  readonly #source: Snapshot | undefined;
+
+  private constructor(init: VmInit) {
+    this.#machine = init.machine;
+    this.#overlayPath = init.overlayPath;
+    this.#source = init.source;
     this.#qemu = init.qemu;
     this.#agent = init.agent;
     this.id = init.qemu.id;
@@ -102,7 +145,20 @@ export class Vm implements ExecTarget {
   }
 
   /** Boot a VM from `config.rootfs` and wait until its agent answers. */
-  static async start(config: VmConfig): Promise<Vm> {
+  static start(config: VmConfig): Promise<Vm> {
+    return Vm.#boot(config, {});
+  }
+
+  /**
+   * Boot for baking a snapshot: guest RAM in `memoryPath` (`share=on`, so the file IS the RAM)
+   * and the root disk overlay at `overlayPath` (kept after the VM ends).
+   * @internal Used by the snapshot module.
+   */
+  static bootForSnapshot(config: VmConfig, files: { memoryPath: string; overlayPath: string }): Promise<Vm> {
+    return Vm.#boot(config, files);
+  }
+
+  static async #boot(config: VmConfig, files: { memoryPath?: string; overlayPath?: string }): Promise<Vm> {
     const started = performance.now();
     const signal = config.signal;
     validateConfig(config);
@@ -115,39 +171,39 @@ export class Vm implements ExecTarget {
     const rootfsMs = performance.now() - started;
     throwIfAborted(signal, "VM start");
 
+    const memoryMiB = config.memoryMiB ?? DEFAULT_MEMORY_MIB;
+    const memory: GuestMemory =
+      files.memoryPath === undefined
+        ? { kind: "anonymous" }
+        : { kind: "file", path: files.memoryPath, share: true };
+    const machine: LaunchMachineSpec = {
+      accel: choice.accel,
+      memoryMiB,
+      vcpus: config.vcpus ?? DEFAULT_VCPUS,
+      kernelPath: assets.kernel,
+      initramfsPath: assets.initramfs,
+      kernelArgs: [...BOOT_KERNEL_ARGS, ...(config.kernelArgs ?? [])],
+      memory,
+    };
+    if (choice.accel === "tcg") {
+      const tscKHz = hostTscKHz();
+      if (tscKHz !== undefined) machine.tscKHz = tscKHz;
+    }
+    let overlayPath = files.overlayPath ?? "";
     const qemu = await QemuProcess.launch({
-      machine: {
-        accel: choice.accel,
-        memoryMiB: config.memoryMiB ?? DEFAULT_MEMORY_MIB,
-        vcpus: config.vcpus ?? DEFAULT_VCPUS,
-        kernelPath: assets.kernel,
-        initramfsPath: assets.initramfs,
-        kernelArgs: ["quiet", "sm.root=/dev/vda", "sm.rootfstype=ext4", ...(config.kernelArgs ?? [])],
-      },
+      machine,
       prepare: async (stateDir) => {
-        const overlay = join(stateDir, "rootfs.qcow2");
-        await createDiskOverlay(rootfs.imagePath, overlay, { baseFormat: "raw", signal });
-        return { disks: [{ name: "root", path: overlay, format: "qcow2" }] };
+        overlayPath = files.overlayPath ?? join(stateDir, "rootfs.qcow2");
+        await createDiskOverlay(rootfs.imagePath, overlayPath, { baseFormat: "raw", signal });
+        const disks = [{ name: "root", path: overlayPath, format: "qcow2" as const }];
+        machine.disks = disks;
+        return { disks };
       },
       ...(signal === undefined ? {} : { signal }),
     });
     const spawnMs = performance.now() - started;
     try {
-      const socket = await qemu.agentSocket;
-      const bootTimeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
-      const agent = await Promise.race([
-        AgentClient.connect(socket, {
-          timeoutMs: bootTimeoutMs,
-          ...(signal === undefined ? {} : { signal }),
-        }),
-        qemu.exited.then((exit) => {
-          throw new VmError(
-            "VM_EXITED",
-            `VM ${qemu.id} exited during boot (console log: ${qemu.consoleLogPath})`,
-            { consoleLogPath: qemu.consoleLogPath, qemuExitCode: exit.code ?? undefined },
-          );
-        }),
-      ]);
+      const agent = await connectAgent(qemu, config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, signal, "boot");
       const agentReadyMs = performance.now() - started;
       const vm = new Vm({
         qemu,
@@ -158,7 +214,9 @@ export class Vm implements ExecTarget {
           cwd: config.cwd ?? "/",
           user: config.user ?? "root",
         },
-        timings: { rootfsMs, spawnMs, agentReadyMs, totalMs: performance.now() - started },
+        timings: { kind: "boot", rootfsMs, spawnMs, agentReadyMs, totalMs: performance.now() - started },
+        machine,
+        overlayPath,
       });
       publish("vm:start", { id: vm.id, accelerator: vm.accelerator, timings: vm.timings });
       return vm;
@@ -166,6 +224,32 @@ export class Vm implements ExecTarget {
       await qemu.kill();
       throw withConsoleLog(error, qemu.consoleLogPath);
     }
+  }
+
+  /**
+   * A new VM restored from `snapshot`: its own QEMU mapping the snapshot's memory copy-on-write,
+   * its own disk overlay on the snapshot's disk state, a new agent session (new epoch, the host's
+   * time, fresh entropy). The snapshot's files are never written.
+   */
+  static async restore(snapshot: Snapshot, config: RestoreConfig = {}): Promise<Vm> {
+    const started = performance.now();
+    const launched = await launchRestore(snapshot, config);
+    return activateRestore(launched, config, started, "restore");
+  }
+
+  /**
+   * Start QEMU for `snapshot` now and let it wait for its state: {@link PrestartedVm.activate}
+   * then loads the state and connects the agent, skipping QEMU's start-up. For pools.
+   */
+  static async prestart(snapshot: Snapshot, config: RestoreConfig = {}): Promise<PrestartedVm> {
+    const started = performance.now();
+    const launched = await launchRestore(snapshot, config);
+    return new PrestartedVm(launched, config, performance.now() - started);
+  }
+
+  /** @internal Builds the Vm of a restore; only this module calls it. */
+  static fromRestore(init: VmInit): Vm {
+    return new Vm(init);
   }
 
   /** `running` until stopped or dead. */
@@ -284,6 +368,63 @@ export class Vm implements ExecTarget {
     return `VM ${this.id} (console log: ${this.consoleLogPath})`;
   }
 
+  /**
+   * Bake step: pause the guest, save its device state to `statePath` (RAM stays in the shared
+   * memory file, `x-ignore-shared`), then end QEMU without shutting the guest down, so memory
+   * file, device state and disk overlay describe the same instant.
+   * @internal Used by the snapshot module.
+   */
+  async saveStateAndQuit(statePath: string, options: { signal?: AbortSignal } = {}): Promise<void> {
+    const agent = this.agent();
+    if (this.#machine.memory?.kind !== "file" || !this.#machine.memory.share) {
+      throw new SupermachineError(
+        "INVALID_ARGUMENT",
+        "saveStateAndQuit needs a VM booted with bootForSnapshot",
+      );
+    }
+    // The channel must be idle: a round trip drains what the guest had to say.
+    await agent.ping();
+    this.#stopping ??= Promise.resolve();
+    this.#state = "stopped";
+    try {
+      const qmp = this.#qemu.qmp;
+      await qmp.execute("stop");
+      await qmp.execute("migrate-set-capabilities", MIGRATION_CAPABILITIES);
+      await migrateToFile(this.#qemu, statePath, options.signal);
+    } catch (error) {
+      await this.kill();
+      throw error;
+    }
+    this.#agent.close(new VmError("VM_STOPPED", `VM ${this.id} was saved to a snapshot`));
+    await this.#qemu.stop({ timeoutMs: SHUTDOWN_TIMEOUT_MS });
+    publish("vm:exit", { id: this.id });
+    this.#resolveDone(this.#failure);
+  }
+
+  /**
+   * Save this running VM as a snapshot in `dir` (which must not exist yet) and keep it running.
+   * The guest pauses for the time of one full RAM migration; the snapshot then restores like a
+   * baked one. Its disk state is a copy of this VM's overlay, whose backing chain (the snapshot
+   * this VM was restored from, or the image's root filesystem) is recorded in the manifest: those
+   * files must stay in place. See docs/snapshots.md.
+   */
+  async snapshot(dir: string, options: { name?: string; signal?: AbortSignal } = {}): Promise<Snapshot> {
+    const { saveRunningVm } = await import("../snapshot/save-running.ts");
+    const agent = this.agent();
+    await agent.ping();
+    return saveRunningVm(
+      {
+        qemu: this.#qemu,
+        machine: this.#machine,
+        overlayPath: this.#overlayPath,
+        source: this.#source,
+        defaults: this.#defaults,
+      },
+      dir,
+      options,
+    );
+  }
+
   async #stop(): Promise<void> {
     const wasRunning = this.#state === "running" && this.#failure === undefined;
     this.#state = "stopped";
@@ -336,4 +477,277 @@ function withConsoleLog(error: unknown, consoleLogPath: string): unknown {
       cause: error,
     },
   );
+}
+
+/** Connects the agent on QEMU's agent socket, failing early when QEMU exits. */
+async function connectAgent(
+  qemu: QemuProcess,
+  timeoutMs: number,
+  signal: AbortSignal | undefined,
+  what: "boot" | "restore",
+): Promise<AgentClient> {
+  const socket = await qemu.agentSocket;
+  return Promise.race([
+    AgentClient.connect(socket, { timeoutMs, ...(signal === undefined ? {} : { signal }) }),
+    qemu.exited.then((exit) => {
+      throw new VmError(
+        "VM_EXITED",
+        `VM ${qemu.id} exited during ${what} (console log: ${qemu.consoleLogPath})`,
+        { consoleLogPath: qemu.consoleLogPath, qemuExitCode: exit.code ?? undefined },
+      );
+    }),
+  ]);
+}
+
+/**
+ * Migrate the (stopped) VM's state into `path`: QEMU connects to a unix socket the host listens
+ * on, and the host writes the stream to the file (no `exec:`, so the strict sandbox holds).
+ * @internal
+ */
+export async function migrateToFile(qemu: QemuProcess, path: string, signal?: AbortSignal): Promise<void> {
+  const socketPath = join(qemu.stateDir, "migrate.sock");
+  const server = createServer();
+  server.maxConnections = 1;
+  const written = new Promise<void>((resolve, reject) => {
+    server.once("connection", (socket) => {
+      server.close();
+      pipeline(socket, createWriteStream(path, { flags: "wx" })).then(resolve, reject);
+    });
+  });
+  written.catch(() => {});
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(socketPath, () => resolve());
+  });
+  try {
+    const qmp = qemu.qmp;
+    const finished = qmp.waitForEvent("MIGRATION", {
+      filter: (event) => ["completed", "failed", "cancelled"].includes(String(event.data?.status)),
+      ...(signal === undefined ? {} : { signal }),
+    });
+    finished.catch(() => {});
+    await qmp.execute("migrate", { uri: `unix:${socketPath}` });
+    const event = await finished;
+    if (event.data?.status !== "completed") {
+      const info = await qmp
+        .execute<{ "error-desc"?: string }>("query-migrate")
+        .catch((): { "error-desc"?: string } => ({}));
+      throw new VmError(
+        "VMM_FAILED",
+        `saving the VM state failed: ${String(event.data?.status)}${info["error-desc"] ? ` (${info["error-desc"]})` : ""}`,
+        { consoleLogPath: qemu.consoleLogPath },
+      );
+    }
+    await written;
+  } finally {
+    server.close();
+  }
+}
+
+/** A QEMU started for a snapshot, waiting (`-incoming defer`, vCPUs stopped) for its state. */
+interface LaunchedRestore {
+  snapshot: Snapshot;
+  qemu: QemuProcess;
+  machine: LaunchMachineSpec;
+  overlayPath: string;
+  rootfsMs: number;
+  spawnMs: number;
+}
+
+async function launchRestore(snapshot: Snapshot, config: RestoreConfig): Promise<LaunchedRestore> {
+  const started = performance.now();
+  const m = snapshot.manifest;
+  if (config.memoryMiB !== undefined && config.memoryMiB !== m.memoryMiB) {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      `snapshot ${snapshot.name} has ${m.memoryMiB} MiB of guest RAM; a restore cannot change it (asked for ${config.memoryMiB})`,
+    );
+  }
+  if (config.vcpus !== undefined && config.vcpus !== m.vcpus) {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      `snapshot ${snapshot.name} has ${m.vcpus} vCPUs; a restore cannot change it (asked for ${config.vcpus})`,
+    );
+  }
+  const signal = config.signal;
+  throwIfAborted(signal, "VM restore");
+  const machine: LaunchMachineSpec = {
+    accel: m.accelerator,
+    memoryMiB: m.memoryMiB,
+    vcpus: m.vcpus,
+    kernelPath: snapshot.assets.kernel,
+    initramfsPath: snapshot.assets.initramfs,
+    kernelArgs: m.kernelArgs,
+    memory: { kind: "file", path: snapshot.memoryPath, share: false },
+    incoming: { fd: 3 },
+    paused: true,
+  };
+  // `-incoming defer` waits for `migrate-incoming fd:3`; the state file is QEMU's fd 3.
+  machine.incoming = "defer";
+  if (m.tscKHz !== undefined) machine.tscKHz = m.tscKHz;
+  let overlayPath = "";
+  let rootfsMs = 0;
+  const state = await open(snapshot.statePath, "r");
+  let qemu: QemuProcess;
+  try {
+    qemu = await QemuProcess.launch({
+      machine,
+      extraFds: [state.fd],
+      prepare: async (stateDir) => {
+        overlayPath = join(stateDir, "rootfs.qcow2");
+        await snapshot.createOverlay(overlayPath);
+        rootfsMs = performance.now() - started;
+        const disks = [{ name: "root", path: overlayPath, format: "qcow2" as const }];
+        machine.disks = disks;
+        return { disks };
+      },
+      ...(signal === undefined ? {} : { signal }),
+    });
+  } finally {
+    await state.close();
+  }
+  try {
+    await qemu.qmp.execute("migrate-set-capabilities", MIGRATION_CAPABILITIES);
+  } catch (error) {
+    await qemu.kill();
+    throw error;
+  }
+  return { snapshot, qemu, machine, overlayPath, rootfsMs, spawnMs: performance.now() - started };
+}
+
+/** Load the state into a launched QEMU, run it, open a new agent session, and make the Vm. */
+async function activateRestore(
+  launched: LaunchedRestore,
+  config: RestoreConfig,
+  started: number,
+  kind: "restore" | "prestarted",
+  prestartMs?: number,
+): Promise<Vm> {
+  const { qemu, snapshot } = launched;
+  const signal = config.signal;
+  const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
+  try {
+    throwIfAborted(signal, "VM restore");
+    const qmp = qemu.qmp;
+    const loaded = qmp.waitForEvent("MIGRATION", {
+      filter: (event) => ["completed", "failed", "cancelled"].includes(String(event.data?.status)),
+      timeoutMs,
+      ...(signal === undefined ? {} : { signal }),
+    });
+    loaded.catch(() => {});
+    await qmp.execute("migrate-incoming", { uri: "fd:3" });
+    const event = await Promise.race([
+      loaded,
+      qemu.exited.then((exit) => {
+        throw new VmError(
+          "VM_EXITED",
+          `QEMU exited while loading snapshot ${snapshot.dir}: ${qemu.stderrTail.trim().split("\n").slice(-5).join("\n")}`,
+          { consoleLogPath: qemu.consoleLogPath, qemuExitCode: exit.code ?? undefined },
+        );
+      }),
+    ]);
+    if (event.data?.status !== "completed") {
+      throw new VmError(
+        "VMM_FAILED",
+        `loading snapshot ${snapshot.dir} failed (${String(event.data?.status)}): ${qemu.stderrTail.trim().split("\n").slice(-5).join("\n")}`,
+        { consoleLogPath: qemu.consoleLogPath },
+      );
+    }
+    await qmp.execute("cont");
+    const stateLoadedMs = performance.now() - started;
+    // A new session: new epoch, the host's time, fresh entropy (clone correctness).
+    const agent = await connectAgent(qemu, timeoutMs, signal, "restore");
+    const agentReadyMs = performance.now() - started;
+    const m = snapshot.manifest;
+    const vm = Vm.fromRestore({
+      qemu,
+      agent,
+      accelerator: m.accelerator,
+      defaults: {
+        env: { PATH: DEFAULT_PATH, ...m.execDefaults.env, ...config.env },
+        cwd: config.cwd ?? m.execDefaults.cwd,
+        user: config.user ?? m.execDefaults.user,
+      },
+      timings: {
+        kind,
+        rootfsMs: kind === "restore" ? launched.rootfsMs : 0,
+        spawnMs: kind === "restore" ? launched.spawnMs : 0,
+        stateLoadedMs,
+        agentReadyMs,
+        totalMs: performance.now() - started,
+        ...(prestartMs === undefined ? {} : { prestartMs }),
+      },
+      machine: launched.machine,
+      overlayPath: launched.overlayPath,
+      source: snapshot,
+    });
+    publish("vm:start", {
+      id: vm.id,
+      accelerator: vm.accelerator,
+      timings: vm.timings,
+      snapshot: snapshot.dir,
+    });
+    return vm;
+  } catch (error) {
+    await qemu.kill();
+    throw withConsoleLog(error, qemu.consoleLogPath);
+  }
+}
+
+/**
+ * A QEMU process started for a snapshot and waiting for its state, so that {@link activate}
+ * skips QEMU's start-up. Activate it once, or dispose of it. Pools keep some ready.
+ */
+export class PrestartedVm {
+  /** The waiting QEMU's id (the Vm it becomes keeps it). */
+  readonly id: string;
+  /** How long the prestart took (QEMU started, overlay made, QMP ready), in ms. */
+  readonly prestartMs: number;
+  readonly #launched: LaunchedRestore;
+  readonly #config: RestoreConfig;
+  #used = false;
+
+  /** @internal Made by {@link Vm.prestart}. */
+  constructor(launched: LaunchedRestore, config: RestoreConfig, prestartMs: number) {
+    this.#launched = launched;
+    this.#config = config;
+    this.id = launched.qemu.id;
+    this.prestartMs = prestartMs;
+  }
+
+  /** False once activated or disposed, or when its QEMU died while waiting. */
+  get ready(): boolean {
+    return !this.#used && this.#launched.qemu.state === "running";
+  }
+
+  /** Settles when the waiting QEMU exits (for whatever reason). Never rejects. */
+  get exited(): Promise<void> {
+    return this.#launched.qemu.exited.then(() => undefined);
+  }
+
+  /** Load the snapshot state, start the vCPUs and open a new agent session. Once only. */
+  async activate(options: { signal?: AbortSignal; bootTimeoutMs?: number } = {}): Promise<Vm> {
+    if (this.#used)
+      throw new SupermachineError("INVALID_ARGUMENT", `prestarted VM ${this.id} was already used`);
+    this.#used = true;
+    if (this.#launched.qemu.state !== "running") {
+      await this.#launched.qemu.kill();
+      throw new VmError("VM_EXITED", `prestarted VM ${this.id} exited while waiting`, {
+        consoleLogPath: this.#launched.qemu.consoleLogPath,
+      });
+    }
+    const config = { ...this.#config, ...options };
+    return activateRestore(this.#launched, config, performance.now(), "prestarted", this.prestartMs);
+  }
+
+  /** End the waiting QEMU (if not activated) and remove its files. Idempotent. */
+  async dispose(): Promise<void> {
+    if (this.#used) return;
+    this.#used = true;
+    await this.#launched.qemu.kill();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.dispose();
+  }
 }

@@ -1,0 +1,172 @@
+/**
+ * The snapshot directory's `manifest.json`: what the snapshot was made from and of, so that a
+ * restore can refuse a host it would not work on, or files that were damaged, before it starts
+ * anything. Format: docs/snapshots.md.
+ */
+
+import { SnapshotError } from "../errors.ts";
+import type { ImageConfig } from "../oci/image-config.ts";
+
+/** Bumped whenever the layout of a snapshot dir or the meaning of a field changes. */
+export const SNAPSHOT_FORMAT_VERSION = 1;
+
+/** File names inside a snapshot dir. */
+export const SNAPSHOT_FILES = {
+  manifest: "manifest.json",
+  memory: "memory",
+  state: "state",
+  disk: "disk.qcow2",
+} as const;
+
+/** One file of the snapshot, relative to its dir. */
+export interface SnapshotFileEntry {
+  readonly path: string;
+  readonly sizeBytes: number;
+  /** sha256 hex of the content; recorded for the small files (device state). */
+  readonly sha256?: string | undefined;
+}
+
+/** A file below the snapshot's disk state in its qcow2 backing chain (absolute path). */
+export interface BackingFileEntry {
+  readonly path: string;
+  readonly format: "raw" | "qcow2";
+  readonly sizeBytes: number;
+}
+
+export interface SnapshotManifest {
+  readonly formatVersion: number;
+  /** Name in the snapshot store (`<dataDir>/snapshots/<name>`), or the dir's base name. */
+  readonly name: string;
+  /** The image reference it was baked from ("" for a root filesystem without a reference). */
+  readonly reference: string;
+  readonly platform: string;
+  /** Digest of the image manifest (the root filesystem is a function of it and `rootfsFormatVersion`). */
+  readonly imageDigest: string;
+  readonly rootfsFormatVersion: number;
+  readonly imageConfig: ImageConfig;
+  /** `major.minor.micro (package)` of the QEMU that made it: restores need exactly this one. */
+  readonly qemuVersion: string;
+  readonly machine: string;
+  readonly accelerator: "kvm" | "tcg";
+  readonly cpuModel: string;
+  /** sha256 hex of the guest kernel and initramfs it booted. */
+  readonly kernelDigest: string;
+  readonly initramfsDigest: string;
+  /** Kernel arguments after the base ones, and the TSC frequency given to the guest: restores reuse them verbatim. */
+  readonly kernelArgs: readonly string[];
+  readonly tscKHz: number | undefined;
+  readonly memoryMiB: number;
+  readonly vcpus: number;
+  /** Exec defaults (env, cwd, user) of the VM it was made from. */
+  readonly execDefaults: {
+    readonly env: Readonly<Record<string, string>>;
+    readonly cwd: string;
+    readonly user: string;
+  };
+  /** The warm-up's tag ("" without a warm-up). */
+  readonly warmupTag: string;
+  /** Key of the bake inputs: a build with the same key reuses the snapshot. */
+  readonly cacheKey: string;
+  /** Snapshot this one was taken from (`vm.snapshot` of a restored VM), if any. */
+  readonly parent: string | undefined;
+  readonly createdAt: string;
+  readonly files: {
+    readonly memory: SnapshotFileEntry;
+    readonly state: SnapshotFileEntry;
+    readonly disk: SnapshotFileEntry & { readonly backingChain: readonly BackingFileEntry[] };
+  };
+}
+
+/** Parse and check the shape of a manifest. Throws `SNAPSHOT_CORRUPT` / `SNAPSHOT_INCOMPATIBLE`. */
+export function parseManifest(text: string, snapshotDir: string): SnapshotManifest {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    throw new SnapshotError(
+      "SNAPSHOT_CORRUPT",
+      `${snapshotDir}/manifest.json is not valid JSON`,
+      { snapshotDir },
+      { cause: error },
+    );
+  }
+  const corrupt = (what: string) =>
+    new SnapshotError("SNAPSHOT_CORRUPT", `${snapshotDir}/manifest.json: ${what}`, { snapshotDir });
+  if (typeof value !== "object" || value === null) throw corrupt("not an object");
+  const m = value as Record<string, unknown>;
+  if (m.formatVersion !== SNAPSHOT_FORMAT_VERSION) {
+    throw new SnapshotError(
+      "SNAPSHOT_INCOMPATIBLE",
+      `${snapshotDir} has snapshot format ${String(m.formatVersion)}; this version of supermachine reads format ${SNAPSHOT_FORMAT_VERSION}`,
+      { snapshotDir },
+    );
+  }
+  const strings = [
+    "name",
+    "reference",
+    "platform",
+    "imageDigest",
+    "qemuVersion",
+    "machine",
+    "accelerator",
+    "cpuModel",
+    "kernelDigest",
+    "initramfsDigest",
+    "warmupTag",
+    "cacheKey",
+    "createdAt",
+  ];
+  for (const key of strings) if (typeof m[key] !== "string") throw corrupt(`${key} must be a string`);
+  for (const key of ["memoryMiB", "vcpus", "rootfsFormatVersion"]) {
+    if (!Number.isSafeInteger(m[key]) || (m[key] as number) < 1)
+      throw corrupt(`${key} must be a positive integer`);
+  }
+  if (m.accelerator !== "kvm" && m.accelerator !== "tcg") throw corrupt("accelerator must be kvm or tcg");
+  if (!Array.isArray(m.kernelArgs) || !m.kernelArgs.every((a) => typeof a === "string")) {
+    throw corrupt("kernelArgs must be a list of strings");
+  }
+  if (m.tscKHz !== undefined && !Number.isSafeInteger(m.tscKHz)) throw corrupt("tscKHz must be an integer");
+  if (typeof m.imageConfig !== "object" || m.imageConfig === null) throw corrupt("imageConfig missing");
+  const defaults = m.execDefaults as Record<string, unknown> | undefined;
+  if (
+    typeof defaults !== "object" ||
+    defaults === null ||
+    typeof defaults.cwd !== "string" ||
+    typeof defaults.user !== "string" ||
+    typeof defaults.env !== "object" ||
+    defaults.env === null
+  ) {
+    throw corrupt("execDefaults missing");
+  }
+  const files = m.files as Record<string, unknown> | undefined;
+  if (typeof files !== "object" || files === null) throw corrupt("files missing");
+  for (const key of ["memory", "state", "disk"]) {
+    const entry = files[key] as Record<string, unknown> | undefined;
+    if (
+      typeof entry !== "object" ||
+      entry === null ||
+      typeof entry.path !== "string" ||
+      entry.path === "" ||
+      entry.path.includes("/") ||
+      !Number.isSafeInteger(entry.sizeBytes)
+    ) {
+      throw corrupt(`files.${key} must name a file in the snapshot dir and its size`);
+    }
+  }
+  const chain = (files.disk as Record<string, unknown>).backingChain;
+  if (
+    !Array.isArray(chain) ||
+    !chain.every(
+      (b) =>
+        typeof b === "object" &&
+        b !== null &&
+        typeof b.path === "string" &&
+        b.path.startsWith("/") &&
+        (b.format === "raw" || b.format === "qcow2") &&
+        Number.isSafeInteger(b.sizeBytes),
+    )
+  ) {
+    throw corrupt("files.disk.backingChain must list absolute paths with formats and sizes");
+  }
+  return value as SnapshotManifest;
+}
