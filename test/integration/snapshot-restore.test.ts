@@ -1,0 +1,274 @@
+/**
+ * Snapshots end to end on real QEMU: bake the busybox fixture image once, then restore clones and
+ * check what DESIGN.md's "Clone correctness" and "Writes" promise, the typed refusals, the bake
+ * cache, and a long run of restore → exec → stop cycles without leaks.
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { createReadStream, readdirSync, readFileSync } from "node:fs";
+import { link, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { Image, SnapshotError, type Vm } from "../../src/index.ts";
+import { fixtureImages } from "../helpers/fixtures.ts";
+import { missingVmPrerequisite } from "../helpers/vm.ts";
+
+const CYCLES = Number(process.env.SNAPSHOT_CYCLES ?? 200);
+
+async function sha256(path: string): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest("hex");
+}
+
+/** Pids of live QEMU processes whose command line mentions `needle`. */
+function qemuProcessesMentioning(needle: string): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const cmdline = readFileSync(`/proc/${name}/cmdline`, "utf8");
+      if (cmdline.includes("qemu-system") && cmdline.includes(needle)) pids.push(Number(name));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return pids;
+}
+
+describe("snapshots of the busybox image", { timeout: 900_000 }, () => {
+  let skipReason: string | undefined;
+  let dataDir: string;
+  let runtimeDir: string;
+  let image: Image;
+  let reference: string;
+  const vms: Vm[] = [];
+  const bakeOptions = () =>
+    Image.builder(reference)
+      .name("busybox-test")
+      .memoryMiB(256)
+      .vcpus(1)
+      .withWarmup(async (vm) => {
+        await vm.exec(["sh", "-c", "echo warmed > /warm.txt && mkdir -p /data && echo baked > /data/state"]);
+      });
+
+  before(async () => {
+    skipReason = await missingVmPrerequisite();
+    if (skipReason !== undefined) {
+      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
+      return;
+    }
+    dataDir = await mkdtemp(join(tmpdir(), "sm-snap-data-"));
+    runtimeDir = await mkdtemp(join(tmpdir(), "sm-snap-run-"));
+    process.env.SUPERMACHINE_DATA_DIR = dataDir;
+    process.env.SUPERMACHINE_RUNTIME_DIR = runtimeDir;
+    reference = `oci:${(await fixtureImages()).busybox}`;
+    image = await bakeOptions().warmupTag("v1").build();
+  });
+
+  after(async () => {
+    await Promise.all(vms.map((vm) => vm.kill()));
+    if (dataDir !== undefined) await rm(dataDir, { recursive: true, force: true });
+    if (runtimeDir !== undefined) await rm(runtimeDir, { recursive: true, force: true });
+  });
+
+  const start = async () => {
+    const vm = await image.start();
+    vms.push(vm);
+    return vm;
+  };
+
+  const snapIt = (name: string, fn: () => Promise<void>) =>
+    it(name, async (t) => {
+      if (skipReason !== undefined) return t.skip(skipReason);
+      try {
+        await fn();
+      } catch (error) {
+        for (const vm of vms) {
+          const log = await readFile(vm.consoleLogPath, "utf8").catch(() => "(none)");
+          t.diagnostic(`console log of VM ${vm.id}, last 2 KiB:\n${log.slice(-2048)}`);
+        }
+        throw error;
+      }
+    });
+
+  snapIt("the snapshot dir holds manifest, memory, device state and disk state", async () => {
+    const snapshot = image.snapshot!;
+    assert.equal(snapshot.dir, join(dataDir, "snapshots", "busybox-test"));
+    assert.deepEqual((await readdir(snapshot.dir)).sort(), [
+      "disk.qcow2",
+      "manifest.json",
+      "memory",
+      "state",
+    ]);
+    const m = snapshot.manifest;
+    assert.equal(m.memoryMiB, 256);
+    assert.equal(m.vcpus, 1);
+    assert.equal(m.warmupTag, "v1");
+    assert.equal(m.accelerator, "tcg");
+    assert.equal(m.files.memory.sizeBytes, 256 * 1024 * 1024);
+    assert.ok(
+      m.files.state.sizeBytes < 1024 * 1024,
+      `device state is small (${m.files.state.sizeBytes} bytes)`,
+    );
+    const listed = await Image.snapshots();
+    assert.deepEqual(
+      listed.map((s) => s.name),
+      ["busybox-test"],
+    );
+  });
+
+  snapIt("a restored VM runs commands and has what the warm-up wrote", async () => {
+    const vm = await start();
+    assert.equal(vm.timings.kind, "restore");
+    assert.ok(vm.timings.stateLoadedMs! <= vm.timings.agentReadyMs);
+    const out = await vm.exec(["cat", "/warm.txt", "/data/state"]);
+    assert.equal(out.stdoutText, "warmed\nbaked\n");
+    await vm.stop();
+    assert.equal(await vm.done, undefined);
+  });
+
+  snapIt("clones read different random bytes and see the host's time", async () => {
+    // The bake must lie far enough in the past for a clone without a clock step to fail.
+    const age = Date.now() - Date.parse(image.snapshot!.manifest.createdAt);
+    if (age < 3000) await new Promise((resolve) => setTimeout(resolve, 3000 - age));
+    const [a, b] = await Promise.all([start(), start()]);
+    const read = async (vm: Vm) => {
+      const before = Date.now() / 1000;
+      const out = await vm.exec([
+        "sh",
+        "-c",
+        "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+      ]);
+      const after = Date.now() / 1000;
+      const [random, seconds] = out.stdoutText.trim().split("\n");
+      return { random: random!, seconds: Number(seconds), before, after };
+    };
+    const [ra, rb] = await Promise.all([read(a), read(b)]);
+    assert.equal(ra.random.length, 64);
+    assert.notEqual(ra.random, rb.random, "two clones produced the same random bytes");
+    for (const r of [ra, rb]) {
+      assert.ok(
+        r.seconds >= Math.floor(r.before) - 1 && r.seconds <= Math.ceil(r.after) + 1,
+        `guest time ${r.seconds} is not within 1 s of the host's [${r.before}, ${r.after}]`,
+      );
+    }
+    await Promise.all([a.stop(), b.stop()]);
+  });
+
+  snapIt(
+    "a file written in one clone is visible neither in another clone nor in a fresh restore",
+    async () => {
+      const [a, b] = await Promise.all([start(), start()]);
+      await a.exec(["sh", "-c", "echo from-a > /data/state && echo new > /data/new && sync"]);
+      const inB = await b.exec(["sh", "-c", "cat /data/state; ls /data"]);
+      assert.equal(inB.stdoutText, "baked\nstate\n");
+      await a.stop();
+      const c = await start();
+      assert.equal((await c.exec(["sh", "-c", "cat /data/state; ls /data"])).stdoutText, "baked\nstate\n");
+      await Promise.all([b.stop(), c.stop()]);
+    },
+  );
+
+  snapIt("memory written in a clone does not change the snapshot's files", async () => {
+    const snapshot = image.snapshot!;
+    const memoryBefore = snapshot.manifest.files.memory.sha256!;
+    const diskBefore = await sha256(snapshot.diskPath);
+    const vm = await start();
+    // 32 MiB into tmpfs (guest RAM), and disk writes.
+    await vm.exec([
+      "sh",
+      "-c",
+      "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=32 2>/dev/null && echo x > /x && sync",
+    ]);
+    await vm.stop();
+    assert.equal(await sha256(snapshot.memoryPath), memoryBefore);
+    assert.equal(await sha256(snapshot.diskPath), diskBefore);
+  });
+
+  snapIt("fromSnapshot refuses another accelerator and missing files with typed errors", async () => {
+    const snapshot = image.snapshot!;
+    const copy = async (name: string, files: string[]) => {
+      const dir = join(dataDir, "copies", name);
+      await mkdir(dir, { recursive: true });
+      for (const f of files) await link(join(snapshot.dir, f), join(dir, f));
+      return dir;
+    };
+    const kvm = await copy("kvm", ["memory", "state", "disk.qcow2"]);
+    await writeFile(join(kvm, "manifest.json"), JSON.stringify({ ...snapshot.manifest, accelerator: "kvm" }));
+    await assert.rejects(Image.fromSnapshot(kvm), (error: unknown) => {
+      assert.ok(error instanceof SnapshotError);
+      assert.equal(error.code, "SNAPSHOT_INCOMPATIBLE");
+      assert.equal(error.snapshotDir, kvm);
+      return true;
+    });
+    const noMemory = await copy("no-memory", ["manifest.json", "state", "disk.qcow2"]);
+    await assert.rejects(Image.fromSnapshot(noMemory), (error: unknown) => {
+      assert.ok(error instanceof SnapshotError);
+      assert.equal(error.code, "SNAPSHOT_CORRUPT");
+      return true;
+    });
+    const badState = await copy("bad-state", ["manifest.json", "memory", "disk.qcow2"]);
+    const state = await readFile(snapshot.statePath);
+    state[state.length >> 1] ^= 0xff;
+    await writeFile(join(badState, "state"), state);
+    await assert.rejects(Image.fromSnapshot(badState), { code: "SNAPSHOT_CORRUPT" });
+    // The intact snapshot opens by name and by dir.
+    const byName = await Image.fromSnapshot("busybox-test");
+    assert.equal(byName.snapshot!.dir, snapshot.dir);
+  });
+
+  snapIt(
+    "a second build with the same inputs reuses the snapshot; a new warm-up tag bakes again",
+    async () => {
+      const first = image.snapshot!.manifest.createdAt;
+      const again = await bakeOptions().warmupTag("v1").build();
+      assert.equal(again.snapshot!.manifest.createdAt, first, "same inputs baked again");
+      const retagged = await bakeOptions().warmupTag("v2").build();
+      assert.notEqual(retagged.snapshot!.manifest.createdAt, first, "a changed tag reused the old snapshot");
+      assert.equal(retagged.snapshot!.manifest.warmupTag, "v2");
+      image = retagged;
+      const vm = await start();
+      assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
+      await vm.stop();
+    },
+  );
+
+  snapIt("a prestarted VM activates into a working clone", async () => {
+    const prestarted = await image.prestart();
+    assert.ok(prestarted.ready);
+    const vm = await prestarted.activate();
+    vms.push(vm);
+    assert.equal(vm.timings.kind, "prestarted");
+    assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
+    await vm.stop();
+    const unused = await image.prestart();
+    await unused.dispose();
+    assert.equal(unused.ready, false);
+  });
+
+  snapIt(`${CYCLES} restore → exec → stop cycles without failures or leaks`, async (): Promise<void> => {
+    const times: number[] = [];
+    const started = performance.now();
+    for (let i = 0; i < CYCLES; i++) {
+      const t0 = performance.now();
+      const vm = await image.start();
+      const out = await vm.exec(["echo", `cycle ${i}`]);
+      assert.equal(out.stdoutText, `cycle ${i}\n`);
+      await vm.stop();
+      times.push(performance.now() - t0);
+    }
+    times.sort((x, y) => x - y);
+    const pct = (p: number) =>
+      times[Math.min(times.length - 1, Math.floor((p / 100) * times.length))]!.toFixed(0);
+    console.log(
+      `# ${CYCLES} cycles in ${((performance.now() - started) / 1000).toFixed(1)} s; per cycle ms: min ${pct(0)} p50 ${pct(50)} p90 ${pct(90)} max ${pct(100)}`,
+    );
+    assert.deepEqual(qemuProcessesMentioning(runtimeDir), [], "QEMU processes left behind");
+    const left = await readdir(join(runtimeDir, "vms")).catch(() => [] as string[]);
+    assert.deepEqual(left, [], "VM runtime dirs (sockets, overlays) left behind");
+    const tempLeft = (await readdir(join(dataDir, "snapshots"))).filter((n) => n.startsWith("."));
+    assert.deepEqual(tempLeft, [], "bake temp dirs left behind");
+  });
+});
