@@ -154,7 +154,13 @@ export async function applyLayer(options: ApplyLayerOptions): Promise<ApplyLayer
   let entries = 0;
   for await (const entry of reader.entries()) {
     throwIfAborted(signal, "applying layers");
-    const ctx: OpContext = { layer: options.layer, entry: displayName(entry.name) };
+    // The display name is only needed for an error: decode it lazily.
+    const ctx: OpContext = {
+      layer: options.layer,
+      get entry() {
+        return displayName(entry.name);
+      },
+    };
     const file = applyEntry(tree, entry, ctx);
     if (tree.nodeCount > limits.maxNodes)
       throw unsafe(ctx, `more than ${limits.maxNodes} files and directories`);

@@ -9,7 +9,7 @@ import { chmod, mkdir, mkdtemp, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { debuglog } from "node:util";
 import { SupermachineError } from "../errors.ts";
-import { mapAbort, throwIfAborted } from "./abort.ts";
+import { buildError, mapAbort, throwIfAborted } from "./abort.ts";
 import { applyLayer, DEFAULT_ROOTFS_LIMITS, type RootfsLimits, Spool } from "./apply-layer.ts";
 import { writeExt4Image } from "./ext4-writer.ts";
 import { FileTree } from "./file-tree.ts";
@@ -174,9 +174,14 @@ interface Scratch {
 
 async function makeScratch(o: ImageOptions): Promise<Scratch> {
   const output = resolve(o.output);
-  await mkdir(dirname(output), { recursive: true });
-  const workDir = await mkdtemp(join(o.tmpDir ?? dirname(output), ".supermachine-rootfs-"));
-  await chmod(workDir, 0o700);
+  let workDir: string;
+  try {
+    await mkdir(dirname(output), { recursive: true });
+    workDir = await mkdtemp(join(o.tmpDir ?? dirname(output), ".supermachine-rootfs-"));
+    await chmod(workDir, 0o700);
+  } catch (cause) {
+    throw new SupermachineError("ROOTFS_BUILD", `cannot create scratch space for ${output}`, { cause });
+  }
   const tempImage = join(dirname(output), `.${basename(output)}.${randomBytes(6).toString("hex")}.tmp`);
   return { output, workDir, tempImage };
 }
@@ -286,6 +291,8 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
       durationMs,
       timings: { applyMs, writeMs: written.writeMs },
     };
+  } catch (err) {
+    throw buildError(err, signal, "building the image");
   } finally {
     await cleanup(scratch, failed);
   }
@@ -329,7 +336,7 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
       timings: { applyMs, writeMs: written.writeMs },
     };
   } catch (err) {
-    throw mapAbort(err, signal, "building the image");
+    throw buildError(err, signal, "building the image");
   } finally {
     await cleanup(scratch, failed);
   }

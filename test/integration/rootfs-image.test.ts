@@ -362,6 +362,42 @@ for (const writer of WRITERS)
     });
   });
 
+describe("errors", () => {
+  it("reports a host I/O failure as ROOTFS_BUILD with its cause", async () => {
+    await assert.rejects(
+      flattenLayers({
+        layers: [
+          {
+            path: join(work, "no-such-blob"),
+            mediaType: "application/vnd.oci.image.layer.v1.tar",
+            digest: "sha256:x",
+          },
+        ],
+        output: join(work, "errors", "image.ext4"),
+      }),
+      (err: unknown) => {
+        assert.equal((err as { code?: string }).code, "ROOTFS_BUILD");
+        assert.equal(((err as Error).cause as { code?: string }).code, "ENOENT");
+        return true;
+      },
+    );
+    assert.deepEqual(fingerprint(join(work, "errors")).size, 0);
+  });
+
+  it("refuses bad options", async () => {
+    const lay = { path: "x", mediaType: "", digest: "sha256:x" };
+    const output = join(work, "errors", "o.ext4");
+    for (const bad of [
+      { sizeBytes: 1 },
+      { sizeBytes: 1 << 30, freeBytes: 1 },
+      { label: "x".repeat(17) },
+      { uuid: "nope" },
+    ]) {
+      await assert.rejects(flattenLayers({ layers: [lay], output, ...bad }), { code: "INVALID_ARGUMENT" });
+    }
+  });
+});
+
 describe("both writers", () => {
   it("write the same files, owners, modes, times, links, devices and xattrs", async () => {
     const lay = layers(join(work, "cmp-layers"));
