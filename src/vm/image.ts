@@ -6,6 +6,7 @@ import type { ImageRecord, PruneResult } from "../oci/content-store.ts";
 import type { ImageConfig } from "../oci/image-config.ts";
 import type { PulledImage, PullOptions, StoreOptions } from "../oci/pull.ts";
 import { listImages, pruneImages, pullImage, removeImage } from "../oci/pull.ts";
+import { type Pool, PoolBuilder, type PooledVm, type VmSource } from "../pool/index.ts";
 import { flattenLayers, ROOTFS_FORMAT_VERSION, type RootfsProgress } from "../rootfs/index.ts";
 import { bakeSnapshot } from "../snapshot/bake.ts";
 import { Snapshot, type SnapshotOpenOptions } from "../snapshot/snapshot.ts";
@@ -46,6 +47,8 @@ export class Image {
   readonly rootfsPath: string;
 
   readonly #snapshot: Snapshot | undefined;
+  /** Implicit pools of `acquire()`/`acquireWith()`, one per config. */
+  readonly #pools = new Map<string, Promise<Pool<Vm>>>();
 
   private constructor(
     init: { reference: string; digest: string; platform: string; config: ImageConfig; rootfsPath: string },
@@ -197,6 +200,53 @@ export class Image {
       );
     }
     return Vm.prestart(this.#snapshot, restoreConfig(config));
+  }
+
+  /**
+   * Where a pool gets VMs of this image: `start(config)` (a fresh restore for snapshot images, a
+   * boot otherwise) and, for snapshot images, `prestart(config)`.
+   */
+  vmSource(config: ImageStartConfig = {}): VmSource<Vm> {
+    const snapshot = this.#snapshot;
+    return {
+      create: (signal) => this.start(signal === undefined ? config : { ...config, signal }),
+      ...(snapshot === undefined ? {} : { prestart: () => this.prestart(config) }),
+      describe: () => (snapshot === undefined ? `image ${this.reference}` : `snapshot ${snapshot.dir}`),
+    };
+  }
+
+  /** A pool of VMs of this image: `image.pool().min(2).max(8).build()`. */
+  pool(config: ImageStartConfig = {}): PoolBuilder<Vm> {
+    return new PoolBuilder(this.vmSource(config));
+  }
+
+  /** A VM from this image's implicit default pool (created on first use). Release it when done. */
+  acquire(options: { signal?: AbortSignal } = {}): Promise<PooledVm<Vm>> {
+    return this.acquireWith({}, options);
+  }
+
+  /** Like {@link acquire}, from the implicit pool for `config` (one pool per distinct config). */
+  async acquireWith(config: ImageStartConfig, options: { signal?: AbortSignal } = {}): Promise<PooledVm<Vm>> {
+    const { signal: _ignored, ...rest } = config;
+    const key = stableJson(rest);
+    let pool = this.#pools.get(key);
+    if (pool === undefined) {
+      pool = this.pool(rest).build();
+      this.#pools.set(key, pool);
+      pool.catch(() => this.#pools.delete(key));
+    }
+    return (await pool).acquire(options);
+  }
+
+  /** Close the implicit pools of `acquire()`/`acquireWith()` (their VMs stop). */
+  async closePools(options: { force?: boolean } = {}): Promise<void> {
+    const pools = [...this.#pools.values()];
+    this.#pools.clear();
+    await Promise.all(pools.map(async (pool) => (await pool).close(options)));
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.closePools();
   }
 
   /**
@@ -419,4 +469,16 @@ export class ImageBuilder {
     });
     return Image.fromBake(image, snapshot);
   }
+}
+
+/** JSON with object keys sorted at every level: equal configs give equal keys. */
+function stableJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(stableJson).join(",")}]`;
+  if (typeof value === "object" && value !== null) {
+    const entries = Object.entries(value as Record<string, unknown>)
+      .filter(([, v]) => v !== undefined)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${stableJson(v)}`).join(",")}}`;
+  }
+  return JSON.stringify(value) ?? "null";
 }

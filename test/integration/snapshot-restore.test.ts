@@ -211,7 +211,8 @@ describe("snapshots of the busybox image", { timeout: 900_000 }, () => {
     });
     const badState = await copy("bad-state", ["manifest.json", "memory", "disk.qcow2"]);
     const state = await readFile(snapshot.statePath);
-    state[state.length >> 1] ^= 0xff;
+    const middle = state.length >> 1;
+    state[middle] = (state[middle] ?? 0) ^ 0xff;
     await writeFile(join(badState, "state"), state);
     await assert.rejects(Image.fromSnapshot(badState), { code: "SNAPSHOT_CORRUPT" });
     // The intact snapshot opens by name and by dir.
