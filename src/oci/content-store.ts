@@ -38,21 +38,17 @@ import {
   unlink,
   writeFile,
 } from "node:fs/promises";
-import { homedir } from "node:os";
-import { isAbsolute, join } from "node:path";
+import { join } from "node:path";
 import { debuglog } from "node:util";
 import { AbortError, DigestMismatchError, SupermachineError } from "../errors.ts";
+import { dataDir } from "../internal/paths.ts";
 import { type DigestAlgorithm, hasherFor, parseDigest } from "./digest.ts";
 
 const debug = debuglog("supermachine");
 
 /** `${SUPERMACHINE_DATA_DIR:-${XDG_DATA_HOME:-~/.local/share}/supermachine}`. */
-export function defaultDataDir(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.SUPERMACHINE_DATA_DIR) return env.SUPERMACHINE_DATA_DIR;
-  const xdg = env.XDG_DATA_HOME;
-  const base = xdg && isAbsolute(xdg) ? xdg : join(env.HOME || homedir(), ".local", "share");
-  return join(base, "supermachine");
-}
+/** The supermachine data dir (see `dataDir` in src/internal/paths.ts); the store is `<dataDir>/oci`. */
+export const defaultDataDir = dataDir;
 
 export type ImageSource = "registry" | "oci-layout" | "docker-archive";
 

@@ -26,6 +26,7 @@ import { chmod, lstat, mkdir, readdir, readFile, rename, rm, stat, writeFile } f
 import path from "node:path";
 import { debuglog } from "node:util";
 import { SupermachineError } from "../errors.ts";
+import { runtimeDir } from "../internal/paths.ts";
 
 const debug = debuglog("supermachine");
 
@@ -37,13 +38,8 @@ const UNOWNED_GRACE_MS = 60_000;
 const MAX_SOCKET_PATH_BYTES = 107;
 const VM_ID = /^[A-Za-z0-9_-]{1,40}$/;
 
-/** The runtime root for this user. */
-export function runtimeRoot(env: NodeJS.ProcessEnv = process.env): string {
-  const configured = env.SUPERMACHINE_RUNTIME_DIR;
-  if (configured !== undefined && configured !== "") return path.resolve(configured);
-  const base = env.XDG_RUNTIME_DIR !== undefined && env.XDG_RUNTIME_DIR !== "" ? env.XDG_RUNTIME_DIR : "/tmp";
-  return path.join(base, `supermachine-${process.getuid?.() ?? 0}`);
-}
+/** The runtime root for this user (see `runtimeDir` in src/internal/paths.ts). */
+export const runtimeRoot = runtimeDir;
 
 /** What owner.json says. */
 export interface OwnerRecord {

@@ -103,7 +103,11 @@ describe("handshake", () => {
     const connecting = AgentClient.connect(host, { timeoutMs: 5000 });
     fake.send(0, MessageType.PONG, new Uint8Array(8));
     fake.send(3, MessageType.STDOUT, new Uint8Array([1, 2, 3]));
-    fake.send(3, MessageType.EXIT, encodeExit({ exitCode: 0, durationUs: 1n, peakRssKiB: 1n, step: 0 }));
+    fake.send(
+      3,
+      MessageType.EXIT,
+      encodeExit({ exitCode: 0, timedOut: false, durationUs: 1, peakRssKiB: 1, step: 0 }),
+    );
     await fake.handshake();
     const client = await connecting;
     assert.equal(client.agentVersion, "fake-agent 1");
