@@ -404,6 +404,7 @@ async function writeImage(
     signal: options.signal,
     onPhase: (phase) => progress({ phase }),
   });
+  log("rootfs: mke2fs %d ms, debugfs %d commands in %d ms", r.mkfsMs, r.fixupCommands, r.fixupMs);
   return {
     ...common,
     sizeBytes: r.sizeBytes,
