@@ -1,0 +1,282 @@
+/**
+ * The pool on real VMs restored from a snapshot of the busybox root filesystem (QEMU; TCG where
+ * there is no KVM). One snapshot serves the whole file; each test owns its pool and closes it.
+ * VMs of this file live in their own runtime dir so leaked QEMU processes can be told apart.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { after, before, describe, it, type TestContext } from "node:test";
+import { PoolTimeoutError, Vm } from "../../src/index.ts";
+import type { ImageConfig } from "../../src/oci/image-config.ts";
+import { type Pool, PoolBuilder, type VmSource } from "../../src/pool/index.ts";
+import { bakeSnapshot } from "../../src/snapshot/bake.ts";
+import type { Snapshot } from "../../src/snapshot/snapshot.ts";
+import { resolveRootfs } from "../../src/vm/rootfs-source.ts";
+import { busyboxRootfs, missingVmPrerequisite } from "../helpers/vm.ts";
+
+const scratch = mkdtempSync(join(tmpdir(), "supermachine-pool-test-"));
+const runtimeRoot = join(scratch, "run");
+process.env.SUPERMACHINE_RUNTIME_DIR = runtimeRoot;
+
+const BUSYBOX_CONFIG: ImageConfig = {
+  entrypoint: undefined,
+  cmd: ["sh"],
+  env: [],
+  workingDir: "",
+  user: "",
+  exposedPorts: [],
+  stopSignal: undefined,
+  labels: {},
+  volumes: [],
+  os: "linux",
+  architecture: "amd64",
+  variant: undefined,
+  diffIds: [],
+  created: undefined,
+};
+
+/** QEMU processes whose command line names this file's runtime dir. */
+function ourQemuPids(): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    let cmdline: string;
+    try {
+      cmdline = readFileSync(`/proc/${entry}/cmdline`, "utf8");
+    } catch {
+      continue;
+    }
+    if (cmdline.includes("qemu-system") && cmdline.includes(runtimeRoot)) pids.push(Number(entry));
+  }
+  return pids;
+}
+
+/** Restores VMs from `snapshot`, as `image.pool()` does for a snapshot-backed image. */
+function restoreSource(snapshot: Snapshot): VmSource<Vm> & { created: Vm[] } {
+  const created: Vm[] = [];
+  return {
+    created,
+    async create(signal) {
+      const vm = await Vm.restore(snapshot, signal === undefined ? {} : { signal });
+      created.push(vm);
+      return vm;
+    },
+    async prestart() {
+      const prestarted = await Vm.prestart(snapshot);
+      return {
+        activate: async () => {
+          const vm = await prestarted.activate();
+          created.push(vm);
+          return vm;
+        },
+        dispose: () => prestarted.dispose(),
+      };
+    },
+    describe: () => `restores of ${snapshot.dir}`,
+  };
+}
+
+/** Resolves once `condition()` holds (polled: the pool's background work has no event to await). */
+async function until(condition: () => boolean, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`condition not met in ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)] ?? Number.NaN;
+}
+
+describe("pool of real VMs", { timeout: 300_000 }, () => {
+  let snapshot: Snapshot;
+  let skipReason: string | undefined;
+  const pools: Pool<Vm>[] = [];
+
+  before(async () => {
+    skipReason = await missingVmPrerequisite();
+    if (skipReason !== undefined) {
+      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
+      return;
+    }
+    const rootfs = await resolveRootfs(await busyboxRootfs());
+    ({ snapshot } = await bakeSnapshot({
+      image: {
+        reference: "busybox-rootfs",
+        digest: `sha256:${"0".repeat(64)}`,
+        platform: "linux/amd64",
+        config: BUSYBOX_CONFIG,
+        rootfsPath: rootfs.imagePath,
+      },
+      execDefaults: { env: { PATH: "/bin:/sbin:/usr/bin:/usr/sbin" }, cwd: "/", user: "root" },
+      workload: undefined,
+      memoryMiB: 256,
+      vcpus: 1,
+      warmupTag: "pool-test",
+      dataDir: join(scratch, "data"),
+    }));
+  });
+
+  after(async () => {
+    await Promise.all(pools.map((pool) => pool.close({ force: true })));
+    await rm(scratch, { recursive: true, force: true });
+  });
+
+  const poolIt = (
+    name: string,
+    fn: (t: TestContext, source: ReturnType<typeof restoreSource>) => Promise<void>,
+  ) =>
+    it(name, async (t) => {
+      if (skipReason !== undefined) return t.skip(skipReason);
+      const source = restoreSource(snapshot);
+      try {
+        await fn(t, source);
+      } catch (error) {
+        for (const vm of source.created) t.diagnostic(`VM ${vm.id} console log: ${vm.consoleLogPath}`);
+        throw error;
+      }
+    });
+
+  const build = async (builder: PoolBuilder<Vm>) => {
+    const pool = await builder.build();
+    pools.push(pool);
+    return pool;
+  };
+
+  poolIt(
+    "max 2, acquireTimeout 500 ms: the third concurrent acquire throws PoolTimeoutError",
+    async (t, source) => {
+      const pool = await build(
+        new PoolBuilder(source).min(2).max(2).acquireTimeout(500).restoreOnRelease(false),
+      );
+      const started = performance.now();
+      const results = await Promise.allSettled([pool.acquire(), pool.acquire(), pool.acquire()]);
+      const waitedMs = performance.now() - started;
+      assert.equal(results[0]?.status, "fulfilled");
+      assert.equal(results[1]?.status, "fulfilled");
+      const third = results[2];
+      assert.equal(third?.status, "rejected");
+      assert.ok(third.reason instanceof PoolTimeoutError, String(third.reason));
+      assert.equal(third.reason.code, "POOL_TIMEOUT");
+      assert.equal(third.reason.timeoutMs, 500);
+      assert.ok(waitedMs >= 490, `gave up after ${waitedMs} ms`);
+      assert.equal(pool.stats().waiters, 0);
+      for (const result of results) if (result.status === "fulfilled") await result.value.release();
+
+      // A warm idle VM (restoreOnRelease false): acquire is a hand-over, then a real exec.
+      const latencies: number[] = [];
+      for (let i = 0; i < 10; i++) {
+        const t0 = performance.now();
+        const lease = await pool.acquire();
+        latencies.push(performance.now() - t0);
+        assert.equal((await lease.exec(["echo", `${i}`])).stdoutText, `${i}\n`);
+        await lease.release();
+      }
+      t.diagnostic(`acquire of a warm idle VM: median ${median(latencies).toFixed(3)} ms`);
+      assert.equal(pool.stats().totalSpawned, 2, "the same two VMs served every acquire");
+      await pool.close();
+      assert.deepEqual(ourQemuPids(), []);
+    },
+  );
+
+  poolIt(
+    "a VM killed outside the pool is discarded; the next acquire gets a fresh VM",
+    async (_t, source) => {
+      const pool = await build(new PoolBuilder(source).min(1).max(2).restoreOnRelease(false));
+
+      // Busy VM: killed through the Vm while on loan, then released.
+      const busy = await pool.acquire();
+      const busyVm = busy.vm;
+      await busyVm.kill();
+      await busy.release();
+      assert.equal(pool.stats().totalDiscarded, 1);
+
+      // Idle VM: its QEMU SIGKILLed behind the pool's back.
+      const lease = await pool.acquire();
+      assert.notEqual(lease.id, busyVm.id);
+      const idleVm = lease.vm;
+      assert.equal((await lease.exec(["echo", "before"])).stdoutText, "before\n");
+      await lease.release();
+      assert.equal(pool.stats().idle >= 1, true);
+      const owner = JSON.parse(readFileSync(join(dirname(idleVm.consoleLogPath), "owner.json"), "utf8")) as {
+        qemuPid: number;
+      };
+      process.kill(owner.qemuPid, "SIGKILL");
+      const error = await idleVm.done;
+      assert.equal((error as { code?: string } | undefined)?.code, "VM_EXITED");
+      await until(() => pool.stats().totalDiscarded === 2);
+
+      const next = await pool.acquire();
+      assert.notEqual(next.id, idleVm.id);
+      assert.notEqual(next.id, busyVm.id);
+      assert.equal((await next.exec(["echo", "after"])).stdoutText, "after\n");
+      await next.release();
+      await pool.close();
+      assert.deepEqual(ourQemuPids(), []);
+    },
+  );
+
+  poolIt("50 concurrent acquires on a pool of max 4: no failures, no leaked QEMU", async (t, source) => {
+    const pool = await build(new PoolBuilder(source).max(4).acquireTimeout(240_000));
+    const started = performance.now();
+    const outcomes = await Promise.allSettled(
+      Array.from({ length: 50 }, async (_, i) => {
+        const lease = await pool.acquire();
+        try {
+          assert.ok(pool.stats().busy <= 4);
+          const out = await lease.exec(["echo", `job ${i}`]);
+          assert.equal(out.stdoutText, `job ${i}\n`);
+        } finally {
+          await lease.release();
+        }
+      }),
+    );
+    const failures = outcomes.filter((outcome) => outcome.status === "rejected");
+    assert.deepEqual(failures, []);
+    const stats = pool.stats();
+    t.diagnostic(
+      `50 jobs in ${((performance.now() - started) / 1000).toFixed(1)} s; restore latency p50 ${stats.restoreLatencyMs.p50.toFixed(0)} ms, p95 ${stats.restoreLatencyMs.p95.toFixed(0)} ms over ${stats.restoreLatencyMs.count}`,
+    );
+    assert.equal(stats.totalAcquired, 50);
+    assert.ok(stats.totalSpawned >= 50, "restoreOnRelease gives every acquire a fresh VM");
+    await pool.close();
+    assert.equal(pool.stats().stopping, 0);
+    assert.deepEqual(ourQemuPids(), []);
+    assert.equal(
+      source.created.every((vm) => vm.state === "stopped"),
+      true,
+    );
+  });
+
+  poolIt(
+    "restoreOnRelease(true): acquire latency with a fresh VM kept ready, with and without pre-started QEMU",
+    async (t, source) => {
+      for (const prestarted of [0, 1]) {
+        const pool = await build(new PoolBuilder(source).min(1).max(2).prestarted(prestarted));
+        const acquireMs: number[] = [];
+        const ids = new Set<string>();
+        for (let i = 0; i < 5; i++) {
+          await until(() => pool.stats().idle === 1 && pool.stats().prestarted === prestarted);
+          const t0 = performance.now();
+          const lease = await pool.acquire();
+          acquireMs.push(performance.now() - t0);
+          ids.add(lease.id);
+          await lease.exec(["true"]);
+          await lease.release();
+        }
+        assert.equal(ids.size, 5, "every acquire got a fresh VM");
+        const { restoreLatencyMs } = pool.stats();
+        t.diagnostic(
+          `prestarted ${prestarted}: acquire median ${median(acquireMs).toFixed(2)} ms; new VM ready in p50 ${restoreLatencyMs.p50.toFixed(0)} ms, p95 ${restoreLatencyMs.p95.toFixed(0)} ms (${restoreLatencyMs.count})`,
+        );
+        await pool.close();
+      }
+      assert.deepEqual(ourQemuPids(), []);
+    },
+  );
+});
