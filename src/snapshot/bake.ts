@@ -14,7 +14,6 @@ import { dataDir } from "../internal/paths.ts";
 import type { ImageConfig } from "../oci/image-config.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 import { Vm } from "../vm/vm.ts";
-import { hostTscKHz } from "../vmm/accelerator.ts";
 import type { AssetPaths } from "../vmm/asset-paths.ts";
 import { hostFacts } from "./host-facts.ts";
 import { SNAPSHOT_FILES, SNAPSHOT_FORMAT_VERSION, type SnapshotManifest } from "./manifest.ts";
@@ -133,6 +132,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
     throwIfAborted(signal, "bake");
     if (input.warmup !== undefined) await input.warmup(vm);
     throwIfAborted(signal, "bake");
+    const bootArgs = vm.bootArgs;
     const savedAt = performance.now();
     await vm.saveStateAndQuit(join(tmp, SNAPSHOT_FILES.state), signal === undefined ? {} : { signal });
     const saveMs = performance.now() - savedAt;
@@ -163,8 +163,8 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
       cpuModel: host.cpuModel,
       kernelDigest: host.kernelDigest,
       initramfsDigest: host.initramfsDigest,
-      kernelArgs: vmKernelArgs(),
-      tscKHz: bakeTscKHz(host.accelerator),
+      kernelArgs: [...bootArgs.kernelArgs],
+      tscKHz: bootArgs.tscKHz,
       memoryMiB: input.memoryMiB,
       vcpus: input.vcpus,
       execDefaults: input.execDefaults,
@@ -214,15 +214,6 @@ async function startWorkload(vm: Vm, argv: readonly string[]): Promise<void> {
     }
     throw error;
   }
-}
-
-/** Kernel arguments after the base ones, as `Vm` boots them (kept in step with vm.ts). */
-function vmKernelArgs(): string[] {
-  return ["quiet", "sm.root=/dev/vda", "sm.rootfstype=ext4"];
-}
-
-function bakeTscKHz(accelerator: "kvm" | "tcg"): number | undefined {
-  return accelerator === "tcg" ? hostTscKHz() : undefined;
 }
 
 /** Replace `dir` with `tmp` (same filesystem): the old snapshot, if any, goes only after. */

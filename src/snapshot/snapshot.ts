@@ -11,6 +11,7 @@ import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { SnapshotError, SupermachineError } from "../errors.ts";
 import { runtimeDir } from "../internal/paths.ts";
+import { hostTscKHz } from "../vmm/accelerator.ts";
 import type { AssetPaths } from "../vmm/asset-paths.ts";
 import { hostFacts } from "./host-facts.ts";
 import { parseManifest, SNAPSHOT_FILES, type SnapshotManifest } from "./manifest.ts";
@@ -99,6 +100,14 @@ export class Snapshot {
       throw incompatible(
         `it was made with another initramfs (sha256 ${manifest.initramfsDigest.slice(0, 12)}…, this host has ${host.initramfsDigest.slice(0, 12)}… at ${host.assets.initramfs})`,
       );
+    }
+    if (manifest.accelerator === "tcg" && manifest.tscKHz !== undefined) {
+      const tscKHz = hostTscKHz();
+      if (tscKHz !== undefined && tscKHz !== manifest.tscKHz) {
+        throw incompatible(
+          `it was made on a host with a ${manifest.tscKHz} kHz TSC, this one has ${tscKHz} kHz (guest clocks would run wrong)`,
+        );
+      }
     }
     await checkFiles(snapshotDir, manifest, options.verify ?? "quick");
     return new Snapshot(snapshotDir, manifest, host.assets);

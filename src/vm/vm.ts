@@ -158,6 +158,11 @@ export class Vm implements ExecTarget {
     return Vm.#boot(config, files);
   }
 
+  /** @internal The kernel arguments (after the base ones) and TSC frequency this VM booted with. */
+  get bootArgs(): { kernelArgs: readonly string[]; tscKHz: number | undefined } {
+    return { kernelArgs: this.#machine.kernelArgs ?? [], tscKHz: this.#machine.tscKHz };
+  }
+
   static async #boot(config: VmConfig, files: { memoryPath?: string; overlayPath?: string }): Promise<Vm> {
     const started = performance.now();
     const signal = config.signal;
@@ -182,7 +187,13 @@ export class Vm implements ExecTarget {
       vcpus: config.vcpus ?? DEFAULT_VCPUS,
       kernelPath: assets.kernel,
       initramfsPath: assets.initramfs,
-      kernelArgs: [...BOOT_KERNEL_ARGS, ...(config.kernelArgs ?? [])],
+      kernelArgs: [
+        ...BOOT_KERNEL_ARGS,
+        // Baked under TCG: without it the clocksource watchdog may demote the TSC during the bake,
+        // and clones' clocks then run slow.
+        ...(files.memoryPath !== undefined && choice.accel === "tcg" ? ["tsc=reliable"] : []),
+        ...(config.kernelArgs ?? []),
+      ],
       memory,
     };
     if (choice.accel === "tcg") {

@@ -249,6 +249,35 @@ describe("snapshots of the busybox image", { timeout: 900_000 }, () => {
     assert.equal(unused.ready, false);
   });
 
+  snapIt(
+    "vm.snapshot() of a restored VM keeps it running and restores with its memory and disk",
+    async () => {
+      const a = await start();
+      // A tmpfs file lives in guest RAM, a root file on the disk overlay.
+      await a.exec(["sh", "-c", "echo in-ram > /dev/shm/mark && echo on-disk > /data/second && sync"]);
+      const dir = join(dataDir, "snapshots", "second-level");
+      const second = await a.snapshot(dir);
+      assert.equal(second.manifest.parent, image.snapshot!.dir);
+      assert.deepEqual(
+        second.manifest.files.disk.backingChain.map((b) => b.path),
+        [image.snapshot!.diskPath, ...image.snapshot!.manifest.files.disk.backingChain.map((b) => b.path)],
+      );
+      // The source VM goes on.
+      assert.equal((await a.exec(["cat", "/dev/shm/mark"])).stdoutText, "in-ram\n");
+      await a.exec(["sh", "-c", "echo after > /data/second"]);
+      const restored = await Image.fromSnapshot("second-level");
+      const b = await restored.start();
+      vms.push(b);
+      assert.equal(
+        (await b.exec(["cat", "/dev/shm/mark", "/data/second", "/warm.txt"])).stdoutText,
+        "in-ram\non-disk\nwarmed\n",
+      );
+      await Promise.all([a.stop(), b.stop()]);
+      await assert.rejects(Image.removeSnapshot(image.snapshot!.name), { code: "INVALID_ARGUMENT" });
+      await Image.removeSnapshot("second-level");
+    },
+  );
+
   snapIt(`${CYCLES} restore → exec → stop cycles without failures or leaks`, async (): Promise<void> => {
     const times: number[] = [];
     const started = performance.now();
