@@ -38,12 +38,33 @@ export function pullOptions(
   };
 }
 
-const PULL_SPECS = [...PULL_OPTIONS, QUIET, JSON_OPTION, HELP_OPTION];
+const PULL_SPECS = [
+  ...PULL_OPTIONS,
+  {
+    name: "name",
+    kind: "string",
+    value: "NAME",
+    help: "also bake a snapshot named NAME (for fast restores)",
+  },
+  {
+    name: "memory",
+    short: "m",
+    kind: "string",
+    value: "MiB",
+    help: "guest memory of the snapshot (default 512)",
+  },
+  { name: "vcpus", kind: "string", value: "N", help: "vCPUs of the snapshot (default 1)" },
+  QUIET,
+  JSON_OPTION,
+  HELP_OPTION,
+] as const satisfies readonly OptionSpec[];
 export const PULL_HELP = `Usage: supermachine pull [OPTIONS] REFERENCE
 
 Pull an image into the local store and flatten it into a root filesystem. REFERENCE is a registry
 reference (alpine, localhost:5000/app:1, registry/x@sha256:…), oci:DIR[:TAG] or
-docker-archive:FILE[:NAME:TAG].
+docker-archive:FILE[:NAME:TAG]. With --name, also boot it, start its Entrypoint + Cmd in the
+background and bake a snapshot: 'supermachine run NAME' then restores from it in a fraction of a
+boot. The same inputs reuse the stored snapshot.
 
 ${formatOptions(PULL_SPECS)}`;
 
@@ -59,11 +80,24 @@ export async function pullCommand(cli: Cli, argv: readonly string[]): Promise<nu
     process.stderr,
     !options.quiet && !options.json && process.stderr.isTTY === true,
   );
-  const image = await Image.pull(positionals[0]!, {
-    ...pullOptions(options, cli, display),
-    pullPolicy: "always",
-  });
+  const pull = { ...pullOptions(options, cli, display), pullPolicy: "always" as const };
+  const name = options.name as string | undefined;
+  if (name === undefined && (options.memory !== undefined || options.vcpus !== undefined)) {
+    throw usage("--memory and --vcpus describe a snapshot: give --name too");
+  }
+  let image: Image;
+  if (name === undefined) {
+    image = await Image.pull(positionals[0]!, pull);
+  } else {
+    const builder = Image.builder(positionals[0]!).name(name).pullOptions(pull).signal(cli.signal);
+    const memory = positiveInt(options.memory, "memory");
+    const vcpus = positiveInt(options.vcpus, "vcpus");
+    if (memory !== undefined) builder.memoryMiB(memory);
+    if (vcpus !== undefined) builder.vcpus(vcpus);
+    image = await builder.build();
+  }
   display.finish();
+  const snapshot = image.snapshot?.manifest.name;
   if (options.json) {
     cli.out(
       JSON.stringify({
@@ -71,10 +105,13 @@ export async function pullCommand(cli: Cli, argv: readonly string[]): Promise<nu
         digest: image.digest,
         platform: image.platform,
         rootfs: image.rootfsPath,
+        ...(snapshot === undefined ? {} : { snapshot, snapshotDir: image.snapshot?.dir }),
       }),
     );
-  } else {
+  } else if (snapshot === undefined) {
     cli.out(`${image.reference}@${image.digest}`);
+  } else {
+    cli.out(`${snapshot}: snapshot of ${image.reference}@${image.digest}`);
   }
   return 0;
 }
@@ -105,16 +142,29 @@ export async function imagesCommand(cli: Cli, argv: readonly string[]): Promise<
     bytes(r.sizeBytes),
     r.pulledAt,
   ]);
-  const header = ["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"];
+  table(cli, ["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"], rows);
+  return 0;
+}
+
+function table(cli: Cli, header: string[], rows: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
-  for (const row of [header, ...rows])
+  for (const row of [header, ...rows]) {
     cli.out(
       row
         .map((c, i) => c.padEnd(widths[i]!))
         .join("  ")
         .trimEnd(),
     );
-  return 0;
+  }
+}
+
+/** A positive integer option, or undefined when absent. */
+export function positiveInt(value: unknown, name: string): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n <= 0)
+    throw usage(`--${name} expects a positive integer, got ${String(value)}`);
+  return n;
 }
 
 const RMI_SPECS = [
@@ -137,6 +187,61 @@ export async function rmiCommand(cli: Cli, argv: readonly string[]): Promise<num
   for (const reference of positionals) {
     await Image.remove(reference, options.platform ? { platform: options.platform as string } : {});
     cli.out(`removed ${reference}`);
+  }
+  return 0;
+}
+
+const SNAPSHOTS_SPECS = [JSON_OPTION, HELP_OPTION];
+export const SNAPSHOTS_HELP = `Usage: supermachine snapshots [--json]
+
+List the baked snapshots.
+
+${formatOptions(SNAPSHOTS_SPECS)}`;
+
+export async function snapshotsCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, SNAPSHOTS_SPECS);
+  if (options.help) {
+    cli.out(SNAPSHOTS_HELP);
+    return 0;
+  }
+  if (positionals.length > 0) throw usage("snapshots takes no arguments");
+  const list = await Image.snapshots();
+  if (options.json) {
+    cli.out(JSON.stringify(list, null, 2));
+    return 0;
+  }
+  const rows = list.map((s) => [
+    s.name,
+    s.manifest?.reference || "-",
+    s.manifest ? `${s.manifest.memoryMiB} MiB` : "-",
+    s.manifest ? String(s.manifest.vcpus) : "-",
+    bytes(s.sizeBytes),
+    s.manifest?.createdAt ?? `unusable: ${s.error ?? "?"}`,
+  ]);
+  table(cli, ["NAME", "IMAGE", "MEMORY", "VCPUS", "SIZE", "CREATED"], rows);
+  return 0;
+}
+
+const RM_SPECS = [
+  { name: "force", short: "f", kind: "boolean", help: "remove even when other snapshots are layered on it" },
+  HELP_OPTION,
+] as const satisfies readonly OptionSpec[];
+export const RM_HELP = `Usage: supermachine rm [--force] NAME...
+
+Remove baked snapshots. Running VMs restored from them are not affected.
+
+${formatOptions(RM_SPECS)}`;
+
+export async function rmCommand(cli: Cli, argv: readonly string[]): Promise<number> {
+  const { options, positionals } = parseArgs(argv, RM_SPECS);
+  if (options.help) {
+    cli.out(RM_HELP);
+    return 0;
+  }
+  if (positionals.length === 0) throw usage("rm needs at least one snapshot NAME");
+  for (const name of positionals) {
+    await Image.removeSnapshot(name, { force: options.force === true });
+    cli.out(`removed ${name}`);
   }
   return 0;
 }

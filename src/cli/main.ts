@@ -9,8 +9,12 @@ import {
   PULL_HELP,
   pruneCommand,
   pullCommand,
+  RM_HELP,
   RMI_HELP,
+  rmCommand,
   rmiCommand,
+  SNAPSHOTS_HELP,
+  snapshotsCommand,
 } from "./images.ts";
 import { RUN_HELP, runCommand } from "./run.ts";
 
@@ -24,6 +28,8 @@ Commands:
   images    list stored images
   rmi       remove stored images
   prune     delete blobs and root filesystems no image uses
+  snapshots list baked snapshots ('pull --name NAME' bakes one)
+  rm        remove baked snapshots
   help      show this help
 
 Run 'supermachine COMMAND --help' for a command's options.`;
@@ -37,6 +43,8 @@ const commands: Record<
   images: { run: imagesCommand, help: IMAGES_HELP },
   rmi: { run: rmiCommand, help: RMI_HELP },
   prune: { run: pruneCommand, help: PRUNE_HELP },
+  snapshots: { run: snapshotsCommand, help: SNAPSHOTS_HELP },
+  rm: { run: rmCommand, help: RM_HELP },
 };
 
 async function main(argv: readonly string[]): Promise<number> {

@@ -3,7 +3,7 @@ import type { ExecHandle } from "../index.ts";
 import { Image, Vm } from "../index.ts";
 import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
 import type { Cli } from "./cli.ts";
-import { PULL_OPTIONS, pullOptions } from "./images.ts";
+import { PULL_OPTIONS, positiveInt, pullOptions } from "./images.ts";
 import { ProgressDisplay } from "./progress.ts";
 
 export const RUN_OPTIONS: readonly OptionSpec[] = [
@@ -42,11 +42,13 @@ export const RUN_OPTIONS: readonly OptionSpec[] = [
   { name: "help", short: "h", kind: "boolean", help: "show this help" },
 ];
 
-export const RUN_HELP = `Usage: supermachine run [OPTIONS] IMAGE [--] [ARG...]
+export const RUN_HELP = `Usage: supermachine run [OPTIONS] IMAGE|SNAPSHOT [--] [ARG...]
        supermachine run [OPTIONS] --rootfs PATH [--] COMMAND [ARG...]
 
-Boot a microVM and run a command in it: the image's Entrypoint + Cmd (ARGs replace Cmd), or
-COMMAND on a root filesystem. Standard streams pass through; the exit code is the command's
+Start a microVM and run a command in it: the image's Entrypoint + Cmd (ARGs replace Cmd), or
+COMMAND on a root filesystem. A name baked with 'supermachine pull --name NAME' restores from
+that snapshot (its workload already running) instead of booting; otherwise IMAGE is pulled when
+missing, flattened and booted. Standard streams pass through; the exit code is the command's
 (128+N when killed by signal N; 125 for supermachine's own errors). Standard input is forwarded
 with -i, or when it is not a terminal.
 
@@ -80,9 +82,11 @@ export async function runCommand(cli: Cli, args: readonly string[]): Promise<num
   const forwardStdin = options.interactive === true || !stdinIsTty;
   if (tty && !stdinIsTty) throw usage("-t needs standard input to be a terminal");
 
+  const memoryMiB = positiveInt(options.memory, "memory");
+  const vcpus = positiveInt(options.vcpus, "vcpus");
   const machine = {
-    ...intOption(options.memory, "memory", (memoryMiB) => ({ memoryMiB })),
-    ...intOption(options.vcpus, "vcpus", (vcpus) => ({ vcpus })),
+    ...(memoryMiB === undefined ? {} : { memoryMiB }),
+    ...(vcpus === undefined ? {} : { vcpus }),
     signal: cli.signal,
   };
   let vm: Vm;
@@ -91,21 +95,27 @@ export async function runCommand(cli: Cli, args: readonly string[]): Promise<num
     vm = await Vm.start({ rootfs, ...machine });
     argv = [...positionals];
   } else {
-    const display = new ProgressDisplay();
-    const image = await Image.pull(positionals[0]!, {
-      ...pullOptions(options, cli, display),
-      pullPolicy: policy,
-    });
-    display.finish();
+    const target = positionals[0]!;
     const entrypoint = options.entrypoint === undefined ? undefined : [options.entrypoint as string];
+    let image: Image;
+    if (await snapshotExists(target)) {
+      if (memoryMiB !== undefined || vcpus !== undefined) {
+        throw usage(`${target} is a snapshot: its memory and vCPUs were fixed when it was baked`);
+      }
+      image = await Image.fromSnapshot(target);
+    } else {
+      const display = new ProgressDisplay();
+      image = await Image.pull(target, { ...pullOptions(options, cli, display), pullPolicy: policy });
+      display.finish();
+    }
     argv = image.command({ entrypoint, args: positionals.slice(1) });
-    vm = await image.start(machine);
+    vm = await image.start(image.snapshot ? { signal: cli.signal } : machine);
   }
   try {
     const builder = vm.execBuilder().argv(argv).env(env).signal(cli.signal);
     if (options.workdir) builder.cwd(options.workdir as string);
     if (options.user) builder.user(options.user as string);
-    const timeout = intOption(options.timeout, "timeout", (ms) => ({ ms })).ms;
+    const timeout = positiveInt(options.timeout, "timeout");
     if (timeout !== undefined) builder.timeout(timeout);
     if (tty) builder.tty(true).winsize(process.stdout.rows || 24, process.stdout.columns || 80);
     if (forwardStdin) builder.stdin(process.stdin);
@@ -152,10 +162,8 @@ function signalNumber(name: string | null): number {
   return (name !== null && signals[name]) || 0;
 }
 
-function intOption<T extends object>(value: unknown, name: string, wrap: (n: number) => T): Partial<T> {
-  if (value === undefined) return {};
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n <= 0)
-    throw usage(`--${name} expects a positive integer, got ${String(value)}`);
-  return wrap(n);
+/** True when a baked snapshot of that name is in the store. */
+async function snapshotExists(name: string): Promise<boolean> {
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(name)) return false;
+  return (await Image.snapshots()).some((s) => s.name === name);
 }
