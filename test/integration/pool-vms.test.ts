@@ -190,7 +190,7 @@ describe("pool of real VMs", { timeout: 300_000 }, () => {
   );
 
   poolIt(
-    "a VM killed outside the pool is discarded; the next acquire gets a fresh VM",
+    "a VM killed outside the pool or whose exec timed out is discarded; the next acquire gets a fresh VM",
     async (_t, source) => {
       const pool = await build(new PoolBuilder(source).min(1).max(2).restoreOnRelease(false));
 
@@ -200,6 +200,13 @@ describe("pool of real VMs", { timeout: 300_000 }, () => {
       await busyVm.kill();
       await busy.release();
       assert.equal(pool.stats().totalDiscarded, 1);
+
+      // An exec that timed out taints its VM: discarded on release.
+      const timedOut = await pool.acquire();
+      await assert.rejects(timedOut.exec(["sleep", "30"], { timeoutMs: 300 }), { code: "EXEC_TIMEOUT" });
+      assert.equal(timedOut.vm.tainted, true);
+      await timedOut.release();
+      assert.equal(pool.stats().totalDiscarded, 2);
 
       // Idle VM: its QEMU SIGKILLed behind the pool's back.
       const lease = await pool.acquire();
@@ -214,7 +221,7 @@ describe("pool of real VMs", { timeout: 300_000 }, () => {
       process.kill(owner.qemuPid, "SIGKILL");
       const error = await idleVm.done;
       assert.equal((error as { code?: string } | undefined)?.code, "VM_EXITED");
-      await until(() => pool.stats().totalDiscarded === 2);
+      await until(() => pool.stats().totalDiscarded === 3);
 
       const next = await pool.acquire();
       assert.notEqual(next.id, idleVm.id);
