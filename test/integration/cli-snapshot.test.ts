@@ -1,0 +1,82 @@
+/** The snapshot commands of the CLI end to end: bake, list, restore-run, remove. */
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fixtureImages } from "../helpers/fixtures.ts";
+import { vmTest } from "../helpers/vm.ts";
+
+const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
+
+function runCli(
+  env: NodeJS.ProcessEnv,
+  args: string[],
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cli, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+vmTest(
+  "pull --name bakes a snapshot that run NAME restores, snapshots lists and rm removes",
+  async () => {
+    const fx = await fixtureImages();
+    const env = { ...process.env, SUPERMACHINE_DATA_DIR: await mkdtemp(join(tmpdir(), "sm-data-")) };
+
+    const baked = await runCli(env, [
+      "pull",
+      "--name",
+      "bb",
+      "--memory",
+      "128",
+      "--json",
+      `oci:${fx.busybox}`,
+    ]);
+    assert.equal(baked.code, 0, baked.stderr);
+    assert.equal((JSON.parse(baked.stdout) as { snapshot: string }).snapshot, "bb");
+
+    const listed = await runCli(env, ["snapshots", "--json"]);
+    const snapshots = JSON.parse(listed.stdout) as Array<{ name: string; manifest: { memoryMiB: number } }>;
+    assert.deepEqual(
+      snapshots.map((s) => [s.name, s.manifest.memoryMiB]),
+      [["bb", 128]],
+    );
+
+    const first = await runCli(env, [
+      "run",
+      "bb",
+      "sh",
+      "-c",
+      "head -c 16 /dev/urandom | od -An -tx1; exit 5",
+    ]);
+    const second = await runCli(env, [
+      "run",
+      "bb",
+      "sh",
+      "-c",
+      "head -c 16 /dev/urandom | od -An -tx1; date +%s",
+    ]);
+    assert.equal(first.code, 5, first.stderr);
+    assert.equal(second.code, 0, second.stderr);
+    const [random2, time2] = second.stdout.trim().split("\n");
+    assert.notEqual(first.stdout.trim(), random2!.trim(), "two restores never share random bytes");
+    assert.ok(Math.abs(Number(time2) - Date.now() / 1000) < 30, `guest time ${time2} follows the host's`);
+
+    const refused = await runCli(env, ["run", "--memory", "512", "bb", "true"]);
+    assert.equal(refused.code, 125);
+    assert.match(refused.stderr, /fixed when it was baked/);
+
+    assert.equal((await runCli(env, ["rm", "bb"])).code, 0);
+    assert.equal((await runCli(env, ["snapshots", "--json"])).stdout.trim(), "[]");
+    const gone = await runCli(env, ["rm", "bb"]);
+    assert.equal(gone.code, 125);
+  },
+  { timeout: 300_000 },
+);
