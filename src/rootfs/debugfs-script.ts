@@ -104,7 +104,7 @@ export function buildFixupScript(root: DirNode, options: FixupOptions): FixupScr
     if (node.xattrs) {
       for (const [name, value] of [...node.xattrs].sort(([a], [b]) => compareBytes(a, b))) {
         if (!storableXattr(name)) {
-          skippedXattrs.push({ path, name });
+          skippedXattrs.push({ path: displayName(path), name: displayName(name) });
           continue;
         }
         const file = `${options.xattrDir}/${xattrValues.size}`;

@@ -443,7 +443,7 @@ function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: str
     let value: Buffer | undefined = raw;
     if (idx && (idx[0] === 2 || idx[0] === 3)) value = aclToDisk(raw);
     if (!idx || value === undefined || idx[1].length > 255) {
-      skipped.push({ path, name });
+      skipped.push({ path: displayName(path), name: displayName(name) });
       continue;
     }
     entries.push({ index: idx[0], name: Buffer.from(idx[1], "latin1"), value });
