@@ -111,6 +111,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
   #busyDrained: (() => void) | undefined;
   #sweepTimer: unknown;
   #retryTimer: unknown;
+  #retryAt = 0;
   #failures = 0;
   #blockedUntil = 0;
   #prestartFailures = 0;
@@ -513,7 +514,13 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
   }
 
   #scheduleRetry(ms: number): void {
-    if (this.#retryTimer !== undefined || this.#closed) return;
+    if (this.#closed) return;
+    const at = this.#clock.now() + ms;
+    if (this.#retryTimer !== undefined) {
+      if (this.#retryAt <= at) return;
+      this.#clock.clearTimeout(this.#retryTimer);
+    }
+    this.#retryAt = at;
     this.#retryTimer = this.#clock.setTimeout(() => {
       this.#retryTimer = undefined;
       this.#ensure();

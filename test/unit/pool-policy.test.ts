@@ -563,6 +563,58 @@ describe("pool policy", () => {
     assert.equal(source.activations, 1);
   });
 
+  it("falls back to create() when a pre-started process cannot be activated", async () => {
+    const source = new FakeSource(true);
+    const clock = new ManualClock();
+    const pool = await builder(source, clock).max(2).prestarted(1).build();
+    const original = source.prestart;
+    source.prestart = async () => {
+      const handle = await (original as NonNullable<FakeSource["prestart"]>)();
+      return {
+        ...handle,
+        activate: () => Promise.reject(new SupermachineError("VM_EXITED", "died waiting")),
+      };
+    };
+    // The handle made at build() activates; replace it with a broken one.
+    const first = await pool.acquire();
+    assert.equal(first.id, "pre1");
+    await settle();
+    const second = await pool.acquire();
+    assert.equal(second.id, "vm1", "created instead");
+    assert.ok(source.disposed >= 1, "the broken handle was disposed of");
+    await first.release();
+    await second.release();
+    await closeAndCheck(pool, source, clock);
+  });
+
+  it("backs off when pre-starting fails, without failing acquires", async () => {
+    const source = new FakeSource(true);
+    const clock = new ManualClock();
+    const pool = await builder(source, clock).max(2).prestarted(1).build();
+    let attempts = 0;
+    source.prestart = () => {
+      attempts++;
+      return Promise.reject(new SupermachineError("VMM_FAILED", "no QEMU"));
+    };
+    const lease = await pool.acquire(); // uses the handle made at build()
+    await settle();
+    assert.equal(attempts, 1);
+    clock.advance(99);
+    await settle();
+    assert.equal(attempts, 1);
+    clock.advance(1);
+    await settle();
+    assert.equal(attempts, 2);
+    clock.advance(200);
+    await settle();
+    assert.equal(attempts, 3);
+    const other = await pool.acquire();
+    assert.equal(other.id, "vm1");
+    await lease.release();
+    await other.release();
+    await closeAndCheck(pool, source, clock);
+  });
+
   it("delegates calls to the VM and refuses them after release", async () => {
     const source = new FakeSource();
     const clock = new ManualClock();
