@@ -4,7 +4,7 @@
  * inputs that decide the result. Sequence and measurements: docs/snapshots.md.
  */
 
-import { createHash, randomBytes } from "node:crypto";
+import { createHash } from "node:crypto";
 import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { ExecStartError, SnapshotError, SupermachineError } from "../errors.ts";
@@ -18,7 +18,13 @@ import type { AssetPaths } from "../vmm/asset-paths.ts";
 import { hostFacts } from "./host-facts.ts";
 import { SNAPSHOT_FILES, SNAPSHOT_FORMAT_VERSION, type SnapshotManifest } from "./manifest.ts";
 import { Snapshot, sha256File } from "./snapshot.ts";
-import { assertSnapshotName, defaultSnapshotName, snapshotsRoot } from "./store.ts";
+import {
+  assertSnapshotName,
+  defaultSnapshotName,
+  snapshotsRoot,
+  snapshotTempName,
+  sweepSnapshotTemps,
+} from "./store.ts";
 
 /** Where a baked workload's output goes in the guest (tmpfs). */
 export const WORKLOAD_LOG = "/run/supermachine-workload.log";
@@ -108,7 +114,8 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
 
   throwIfAborted(signal, "bake");
   await mkdir(root, { recursive: true });
-  const tmp = join(root, `.bake-${name}-${randomBytes(4).toString("hex")}`);
+  await sweepSnapshotTemps(root);
+  const tmp = join(root, snapshotTempName("bake", name));
   await mkdir(tmp);
   const started = performance.now();
   let vm: Vm | undefined;
@@ -218,7 +225,7 @@ async function startWorkload(vm: Vm, argv: readonly string[]): Promise<void> {
 
 /** Replace `dir` with `tmp` (same filesystem): the old snapshot, if any, goes only after. */
 async function moveIntoPlace(tmp: string, dir: string): Promise<void> {
-  const old = join(dirname(dir), `.old-${basename(dir)}-${randomBytes(4).toString("hex")}`);
+  const old = join(dirname(dir), snapshotTempName("old", basename(dir)));
   const hadOld = await rename(dir, old).then(
     () => true,
     (error: NodeJS.ErrnoException) => {

@@ -27,7 +27,7 @@ import {
   type SnapshotManifest,
 } from "./manifest.ts";
 import { qcow2BackingFile, Snapshot, sha256File } from "./snapshot.ts";
-import { assertSnapshotName } from "./store.ts";
+import { assertSnapshotName, snapshotTempName } from "./store.ts";
 
 export interface RunningVmParts {
   qemu: QemuProcess;
@@ -56,7 +56,7 @@ export async function saveRunningVm(
     throw new SupermachineError("INVALID_ARGUMENT", `${target} exists: vm.snapshot() needs a new dir`);
   }
   await mkdir(dirname(target), { recursive: true });
-  const tmp = join(dirname(target), `.snapshot-${basename(target)}-${randomBytes(4).toString("hex")}`);
+  const tmp = join(dirname(target), snapshotTempName("snapshot", basename(target)));
   await mkdir(tmp);
   const started = performance.now();
   const stream = join(tmp, "full-state");

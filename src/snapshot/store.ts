@@ -128,3 +128,32 @@ async function allocatedBytes(dir: string): Promise<number> {
   }
   return total;
 }
+
+/** Temp dir name for work on `name` by this process: `.<kind>-<name>-<pid>-<random>`. */
+export function snapshotTempName(kind: "bake" | "old" | "snapshot", name: string): string {
+  return `.${kind}-${name}-${process.pid}-${Math.random().toString(16).slice(2, 10)}`;
+}
+
+/**
+ * Remove temp dirs in the store left by processes that died mid-bake, mid-replace or
+ * mid-`vm.snapshot()` (their pid, in the name, is gone). Never touches a live process's work.
+ */
+export async function sweepSnapshotTemps(root: string): Promise<number> {
+  let removed = 0;
+  for (const entry of await readdir(root).catch(() => [] as string[])) {
+    const match = /^\.(?:bake|old|snapshot)-.+-(\d+)-[0-9a-f]+$/.exec(entry);
+    if (match === null) continue;
+    const pid = Number(match[1]);
+    let alive = true;
+    try {
+      process.kill(pid, 0);
+    } catch (error) {
+      alive = (error as NodeJS.ErrnoException).code === "EPERM";
+    }
+    if (!alive) {
+      await rm(join(root, entry), { recursive: true, force: true });
+      removed++;
+    }
+  }
+  return removed;
+}

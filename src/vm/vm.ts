@@ -590,11 +590,11 @@ async function launchRestore(snapshot: Snapshot, config: RestoreConfig): Promise
     initramfsPath: snapshot.assets.initramfs,
     kernelArgs: m.kernelArgs,
     memory: { kind: "file", path: snapshot.memoryPath, share: false },
-    incoming: { fd: 3 },
+    // `-incoming defer` waits for `migrate-incoming fd:3` (the state file is QEMU's fd 3):
+    // `-incoming fd:3` would read the stream before `x-ignore-shared` can be set.
+    incoming: "defer",
     paused: true,
   };
-  // `-incoming defer` waits for `migrate-incoming fd:3`; the state file is QEMU's fd 3.
-  machine.incoming = "defer";
   if (m.tscKHz !== undefined) machine.tscKHz = m.tscKHz;
   let overlayPath = "";
   let rootfsMs = 0;
