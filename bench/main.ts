@@ -9,6 +9,7 @@ import { hostAccelerator } from "../src/vm/vm.ts";
 import { QemuProcess } from "../src/vmm/qemu-process.ts";
 import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
+import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
 
 const quick = process.argv.includes("--quick");
@@ -108,4 +109,5 @@ async function spine(): Promise<void> {
 }
 
 await spine();
+await restoreBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);

@@ -1,0 +1,264 @@
+/**
+ * Snapshot rows of `npm run bench`: restore against QEMU's bare restore of the same snapshot,
+ * pre-started restores, warm pool cycles, throughput by worker count, memory of clones.
+ */
+import { spawn } from "node:child_process";
+import { mkdtemp, open, readFile, rm } from "node:fs/promises";
+import { createServer, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { performance } from "node:perf_hooks";
+import { encodeFrame, MessageType } from "../src/agent/frame-codec.ts";
+import { encodeHostHello, PROTOCOL_VERSION } from "../src/agent/messages.ts";
+import { Image, type Vm } from "../src/index.ts";
+import { runtimeDir } from "../src/internal/paths.ts";
+import { findQemu } from "../src/vmm/accelerator.ts";
+import { buildQemuArgs } from "../src/vmm/qemu-args.ts";
+import { fixtureImages } from "../test/helpers/fixtures.ts";
+import { summarize, type Table } from "./table.ts";
+
+const FLOOR = "bare QEMU restore → first guest byte";
+
+/** Time from asking for a VM to the first byte of an exec's output. */
+async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: number; vm: Vm }> {
+  const t0 = performance.now();
+  const vm = await start();
+  const handle = await vm.execBuilder().argv(["echo", "x"]).spawn();
+  for await (const event of handle) {
+    if (event.kind === "stdout") break;
+  }
+  const ms = performance.now() - t0;
+  await handle.wait().catch(() => undefined);
+  return { ms, vm };
+}
+
+/**
+ * The floor: QEMU started by hand with the snapshot's machine, its state loaded over QMP, the
+ * guest continued, a HELLO written to the agent channel, until the first byte comes back. No
+ * supervision, no overlay bookkeeping, no client.
+ */
+async function bareRestore(image: Image): Promise<number> {
+  const snapshot = image.snapshot!;
+  const m = snapshot.manifest;
+  const dir = await mkdtemp(join(tmpdir(), "sm-floor-"));
+  try {
+    const overlay = join(dir, "disk.qcow2");
+    await snapshot.createOverlay(overlay);
+    const qmpPath = join(dir, "q.sock");
+    const agentPath = join(dir, "a.sock");
+    const args = buildQemuArgs({
+      accel: m.accelerator,
+      memoryMiB: m.memoryMiB,
+      vcpus: m.vcpus,
+      kernelPath: snapshot.assets.kernel,
+      initramfsPath: snapshot.assets.initramfs,
+      kernelArgs: m.kernelArgs,
+      ...(m.tscKHz === undefined ? {} : { tscKHz: m.tscKHz }),
+      memory: { kind: "file", path: snapshot.memoryPath, share: false },
+      disks: [{ name: "root", path: overlay, format: "qcow2" }],
+      incoming: "defer",
+      paused: true,
+      qmpSocketPath: qmpPath,
+      agentSocketPath: agentPath,
+    });
+    const qemuPath = await findQemu();
+    const state = await open(snapshot.statePath, "r");
+    const hello = encodeFrame({
+      stream: 0,
+      type: MessageType.HELLO,
+      payload: encodeHostHello({
+        version: PROTOCOL_VERSION,
+        epoch: 1n,
+        timeNs: BigInt(Date.now()) * 1_000_000n,
+      }),
+    });
+    const t0 = performance.now();
+    const firstByte = new Promise<number>((resolve, reject) => {
+      const agentServer = createServer((socket: Socket) => {
+        socket.write(hello);
+        socket.once("data", () => {
+          resolve(performance.now() - t0);
+          socket.destroy();
+          agentServer.close();
+        });
+      }).listen(agentPath);
+      const qmpServer = createServer((socket: Socket) => {
+        qmpServer.close();
+        let buffer = "";
+        const send = (cmd: object) => socket.write(`${JSON.stringify(cmd)}\n`);
+        let step = 0;
+        socket.on("data", (chunk) => {
+          buffer += chunk.toString();
+          let nl = buffer.indexOf("\n");
+          while (nl !== -1) {
+            const msg = JSON.parse(buffer.slice(0, nl)) as Record<string, unknown>;
+            buffer = buffer.slice(nl + 1);
+            nl = buffer.indexOf("\n");
+            if (msg.QMP && step === 0) {
+              step = 1;
+              send({ execute: "qmp_capabilities" });
+              send({
+                execute: "migrate-set-capabilities",
+                arguments: {
+                  capabilities: [
+                    { capability: "x-ignore-shared", state: true },
+                    { capability: "events", state: true },
+                  ],
+                },
+              });
+              send({ execute: "migrate-incoming", arguments: { uri: "fd:3" } });
+            } else if (msg.event === "MIGRATION") {
+              const status = (msg.data as { status: string }).status;
+              if (status === "completed") send({ execute: "cont" });
+              if (status === "failed") reject(new Error("bare restore failed"));
+            } else if (msg.error) {
+              reject(new Error(JSON.stringify(msg.error)));
+            }
+          }
+        });
+      }).listen(qmpPath);
+    });
+    const child = spawn(qemuPath, args, { stdio: ["ignore", "ignore", "pipe", state.fd] });
+    try {
+      return await firstByte;
+    } finally {
+      child.kill("SIGKILL");
+      await new Promise((resolve) => child.once("exit", resolve));
+      await state.close();
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function pssKiB(vm: Vm): Promise<number> {
+  const owner = JSON.parse(await readFile(join(runtimeDir(), "vms", vm.id, "owner.json"), "utf8")) as {
+    qemuPid: number;
+  };
+  const rollup = await readFile(`/proc/${owner.qemuPid}/smaps_rollup`, "utf8");
+  return Number(/^Pss:\s+(\d+)/m.exec(rollup)?.[1] ?? Number.NaN);
+}
+
+export async function restoreBench(table: Table, quick: boolean): Promise<void> {
+  const fx = await fixtureImages();
+  const dataDir = await mkdtemp(join(tmpdir(), "sm-bench-"));
+  try {
+    const bakeStart = performance.now();
+    const image = await Image.builder(`oci:${fx.busybox}`)
+      .name("bench")
+      .memoryMiB(256)
+      .pullOptions({ dataDir })
+      .force()
+      .build();
+    table.add({
+      name: "bake (busybox, 256 MiB)",
+      unit: "ms",
+      summary: summarize([performance.now() - bakeStart]),
+    });
+
+    const n = quick ? 5 : 10;
+    const floor: number[] = [];
+    const restores: number[] = [];
+    // Interleaved, so load changes hit both alike.
+    for (let i = 0; i < n; i++) {
+      floor.push(await bareRestore(image));
+      const { ms, vm } = await firstExecByte(() => image.start());
+      restores.push(ms);
+      await vm.kill();
+    }
+    table.add({ name: FLOOR, unit: "ms", summary: summarize(floor) });
+    table.add({
+      name: "restore → first exec byte",
+      unit: "ms",
+      summary: summarize(restores),
+      against: FLOOR,
+      budget: "≤ 1.2×",
+    });
+
+    const prestarted: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const waiting = await image.prestart();
+      const { ms, vm } = await firstExecByte(() => waiting.activate());
+      prestarted.push(ms);
+      await vm.kill();
+    }
+    table.add({
+      name: "pre-started QEMU: activate → first exec byte",
+      unit: "ms",
+      summary: summarize(prestarted),
+      against: FLOOR,
+      budget: "≤ 60 ms (TCG)",
+    });
+
+    for (const restoreOnRelease of [false, true]) {
+      await using pool = await image.pool().min(1).max(1).restoreOnRelease(restoreOnRelease).build();
+      const cycles: number[] = [];
+      const shares: number[] = [];
+      for (let i = 0; i < (quick ? 10 : 30); i++) {
+        const t0 = performance.now();
+        const lease = await pool.acquire();
+        const out = await lease.exec(["true"]);
+        await lease.release();
+        const ms = performance.now() - t0;
+        cycles.push(ms);
+        shares.push(Math.max(0, 1 - out.durationMs / ms) * 100);
+      }
+      const label = restoreOnRelease ? "fresh clone each time" : "kept warm";
+      table.add({
+        name: `warm cycle acquire → true → release (${label})`,
+        unit: "ms",
+        summary: summarize(cycles),
+      });
+      table.add({
+        name: `  host share of that cycle (${label})`,
+        unit: "%",
+        summary: summarize(shares),
+        budget: "≤ 5 %",
+      });
+    }
+
+    for (const workers of [1, 2, 4, 8]) {
+      await using pool = await image.pool().min(workers).max(workers).restoreOnRelease(false).build();
+      const jobs = quick ? 16 : 40;
+      let next = 0;
+      const t0 = performance.now();
+      await Promise.all(
+        Array.from({ length: workers }, async () => {
+          while (next < jobs) {
+            next++;
+            await using lease = await pool.acquire();
+            await lease.exec(["true"]);
+          }
+        }),
+      );
+      const seconds = (performance.now() - t0) / 1000;
+      table.add({
+        name: `throughput, ${workers} worker(s)`,
+        unit: "exec/s",
+        summary: summarize([jobs / seconds]),
+      });
+    }
+
+    const clones: Vm[] = [];
+    try {
+      for (let i = 0; i < 8; i++) {
+        const vm = await image.start();
+        await vm.exec(["true"]);
+        clones.push(vm);
+      }
+      const pss = await Promise.all(clones.map(pssKiB));
+      table.add({ name: "PSS of the 1st clone", unit: "KiB", summary: summarize([pss[0]!]) });
+      table.add({
+        name: "PSS of the 8th clone",
+        unit: "KiB",
+        summary: summarize([pss[7]!]),
+        against: "PSS of the 1st clone",
+        budget: "≤ 0.5×",
+      });
+    } finally {
+      await Promise.all(clones.map((vm) => vm.kill()));
+    }
+  } finally {
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}
