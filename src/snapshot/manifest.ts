@@ -57,6 +57,11 @@ export interface SnapshotManifest {
   readonly tscKHz: number | undefined;
   readonly memoryMiB: number;
   readonly vcpus: number;
+  /**
+   * Id of QEMU's memory backend, which names the RAM block in the device state. Absent: `mem`.
+   * `microvm.ram` for snapshots of VMs that booted with anonymous RAM (`vm.snapshot()`).
+   */
+  readonly memoryBackendId?: string | undefined;
   /** Exec defaults (env, cwd, user) of the VM it was made from. */
   readonly execDefaults: {
     readonly env: Readonly<Record<string, string>>;
@@ -126,6 +131,12 @@ export function parseManifest(text: string, snapshotDir: string): SnapshotManife
     throw corrupt("kernelArgs must be a list of strings");
   }
   if (m.tscKHz !== undefined && !Number.isSafeInteger(m.tscKHz)) throw corrupt("tscKHz must be an integer");
+  if (
+    m.memoryBackendId !== undefined &&
+    (typeof m.memoryBackendId !== "string" || !/^[a-z][a-z0-9._-]*$/.test(m.memoryBackendId))
+  ) {
+    throw corrupt("memoryBackendId must be a QEMU object id");
+  }
   if (typeof m.imageConfig !== "object" || m.imageConfig === null) throw corrupt("imageConfig missing");
   const defaults = m.execDefaults as Record<string, unknown> | undefined;
   if (

@@ -83,9 +83,12 @@ export async function saveRunningVm(
     // 2. Load the stream into a helper whose RAM is the snapshot's shared memory file; save it.
     const memoryPath = join(tmp, SNAPSHOT_FILES.memory);
     const statePath = join(tmp, SNAPSHOT_FILES.state);
+    const sourceMemory = vm.machine.memory ?? { kind: "anonymous" };
+    const backendId = sourceMemory.kind === "file" ? (sourceMemory.backendId ?? "mem") : "microvm.ram";
     const machine: LaunchMachineSpec = {
       ...vm.machine,
-      memory: { kind: "file", path: memoryPath, share: true },
+      // The stream names the RAM block after the source's backend: anonymous RAM is QEMU's default `microvm.ram`.
+      memory: { kind: "file", path: memoryPath, share: true, backendId },
       disks: [{ name: "root", path: diskPath, format: "qcow2" }],
       incoming: "defer",
       paused: true,
@@ -108,6 +111,8 @@ export async function saveRunningVm(
       await hq.execute("migrate-incoming", { uri: "fd:3" });
       const event = await loaded;
       if (event.data?.status !== "completed") {
+        // QEMU exits after a failed load, with the reason on stderr.
+        await Promise.race([helper.exited, new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
         throw new VmError("VMM_FAILED", `re-loading the saved VM state failed: ${helper.stderrTail.trim()}`, {
           consoleLogPath: helper.consoleLogPath,
         });
@@ -164,6 +169,7 @@ export async function saveRunningVm(
       tscKHz: vm.machine.tscKHz,
       memoryMiB: vm.machine.memoryMiB,
       vcpus: vm.machine.vcpus,
+      ...(backendId === "mem" ? {} : { memoryBackendId: backendId }),
       execDefaults: { env: vm.defaults.env, cwd: vm.defaults.cwd, user: vm.defaults.user },
       warmupTag: src?.warmupTag ?? "",
       cacheKey: `running-vm:${randomBytes(16).toString("hex")}`,

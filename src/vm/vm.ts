@@ -589,7 +589,12 @@ async function launchRestore(snapshot: Snapshot, config: RestoreConfig): Promise
     kernelPath: snapshot.assets.kernel,
     initramfsPath: snapshot.assets.initramfs,
     kernelArgs: m.kernelArgs,
-    memory: { kind: "file", path: snapshot.memoryPath, share: false },
+    memory: {
+      kind: "file",
+      path: snapshot.memoryPath,
+      share: false,
+      ...(m.memoryBackendId === undefined ? {} : { backendId: m.memoryBackendId }),
+    },
     // `-incoming defer` waits for `migrate-incoming fd:3` (the state file is QEMU's fd 3):
     // `-incoming fd:3` would read the stream before `x-ignore-shared` can be set.
     incoming: "defer",

@@ -73,7 +73,19 @@ export interface NetworkSpec {
  * - `file`: a `memory-backend-file` mapping `path`. `share: true` writes guest RAM through to the
  *   file (baking a snapshot); `share: false` maps it copy-on-write (restoring clones of one file).
  */
-export type GuestMemory = { kind: "anonymous" } | { kind: "file"; path: string; share: boolean };
+export type GuestMemory =
+  | { kind: "anonymous" }
+  | {
+      kind: "file";
+      path: string;
+      share: boolean;
+      /**
+       * Id of the memory backend object, which names the RAM block in migration streams. Default
+       * `mem`. A stream saved from a VM with anonymous RAM names it `microvm.ram` (QEMU's default
+       * backend id for microvm): load such a stream with that id.
+       */
+      backendId?: string;
+    };
 
 /**
  * Incoming migration (restore): `"defer"` waits for QMP `migrate-incoming`; `{ fd }` reads the
@@ -178,7 +190,8 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
 
   const machine = ["microvm", "acpi=off", "pit=on", "pic=on", "rtc=on", "x-option-roms=off"];
   const memory = spec.memory ?? { kind: "anonymous" };
-  if (memory.kind === "file") machine.push("memory-backend=mem");
+  const backendId = memory.kind === "file" ? (memory.backendId ?? "mem") : "";
+  if (memory.kind === "file") machine.push(`memory-backend=${backendId}`);
   push("-M", machine.join(","));
   if (spec.accel === "kvm") push("-accel", "kvm", "-cpu", "host");
   else push("-accel", "tcg", "-cpu", "max");
@@ -186,7 +199,7 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
   if (memory.kind === "file") {
     push(
       "-object",
-      `memory-backend-file,id=mem,size=${spec.memoryMiB}M,mem-path=${opt(memory.path)},share=${onOff(memory.share)}`,
+      `memory-backend-file,id=${backendId},size=${spec.memoryMiB}M,mem-path=${opt(memory.path)},share=${onOff(memory.share)}`,
     );
   }
   push("-no-reboot");
@@ -295,6 +308,15 @@ function validate(spec: MachineSpec): void {
     if (!Number.isSafeInteger(spec.incoming.fd) || spec.incoming.fd < 3) {
       throw invalid(`incoming fd must be an inherited descriptor >= 3, got ${spec.incoming.fd}`);
     }
+  }
+  if (
+    spec.memory?.kind === "file" &&
+    spec.memory.backendId !== undefined &&
+    !/^[a-z][a-z0-9._-]*$/.test(spec.memory.backendId)
+  ) {
+    throw invalid(
+      `memory backend id ${JSON.stringify(spec.memory.backendId)} must match /^[a-z][a-z0-9._-]*$/`,
+    );
   }
   if (spec.sandbox !== undefined && !["strict", "allow-spawn", "off"].includes(spec.sandbox)) {
     throw invalid(`unknown sandbox mode ${spec.sandbox}`);

@@ -10,9 +10,9 @@ import { link, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { Image, SnapshotError, type Vm } from "../../src/index.ts";
+import { Image, SnapshotError, Vm } from "../../src/index.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
-import { missingVmPrerequisite } from "../helpers/vm.ts";
+import { busyboxRootfs, missingVmPrerequisite } from "../helpers/vm.ts";
 
 const CYCLES = Number(process.env.SNAPSHOT_CYCLES ?? 200);
 
@@ -277,6 +277,19 @@ describe("snapshots of the busybox image", { timeout: 900_000 }, () => {
       await Image.removeSnapshot("second-level");
     },
   );
+
+  snapIt("vm.snapshot() of a booted VM restores with its memory", async () => {
+    const booted = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256 });
+    vms.push(booted);
+    await booted.exec(["sh", "-c", "echo booted-ram > /dev/shm/mark"]);
+    const snapshot = await booted.snapshot(join(dataDir, "snapshots", "from-boot"));
+    assert.equal(snapshot.manifest.parent, undefined);
+    assert.equal(snapshot.manifest.memoryBackendId, "microvm.ram");
+    const clone = await (await Image.fromSnapshot("from-boot")).start();
+    vms.push(clone);
+    assert.equal((await clone.exec(["cat", "/dev/shm/mark"])).stdoutText, "booted-ram\n");
+    await Promise.all([booted.stop(), clone.stop()]);
+  });
 
   snapIt(`${CYCLES} restore → exec → stop cycles without failures or leaks`, async (): Promise<void> => {
     const times: number[] = [];
