@@ -160,3 +160,35 @@ describe("qcow2 backing file", () => {
     await assert.rejects(qcow2BackingFile(base));
   });
 });
+
+describe("memory backend id for restores", () => {
+  it("names the backend object and the machine's memory-backend after it", async () => {
+    const { buildQemuArgs } = await import("../../src/vmm/qemu-args.ts");
+    const args = buildQemuArgs({
+      accel: "tcg",
+      memoryMiB: 256,
+      vcpus: 1,
+      qmpSocketPath: "/q.sock",
+      memory: { kind: "file", path: "/s/memory", share: false, backendId: "microvm.ram" },
+    });
+    assert.ok(
+      args.includes("microvm,acpi=off,pit=on,pic=on,rtc=on,x-option-roms=off,memory-backend=microvm.ram"),
+    );
+    assert.ok(
+      args.some((a) =>
+        a.startsWith("memory-backend-file,id=microvm.ram,size=256M,mem-path=/s/memory,share=off"),
+      ),
+    );
+    assert.throws(
+      () =>
+        buildQemuArgs({
+          accel: "tcg",
+          memoryMiB: 256,
+          vcpus: 1,
+          qmpSocketPath: "/q.sock",
+          memory: { kind: "file", path: "/m", share: false, backendId: "x,share=on" },
+        }),
+      { code: "INVALID_ARGUMENT" },
+    );
+  });
+});
