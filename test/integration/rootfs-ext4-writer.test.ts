@@ -15,7 +15,15 @@ import { applyLayer, DEFAULT_ROOTFS_LIMITS, Spool } from "../../src/rootfs/apply
 import { writeExt4Image } from "../../src/rootfs/ext4-writer.ts";
 import { FileTree } from "../../src/rootfs/file-tree.ts";
 import { DEFAULT_TAR_LIMITS } from "../../src/rootfs/tar-reader.ts";
-import { cat, debugfs, fsck, listImage, ls, stat } from "../fixtures/hostile-layers/inspect-image.ts";
+import {
+  cat,
+  debugfs,
+  dumpe2fs,
+  fsck,
+  listImage,
+  ls,
+  stat,
+} from "../fixtures/hostile-layers/inspect-image.ts";
 import { dir, file, hardlink, type RawEntry, symlink, tar } from "../fixtures/hostile-layers/tar-builder.ts";
 
 const work = mkdtempSync(join(tmpdir(), "rootfs-ext4-"));
@@ -115,7 +123,7 @@ describe("builtin ext4 writer: small block groups", () => {
   });
 
   it("uses many groups with superblock backups and a fragmented journal", () => {
-    const dump = execFileSync("dumpe2fs", [image], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
+    const dump = dumpe2fs(image);
     assert.match(dump, /Blocks per group:\s+1024/);
     const groups = dump.match(/^Group \d+:/gm)?.length ?? 0;
     assert.ok(groups > 9, `${groups} groups`);
