@@ -9,6 +9,7 @@ import { hostAccelerator } from "../src/vm/vm.ts";
 import { QemuProcess } from "../src/vmm/qemu-process.ts";
 import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
+import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
 
@@ -110,4 +111,5 @@ async function spine(): Promise<void> {
 
 await spine();
 await restoreBench(table, quick);
+await pullBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);
