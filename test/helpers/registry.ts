@@ -324,6 +324,8 @@ export async function startRegistry(options: StartRegistryOptions = {}): Promise
     let stopping: Promise<void> | undefined;
     const stop = (): Promise<void> => {
       stopping ??= (async () => {
+        // Waiting for the exit must keep the event loop alive (the child is unref'd above).
+        started.ref();
         if (started.exitCode === null && started.signalCode === null) started.kill("SIGTERM");
         await exited;
         await token?.stop();
