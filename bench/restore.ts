@@ -239,20 +239,24 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
       });
     }
 
+    // The 1st clone alone, then the 8th with seven others restored from the same snapshot.
     const clones: Vm[] = [];
     try {
-      for (let i = 0; i < 8; i++) {
+      const first = await image.start();
+      await first.exec(["true"]);
+      clones.push(first);
+      const firstPss = await pssKiB(first);
+      for (let i = 1; i < 8; i++) {
         const vm = await image.start();
         await vm.exec(["true"]);
         clones.push(vm);
       }
-      const pss = await Promise.all(clones.map(pssKiB));
-      table.add({ name: "PSS of the 1st clone", unit: "KiB", summary: summarize([pss[0]!]) });
+      table.add({ name: "PSS of the 1st clone (alone)", unit: "KiB", summary: summarize([firstPss]) });
       table.add({
-        name: "PSS of the 8th clone",
+        name: "PSS of the 8th clone (8 running)",
         unit: "KiB",
-        summary: summarize([pss[7]!]),
-        against: "PSS of the 1st clone",
+        summary: summarize([await pssKiB(clones[7]!)]),
+        against: "PSS of the 1st clone (alone)",
         budget: "≤ 0.5×",
       });
     } finally {
