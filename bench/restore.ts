@@ -8,8 +8,8 @@ import { createServer, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { encodeFrame, MessageType } from "../src/agent/frame-codec.ts";
-import { encodeHostHello, PROTOCOL_VERSION } from "../src/agent/messages.ts";
+import { encodeFrame, FrameDecoder, MessageType } from "../src/agent/frame-codec.ts";
+import { encodeExec, encodeHostHello, PROTOCOL_VERSION } from "../src/agent/messages.ts";
 import { Image, type Vm } from "../src/index.ts";
 import { runtimeDir } from "../src/internal/paths.ts";
 import { findQemu } from "../src/vmm/accelerator.ts";
@@ -17,7 +17,7 @@ import { buildQemuArgs } from "../src/vmm/qemu-args.ts";
 import { fixtureImages } from "../test/helpers/fixtures.ts";
 import { summarize, type Table } from "./table.ts";
 
-const FLOOR = "bare QEMU restore → first guest byte";
+const FLOOR = "bare QEMU restore → first exec byte";
 
 /** Time from asking for a VM to the first byte of an exec's output. */
 async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: number; vm: Vm }> {
@@ -34,8 +34,9 @@ async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: number; vm
 
 /**
  * The floor: QEMU started by hand with the snapshot's machine, its state loaded over QMP, the
- * guest continued, a HELLO written to the agent channel, until the first byte comes back. No
- * supervision, no overlay bookkeeping, no client.
+ * guest continued, a HELLO and an EXEC of `echo x` written to the agent channel at once, until
+ * the first STDOUT byte comes back. The same guest work as `restore → first exec byte`, with no
+ * supervision, no bookkeeping and no client.
  */
 async function bareRestore(image: Image): Promise<number> {
   const snapshot = image.snapshot!;
@@ -63,23 +64,36 @@ async function bareRestore(image: Image): Promise<number> {
     });
     const qemuPath = await findQemu();
     const state = await open(snapshot.statePath, "r");
-    const hello = encodeFrame({
-      stream: 0,
-      type: MessageType.HELLO,
-      payload: encodeHostHello({
-        version: PROTOCOL_VERSION,
-        epoch: 1n,
-        timeNs: BigInt(Date.now()) * 1_000_000n,
+    const request = Buffer.concat([
+      encodeFrame({
+        stream: 0,
+        type: MessageType.HELLO,
+        payload: encodeHostHello({
+          version: PROTOCOL_VERSION,
+          epoch: 1n,
+          timeNs: BigInt(Date.now()) * 1_000_000n,
+        }),
       }),
-    });
+      encodeFrame({
+        stream: 1,
+        type: MessageType.EXEC,
+        payload: encodeExec({ argv: ["echo", "x"], env: ["PATH=/usr/bin:/bin"] }),
+      }),
+    ]);
     const t0 = performance.now();
     const firstByte = new Promise<number>((resolve, reject) => {
       const agentServer = createServer((socket: Socket) => {
-        socket.write(hello);
-        socket.once("data", () => {
-          resolve(performance.now() - t0);
-          socket.destroy();
-          agentServer.close();
+        socket.write(request);
+        const decoder = new FrameDecoder();
+        socket.on("data", (chunk: Buffer) => {
+          for (const frame of decoder.push(chunk)) {
+            if (frame.type === MessageType.STDOUT) {
+              resolve(performance.now() - t0);
+              socket.destroy();
+              agentServer.close();
+              return;
+            }
+          }
         });
       }).listen(agentPath);
       const qmpServer = createServer((socket: Socket) => {
