@@ -7,7 +7,7 @@
  */
 import { execFile } from "node:child_process";
 import { readFile } from "node:fs/promises";
-import { type TestContext, test } from "node:test";
+import { after, before, it, type TestContext, test } from "node:test";
 import { promisify } from "node:util";
 import { resolveAssetPaths, Vm, type VmConfig } from "../../src/index.ts";
 import { findQemu } from "../../src/vmm/accelerator.ts";
@@ -83,4 +83,42 @@ export function vmTest(
       await Promise.all(vms.map((vm) => vm.kill()));
     }
   });
+}
+
+/**
+ * Cases of one `describe()` sharing one VM: `start` runs once before them when VM tests can run
+ * here (with CI=true their absence fails the suite; elsewhere every case is skipped with the
+ * reason); a failing case prints the VM's console log path; the VM is killed after the suite.
+ */
+export function sharedVm(start: () => Promise<Vm>): {
+  it(name: string, fn: (vm: Vm) => Promise<void>): void;
+  current(): Vm;
+} {
+  let vm: Vm | undefined;
+  let skipReason: string | undefined;
+  before(async () => {
+    skipReason = await missingVmPrerequisite();
+    if (skipReason !== undefined) {
+      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
+      return;
+    }
+    vm = await start();
+  });
+  after(async () => {
+    await vm?.kill();
+  });
+  return {
+    it(name, fn) {
+      it(name, async (t) => {
+        if (skipReason !== undefined) return t.skip(skipReason);
+        try {
+          await fn(vm!);
+        } catch (error) {
+          t.diagnostic(`console log: ${vm?.consoleLogPath}`);
+          throw error;
+        }
+      });
+    },
+    current: () => vm!,
+  };
 }

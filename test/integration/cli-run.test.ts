@@ -1,25 +1,7 @@
 /** `supermachine run` end to end: the real launcher, a real VM, real pipes. */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { runCli } from "../helpers/cli.ts";
 import { busyboxRootfs, vmTest } from "../helpers/vm.ts";
-
-const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
-
-function runCli(
-  args: string[],
-  input?: string,
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cli, args, { stdio: ["pipe", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr }));
-    child.stdin.end(input ?? "");
-  });
-}
 
 vmTest("run prints the command's output and exits with its code", async () => {
   const rootfs = await busyboxRootfs();
@@ -30,7 +12,7 @@ vmTest("run prints the command's output and exits with its code", async () => {
 
 vmTest("run forwards piped stdin", async () => {
   const rootfs = await busyboxRootfs();
-  const result = await runCli(["run", "--rootfs", rootfs, "--", "wc", "-c"], "x".repeat(100_000));
+  const result = await runCli(["run", "--rootfs", rootfs, "--", "wc", "-c"], { input: "x".repeat(100_000) });
   assert.equal(result.stdout.trim(), "100000", result.stderr);
   assert.equal(result.code, 0);
 });

@@ -1,28 +1,13 @@
 /** The snapshot commands of the CLI end to end: bake, list, restore-run, remove. */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { runCli as run } from "../helpers/cli.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
 import { vmTest } from "../helpers/vm.ts";
 
-const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
-
-function runCli(
-  env: NodeJS.ProcessEnv,
-  args: string[],
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cli, args, { env, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const runCli = (env: NodeJS.ProcessEnv, args: string[]) => run(args, { env });
 
 vmTest(
   "pull --name bakes a snapshot that run NAME restores, snapshots lists and rm removes",

@@ -3,54 +3,31 @@
  * flattened, booted; the guest sees exactly what the layers say, and the image config applies.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { after, before, describe, it } from "node:test";
-import { Image, type Vm } from "../../src/index.ts";
+import { describe, it } from "node:test";
+import { Image } from "../../src/index.ts";
+import { runCli } from "../helpers/cli.ts";
 import { type FixtureImages, fixtureImages } from "../helpers/fixtures.ts";
 import { startRegistry } from "../helpers/registry.ts";
-import { missingVmPrerequisite } from "../helpers/vm.ts";
-
-const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
+import { missingVmPrerequisite, sharedVm } from "../helpers/vm.ts";
 
 describe("the Debian fixture image in a VM", { timeout: 900_000 }, () => {
   let fx: FixtureImages;
-  let vm: Vm;
   let image: Image;
-  let skipReason: string | undefined;
-
-  before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
+  const shared = sharedVm(async () => {
     process.env.SUPERMACHINE_DATA_DIR = await mkdtemp(join(tmpdir(), "sm-data-"));
     fx = await fixtureImages();
     image = await Image.pull(`oci:${fx.debian}`);
-    vm = await image.start({ memoryMiB: 512 });
+    return image.start({ memoryMiB: 512 });
   });
-
-  after(async () => {
-    await vm?.kill();
-  });
-
-  const vmIt = (name: string, fn: () => Promise<void>) =>
-    it(name, async (t) => {
-      if (skipReason !== undefined) return t.skip(skipReason);
-      try {
-        await fn();
-      } catch (error) {
-        t.diagnostic(`console log: ${vm?.consoleLogPath}`);
-        throw error;
-      }
-    });
+  const vmIt = shared.it;
 
   /** Runs a shell snippet as root in /, whatever the image's defaults. */
   const sh = async (script: string) =>
-    (await vm.execBuilder().argv(["/bin/sh", "-c", script]).user("root").cwd("/").output()).stdoutText;
+    (await shared.current().execBuilder().argv(["/bin/sh", "-c", script]).user("root").cwd("/").output())
+      .stdoutText;
 
   vmIt("whited-out paths are absent", async () => {
     for (const w of fx.expect.whiteouts) {
@@ -89,7 +66,7 @@ describe("the Debian fixture image in a VM", { timeout: 900_000 }, () => {
     }
   });
 
-  vmIt("the image's User, WorkingDir and Env apply to exec", async () => {
+  vmIt("the image's User, WorkingDir and Env apply to exec", async (vm) => {
     const { config, user } = fx.expect;
     const out = await vm.execBuilder().argv(["/bin/sh", "-c", 'echo "$(id -un) $(pwd)"; env']).output();
     const [first, ...env] = out.stdoutText.split("\n");
@@ -97,7 +74,7 @@ describe("the Debian fixture image in a VM", { timeout: 900_000 }, () => {
     for (const pair of config.Env) assert.ok(env.includes(pair), `${pair} in ${env.join(" ")}`);
   });
 
-  vmIt("runs the image's Entrypoint + Cmd", async () => {
+  vmIt("runs the image's Entrypoint + Cmd", async (vm) => {
     const out = await vm.execBuilder().argv(image.command()).output();
     assert.equal(out.stdoutText, fx.expect.defaultCommandOutput);
   });
@@ -128,14 +105,10 @@ describe("images from a registry", { timeout: 900_000 }, () => {
     // The CLI: `run IMAGE ARGS` replaces Cmd; `--entrypoint` replaces Entrypoint. The image is in
     // the store now, so no credentials are needed (pull policy "missing").
     const env = { ...process.env, SUPERMACHINE_DATA_DIR: dataDir };
-    const run = (args: string[]) =>
-      new Promise<{ code: number | null; stdout: string }>((resolve, reject) => {
-        const child = spawn(cli, args, { env, stdio: ["ignore", "pipe", "inherit"] });
-        let stdout = "";
-        child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
-        child.on("error", reject);
-        child.on("close", (code) => resolve({ code, stdout }));
-      });
+    const run = async (args: string[]) => {
+      const { code, stdout } = await runCli(args, { env });
+      return { code, stdout };
+    };
     const echoed = await run(["run", "--rm", reference, "echo", "replaced", "cmd"]);
     assert.deepEqual(echoed, { code: 0, stdout: "replaced cmd\n" });
     const entry = await run(["run", "--entrypoint", "/bin/echo", reference, "via", "entrypoint"]);

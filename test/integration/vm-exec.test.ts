@@ -4,39 +4,14 @@
  */
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { after, before, describe, it } from "node:test";
+import { describe } from "node:test";
 import { ExecError, ExecStartError, ExecTimeoutError, SupermachineError, Vm } from "../../src/index.ts";
-import { busyboxRootfs, missingVmPrerequisite } from "../helpers/vm.ts";
+import { busyboxRootfs, sharedVm } from "../helpers/vm.ts";
 
 describe("exec in a VM", { timeout: 600_000 }, () => {
-  let vm: Vm;
-  let skipReason: string | undefined;
+  const { it: vmIt } = sharedVm(async () => Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256 }));
 
-  before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
-    vm = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256 });
-  });
-
-  after(async () => {
-    await vm?.kill();
-  });
-
-  const vmIt = (name: string, fn: () => Promise<void>) =>
-    it(name, async (t) => {
-      if (skipReason !== undefined) return t.skip(skipReason);
-      try {
-        await fn();
-      } catch (error) {
-        t.diagnostic(`console log: ${vm.consoleLogPath}`);
-        throw error;
-      }
-    });
-
-  vmIt("runs a command and reports its output and exit code", async () => {
+  vmIt("runs a command and reports its output and exit code", async (vm) => {
     const out = await vm
       .execBuilder()
       .argv(["sh", "-c", "echo hi; echo oops >&2; exit 3"])
@@ -51,7 +26,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.ok(out.peakRssKiB > 0, `peakRssKiB ${out.peakRssKiB}`);
   });
 
-  vmIt("output() rejects on a non-zero exit with the outcome attached", async () => {
+  vmIt("output() rejects on a non-zero exit with the outcome attached", async (vm) => {
     await assert.rejects(vm.exec(["sh", "-c", "exit 7"]), (error: unknown) => {
       assert.ok(error instanceof ExecError);
       assert.equal(error.code, "EXEC_FAILED");
@@ -60,7 +35,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     });
   });
 
-  vmIt("reports every exit code from 0 to 255", async () => {
+  vmIt("reports every exit code from 0 to 255", async (vm) => {
     const script = 'code=$1; exit "$code"';
     for (let code = 0; code <= 255; code++) {
       const out = await vm
@@ -72,14 +47,14 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     }
   });
 
-  vmIt("reports death by signal", async () => {
+  vmIt("reports death by signal", async (vm) => {
     const out = await vm.execBuilder().argv(["sh", "-c", "kill -9 $$"]).reject(false).output();
     assert.equal(out.exitCode, null);
     assert.equal(out.signal, "SIGKILL");
     await assert.rejects(vm.exec(["sh", "-c", "kill -TERM $$"]), ExecError);
   });
 
-  vmIt("streams 10 MiB of stdout intact", async () => {
+  vmIt("streams 10 MiB of stdout intact", async (vm) => {
     const size = 10 * 1024 * 1024;
     const out = await vm.exec(["sh", "-c", `yes 0123456789abcdef | head -c ${size}`]);
     assert.equal(out.stdout.byteLength, size);
@@ -87,13 +62,13 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.ok(Buffer.from(out.stdout).equals(expected));
   });
 
-  vmIt("round-trips binary stdin", async () => {
+  vmIt("round-trips binary stdin", async (vm) => {
     const input = randomBytes(3 * 1024 * 1024 + 17);
     const out = await vm.execBuilder().argv(["cat"]).stdin(input).output();
     assert.ok(Buffer.from(out.stdout).equals(input));
   });
 
-  vmIt("streams stdin and stdout interactively through spawn()", async () => {
+  vmIt("streams stdin and stdout interactively through spawn()", async (vm) => {
     const handle = await vm
       .execBuilder()
       .argv(["sh", "-c", "while read line; do echo got:$line; done"])
@@ -108,7 +83,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.equal(Buffer.concat(chunks).toString(), "got:one\ngot:two\n");
   });
 
-  vmIt("kills a whole process tree on timeout", async () => {
+  vmIt("kills a whole process tree on timeout", async (vm) => {
     const started = Date.now();
     await assert.rejects(
       vm
@@ -133,7 +108,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.equal(left.stdoutText, "");
   });
 
-  vmIt("fails with a typed error when the program does not exist", async () => {
+  vmIt("fails with a typed error when the program does not exist", async (vm) => {
     await assert.rejects(vm.exec(["/no/such/program"]), (error: unknown) => {
       assert.ok(error instanceof ExecStartError);
       assert.equal(error.code, "EXEC_NOT_FOUND");
@@ -146,7 +121,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     });
   });
 
-  vmIt("stages files and chains steps like &&", async () => {
+  vmIt("stages files and chains steps like &&", async (vm) => {
     const out = await vm
       .execBuilder()
       .stageFile("/tmp/stage/hello.sh", "#!/bin/sh\necho staged $1\n", { mode: 0o755 })
@@ -164,7 +139,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.equal(failed.stdoutText, "first\n");
   });
 
-  vmIt("applies env, cwd and user", async () => {
+  vmIt("applies env, cwd and user", async (vm) => {
     const out = await vm
       .execBuilder()
       .argv(["sh", "-c", 'echo "$GREETING $(pwd) $(id -u):$(id -g) $HOME"'])
@@ -177,7 +152,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.equal(numeric.stdoutText, "4242\n");
   });
 
-  vmIt("runs on a terminal with a window size that follows resize", async () => {
+  vmIt("runs on a terminal with a window size that follows resize", async (vm) => {
     const out = await vm.execBuilder().argv(["stty", "size"]).tty().winsize(40, 100).output();
     assert.equal(out.stdoutText.trim(), "40 100");
     const handle = await vm
@@ -192,14 +167,14 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.match(outcome.stdoutText, /50 132/);
   });
 
-  vmIt("delivers signals to a running process", async () => {
+  vmIt("delivers signals to a running process", async (vm) => {
     const handle = await vm.execBuilder().argv(["sleep", "100"]).spawn();
     await handle.kill("SIGTERM");
     const outcome = await handle.wait();
     assert.equal(outcome.signal, "SIGTERM");
   });
 
-  vmIt("writes and reads back a 50 MB file byte for byte", async () => {
+  vmIt("writes and reads back a 50 MB file byte for byte", async (vm) => {
     const data = randomBytes(50 * 1000 * 1000);
     await vm.writeFile("/tmp/big.bin", data, { mode: 0o600 });
     const back = await vm.readFile("/tmp/big.bin");
@@ -213,7 +188,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     await vm.exec(["rm", "/tmp/big.bin"]);
   });
 
-  vmIt("reports a missing file as a typed error", async () => {
+  vmIt("reports a missing file as a typed error", async (vm) => {
     await assert.rejects(vm.readFile("/no/such/file"), (error: unknown) => {
       assert.ok(SupermachineError.is(error));
       assert.equal(error.code, "GUEST_IO");
@@ -221,7 +196,7 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     });
   });
 
-  vmIt("never writes to the root filesystem it booted from", async () => {
+  vmIt("never writes to the root filesystem it booted from", async (vm) => {
     await vm.exec(["sh", "-c", "echo changed > /etc/hostname && sync"]);
     const again = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256 });
     try {
