@@ -56,6 +56,19 @@ export interface AgentConnectOptions {
   signal?: AbortSignal;
 }
 
+/** Options of {@link AgentClient.rehello}. */
+export interface AgentRehelloOptions {
+  /** Epoch of the new session; default random (never the current one). */
+  epoch?: bigint;
+  /** Host `CLOCK_REALTIME` in ns for the guest clock; default now. */
+  timeNs?: bigint;
+  /** 32–512 bytes mixed into the guest's RNG; default 64 random bytes. */
+  entropy?: Uint8Array;
+  /** How long to wait for the agent's `HELLO`; default 30 000 ms. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
 /** Options of {@link AgentClient.writeFile}. */
 export interface WriteFileOptions {
   /** Permission bits, default 0o644. */
@@ -112,11 +125,15 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
 ]);
 
 export class AgentClient {
-  /** The restore epoch of this session. */
-  readonly epoch: bigint;
+  /** The restore epoch of the current session (changes with {@link AgentClient.rehello}). */
+  get epoch(): bigint {
+    return this.#epoch;
+  }
   /** Settles when the connection ends: `undefined` for a clean end, else the error. Never rejects. */
   readonly closed: Promise<Error | undefined>;
 
+  #epoch: bigint;
+  #rehelloing = false;
   #agentVersion = "";
   #bootNs = 0n;
   readonly #socket: Duplex;
@@ -155,7 +172,7 @@ export class AgentClient {
 
   private constructor(socket: Duplex, epoch: bigint) {
     this.#socket = socket;
-    this.epoch = epoch;
+    this.#epoch = epoch;
     this.closed = new Promise((resolve) => {
       this.#resolveClosed = resolve;
     });
@@ -191,24 +208,60 @@ export class AgentClient {
   static async connect(socket: Duplex, opts: AgentConnectOptions = {}): Promise<AgentClient> {
     const epoch = opts.epoch ?? randomBytes(8).readBigUInt64BE();
     const client = new AgentClient(socket, epoch);
+    await client.#handshake(opts, "connect");
+    return client;
+  }
+
+  /**
+   * Starts a new session on the same connection: sends `HELLO` (new epoch, the host's time, fresh
+   * entropy) and waits for the agent's answer echoing the new epoch. Frames of the previous session
+   * that arrive before the answer are ignored (docs/protocol.md "Sessions"). Every stream, ping and
+   * shutdown of the previous session must be over: otherwise it rejects with `INVALID_ARGUMENT`
+   * and the connection stays as it was. A timeout or abort closes the connection (the agent's
+   * session state is then unknown): `VM_BOOT_TIMEOUT`, `AbortError`; also `AGENT_VERSION`,
+   * `AGENT_PROTOCOL`, `VM_EXITED` like {@link AgentClient.connect}.
+   */
+  async rehello(opts: AgentRehelloOptions = {}): Promise<void> {
+    if (this.#closedError) throw this.#closedError;
+    if (this.#state !== "open" || this.#rehelloing) {
+      throw new VmError("VM_STOPPED", "agent connection is not open");
+    }
+    if (this.#streams.size > 0 || this.#pings.size > 0 || this.#shutdown !== undefined) {
+      throw invalid(
+        `cannot start a new agent session with ${this.#streams.size} stream(s) and ${this.#pings.size} ping(s) of the current one open${this.#shutdown ? " after SHUTDOWN" : ""}`,
+      );
+    }
+    let epoch = opts.epoch ?? randomBytes(8).readBigUInt64BE();
+    while (opts.epoch === undefined && epoch === this.#epoch) epoch = randomBytes(8).readBigUInt64BE();
+    this.#epoch = epoch;
+    this.#state = "handshake";
+    this.#hello = deferred<void>();
+    this.#rehelloing = true;
+    try {
+      await this.#handshake(opts, "rehello");
+    } finally {
+      this.#rehelloing = false;
+    }
+  }
+
+  async #handshake(opts: AgentRehelloOptions, what: "connect" | "rehello"): Promise<void> {
     const payload = encodeHostHello({
       version: PROTOCOL_VERSION,
-      epoch,
+      epoch: this.#epoch,
       timeNs: opts.timeNs ?? nowNs(),
       entropy: opts.entropy ?? new Uint8Array(randomBytes(64)),
     });
     const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const signal = opts.signal;
     const timer = setTimeout(() => {
-      client.close(new VmError("VM_BOOT_TIMEOUT", `guest agent did not answer HELLO within ${timeoutMs} ms`));
+      this.close(new VmError("VM_BOOT_TIMEOUT", `guest agent did not answer HELLO within ${timeoutMs} ms`));
     }, timeoutMs);
-    const onAbort = () => client.close(new AbortError("agent connect aborted", { cause: signal?.reason }));
+    const onAbort = () => this.close(new AbortError(`agent ${what} aborted`, { cause: signal?.reason }));
     if (signal?.aborted) onAbort();
     signal?.addEventListener("abort", onAbort, { once: true });
     try {
-      client.#writeFrame(0, MessageType.HELLO, payload, 0);
-      await client.#hello.promise;
-      return client;
+      this.#sendControl(0, MessageType.HELLO, payload);
+      await this.#hello.promise;
     } finally {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
@@ -499,8 +552,8 @@ export class AgentClient {
         `guest agent speaks protocol version ${hello.version}, the host speaks ${PROTOCOL_VERSION}`,
       );
     }
-    if (hello.epoch !== this.epoch) {
-      throw protocolError(`HELLO echoed epoch ${hello.epoch}, expected ${this.epoch}`);
+    if (hello.epoch !== this.#epoch) {
+      throw protocolError(`HELLO echoed epoch ${hello.epoch}, expected ${this.#epoch}`);
     }
     this.#agentVersion = hello.agent;
     this.#bootNs = hello.bootNs;

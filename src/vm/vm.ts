@@ -54,6 +54,15 @@ export interface RestoreConfig {
   signal?: AbortSignal;
 }
 
+/** What `Vm.prestart` accepts. */
+export interface PrestartConfig extends RestoreConfig {
+  /**
+   * Default true: restore, warm up and pause now, so `activate()` only resumes the guest and
+   * starts a new agent session. False: only start QEMU; `activate()` loads the state.
+   */
+  warm?: boolean;
+}
+
 interface VmInit {
   qemu: QemuProcess;
   agent: AgentClient;
@@ -249,13 +258,17 @@ export class Vm implements ExecTarget {
   }
 
   /**
-   * Start QEMU for `snapshot` now and let it wait for its state: {@link PrestartedVm.activate}
-   * then loads the state and connects the agent, skipping QEMU's start-up. For pools.
+   * Start QEMU for `snapshot` ahead of time, for pools. By default (`warm`) the state is loaded,
+   * the guest runs one `true` through its agent (so the emulator has translated the hot paths)
+   * and is paused: {@link PrestartedVm.activate} resumes it and opens a new agent session (new
+   * epoch, the host's time, fresh entropy). With `warm: false` QEMU waits for its state instead,
+   * and `activate()` loads it (slower activation, nothing of the guest ran before).
    */
-  static async prestart(snapshot: Snapshot, config: RestoreConfig = {}): Promise<PrestartedVm> {
+  static async prestart(snapshot: Snapshot, config: PrestartConfig = {}): Promise<PrestartedVm> {
     const started = performance.now();
     const launched = await launchRestore(snapshot, config);
-    return new PrestartedVm(launched, config, performance.now() - started);
+    const agent = config.warm === false ? undefined : await warmUp(launched, config);
+    return new PrestartedVm(launched, config, performance.now() - started, agent);
   }
 
   /** @internal Builds the Vm of a restore; only this module calls it. */
@@ -639,127 +652,241 @@ async function activateRestore(
   kind: "restore" | "prestarted",
   prestartMs?: number,
 ): Promise<Vm> {
-  const { qemu, snapshot } = launched;
+  const { qemu } = launched;
   const signal = config.signal;
   const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
   try {
     throwIfAborted(signal, "VM restore");
-    const qmp = qemu.qmp;
-    const loaded = qmp.waitForEvent("MIGRATION", {
-      filter: (event) => ["completed", "failed", "cancelled"].includes(String(event.data?.status)),
-      timeoutMs,
-      ...(signal === undefined ? {} : { signal }),
-    });
-    loaded.catch(() => {});
-    await qmp.execute("migrate-incoming", { uri: "fd:3" });
-    const event = await Promise.race([
-      loaded,
-      qemu.exited.then((exit) => {
-        throw new VmError(
-          "VM_EXITED",
-          `QEMU exited while loading snapshot ${snapshot.dir}: ${qemu.stderrTail.trim().split("\n").slice(-5).join("\n")}`,
-          { consoleLogPath: qemu.consoleLogPath, qemuExitCode: exit.code ?? undefined },
-        );
-      }),
-    ]);
-    if (event.data?.status !== "completed") {
-      throw new VmError(
-        "VMM_FAILED",
-        `loading snapshot ${snapshot.dir} failed (${String(event.data?.status)}): ${qemu.stderrTail.trim().split("\n").slice(-5).join("\n")}`,
-        { consoleLogPath: qemu.consoleLogPath },
-      );
-    }
-    await qmp.execute("cont");
+    await loadState(launched, timeoutMs, signal);
+    await qemu.qmp.execute("cont");
     const stateLoadedMs = performance.now() - started;
     // A new session: new epoch, the host's time, fresh entropy (clone correctness).
     const agent = await connectAgent(qemu, timeoutMs, signal, "restore");
     const agentReadyMs = performance.now() - started;
-    const m = snapshot.manifest;
-    const vm = Vm.fromRestore({
-      qemu,
-      agent,
-      accelerator: m.accelerator,
-      defaults: {
-        env: { PATH: DEFAULT_PATH, ...m.execDefaults.env, ...config.env },
-        cwd: config.cwd ?? m.execDefaults.cwd,
-        user: config.user ?? m.execDefaults.user,
-      },
-      timings: {
-        kind,
-        rootfsMs: kind === "restore" ? launched.rootfsMs : 0,
-        spawnMs: kind === "restore" ? launched.spawnMs : 0,
-        stateLoadedMs,
-        agentReadyMs,
-        totalMs: performance.now() - started,
-        ...(prestartMs === undefined ? {} : { prestartMs }),
-      },
-      machine: launched.machine,
-      overlayPath: launched.overlayPath,
-      source: snapshot,
-    });
-    publish("vm:start", {
-      id: vm.id,
-      accelerator: vm.accelerator,
-      timings: vm.timings,
-      snapshot: snapshot.dir,
-    });
-    return vm;
+    return restoredVm(launched, agent, config, { kind, stateLoadedMs, agentReadyMs, started, prestartMs });
   } catch (error) {
     await qemu.kill();
     throw withConsoleLog(error, qemu.consoleLogPath);
   }
 }
 
+/** Load the snapshot's state (QEMU's fd 3) into a launched QEMU; vCPUs stay stopped. */
+async function loadState(launched: LaunchedRestore, timeoutMs: number, signal: AbortSignal | undefined) {
+  const { qemu, snapshot } = launched;
+  const qmp = qemu.qmp;
+  const loaded = qmp.waitForEvent("MIGRATION", {
+    filter: (event) => ["completed", "failed", "cancelled"].includes(String(event.data?.status)),
+    timeoutMs,
+    ...(signal === undefined ? {} : { signal }),
+  });
+  loaded.catch(() => {});
+  await qmp.execute("migrate-incoming", { uri: "fd:3" });
+  const event = await Promise.race([
+    loaded,
+    qemu.exited.then((exit) => {
+      throw new VmError(
+        "VM_EXITED",
+        `QEMU exited while loading snapshot ${snapshot.dir}: ${qemu.stderrTail.trim().split("\n").slice(-5).join("\n")}`,
+        { consoleLogPath: qemu.consoleLogPath, qemuExitCode: exit.code ?? undefined },
+      );
+    }),
+  ]);
+  if (event.data?.status !== "completed") {
+    throw new VmError(
+      "VMM_FAILED",
+      `loading snapshot ${snapshot.dir} failed (${String(event.data?.status)}): ${qemu.stderrTail.trim().split("\n").slice(-5).join("\n")}`,
+      { consoleLogPath: qemu.consoleLogPath },
+    );
+  }
+}
+
+/** The Vm of a restored QEMU whose agent session is open. */
+function restoredVm(
+  launched: LaunchedRestore,
+  agent: AgentClient,
+  config: RestoreConfig,
+  t: {
+    kind: "restore" | "prestarted";
+    stateLoadedMs: number;
+    agentReadyMs: number;
+    started: number;
+    prestartMs: number | undefined;
+  },
+): Vm {
+  const { snapshot, qemu } = launched;
+  const { kind, stateLoadedMs, agentReadyMs, started, prestartMs } = t;
+  const m = snapshot.manifest;
+  const vm = Vm.fromRestore({
+    qemu,
+    agent,
+    accelerator: m.accelerator,
+    defaults: {
+      env: { PATH: DEFAULT_PATH, ...m.execDefaults.env, ...config.env },
+      cwd: config.cwd ?? m.execDefaults.cwd,
+      user: config.user ?? m.execDefaults.user,
+    },
+    timings: {
+      kind,
+      rootfsMs: kind === "restore" ? launched.rootfsMs : 0,
+      spawnMs: kind === "restore" ? launched.spawnMs : 0,
+      stateLoadedMs,
+      agentReadyMs,
+      totalMs: performance.now() - started,
+      ...(prestartMs === undefined ? {} : { prestartMs }),
+    },
+    machine: launched.machine,
+    overlayPath: launched.overlayPath,
+    source: snapshot,
+  });
+  publish("vm:start", {
+    id: vm.id,
+    accelerator: vm.accelerator,
+    timings: vm.timings,
+    snapshot: snapshot.dir,
+  });
+  return vm;
+}
+
+/** Fails when QEMU exits: raced against the steps of a restore so they do not wait for nothing. */
+function qemuExit(qemu: QemuProcess, what: string): Promise<never> {
+  return qemu.exited.then((exit) => {
+    throw new VmError(
+      "VM_EXITED",
+      `VM ${qemu.id} exited during ${what} (console log: ${qemu.consoleLogPath})`,
+      {
+        consoleLogPath: qemu.consoleLogPath,
+        qemuExitCode: exit.code ?? undefined,
+      },
+    );
+  });
+}
+
 /**
- * A QEMU process started for a snapshot and waiting for its state, so that {@link activate}
- * skips QEMU's start-up. Activate it once, or dispose of it. Pools keep some ready.
+ * Pre-warm a launched QEMU: load the state, run, open an agent session, run `true` once (the
+ * emulator translates the guest's exec paths and the pages it touches fault in), then pause the
+ * vCPUs (QMP `stop`). The agent connection stays open and idle. Kills QEMU on failure.
+ */
+async function warmUp(launched: LaunchedRestore, config: RestoreConfig): Promise<AgentClient> {
+  const { qemu, snapshot } = launched;
+  const signal = config.signal;
+  const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
+  let agent: AgentClient | undefined;
+  try {
+    throwIfAborted(signal, "VM prestart");
+    await loadState(launched, timeoutMs, signal);
+    await qemu.qmp.execute("cont");
+    agent = await connectAgent(qemu, timeoutMs, signal, "restore");
+    const m = snapshot.manifest;
+    const channel = agent.exec({
+      argv: ["true"],
+      env: { PATH: DEFAULT_PATH, ...m.execDefaults.env, ...config.env },
+      cwd: config.cwd ?? m.execDefaults.cwd,
+      user: config.user ?? m.execDefaults.user,
+      timeoutMs,
+    });
+    // An image without `true` still warms the fork/exec paths: only a dead channel counts.
+    await Promise.race([channel.exited.catch(() => {}), qemuExit(qemu, "prestart")]);
+    if (agent.closedError) throw agent.closedError;
+    throwIfAborted(signal, "VM prestart");
+    await qemu.qmp.execute("stop");
+    return agent;
+  } catch (error) {
+    agent?.close();
+    await qemu.kill();
+    throw withConsoleLog(error, qemu.consoleLogPath);
+  }
+}
+
+/**
+ * A QEMU process started ahead of time for a snapshot, so that {@link activate} is fast:
+ * pre-warmed and paused (default; see {@link Vm.prestart}) or waiting for its state. Activate it
+ * once, or dispose of it. Pools keep some ready.
  */
 export class PrestartedVm {
-  /** The waiting QEMU's id (the Vm it becomes keeps it). */
+  /** The QEMU's id (the Vm it becomes keeps it). */
   readonly id: string;
-  /** How long the prestart took (QEMU started, overlay made, QMP ready), in ms. */
+  /** How long the prestart took (QEMU started, overlay made, QMP ready; warm: restored, warmed, paused), in ms. */
   readonly prestartMs: number;
+  /** True when pre-warmed and paused; false when QEMU waits for its state. */
+  readonly warm: boolean;
   readonly #launched: LaunchedRestore;
   readonly #config: RestoreConfig;
+  readonly #agent: AgentClient | undefined;
   #used = false;
 
   /** @internal Made by {@link Vm.prestart}. */
-  constructor(launched: LaunchedRestore, config: RestoreConfig, prestartMs: number) {
+  constructor(launched: LaunchedRestore, config: RestoreConfig, prestartMs: number, agent?: AgentClient) {
     this.#launched = launched;
     this.#config = config;
+    this.#agent = agent;
     this.id = launched.qemu.id;
     this.prestartMs = prestartMs;
+    this.warm = agent !== undefined;
   }
 
-  /** False once activated or disposed, or when its QEMU died while waiting. */
+  /** False once activated or disposed, or when its QEMU died (or its agent channel broke) while waiting. */
   get ready(): boolean {
-    return !this.#used && this.#launched.qemu.state === "running";
+    return !this.#used && this.#launched.qemu.state === "running" && this.#agent?.closedError === undefined;
   }
 
-  /** Settles when the waiting QEMU exits (for whatever reason). Never rejects. */
+  /** Settles when the QEMU exits (for whatever reason). Never rejects. */
   get exited(): Promise<void> {
     return this.#launched.qemu.exited.then(() => undefined);
   }
 
-  /** Load the snapshot state, start the vCPUs and open a new agent session. Once only. */
+  /**
+   * Make the running VM: warm, resume the vCPUs and open a new agent session (the guest clock is
+   * stepped to the host's, fresh entropy reseeds its RNG); otherwise load the state first. Once only.
+   */
   async activate(options: { signal?: AbortSignal; bootTimeoutMs?: number } = {}): Promise<Vm> {
     if (this.#used)
       throw new SupermachineError("INVALID_ARGUMENT", `prestarted VM ${this.id} was already used`);
     this.#used = true;
-    if (this.#launched.qemu.state !== "running") {
-      await this.#launched.qemu.kill();
+    const qemu = this.#launched.qemu;
+    if (qemu.state !== "running" || this.#agent?.closedError !== undefined) {
+      this.#agent?.close();
+      await qemu.kill();
       throw new VmError("VM_EXITED", `prestarted VM ${this.id} exited while waiting`, {
-        consoleLogPath: this.#launched.qemu.consoleLogPath,
+        consoleLogPath: qemu.consoleLogPath,
       });
     }
     const config = { ...this.#config, ...options };
-    return activateRestore(this.#launched, config, performance.now(), "prestarted", this.prestartMs);
+    const started = performance.now();
+    const agent = this.#agent;
+    if (agent === undefined) {
+      return activateRestore(this.#launched, config, started, "prestarted", this.prestartMs);
+    }
+    const signal = config.signal;
+    const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
+    try {
+      throwIfAborted(signal, "VM activation");
+      // HELLO goes out with `cont`: the paused guest reads it as soon as it runs.
+      const resumed = qemu.qmp.execute("cont").then(() => performance.now() - started);
+      const session = agent.rehello({ timeoutMs, ...(signal === undefined ? {} : { signal }) });
+      const [stateLoadedMs] = await Promise.race([
+        Promise.all([resumed, session]),
+        qemuExit(qemu, "activation"),
+      ]);
+      const agentReadyMs = performance.now() - started;
+      return restoredVm(this.#launched, agent, config, {
+        kind: "prestarted",
+        stateLoadedMs,
+        agentReadyMs,
+        started,
+        prestartMs: this.prestartMs,
+      });
+    } catch (error) {
+      agent.close();
+      await qemu.kill();
+      throw withConsoleLog(error, qemu.consoleLogPath);
+    }
   }
 
-  /** End the waiting QEMU (if not activated) and remove its files. Idempotent. */
+  /** End the QEMU (if not activated) and remove its files. Idempotent. */
   async dispose(): Promise<void> {
     if (this.#used) return;
     this.#used = true;
+    this.#agent?.close();
     await this.#launched.qemu.kill();
   }
 
