@@ -18,7 +18,7 @@ export interface PoolableVm {
   kill(): Promise<void>;
 }
 
-/** A VM process started ahead of time and waiting for its state (see {@link VmSource.prestart}). */
+/** A VM process started ahead of time: restored, warmed and paused, or waiting for its state (see {@link VmSource.prestart}). */
 export interface PrestartedVmHandle<V extends PoolableVm> {
   /** Turn the waiting process into a running VM. Called at most once. */
   activate(): Promise<V>;

@@ -198,9 +198,10 @@ export class Vm implements ExecTarget {
       initramfsPath: assets.initramfs,
       kernelArgs: [
         ...BOOT_KERNEL_ARGS,
-        // Baked under TCG: without it the clocksource watchdog may demote the TSC during the bake,
-        // and clones' clocks then run slow.
-        ...(files.memoryPath !== undefined && choice.accel === "tcg" ? ["tsc=reliable"] : []),
+        // Under TCG the guest's TSC runs at the host's rate, but on a busy host the clocksource
+        // watchdog may demote it and the guest clock then runs on 4 ms jiffies, slow (and so do
+        // the clones of a bake).
+        ...(choice.accel === "tcg" ? ["tsc=reliable"] : []),
         ...(config.kernelArgs ?? []),
       ],
       memory,
