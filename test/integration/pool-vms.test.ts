@@ -1,6 +1,7 @@
 /**
  * The pool on real VMs restored from a snapshot of the busybox root filesystem (QEMU; TCG where
- * there is no KVM). One snapshot serves the whole file; each test owns its pool and closes it.
+ * there is no KVM). One 1-vCPU snapshot serves the whole file, a 2-vCPU one the concurrency check
+ * a second time; each test owns its pool and closes it.
  * VMs of this file live in their own runtime dir so leaked QEMU processes can be told apart.
  */
 import assert from "node:assert/strict";
@@ -53,6 +54,16 @@ function ourQemuPids(): number[] {
   return pids;
 }
 
+/** Per-VM runtime dirs (console log, sockets, disk overlay) of this file's VMs still on disk. */
+function vmRuntimeDirs(): string[] {
+  try {
+    return readdirSync(join(runtimeRoot, "vms"));
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw error;
+  }
+}
+
 /** Records the VMs `source` made, for the console logs of failed tests. */
 function recording(source: VmSource<Vm>): VmSource<Vm> & { created: Vm[] } {
   const created: Vm[] = [];
@@ -97,8 +108,9 @@ function median(values: number[]): number {
   return sorted[Math.floor((sorted.length - 1) / 2)] ?? Number.NaN;
 }
 
-describe("pool of real VMs", { timeout: 300_000 }, () => {
+describe("pool of real VMs", { timeout: 600_000 }, () => {
   let image: Image;
+  let image2: Image;
   let skipReason: string | undefined;
   const pools: Pool<Vm>[] = [];
 
@@ -109,22 +121,25 @@ describe("pool of real VMs", { timeout: 300_000 }, () => {
       return;
     }
     const rootfs = await resolveRootfs(await busyboxRootfs());
-    const { snapshot } = await bakeSnapshot({
-      image: {
-        reference: "busybox-rootfs",
-        digest: `sha256:${"0".repeat(64)}`,
-        platform: "linux/amd64",
-        config: BUSYBOX_CONFIG,
-        rootfsPath: rootfs.imagePath,
-      },
-      execDefaults: { env: { PATH: "/bin:/sbin:/usr/bin:/usr/sbin" }, cwd: "/", user: "root" },
-      workload: undefined,
-      memoryMiB: 256,
-      vcpus: 1,
-      warmupTag: "pool-test",
-      dataDir: join(scratch, "data"),
-    });
-    image = await Image.fromSnapshot(snapshot.dir);
+    const bake = (vcpus: number) =>
+      bakeSnapshot({
+        name: `busybox-pool-${vcpus}vcpus`,
+        image: {
+          reference: "busybox-rootfs",
+          digest: `sha256:${"0".repeat(64)}`,
+          platform: "linux/amd64",
+          config: BUSYBOX_CONFIG,
+          rootfsPath: rootfs.imagePath,
+        },
+        execDefaults: { env: { PATH: "/bin:/sbin:/usr/bin:/usr/sbin" }, cwd: "/", user: "root" },
+        workload: undefined,
+        memoryMiB: 256,
+        vcpus,
+        warmupTag: "pool-test",
+        dataDir: join(scratch, "data"),
+      });
+    image = await Image.fromSnapshot((await bake(1)).snapshot.dir);
+    image2 = await Image.fromSnapshot((await bake(2)).snapshot.dir);
   });
 
   after(async () => {
@@ -233,33 +248,41 @@ describe("pool of real VMs", { timeout: 300_000 }, () => {
     },
   );
 
-  poolIt("50 concurrent acquires on image.pool() of max 4: no failures, no leaked QEMU", async (t) => {
-    const pool = await build(image.pool().max(4).acquireTimeout(240_000));
-    const started = performance.now();
-    const outcomes = await Promise.allSettled(
-      Array.from({ length: 50 }, async (_, i) => {
-        const lease = await pool.acquire();
-        try {
-          assert.ok(pool.stats().busy <= 4);
-          const out = await lease.exec(["echo", `job ${i}`]);
-          assert.equal(out.stdoutText, `job ${i}\n`);
-        } finally {
-          await lease.release();
-        }
-      }),
+  for (const vcpus of [1, 2]) {
+    poolIt(
+      `50 concurrent acquires on image.pool() of max 4 at ${vcpus} vCPU${vcpus === 1 ? "" : "s"}: no failures, no leaked QEMU`,
+      async (t) => {
+        const source = vcpus === 1 ? image : image2;
+        assert.equal(source.snapshot!.manifest.vcpus, vcpus);
+        const pool = await build(source.pool().max(4).acquireTimeout(240_000));
+        const started = performance.now();
+        const outcomes = await Promise.allSettled(
+          Array.from({ length: 50 }, async (_, i) => {
+            const lease = await pool.acquire();
+            try {
+              assert.ok(pool.stats().busy <= 4);
+              const out = await lease.exec(["sh", "-c", `echo job ${i}; grep -c ^processor /proc/cpuinfo`]);
+              assert.equal(out.stdoutText, `job ${i}\n${vcpus}\n`);
+            } finally {
+              await lease.release();
+            }
+          }),
+        );
+        const failures = outcomes.filter((outcome) => outcome.status === "rejected");
+        assert.deepEqual(failures, []);
+        const stats = pool.stats();
+        t.diagnostic(
+          `vcpus ${vcpus}: 50 jobs in ${((performance.now() - started) / 1000).toFixed(1)} s; restore latency p50 ${stats.restoreLatencyMs.p50.toFixed(0)} ms, p95 ${stats.restoreLatencyMs.p95.toFixed(0)} ms over ${stats.restoreLatencyMs.count}`,
+        );
+        assert.equal(stats.totalAcquired, 50);
+        assert.ok(stats.totalSpawned >= 50, "restoreOnRelease gives every acquire a fresh VM");
+        await pool.close();
+        assert.equal(pool.stats().stopping, 0);
+        assert.deepEqual(ourQemuPids(), []);
+        assert.deepEqual(vmRuntimeDirs(), [], "VM runtime dirs (sockets, overlays) left behind");
+      },
     );
-    const failures = outcomes.filter((outcome) => outcome.status === "rejected");
-    assert.deepEqual(failures, []);
-    const stats = pool.stats();
-    t.diagnostic(
-      `50 jobs in ${((performance.now() - started) / 1000).toFixed(1)} s; restore latency p50 ${stats.restoreLatencyMs.p50.toFixed(0)} ms, p95 ${stats.restoreLatencyMs.p95.toFixed(0)} ms over ${stats.restoreLatencyMs.count}`,
-    );
-    assert.equal(stats.totalAcquired, 50);
-    assert.ok(stats.totalSpawned >= 50, "restoreOnRelease gives every acquire a fresh VM");
-    await pool.close();
-    assert.equal(pool.stats().stopping, 0);
-    assert.deepEqual(ourQemuPids(), []);
-  });
+  }
 
   poolIt(
     "restoreOnRelease(true): acquire latency with a fresh VM kept ready, with and without pre-started QEMU",
