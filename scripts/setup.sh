@@ -44,7 +44,9 @@ say "using node $(node --version) from $(command -v node)"
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing npm dependencies"
-  npm ci --silent --no-audit --no-fund
+  # `npm ci` refuses lock files without the optional per-platform packages of other systems
+  # (npm 11 writes them that way); `npm install` installs exactly the locked versions.
+  npm install --no-audit --no-fund --no-save --loglevel=error
 fi
 
 bash "$root/scripts/build-assets.sh" >/dev/null
