@@ -11,6 +11,12 @@ export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 /** Default cap on collected output, per stream. */
 export const DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024;
 const U32_MAX = 0xffff_ffff;
+/**
+ * Output credit granted to the agent per exec. Larger than the protocol default (256 KiB, one
+ * agent read) so several frames are in flight and the agent never waits a round trip for WINDOW;
+ * it is also the most output the host buffers for a reader that does not keep up.
+ */
+const OUTPUT_WINDOW_BYTES = 2 * 1024 * 1024;
 
 /** What {@link ExecBuilder.stdin} accepts. */
 export type ExecInput = string | Uint8Array | AsyncIterable<Uint8Array> | NodeJS.ReadableStream;
@@ -264,6 +270,7 @@ export class ExecBuilder {
       chain: this.#chain,
       stage: this.#stage,
       stdin: forSpawn || this.#stdin !== undefined,
+      windowBytes: OUTPUT_WINDOW_BYTES,
     };
     const channel = target.agent().exec(request);
     return new ExecRun({
