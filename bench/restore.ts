@@ -14,23 +14,11 @@ import { Image, Vm } from "../src/index.ts";
 import { runtimeDir } from "../src/internal/paths.ts";
 import { findQemu } from "../src/vmm/accelerator.ts";
 import { buildQemuArgs } from "../src/vmm/qemu-args.ts";
+import { firstExecByte } from "../test/helpers/clones.ts";
 import { fixtureImages } from "../test/helpers/fixtures.ts";
 import { summarize, type Table } from "./table.ts";
 
 const FLOOR = "bare QEMU restore → first exec byte";
-
-/** Time from asking for a VM to the first byte of an exec's output. */
-async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: number; vm: Vm }> {
-  const t0 = performance.now();
-  const vm = await start();
-  const handle = await vm.execBuilder().argv(["echo", "x"]).spawn();
-  for await (const event of handle) {
-    if (event.kind === "stdout") break;
-  }
-  const ms = performance.now() - t0;
-  await handle.wait().catch(() => undefined);
-  return { ms, vm };
-}
 
 /**
  * The floor: QEMU started by hand with the snapshot's machine, its state loaded over QMP, the

@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { after, before, describe, it, type TestContext } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Image, Vm } from "../../src/index.ts";
+import { assertClonesDiffer, firstExecByte } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
 import { missingVmPrerequisite } from "../helpers/vm.ts";
 
@@ -17,19 +18,6 @@ function stats(values: number[]): string {
   const sorted = [...values].sort((a, b) => a - b);
   const median = sorted[Math.floor(sorted.length / 2)]!;
   return `min ${sorted[0]!.toFixed(1)}, median ${median.toFixed(1)}, max ${sorted.at(-1)!.toFixed(1)} ms`;
-}
-
-/** Time from `activate()` to the first stdout byte of `echo x`. */
-async function activationToFirstByte(activate: () => Promise<Vm>): Promise<{ ms: number; vm: Vm }> {
-  const t0 = performance.now();
-  const vm = await activate();
-  const handle = await vm.execBuilder().argv(["echo", "x"]).spawn();
-  for await (const event of handle) {
-    if (event.kind === "stdout") break;
-  }
-  const ms = performance.now() - t0;
-  await handle.wait().catch(() => undefined);
-  return { ms, vm };
 }
 
 describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
@@ -111,26 +99,7 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
     await sleep(3000);
     const [a, b] = await Promise.all([pa.activate(), pb.activate()]);
     vms.push(a, b);
-    const read = async (vm: Vm) => {
-      const before = Date.now() / 1000;
-      const out = await vm.exec([
-        "sh",
-        "-c",
-        "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
-      ]);
-      const after = Date.now() / 1000;
-      const [random, seconds] = out.stdoutText.trim().split("\n");
-      return { random: random!, seconds: Number(seconds), before, after };
-    };
-    const [ra, rb] = await Promise.all([read(a), read(b)]);
-    assert.equal(ra.random.length, 64);
-    assert.notEqual(ra.random, rb.random, "two clones produced the same random bytes");
-    for (const r of [ra, rb]) {
-      assert.ok(
-        r.seconds >= Math.floor(r.before) - 1 && r.seconds <= Math.ceil(r.after) + 1,
-        `guest time ${r.seconds} is not within 1 s of the host's [${r.before}, ${r.after}]`,
-      );
-    }
+    await assertClonesDiffer(a, b);
     await a.exec(["sh", "-c", "echo only-a > /only-a && sync"]);
     assert.equal((await a.exec(["cat", "/only-a"])).stdoutText, "only-a\n");
     const inB = await b.execBuilder().argv(["test", "-e", "/only-a"]).reject(false).output();
@@ -151,7 +120,7 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
         [pw, warm],
         [pd, deferred],
       ] as const) {
-        const { ms, vm } = await activationToFirstByte(() => prestarted.activate());
+        const { ms, vm } = await firstExecByte(() => prestarted.activate());
         into.push(ms);
         await vm.kill();
       }

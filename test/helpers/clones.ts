@@ -1,0 +1,41 @@
+/** Checks and timings shared by the snapshot tests and the bench. */
+import assert from "node:assert/strict";
+import { performance } from "node:perf_hooks";
+import type { Vm } from "../../src/index.ts";
+
+/** Time from asking for a VM (`start`) to the first stdout byte of `echo x` in it. */
+export async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: number; vm: Vm }> {
+  const t0 = performance.now();
+  const vm = await start();
+  const handle = await vm.execBuilder().argv(["echo", "x"]).spawn();
+  for await (const event of handle) {
+    if (event.kind === "stdout") break;
+  }
+  const ms = performance.now() - t0;
+  await handle.wait().catch(() => undefined);
+  return { ms, vm };
+}
+
+/** Two clones of one snapshot read different random bytes, and each sees the host's time (±1 s). */
+export async function assertClonesDiffer(a: Vm, b: Vm): Promise<void> {
+  const read = async (vm: Vm) => {
+    const before = Date.now() / 1000;
+    const out = await vm.exec([
+      "sh",
+      "-c",
+      "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+    ]);
+    const after = Date.now() / 1000;
+    const [random, seconds] = out.stdoutText.trim().split("\n");
+    return { random: random!, seconds: Number(seconds), before, after };
+  };
+  const [ra, rb] = await Promise.all([read(a), read(b)]);
+  assert.equal(ra.random.length, 64);
+  assert.notEqual(ra.random, rb.random, "two clones produced the same random bytes");
+  for (const r of [ra, rb]) {
+    assert.ok(
+      r.seconds >= Math.floor(r.before) - 1 && r.seconds <= Math.ceil(r.after) + 1,
+      `guest time ${r.seconds} is not within 1 s of the host's [${r.before}, ${r.after}]`,
+    );
+  }
+}
