@@ -31,6 +31,24 @@ export interface ImageConfig {
   readonly created: string | undefined;
 }
 
+/** The config of an image that has none (a root filesystem booted as it is). */
+export const EMPTY_IMAGE_CONFIG: ImageConfig = {
+  entrypoint: undefined,
+  cmd: undefined,
+  env: [],
+  workingDir: "",
+  user: "",
+  exposedPorts: [],
+  stopSignal: undefined,
+  labels: {},
+  volumes: [],
+  os: "linux",
+  architecture: "amd64",
+  variant: undefined,
+  diffIds: [],
+  created: undefined,
+};
+
 export class ImageConfigError extends Error {}
 
 function isRecord(v: unknown): v is Record<string, unknown> {

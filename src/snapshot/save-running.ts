@@ -14,7 +14,7 @@ import { copyFile, mkdir, open, rename, rm, stat, writeFile } from "node:fs/prom
 import { basename, dirname, join, resolve } from "node:path";
 import { SupermachineError, VmError } from "../errors.ts";
 import { publish } from "../internal/diagnostics.ts";
-import type { ImageConfig } from "../oci/image-config.ts";
+import { EMPTY_IMAGE_CONFIG } from "../oci/image-config.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 import type { ExecDefaults } from "../vm/exec-builder.ts";
 import { migrateToFile } from "../vm/vm.ts";
@@ -190,20 +190,3 @@ export async function saveRunningVm(
     throw error;
   }
 }
-
-const EMPTY_IMAGE_CONFIG: ImageConfig = {
-  entrypoint: undefined,
-  cmd: undefined,
-  env: [],
-  workingDir: "",
-  user: "",
-  exposedPorts: [],
-  stopSignal: undefined,
-  labels: {},
-  volumes: [],
-  os: "linux",
-  architecture: "amd64",
-  variant: undefined,
-  diffIds: [],
-  created: undefined,
-};

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, before, describe, it, type TestContext } from "node:test";
 import { Image, PoolTimeoutError, type Vm } from "../../src/index.ts";
-import type { ImageConfig } from "../../src/oci/image-config.ts";
+import { EMPTY_IMAGE_CONFIG, type ImageConfig } from "../../src/oci/image-config.ts";
 import { type Pool, PoolBuilder, type VmSource } from "../../src/pool/index.ts";
 import { bakeSnapshot } from "../../src/snapshot/bake.ts";
 import { resolveRootfs } from "../../src/vm/rootfs-source.ts";
@@ -21,22 +21,7 @@ const scratch = mkdtempSync(join(tmpdir(), "supermachine-pool-test-"));
 const runtimeRoot = join(scratch, "run");
 process.env.SUPERMACHINE_RUNTIME_DIR = runtimeRoot;
 
-const BUSYBOX_CONFIG: ImageConfig = {
-  entrypoint: undefined,
-  cmd: ["sh"],
-  env: [],
-  workingDir: "",
-  user: "",
-  exposedPorts: [],
-  stopSignal: undefined,
-  labels: {},
-  volumes: [],
-  os: "linux",
-  architecture: "amd64",
-  variant: undefined,
-  diffIds: [],
-  created: undefined,
-};
+const BUSYBOX_CONFIG: ImageConfig = { ...EMPTY_IMAGE_CONFIG, cmd: ["sh"] };
 
 /** QEMU processes whose command line names this file's runtime dir. */
 function ourQemuPids(): number[] {
