@@ -4,7 +4,7 @@ import { createServer } from "node:net";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { pipeline } from "node:stream/promises";
-import { AgentClient } from "../agent/agent-client.ts";
+import { AgentClient, type WriteFileOptions, type WriteFileSource } from "../agent/agent-client.ts";
 import { SupermachineError, VmError } from "../errors.ts";
 import { throwIfAborted } from "../internal/abort.ts";
 import { debug, publish } from "../internal/diagnostics.ts";
@@ -322,18 +322,7 @@ export class Vm implements ExecTarget {
   }
 
   /** Write `data` to `path` in the guest (streamed; any size). Default mode 0644. */
-  writeFile(
-    path: string,
-    data: Uint8Array | string | AsyncIterable<Uint8Array> | NodeJS.ReadableStream,
-    options: {
-      mode?: number;
-      uid?: number;
-      gid?: number;
-      mkdirs?: boolean;
-      sizeBytes?: number;
-      signal?: AbortSignal;
-    } = {},
-  ): Promise<void> {
+  writeFile(path: string, data: WriteFileSource, options: WriteFileOptions = {}): Promise<void> {
     return this.agent().writeFile(path, data, options);
   }
 
