@@ -3,7 +3,7 @@
  * `closed` and on pending operations — never a crash, a hang or an unhandled rejection.
  */
 import assert from "node:assert/strict";
-import { after, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import { AgentClient } from "../../src/agent/agent-client.ts";
 import { encodeTypedFields } from "../../src/agent/fields.ts";
 import { encodeFrame, FLAG_FIN, MAX_PAYLOAD, MessageType } from "../../src/agent/frame-codec.ts";
@@ -22,23 +22,9 @@ import {
 } from "../../src/agent/messages.ts";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../../src/errors.ts";
 import { ExecBuilder } from "../../src/vm/exec-builder.ts";
-import { type FakeAgent, fakeAgentPair } from "./fake-agent.ts";
+import { connected, type FakeAgent, failOnUnhandledRejections, fakeAgentPair, isCode } from "./fake-agent.ts";
 
-const unhandled: unknown[] = [];
-const onUnhandled = (reason: unknown) => unhandled.push(reason);
-process.on("unhandledRejection", onUnhandled);
-after(() => {
-  process.off("unhandledRejection", onUnhandled);
-  assert.deepEqual(unhandled, [], "no unhandled rejections");
-});
-
-const isCode = (code: string) => (e: unknown) => SupermachineError.is(e) && e.code === code;
-
-async function connected(): Promise<{ fake: FakeAgent; client: AgentClient }> {
-  const { fake, host } = await fakeAgentPair();
-  const [client] = await Promise.all([AgentClient.connect(host, { timeoutMs: 5000 }), fake.handshake()]);
-  return { fake, client };
-}
+failOnUnhandledRejections();
 
 async function connectedWithSocket() {
   const { fake, host } = await fakeAgentPair();

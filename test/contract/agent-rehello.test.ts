@@ -3,8 +3,8 @@
  * session's frames, wrong answers, no answer) and against the real agent in host mode.
  */
 import assert from "node:assert/strict";
-import { after, describe, test } from "node:test";
-import { AgentClient } from "../../src/agent/agent-client.ts";
+import { describe, test } from "node:test";
+import type { AgentClient } from "../../src/agent/agent-client.ts";
 import { MessageType } from "../../src/agent/frame-codec.ts";
 import {
   decodeHostHello,
@@ -13,26 +13,12 @@ import {
   encodeStarted,
   PROTOCOL_VERSION,
 } from "../../src/agent/messages.ts";
-import { SupermachineError, VmError } from "../../src/errors.ts";
+import { VmError } from "../../src/errors.ts";
 import { ExecBuilder, type ExecTarget } from "../../src/vm/exec-builder.ts";
 import { connectAgent } from "../helpers/agent-binary.ts";
-import { type FakeAgent, fakeAgentPair } from "./fake-agent.ts";
+import { connected, type FakeAgent, failOnUnhandledRejections, isCode } from "./fake-agent.ts";
 
-const unhandled: unknown[] = [];
-const onUnhandled = (reason: unknown) => unhandled.push(reason);
-process.on("unhandledRejection", onUnhandled);
-after(() => {
-  process.off("unhandledRejection", onUnhandled);
-  assert.deepEqual(unhandled, [], "no unhandled rejections");
-});
-
-const isCode = (code: string) => (e: unknown) => SupermachineError.is(e) && e.code === code;
-
-async function connected(): Promise<{ fake: FakeAgent; client: AgentClient }> {
-  const { fake, host } = await fakeAgentPair();
-  const [client] = await Promise.all([AgentClient.connect(host, { timeoutMs: 5000 }), fake.handshake()]);
-  return { fake, client };
-}
+failOnUnhandledRejections();
 
 /** Runs one exec to its end on the fake agent (STARTED, EXIT 0). */
 async function execOnce(fake: FakeAgent, client: AgentClient): Promise<number> {

@@ -3,13 +3,17 @@
  * oversized frames, floods beyond credit, frames for unknown streams. It speaks through a real
  * unix socket pair, so the client sees ordinary socket behaviour (backpressure, EOF, errors).
  */
+import assert from "node:assert/strict";
 import { once } from "node:events";
 import { mkdtemp, rm } from "node:fs/promises";
 import { connect, createServer, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { after } from "node:test";
+import { AgentClient } from "../../src/agent/agent-client.ts";
 import { encodeFrame, type Frame, FrameDecoder, MessageType } from "../../src/agent/frame-codec.ts";
 import { decodeHostHello, encodeGuestHello, PROTOCOL_VERSION } from "../../src/agent/messages.ts";
+import { SupermachineError } from "../../src/errors.ts";
 
 /** Two connected unix stream sockets. */
 export async function socketPair(): Promise<[Socket, Socket]> {
@@ -108,4 +112,25 @@ export class FakeAgent {
 export async function fakeAgentPair(): Promise<{ fake: FakeAgent; host: Socket }> {
   const [host, guest] = await socketPair();
   return { fake: new FakeAgent(guest), host };
+}
+
+/** A client connected to a fake agent that answered the handshake. */
+export async function connected(): Promise<{ fake: FakeAgent; client: AgentClient }> {
+  const { fake, host } = await fakeAgentPair();
+  const [client] = await Promise.all([AgentClient.connect(host, { timeoutMs: 5000 }), fake.handshake()]);
+  return { fake, client };
+}
+
+/** `assert.rejects`/`throws` predicate: a SupermachineError with this code. */
+export const isCode = (code: string) => (e: unknown) => SupermachineError.is(e) && e.code === code;
+
+/** Fails the test file (in an `after` hook) if any promise rejection went unhandled in it. */
+export function failOnUnhandledRejections(): void {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (reason: unknown) => unhandled.push(reason);
+  process.on("unhandledRejection", onUnhandled);
+  after(() => {
+    process.off("unhandledRejection", onUnhandled);
+    assert.deepEqual(unhandled, [], "no unhandled rejections");
+  });
 }
