@@ -280,17 +280,9 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     const uuid =
       options.uuid ?? derivedUuid("supermachine-rootfs", String(ROOTFS_FORMAT_VERSION), ...digests);
     const written = await writeImage(options, tree, scratch, uuid, progress, true);
-    throwIfAborted(signal, "building the image");
-    await rename(scratch.tempImage, scratch.output);
+    const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
-    const durationMs = performance.now() - started;
-    progress({ phase: "done", imagePath: scratch.output, durationMs });
-    return {
-      ...written,
-      imagePath: scratch.output,
-      durationMs,
-      timings: { applyMs, writeMs: written.writeMs },
-    };
+    return image;
   } catch (err) {
     throw buildError(err, signal, "building the image");
   } finally {
@@ -324,17 +316,9 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
     const applyMs = performance.now() - t0;
     const uuid = options.uuid ?? derivedUuid("supermachine-rootfs-dir", String(ROOTFS_FORMAT_VERSION), dir);
     const written = await writeImage(options, tree, scratch, uuid, progress, false, dir);
-    throwIfAborted(signal, "building the image");
-    await rename(scratch.tempImage, scratch.output);
+    const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
-    const durationMs = performance.now() - started;
-    progress({ phase: "done", imagePath: scratch.output, durationMs });
-    return {
-      ...written,
-      imagePath: scratch.output,
-      durationMs,
-      timings: { applyMs, writeMs: written.writeMs },
-    };
+    return image;
   } catch (err) {
     throw buildError(err, signal, "building the image");
   } finally {
@@ -343,6 +327,29 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
 }
 
 type Written = Omit<RootfsImage, "imagePath" | "durationMs" | "timings"> & { writeMs: number };
+
+/** Moves the finished image into place and reports it. */
+async function publishImage(
+  scratch: Scratch,
+  written: Written,
+  run: {
+    started: number;
+    applyMs: number;
+    progress: (event: RootfsProgress) => void;
+    signal: AbortSignal | undefined;
+  },
+): Promise<RootfsImage> {
+  throwIfAborted(run.signal, "building the image");
+  await rename(scratch.tempImage, scratch.output);
+  const durationMs = performance.now() - run.started;
+  run.progress({ phase: "done", imagePath: scratch.output, durationMs });
+  return {
+    ...written,
+    imagePath: scratch.output,
+    durationMs,
+    timings: { applyMs: run.applyMs, writeMs: written.writeMs },
+  };
+}
 
 /** Writes `tree` to `scratch.tempImage` with the chosen writer. */
 async function writeImage(
