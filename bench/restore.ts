@@ -12,6 +12,7 @@ import { encodeFrame, FrameDecoder, MessageType } from "../src/agent/frame-codec
 import { encodeExec, encodeHostHello, PROTOCOL_VERSION } from "../src/agent/messages.ts";
 import { Image, Vm } from "../src/index.ts";
 import { runtimeDir } from "../src/internal/paths.ts";
+import { restoreMachineSpec } from "../src/vm/vm.ts";
 import { findQemu } from "../src/vmm/accelerator.ts";
 import { buildQemuArgs } from "../src/vmm/qemu-args.ts";
 import { firstExecByte } from "../test/helpers/clones.ts";
@@ -28,7 +29,7 @@ const FLOOR = "bare QEMU restore → first exec byte";
  */
 async function bareRestore(image: Image): Promise<number> {
   const snapshot = image.snapshot!;
-  const m = snapshot.manifest;
+  const _m = snapshot.manifest;
   const dir = await mkdtemp(join(tmpdir(), "sm-floor-"));
   try {
     const overlay = join(dir, "disk.qcow2");
@@ -36,17 +37,8 @@ async function bareRestore(image: Image): Promise<number> {
     const qmpPath = join(dir, "q.sock");
     const agentPath = join(dir, "a.sock");
     const args = buildQemuArgs({
-      accel: m.accelerator,
-      memoryMiB: m.memoryMiB,
-      vcpus: m.vcpus,
-      kernelPath: snapshot.assets.kernel,
-      initramfsPath: snapshot.assets.initramfs,
-      kernelArgs: m.kernelArgs,
-      ...(m.tscKHz === undefined ? {} : { tscKHz: m.tscKHz }),
-      memory: { kind: "file", path: snapshot.memoryPath, share: false },
+      ...restoreMachineSpec(snapshot),
       disks: [{ name: "root", path: overlay, format: "qcow2" }],
-      incoming: "defer",
-      paused: true,
       qmpSocketPath: qmpPath,
       agentSocketPath: agentPath,
     });

@@ -568,23 +568,13 @@ interface LaunchedRestore {
   spawnMs: number;
 }
 
-async function launchRestore(snapshot: Snapshot, config: RestoreConfig): Promise<LaunchedRestore> {
-  const started = performance.now();
+/**
+ * The machine a snapshot restores into: the baked machine (same devices, memory, kernel and
+ * arguments) with its RAM file mapped copy-on-write, waiting for its state (`-incoming defer`,
+ * then `migrate-incoming fd:3`) with its vCPUs stopped. The caller adds the disks.
+ */
+export function restoreMachineSpec(snapshot: Snapshot): LaunchMachineSpec {
   const m = snapshot.manifest;
-  if (config.memoryMiB !== undefined && config.memoryMiB !== m.memoryMiB) {
-    throw new SupermachineError(
-      "INVALID_ARGUMENT",
-      `snapshot ${snapshot.name} has ${m.memoryMiB} MiB of guest RAM; a restore cannot change it (asked for ${config.memoryMiB})`,
-    );
-  }
-  if (config.vcpus !== undefined && config.vcpus !== m.vcpus) {
-    throw new SupermachineError(
-      "INVALID_ARGUMENT",
-      `snapshot ${snapshot.name} has ${m.vcpus} vCPUs; a restore cannot change it (asked for ${config.vcpus})`,
-    );
-  }
-  const signal = config.signal;
-  throwIfAborted(signal, "VM restore");
   const machine: LaunchMachineSpec = {
     accel: m.accelerator,
     memoryMiB: m.memoryMiB,
@@ -604,6 +594,27 @@ async function launchRestore(snapshot: Snapshot, config: RestoreConfig): Promise
     paused: true,
   };
   if (m.tscKHz !== undefined) machine.tscKHz = m.tscKHz;
+  return machine;
+}
+
+async function launchRestore(snapshot: Snapshot, config: RestoreConfig): Promise<LaunchedRestore> {
+  const started = performance.now();
+  const m = snapshot.manifest;
+  if (config.memoryMiB !== undefined && config.memoryMiB !== m.memoryMiB) {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      `snapshot ${snapshot.name} has ${m.memoryMiB} MiB of guest RAM; a restore cannot change it (asked for ${config.memoryMiB})`,
+    );
+  }
+  if (config.vcpus !== undefined && config.vcpus !== m.vcpus) {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      `snapshot ${snapshot.name} has ${m.vcpus} vCPUs; a restore cannot change it (asked for ${config.vcpus})`,
+    );
+  }
+  const signal = config.signal;
+  throwIfAborted(signal, "VM restore");
+  const machine = restoreMachineSpec(snapshot);
   let overlayPath = "";
   let rootfsMs = 0;
   const state = await open(snapshot.statePath, "r");
