@@ -18,11 +18,10 @@ import {
   encodeExec,
   encodeResize,
   encodeSignal,
-  encodeWindow,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
 import { signalName, signalNumber } from "./signals.ts";
-import { deferred, type StreamHandler, type StreamLink } from "./stream-link.ts";
+import { deferred, GuestCredit, type StreamHandler, type StreamLink } from "./stream-link.ts";
 
 /** A file created in the guest before the first step runs. */
 export interface StagedFile {
@@ -129,15 +128,13 @@ export class ExecChannel implements StreamHandler {
   #requestSent = false;
 
   // Output (guest → host), under host credit.
-  #credit: number;
+  readonly #credit: GuestCredit;
   readonly #queue: ExecOutput[] = [];
   #queueHead = 0;
   #queuedBytes = 0;
   #stdoutDone = false;
   #stderrDone: boolean;
   #readers: (() => void)[] = [];
-  #pendingGrant = 0;
-  #grantScheduled = false;
   #discard = false;
 
   // Stdin (host → guest), under agent credit.
@@ -153,7 +150,12 @@ export class ExecChannel implements StreamHandler {
     this.tty = request.tty === true;
     this.#stdinEnabled = request.stdin === true;
     this.#stderrDone = this.tty;
-    this.#credit = request.windowBytes ?? DEFAULT_WINDOW;
+    this.#credit = new GuestCredit(
+      link,
+      stream,
+      request.windowBytes ?? DEFAULT_WINDOW,
+      () => this.#state === "running" && !(this.#stdoutDone && this.#stderrDone),
+    );
     this.started = this.#started.promise;
     this.exited = this.#exited.promise;
 
@@ -294,14 +296,9 @@ export class ExecChannel implements StreamHandler {
       );
     }
     const size = frame.payload.length;
-    if (size > this.#credit) {
-      throw protocolError(
-        `exec stream ${this.stream}: ${size} bytes of ${kind} exceed the ${this.#credit} granted`,
-      );
-    }
-    this.#credit -= size;
+    this.#credit.take(size, `exec stream ${this.stream}: ${kind}`);
     if (size > 0) {
-      if (this.#discard) this.#grant(size);
+      if (this.#discard) this.#credit.grant(size);
       else {
         this.#queue.push({ kind, data: frame.payload });
         this.#queuedBytes += size;
@@ -336,7 +333,7 @@ export class ExecChannel implements StreamHandler {
           this.#queueHead = 0;
         }
         this.#queuedBytes -= chunk.data.length;
-        this.#grant(chunk.data.length);
+        this.#credit.grant(chunk.data.length);
         return chunk;
       }
       if (this.#error) throw this.#error;
@@ -353,29 +350,12 @@ export class ExecChannel implements StreamHandler {
     this.#queue.length = 0;
     this.#queueHead = 0;
     this.#queuedBytes = 0;
-    this.#grant(bytes);
+    this.#credit.grant(bytes);
     this.#wakeReaders();
   }
 
   #outputOver(): boolean {
     return this.#state === "ended" || this.#discard || (this.#stdoutDone && this.#stderrDone);
-  }
-
-  #grant(bytes: number): void {
-    if (bytes <= 0) return;
-    this.#pendingGrant += bytes;
-    if (this.#grantScheduled) return;
-    this.#grantScheduled = true;
-    // Grants wait while the socket is congested: a guest that does not read its end of the
-    // channel gets no more credit, so the host's write buffer cannot grow without bound.
-    void this.#link.writable().then(() => {
-      this.#grantScheduled = false;
-      const n = this.#pendingGrant;
-      this.#pendingGrant = 0;
-      if (this.#state !== "running" || (this.#stdoutDone && this.#stderrDone) || n === 0) return;
-      this.#credit += n;
-      this.#link.sendControl(this.stream, MessageType.WINDOW, encodeWindow(n));
-    });
   }
 
   #wakeReaders(): void {

@@ -10,11 +10,10 @@ import {
   decodeError,
   decodeFileInfo,
   decodeOk,
-  encodeWindow,
   type FileInfoMessage,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
-import { deferred, type StreamHandler, type StreamLink } from "./stream-link.ts";
+import { deferred, GuestCredit, type StreamHandler, type StreamLink } from "./stream-link.ts";
 
 function guestIoError(op: string, path: string, payload: Uint8Array): GuestIoError {
   const m = decodeError(payload);
@@ -111,20 +110,18 @@ export class FileReadStream implements StreamHandler {
 
   readonly #info = deferred<FileInfoMessage>();
   readonly #link: StreamLink;
-  #credit: number;
+  readonly #credit: GuestCredit;
   #gotInfo = false;
   #finished = false;
   #fin = false;
   #wanting = false;
   readonly #queue: Uint8Array[] = [];
-  #pendingGrant = 0;
-  #grantScheduled = false;
 
   constructor(link: StreamLink, stream: number, path: string, windowBytes: number) {
     this.#link = link;
     this.stream = stream;
     this.path = path;
-    this.#credit = windowBytes;
+    this.#credit = new GuestCredit(link, stream, windowBytes, () => !this.#finished);
     this.info = this.#info.promise;
     this.readable = new Readable({
       highWaterMark: 64 * 1024,
@@ -158,10 +155,7 @@ export class FileReadStream implements StreamHandler {
       case MessageType.FILE_DATA: {
         if (!this.#gotInfo) throw protocolError(`read stream ${this.stream}: FILE_DATA before FILE_INFO`);
         const size = frame.payload.length;
-        if (size > this.#credit) {
-          throw protocolError(`read stream ${this.stream}: ${size} bytes exceed the ${this.#credit} granted`);
-        }
-        this.#credit -= size;
+        this.#credit.take(size, `read stream ${this.stream}`);
         if (size > 0) this.#queue.push(frame.payload);
         if ((frame.flags & FLAG_FIN) !== 0) {
           this.#fin = true;
@@ -212,28 +206,12 @@ export class FileReadStream implements StreamHandler {
   #pump(): void {
     while (this.#wanting && this.#queue.length > 0) {
       const chunk = this.#queue.shift()!;
-      this.#grant(chunk.length);
+      this.#credit.grant(chunk.length);
       this.#wanting = this.readable.push(chunk);
     }
     if (this.#fin && this.#queue.length === 0 && this.#wanting) {
       this.#fin = false;
       this.readable.push(null);
     }
-  }
-
-  #grant(bytes: number): void {
-    this.#pendingGrant += bytes;
-    if (this.#grantScheduled) return;
-    this.#grantScheduled = true;
-    // Grants wait while the socket is congested: a guest that does not read its end of the
-    // channel gets no more credit, so the host's write buffer cannot grow without bound.
-    void this.#link.writable().then(() => {
-      this.#grantScheduled = false;
-      const n = this.#pendingGrant;
-      this.#pendingGrant = 0;
-      if (this.#finished || n === 0) return;
-      this.#credit += n;
-      this.#link.sendControl(this.stream, MessageType.WINDOW, encodeWindow(n));
-    });
   }
 }

@@ -1,4 +1,6 @@
-import type { Frame } from "./frame-codec.ts";
+import { type Frame, MessageType } from "./frame-codec.ts";
+import { encodeWindow } from "./messages.ts";
+import { protocolError } from "./protocol-error.ts";
 
 /** What a stream (exec or file) needs from the connection that carries it. */
 export interface StreamLink {
@@ -64,4 +66,52 @@ export function deferred<T>(): {
   });
   promise.catch(() => {});
   return { promise, resolve, reject, settled: () => done };
+}
+
+/**
+ * The credit one stream gives the agent for guest→host data (docs/protocol.md, `WINDOW`): every
+ * data frame must fit in what was granted ({@link take}; more is a lying guest), and consumed bytes
+ * are given back in batched `WINDOW` frames ({@link grant}). Grants wait while the socket is
+ * congested: a guest that does not read its end of the channel gets no more credit, so the host's
+ * write buffer cannot grow without bound.
+ */
+export class GuestCredit {
+  readonly #link: StreamLink;
+  readonly #stream: number;
+  readonly #wanted: () => boolean;
+  #available: number;
+  #pending = 0;
+  #scheduled = false;
+
+  /** `wanted()` says whether the stream still takes data when a batched grant goes out. */
+  constructor(link: StreamLink, stream: number, windowBytes: number, wanted: () => boolean) {
+    this.#link = link;
+    this.#stream = stream;
+    this.#available = windowBytes;
+    this.#wanted = wanted;
+  }
+
+  /** Consumes `size` bytes of credit; `what` names the data in the protocol error if they exceed it. */
+  take(size: number, what: string): void {
+    if (size > this.#available) {
+      throw protocolError(`${what}: ${size} bytes exceed the ${this.#available} granted`);
+    }
+    this.#available -= size;
+  }
+
+  /** Gives `bytes` back to the agent (batched into one `WINDOW` once the socket is writable). */
+  grant(bytes: number): void {
+    if (bytes <= 0) return;
+    this.#pending += bytes;
+    if (this.#scheduled) return;
+    this.#scheduled = true;
+    void this.#link.writable().then(() => {
+      this.#scheduled = false;
+      const n = this.#pending;
+      this.#pending = 0;
+      if (!this.#wanted() || n === 0) return;
+      this.#available += n;
+      this.#link.sendControl(this.#stream, MessageType.WINDOW, encodeWindow(n));
+    });
+  }
 }
