@@ -10,6 +10,7 @@ import {
   chmodSync,
   chownSync,
   copyFileSync,
+  cpSync,
   linkSync,
   mkdirSync,
   mkdtempSync,
@@ -527,7 +528,9 @@ describe("as an unprivileged user", {
         mkdirSync(outDir);
         chownSync(outDir, 65534, 65534);
         const script = join(home, "build.ts");
-        const index = new URL("../../src/rootfs/index.ts", import.meta.url).pathname;
+        // A copy of the sources the unprivileged user can read, wherever the checkout lives.
+        cpSync(new URL("../../src", import.meta.url).pathname, join(home, "src"), { recursive: true });
+        const index = join(home, "src", "rootfs", "index.ts");
         writeFileSync(
           script,
           `import { flattenLayers } from ${JSON.stringify(index)};
