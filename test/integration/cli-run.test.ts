@@ -34,7 +34,7 @@ vmTest("run passes -e, -w and -u and separates stderr", async () => {
     "-c",
     'echo "$A $(pwd) $(id -un)"; echo err >&2',
   ]);
-  assert.equal(result.stdout, "1 /tmp app\n");
+  assert.equal(result.stdout, "1 /tmp app\n", `exit ${result.code}, stderr: ${result.stderr}`);
   assert.equal(result.stderr, "err\n");
   assert.equal(result.code, 0);
 });
