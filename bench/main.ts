@@ -3,6 +3,9 @@
  * table (min/median/max, ratio to the floor, budget). Budgets: docs/SPECIFICATION.md.
  */
 import { spawnSync } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { resolveAssetPaths, Vm } from "../src/index.ts";
 import { hostAccelerator } from "../src/vm/vm.ts";
@@ -35,7 +38,8 @@ async function spine(): Promise<void> {
   const boots = quick ? 3 : 5;
 
   // Floor: the same kernel booting an init that reboots at once (QEMU exits on reboot).
-  const floorInitramfs = await busyboxInitramfs("#!/bin/busybox sh\n/bin/busybox reboot -f\n");
+  const floorDir = await mkdtemp(join(tmpdir(), "sm-floor-"));
+  const floorInitramfs = await busyboxInitramfs("#!/bin/busybox sh\n/bin/busybox reboot -f\n", floorDir);
   const floor = await repeat(boots, async () => {
     const qemu = await QemuProcess.launch({
       machine: {
@@ -51,6 +55,7 @@ async function spine(): Promise<void> {
     await qemu.exited;
     await qemu.stop();
   });
+  await rm(floorDir, { recursive: true, force: true });
   table.add({ name: "boot floor: QEMU start → kernel → init → exit", unit: "ms", summary: summarize(floor) });
 
   const bootSamples: number[] = [];

@@ -3,10 +3,10 @@
  * the host over the agent channel: the host must fail with a typed error and carry on.
  */
 import { execFile } from "node:child_process";
-import { chmod, copyFile, mkdir, mkdtemp, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { chmod, copyFile, mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
+import { scratchDir } from "./scratch.ts";
 
 const run = promisify(execFile);
 
@@ -34,14 +34,13 @@ const BODIES: Record<Lie, string> = {
   "bad-hello": `/bin/busybox printf '\\000\\000\\000\\000\\000\\000\\000\\000\\177\\000' > "$port"\n/bin/busybox sleep 1000\n`,
 };
 
-/** Builds (into a temp dir) an initramfs whose init tells `lie`. */
-export function hostileInitramfs(lie: Lie): Promise<string> {
-  return busyboxInitramfs(`${FIND_PORT}${BODIES[lie]}`);
+/** Builds (in a temp dir removed after the test file) an initramfs whose init tells `lie`. */
+export async function hostileInitramfs(lie: Lie): Promise<string> {
+  return busyboxInitramfs(`${FIND_PORT}${BODIES[lie]}`, await scratchDir("sm-hostile-"));
 }
 
-/** Builds (into a temp dir) an initramfs of busybox-static whose /init is `script`. */
-export async function busyboxInitramfs(script: string): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), "sm-hostile-"));
+/** Builds, in `dir`, an initramfs of busybox-static whose /init is `script`. */
+export async function busyboxInitramfs(script: string, dir: string): Promise<string> {
   const tree = join(dir, "tree");
   await mkdir(join(tree, "bin"), { recursive: true });
   await mkdir(join(tree, "dev"));

@@ -1,10 +1,8 @@
 /** The snapshot commands of the CLI end to end: bake, list, restore-run, remove. */
 import assert from "node:assert/strict";
-import { mkdtemp } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { runCli as run } from "../helpers/cli.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
+import { scratchDir } from "../helpers/scratch.ts";
 import { vmTest } from "../helpers/vm.ts";
 
 const runCli = (env: NodeJS.ProcessEnv, args: string[]) => run(args, { env });
@@ -13,7 +11,7 @@ vmTest(
   "pull --name bakes a snapshot that run NAME restores, snapshots lists and rm removes",
   async () => {
     const fx = await fixtureImages();
-    const env = { ...process.env, SUPERMACHINE_DATA_DIR: await mkdtemp(join(tmpdir(), "sm-data-")) };
+    const env = { ...process.env, SUPERMACHINE_DATA_DIR: await scratchDir("sm-data-") };
 
     const baked = await runCli(env, [
       "pull",

@@ -3,21 +3,19 @@
  * flattened, booted; the guest sees exactly what the layers say, and the image config applies.
  */
 import assert from "node:assert/strict";
-import { mkdtemp } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { describe, it } from "node:test";
 import { Image } from "../../src/index.ts";
 import { runCli } from "../helpers/cli.ts";
 import { type FixtureImages, fixtureImages } from "../helpers/fixtures.ts";
 import { startRegistry } from "../helpers/registry.ts";
+import { scratchDir } from "../helpers/scratch.ts";
 import { missingVmPrerequisite, sharedVm } from "../helpers/vm.ts";
 
 describe("the Debian fixture image in a VM", { timeout: 900_000 }, () => {
   let fx: FixtureImages;
   let image: Image;
   const shared = sharedVm(async () => {
-    process.env.SUPERMACHINE_DATA_DIR = await mkdtemp(join(tmpdir(), "sm-data-"));
+    process.env.SUPERMACHINE_DATA_DIR = await scratchDir("sm-data-");
     fx = await fixtureImages();
     image = await Image.pull(`oci:${fx.debian}`);
     return image.start({ memoryMiB: 512 });
@@ -90,7 +88,7 @@ describe("images from a registry", { timeout: 900_000 }, () => {
     const fx = await fixtureImages();
     await using registry = await startRegistry({ auth: "basic" });
     await registry.push(fx.busybox, "tools/busybox:1");
-    const dataDir = await mkdtemp(join(tmpdir(), "sm-data-"));
+    const dataDir = await scratchDir("sm-data-");
     const reference = `${registry.host}/tools/busybox:1`;
 
     const image = await Image.pull(reference, {

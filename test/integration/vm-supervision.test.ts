@@ -3,11 +3,11 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { existsSync } from "node:fs";
-import { mkdtemp, readFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { setTimeout as delay } from "node:timers/promises";
+import { scratchDir } from "../helpers/scratch.ts";
 import { busyboxRootfs, vmTest } from "../helpers/vm.ts";
 
 const index = new URL("../../src/index.ts", import.meta.url).href;
@@ -33,7 +33,7 @@ async function waitGone(pid: number, timeoutMs: number): Promise<boolean> {
 }
 
 vmTest("kill -9 of the host leaves no QEMU, and the next command sweeps its state", async () => {
-  const runtime = await mkdtemp(join(tmpdir(), "sm-rt-"));
+  const runtime = await scratchDir("sm-rt-");
   const env = { ...process.env, SUPERMACHINE_RUNTIME_DIR: runtime };
   const rootfs = await busyboxRootfs();
   const host = spawn(
