@@ -1,9 +1,14 @@
 import { Readable, Writable } from "node:stream";
-import type { AgentClient } from "../agent/agent-client.ts";
-import type { ExecChannel, ExecExit } from "../agent/exec-channel.ts";
-import { AbortError, ExecTimeoutError, OutputLimitError, SupermachineError } from "../errors.ts";
-import { publish } from "../internal/diagnostics.ts";
-import { ExecOutcome, OutputCollector } from "./exec-outcome.ts";
+import type { AgentClient, ExecChannel, ExecExit } from "../agent/index.ts";
+import {
+  AbortError,
+  type ExecOutcome,
+  ExecTimeoutError,
+  OutputLimitError,
+  SupermachineError,
+} from "../errors.ts";
+import { publish } from "../internal/index.ts";
+import { ExecOutcomeRecord, OutputCollector } from "./exec-outcome.ts";
 
 /** What an exec runs on: a VM, seen through the few things the exec API needs. */
 export interface ExecTarget {
@@ -85,7 +90,7 @@ export class ExecRun {
     if (init.timeoutMs > 0) {
       const limit = init.timeoutMs + (init.graceMs ?? DEFAULT_GRACE_MS) + TIMEOUT_BACKSTOP_MS;
       const timer = setTimeout(() => {
-        const outcome = new ExecOutcome({
+        const outcome = new ExecOutcomeRecord({
           argv: this.argv,
           exitCode: null,
           signal: "SIGKILL",
@@ -158,7 +163,7 @@ export class ExecRun {
   }
 
   outcome(exit: ExecExit, collector: OutputCollector | undefined): ExecOutcome {
-    return new ExecOutcome({
+    return new ExecOutcomeRecord({
       argv: this.argv,
       exitCode: exit.exitCode,
       signal: exit.signal,

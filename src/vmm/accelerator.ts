@@ -8,6 +8,7 @@ import { constants, readFileSync } from "node:fs";
 import { access, open } from "node:fs/promises";
 import path from "node:path";
 import { SupermachineError } from "../errors.ts";
+import { memoize, once, publish } from "../internal/index.ts";
 import type { Accelerator } from "./qemu-args.ts";
 
 /** The accelerator to use, and when it is TCG, why KVM is not available and how to get it. */
@@ -19,6 +20,17 @@ export interface AcceleratorChoice {
 
 const TCG_NOTE =
   "Running under TCG: QEMU emulates the CPU, which is much slower and is NOT hardware isolation.";
+
+/**
+ * The accelerator VMs of this process use, detected once; published once on the diagnostics
+ * channel `supermachine:vm:accelerator` (the CLI tells a person at a terminal about TCG).
+ */
+export const hostAccelerator: () => Promise<AcceleratorChoice> = once(() =>
+  detectAccelerator().then((choice) => {
+    publish("vm:accelerator", choice);
+    return choice;
+  }),
+);
 
 /**
  * KVM when `/dev/kvm` can be opened read-write, else TCG with the reason.
@@ -164,18 +176,14 @@ export interface QemuVersion {
   text: string;
 }
 
-const versions = new Map<string, Promise<QemuVersion>>();
-
 /** The version of the QEMU at `qemuPath` (`--version`). Cached per path. */
-export function qemuVersion(qemuPath: string): Promise<QemuVersion> {
-  let version = versions.get(qemuPath);
-  if (version === undefined) {
-    version = runVersion(qemuPath);
-    versions.set(qemuPath, version);
-    version.catch(() => versions.delete(qemuPath));
-  }
-  return version;
-}
+export const qemuVersion: (qemuPath: string) => Promise<QemuVersion> = memoize(runVersion);
+
+/** The version of the QEMU VMs of this process use, as snapshots record it: `7.2.22 (Debian …)`. */
+export const hostQemuVersion: () => Promise<string> = once(async () => {
+  const v = await qemuVersion(await findQemu());
+  return v.package === "" ? v.text : `${v.text} (${v.package})`;
+});
 
 /** Parse `qemu-system-x86_64 --version` output. Exported for tests. */
 export function parseQemuVersion(output: string): QemuVersion | undefined {
@@ -215,20 +223,11 @@ function runVersion(qemuPath: string): Promise<QemuVersion> {
   });
 }
 
-const sandboxSupport = new Map<string, Promise<boolean>>();
-
 /**
  * Whether this QEMU can run with the strict seccomp sandbox (built with seccomp, kernel allows
  * it). Found out once per path by starting QEMU with `-machine none` and quitting it (~70 ms).
  */
-export function qemuSupportsSandbox(qemuPath: string): Promise<boolean> {
-  let supported = sandboxSupport.get(qemuPath);
-  if (supported === undefined) {
-    supported = probeSandbox(qemuPath);
-    sandboxSupport.set(qemuPath, supported);
-  }
-  return supported;
-}
+export const qemuSupportsSandbox: (qemuPath: string) => Promise<boolean> = memoize(probeSandbox);
 
 function probeSandbox(qemuPath: string): Promise<boolean> {
   return new Promise((resolve) => {

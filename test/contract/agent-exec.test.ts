@@ -21,7 +21,7 @@ import {
   OutputLimitError,
   SupermachineError,
 } from "../../src/errors.ts";
-import { ExecBuilder, type ExecTarget } from "../../src/vm/exec-builder.ts";
+import { ExecBuilder, type ExecTarget } from "../../src/vm/index.ts";
 import { connectAgent, type HostAgent } from "../helpers/agent-binary.ts";
 
 let agent: HostAgent;

@@ -21,7 +21,7 @@ import {
   encodeWindow,
 } from "../../src/agent/messages.ts";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../../src/errors.ts";
-import { ExecBuilder } from "../../src/vm/exec-builder.ts";
+import { ExecBuilder } from "../../src/vm/index.ts";
 import { connected, type FakeAgent, failOnUnhandledRejections, fakeAgentPair, isCode } from "./fake-agent.ts";
 
 failOnUnhandledRejections();

@@ -14,7 +14,7 @@ import {
   PROTOCOL_VERSION,
 } from "../../src/agent/messages.ts";
 import { VmError } from "../../src/errors.ts";
-import { ExecBuilder, type ExecTarget } from "../../src/vm/exec-builder.ts";
+import { ExecBuilder, type ExecTarget } from "../../src/vm/index.ts";
 import { connectAgent } from "../helpers/agent-binary.ts";
 import { connected, type FakeAgent, failOnUnhandledRejections, isCode } from "./fake-agent.ts";
 

@@ -8,7 +8,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it, type TestContext } from "node:test";
-import { setTimeout as sleep } from "node:timers/promises";
+import { hostClock } from "../../src/agent/index.ts";
 import { Image, Vm } from "../../src/index.ts";
 import { assertClonesDiffer, firstExecByte } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
@@ -68,38 +68,42 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
       }
     });
 
-  vmIt(
-    "prestart() pre-warms by default; activate() gives a working clone; dispose() kills QEMU",
-    async () => {
-      const prestarted = await image.prestart();
-      assert.equal(prestarted.warm, true);
-      assert.ok(prestarted.ready);
-      const vm = await prestarted.activate();
-      vms.push(vm);
-      assert.equal(prestarted.ready, false);
-      assert.equal(vm.timings.kind, "prestarted");
-      assert.equal(vm.timings.prestartMs, prestarted.prestartMs);
-      assert.ok(vm.timings.agentReadyMs <= vm.timings.totalMs);
-      assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
-      await assert.rejects(prestarted.activate(), /already used/);
-      await vm.stop();
+  vmIt("prestart() pre-warms by default; activate() gives a working clone; kill() kills QEMU", async () => {
+    const prestarted = await image.prestart();
+    assert.equal(prestarted.warm, true);
+    assert.ok(prestarted.ready);
+    const vm = await prestarted.activate();
+    vms.push(vm);
+    assert.equal(prestarted.ready, false);
+    assert.equal(vm.timings.kind, "prestarted");
+    assert.equal(vm.timings.prestartMs, prestarted.prestartMs);
+    assert.ok(vm.timings.agentReadyMs <= vm.timings.totalMs);
+    assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
+    await assert.rejects(prestarted.activate(), /already used/);
+    await vm.stop();
 
-      const unused = await image.prestart();
-      assert.ok(unused.ready);
-      await unused.dispose();
-      assert.equal(unused.ready, false);
-      await unused.exited; // QEMU is gone
-      await unused.dispose(); // idempotent
-    },
-  );
+    const unused = await image.prestart();
+    assert.ok(unused.ready);
+    await unused.kill();
+    assert.equal(unused.ready, false);
+    await unused.exited; // QEMU is gone
+    await unused.kill(); // idempotent
+  });
 
   vmIt("two clones from pre-warmed VMs: different random bytes, host time, separate disks", async () => {
     const [pa, pb] = await Promise.all([image.prestart(), image.prestart()]);
-    // Paused guests' clocks stand still: without the step at activation they would lag by this.
-    await sleep(3000);
-    const [a, b] = await Promise.all([pa.activate(), pb.activate()]);
+    // The host says it is an hour later: the clones' clocks must follow the host, not the snapshot.
+    const realNowNs = hostClock.nowNs;
+    hostClock.nowNs = () => realNowNs() + 3600n * 1_000_000_000n;
+    let a: Vm;
+    let b: Vm;
+    try {
+      [a, b] = await Promise.all([pa.activate(), pb.activate()]);
+    } finally {
+      hostClock.nowNs = realNowNs;
+    }
     vms.push(a, b);
-    await assertClonesDiffer(a, b);
+    await assertClonesDiffer(a, b, 3600);
     await a.exec(["sh", "-c", "echo only-a > /only-a && sync"]);
     assert.equal((await a.exec(["cat", "/only-a"])).stdoutText, "only-a\n");
     const inB = await b.execBuilder().argv(["test", "-e", "/only-a"]).reject(false).output();

@@ -413,19 +413,14 @@ describe("QemuProcess", { skip }, () => {
     assert.deepEqual(left, [], "an abort removes the dir");
   });
 
-  it("passes extra file descriptors to QEMU", async (t) => {
+  it("gives QEMU the incoming state file as its fd 3, waiting for it with the vCPUs stopped", async (t) => {
     const file = path.join(tmp, "fd-test");
     await writeFile(file, "");
-    const { open } = await import("node:fs/promises");
-    const handle = await open(file, "r");
-    try {
-      await withVm(t, { extraFds: [handle.fd] }, async (vm) => {
-        const { readlink } = await import("node:fs/promises");
-        assert.equal(await readlink(`/proc/${vm.pid}/fd/3`), file);
-      });
-    } finally {
-      await handle.close();
-    }
+    await withVm(t, { incomingStatePath: file }, async (vm) => {
+      const { readlink } = await import("node:fs/promises");
+      assert.equal(await readlink(`/proc/${vm.pid}/fd/3`), file);
+      assert.ok(vm.args.includes("-incoming") && vm.args.includes("-S"));
+    });
   });
 });
 
