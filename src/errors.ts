@@ -293,8 +293,8 @@ export type ErrorOfCode<C extends ErrorCode> = C extends keyof ErrorClasses
   ? ErrorClasses[C]
   : SupermachineError;
 
-/** Codes whose errors have a class of their own. */
-interface ErrorClasses {
+/** Codes whose errors have a class of their own (the rest are plain {@link SupermachineError}s). */
+export interface ErrorClasses {
   ABORTED: AbortError;
   REGISTRY_AUTH: RegistryError;
   REGISTRY_UNREACHABLE: RegistryError;

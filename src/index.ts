@@ -18,13 +18,23 @@ export type {
   ImageConfig,
   ImageRecord,
   ImageReference,
+  ImageSource,
+  LayerRecord,
   PruneResult,
   PullOptions,
   PullProgress,
   RegistryCredentials,
+  StoreOptions,
 } from "./oci/index.ts";
 export { parseReference } from "./oci/index.ts";
-export { Pool, PoolBuilder, PooledVm, type PoolOptions, type PoolStats } from "./pool/index.ts";
+export {
+  Pool,
+  type PoolableVm,
+  PoolBuilder,
+  PooledVm,
+  type PoolOptions,
+  type PoolStats,
+} from "./pool/index.ts";
 export type { RootfsProgress } from "./rootfs/index.ts";
 export {
   type BackingFileEntry,
@@ -53,8 +63,10 @@ export {
   type VmTimings,
 } from "./vm/index.ts";
 export {
+  type Accelerator,
   type AcceleratorChoice,
   type AssetPaths,
+  type AssetSearchOptions,
   hostAccelerator,
   resolveAssetPaths,
 } from "./vmm/index.ts";

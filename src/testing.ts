@@ -12,8 +12,13 @@
 
 export {
   ManualClock,
+  type Pool,
   type PoolableVm,
+  type PoolBuilder,
   type PoolClock,
+  type PooledVm,
+  type PoolOptions,
+  type PoolStats,
   type PrestartedVmHandle,
   poolBuilder,
   type VmSource,

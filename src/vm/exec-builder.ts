@@ -3,6 +3,13 @@ import { SupermachineError } from "../errors.ts";
 import { checkArgv, checkExecOptions, type ExecInput, type ExecOptions, runExec, spawnExec } from "./exec.ts";
 import type { ExecHandle, ExecTarget } from "./exec-handle.ts";
 
+let makeBuilder: (target: ExecTarget) => ExecBuilder;
+
+/** A builder for commands on `target` (internal: `vm.execBuilder()`; contract tests use any target). */
+export function execBuilder(target: ExecTarget): ExecBuilder {
+  return makeBuilder(target);
+}
+
 /**
  * Describes one command to run in a VM: bare-noun setters return `this` and fill one
  * {@link ExecOptions} (the same type `vm.exec(argv, options)` takes), then `output()` collects
@@ -22,8 +29,11 @@ export class ExecBuilder {
   #argv: string[] | undefined;
   #options: ExecOptions = {};
 
-  /** @internal Made by `vm.execBuilder()`. */
-  constructor(target: ExecTarget) {
+  static {
+    makeBuilder = (target) => new ExecBuilder(target);
+  }
+
+  private constructor(target: ExecTarget) {
     this.#target = target;
   }
 

@@ -183,6 +183,13 @@ export class ExecRun {
 
 type Mode = "none" | "iterate" | "streams" | "collect" | "discard";
 
+let makeHandle: (run: ExecRun, pid: number) => ExecHandle;
+
+/** The handle of a started exec (internal: `spawn()`). */
+export function execHandle(run: ExecRun, pid: number): ExecHandle {
+  return makeHandle(run, pid);
+}
+
 /**
  * A running exec from `ExecBuilder.spawn()`. Consume its output one way: iterate it
  * (`for await (const event of handle)`), or read {@link stdout}/{@link stderr}, or just
@@ -207,8 +214,11 @@ export class ExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposable {
   #stdinStream: Writable | undefined;
   #disposing: Promise<void> | undefined;
 
-  /** @internal Created by `ExecBuilder.spawn()`. */
-  constructor(run: ExecRun, pid: number) {
+  static {
+    makeHandle = (run, pid) => new ExecHandle(run, pid);
+  }
+
+  private constructor(run: ExecRun, pid: number) {
     this.#run = run;
     this.#channel = run.channel;
     this.pid = pid;

@@ -13,7 +13,7 @@ import {
   SupermachineError,
 } from "../errors.ts";
 import { throwIfAborted } from "../internal/index.ts";
-import { ExecHandle, ExecRun, type ExecTarget } from "./exec-handle.ts";
+import { type ExecHandle, ExecRun, type ExecTarget, execHandle } from "./exec-handle.ts";
 import { OutputCollector } from "./exec-outcome.ts";
 
 /** `PATH` when the image config sets none. */
@@ -237,7 +237,7 @@ export async function spawnExec(
 ): Promise<ExecHandle> {
   const run = startExec(target, argv, options, true);
   const pid = await started(run);
-  const handle = new ExecHandle(run, pid);
+  const handle = execHandle(run, pid);
   if (options.stdin !== undefined) void pumpStdin(run.channel, options.stdin).catch(() => {});
   return handle;
 }

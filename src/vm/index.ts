@@ -12,7 +12,7 @@ export {
   type ExecOptions,
   type StageFile,
 } from "./exec.ts";
-export { ExecBuilder } from "./exec-builder.ts";
+export { ExecBuilder, execBuilder } from "./exec-builder.ts";
 export {
   type ExecDefaults,
   type ExecEvent,

@@ -11,7 +11,7 @@ import type { Snapshot } from "../snapshot/index.ts";
 import type { LaunchMachineSpec } from "../vmm/index.ts";
 import { type BootOptions, bootVm } from "./boot.ts";
 import { checkArgv, checkExecOptions, type ExecOptions, runExec, spawnExec } from "./exec.ts";
-import { ExecBuilder } from "./exec-builder.ts";
+import { type ExecBuilder, execBuilder } from "./exec-builder.ts";
 import type { ExecHandle, ExecTarget } from "./exec-handle.ts";
 import { activateRestore, activateWarm, type LaunchedRestore, launchRestore, warmUp } from "./restore.ts";
 import { saveSnapshot } from "./save-snapshot.ts";
@@ -187,7 +187,7 @@ export class Vm {
 
   /** A builder for one command: set argv, env, … then `output()` or `spawn()`. */
   execBuilder(): ExecBuilder {
-    return new ExecBuilder(this.#target);
+    return execBuilder(this.#target);
   }
 
   /**

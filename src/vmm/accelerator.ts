@@ -37,7 +37,12 @@ export const hostAccelerator: () => Promise<AcceleratorChoice> = once(() =>
  * `SUPERMACHINE_ACCEL=tcg` forces TCG. Cheap (one `open`); not cached.
  */
 export async function detectAccelerator(
-  options: { devicePath?: string; env?: NodeJS.ProcessEnv } = {},
+  options: {
+    devicePath?: string;
+    env?: NodeJS.ProcessEnv;
+    /** Starts a KVM machine and says why it failed (undefined: it works). Default: {@link probeKvm}. */
+    probe?: () => Promise<string | undefined>;
+  } = {},
 ): Promise<AcceleratorChoice> {
   const env = options.env ?? process.env;
   const device = options.devicePath ?? "/dev/kvm";
@@ -47,7 +52,6 @@ export async function detectAccelerator(
   try {
     const handle = await open(device, constants.O_RDWR);
     await handle.close();
-    return { accel: "kvm" };
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code;
     let reason: string;
@@ -65,7 +69,51 @@ export async function detectAccelerator(
     }
     return { accel: "tcg", reason: `${reason} ${TCG_NOTE}` };
   }
+  const failure = await (options.probe ?? (async () => probeKvm(await findQemu(env))))();
+  if (failure === undefined) return { accel: "kvm" };
+  return {
+    accel: "tcg",
+    reason:
+      `${device} opens, but QEMU cannot run a VM with it (${failure}): the host's KVM is incomplete ` +
+      `(a nested or emulated KVM?); set SUPERMACHINE_ACCEL=tcg to skip this check. ${TCG_NOTE}`,
+  };
 }
+
+/**
+ * Whether this QEMU can start a KVM microvm with `-cpu host` (some nested or emulated KVMs open but
+ * fail at the first vCPU reset). Undefined when it can; else the last line QEMU printed. Found out
+ * once per QEMU binary by starting a paused machine and quitting it (~60 ms).
+ */
+export const probeKvm: (qemuPath: string) => Promise<string | undefined> = memoize(
+  (qemuPath) =>
+    new Promise((resolve) => {
+      const child = spawn(
+        qemuPath,
+        [
+          ...["-machine", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", "64M"],
+          ...["-nodefaults", "-no-user-config", "-display", "none", "-S", "-monitor", "stdio"],
+        ],
+        { stdio: ["pipe", "ignore", "pipe"] },
+      );
+      let stderr = "";
+      child.stderr.setEncoding("utf8");
+      child.stderr.on("data", (text: string) => {
+        stderr = (stderr + text).slice(-4096);
+      });
+      const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+      child.on("error", (error) => {
+        clearTimeout(timer);
+        resolve(error.message);
+      });
+      child.on("close", (code, signal) => {
+        clearTimeout(timer);
+        const last = stderr.trim().split("\n")[0] ?? "";
+        resolve(code === 0 ? undefined : last || `exit ${code ?? signal}`);
+      });
+      child.stdin.on("error", () => {});
+      child.stdin.end("quit\n");
+    }),
+);
 
 let tscKHz: number | null | undefined;
 

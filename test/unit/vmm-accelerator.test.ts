@@ -31,7 +31,18 @@ describe("detectAccelerator", () => {
   it("uses KVM when the device opens read-write", async () => {
     const device = path.join(dir, "kvm");
     await writeFile(device, "");
-    assert.deepEqual(await detectAccelerator({ devicePath: device, env: {} }), { accel: "kvm" });
+    const probe = async () => undefined;
+    assert.deepEqual(await detectAccelerator({ devicePath: device, env: {}, probe }), { accel: "kvm" });
+  });
+
+  it("falls back to TCG, saying why, when the device opens but QEMU cannot use it", async () => {
+    const device = path.join(dir, "kvm-broken");
+    await writeFile(device, "");
+    const probe = async () => "error: failed to set MSR 0x10a to 0x69";
+    const choice = await detectAccelerator({ devicePath: device, env: {}, probe });
+    assert.equal(choice.accel, "tcg");
+    assert.match(choice.reason!, /opens, but QEMU cannot run a VM with it \(error: failed to set MSR/);
+    assert.match(choice.reason!, /SUPERMACHINE_ACCEL=tcg/);
   });
 
   it("explains the kvm group when permission is denied", {
