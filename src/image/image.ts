@@ -1,6 +1,6 @@
 import { resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { dataDir } from "../internal/index.ts";
+import { dataDir, typedErrors } from "../internal/index.ts";
 import {
   dockerCommand,
   EMPTY_IMAGE_CONFIG,
@@ -101,6 +101,10 @@ export class Image {
    * filesystem by manifest digest.
    */
   static async pull(reference: string, options: ImagePullOptions = {}): Promise<Image> {
+    return typedErrors("STORE_ERROR", `pulling ${reference}`, () => Image.#pull(reference, options));
+  }
+
+  static async #pull(reference: string, options: ImagePullOptions): Promise<Image> {
     const pulled = await pullImage(reference, options);
     const rootfsPath = await flattenedImageRootfs({
       manifestDigest: pulled.manifestDigest,
@@ -129,7 +133,9 @@ export class Image {
     path: string,
     options: { dataDir?: string; signal?: AbortSignal } = {},
   ): Promise<Image> {
-    const rootfs = await resolveRootfs(path, options);
+    const rootfs = await typedErrors("STORE_ERROR", `making ${path} an image`, () =>
+      resolveRootfs(path, options),
+    );
     return new Image(
       {
         reference: `rootfs:${resolve(path)}`,
@@ -151,7 +157,9 @@ export class Image {
     nameOrDir: string,
     options: SnapshotOpenOptions & { dataDir?: string } = {},
   ): Promise<Image> {
-    const snapshot = await Snapshot.open(snapshotDirOf(nameOrDir, options.dataDir ?? dataDir()), options);
+    const snapshot = await typedErrors("STORE_ERROR", `opening snapshot ${nameOrDir}`, () =>
+      Snapshot.open(snapshotDirOf(nameOrDir, options.dataDir ?? dataDir()), options),
+    );
     const m = snapshot.manifest;
     const chain = m.files.disk.backingChain;
     return new Image(
@@ -358,6 +366,10 @@ export class ImageBuilder {
 
   /** Pull, flatten and bake (or reuse the stored snapshot with the same inputs). */
   async build(): Promise<Image> {
+    return typedErrors("STORE_ERROR", `building an image of ${this.#reference}`, () => this.#build());
+  }
+
+  async #build(): Promise<Image> {
     const signal = this.#signal ?? this.#pullOptions.signal;
     const image = await Image.pull(this.#reference, {
       ...this.#pullOptions,

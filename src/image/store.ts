@@ -3,7 +3,7 @@
  * flattened root filesystems, and baked snapshots, all under the data dir.
  */
 
-import { dataDir } from "../internal/index.ts";
+import { dataDir, typedErrors } from "../internal/index.ts";
 import { type ImageRecord, listImages, type PruneResult, pruneImages, removeImage } from "../oci/index.ts";
 import { listSnapshots, removeSnapshot, type SnapshotInfo, snapshotBackingFiles } from "../snapshot/index.ts";
 import { imageRootfsPath, pruneRootfsCache } from "../vm/index.ts";
@@ -34,29 +34,33 @@ export class Store {
 
   /** The images in the store. */
   images(): Promise<ImageRecord[]> {
-    return listImages({ dataDir: this.dataDir });
+    return typedErrors("STORE_ERROR", "listing images", () => listImages({ dataDir: this.dataDir }));
   }
 
   /**
    * Forget a stored image (every platform unless one is given) and its flattened root filesystem.
    * Its blobs stay until {@link prune}. Throws `IMAGE_NOT_FOUND` when nothing matched.
    */
-  async removeImage(reference: string, options: { platform?: string } = {}): Promise<number> {
-    const removed = await removeImage(reference, { ...options, dataDir: this.dataDir });
-    await this.#pruneRootfs();
-    return removed;
+  removeImage(reference: string, options: { platform?: string } = {}): Promise<number> {
+    return typedErrors("STORE_ERROR", `removing ${reference}`, async () => {
+      const removed = await removeImage(reference, { ...options, dataDir: this.dataDir });
+      await this.#pruneRootfs();
+      return removed;
+    });
   }
 
   /** Delete blobs and cached root filesystems that no stored image or snapshot uses any more. */
-  async prune(options: { signal?: AbortSignal } = {}): Promise<StorePruneResult> {
-    const result = await pruneImages({ ...options, dataDir: this.dataDir });
-    const removedRootfs = await this.#pruneRootfs();
-    return { ...result, removedRootfs };
+  prune(options: { signal?: AbortSignal } = {}): Promise<StorePruneResult> {
+    return typedErrors("STORE_ERROR", "pruning the store", async () => {
+      const result = await pruneImages({ ...options, dataDir: this.dataDir });
+      const removedRootfs = await this.#pruneRootfs();
+      return { ...result, removedRootfs };
+    });
   }
 
   /** The snapshots in the store (`<dataDir>/snapshots`). */
   snapshots(): Promise<SnapshotInfo[]> {
-    return listSnapshots({ dataDir: this.dataDir });
+    return typedErrors("STORE_ERROR", "listing snapshots", () => listSnapshots({ dataDir: this.dataDir }));
   }
 
   /**
@@ -64,7 +68,9 @@ export class Store {
    * layered on it, unless `force`. Running VMs restored from it are not affected.
    */
   removeSnapshot(name: string, options: { force?: boolean } = {}): Promise<void> {
-    return removeSnapshot(name, { ...options, dataDir: this.dataDir });
+    return typedErrors("STORE_ERROR", `removing snapshot ${name}`, () =>
+      removeSnapshot(name, { ...options, dataDir: this.dataDir }),
+    );
   }
 
   /** Removes cached root filesystems that no stored image or snapshot uses. */

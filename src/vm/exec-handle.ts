@@ -6,6 +6,7 @@ import {
   ExecTimeoutError,
   OutputLimitError,
   SupermachineError,
+  VmError,
 } from "../errors.ts";
 import { publish } from "../internal/index.ts";
 import { ExecOutcomeRecord, OutputCollector } from "./exec-outcome.ts";
@@ -341,7 +342,10 @@ export class ExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposable {
       const timer = setTimeout(
         () =>
           channel.reset(
-            new SupermachineError("EXEC_FAILED", `exec ${this.#run.name} did not end after SIGKILL`),
+            new VmError(
+              "AGENT_PROTOCOL",
+              `exec ${this.#run.name} did not end after SIGKILL: the agent does not answer`,
+            ),
           ),
         DISPOSE_KILL_WAIT_MS,
       );

@@ -6,7 +6,7 @@
 import type { Readable } from "node:stream";
 import type { AgentClient, WriteFileOptions, WriteFileSource } from "../agent/index.ts";
 import { type ExecOutcome, SupermachineError, VmError } from "../errors.ts";
-import { debug, publish } from "../internal/index.ts";
+import { debug, publish, typedErrors } from "../internal/index.ts";
 import type { Snapshot } from "../snapshot/index.ts";
 import type { LaunchMachineSpec } from "../vmm/index.ts";
 import { type BootOptions, bootVm } from "./boot.ts";
@@ -127,7 +127,7 @@ export class Vm {
 
   /** Boot a VM from `config.rootfs` and wait until its agent answers. */
   static async start(config: VmConfig): Promise<Vm> {
-    return new Vm(await bootVm(config));
+    return new Vm(await typedErrors("VMM_FAILED", "starting a VM", () => bootVm(config)));
   }
 
   /**
@@ -137,8 +137,10 @@ export class Vm {
    */
   static async restore(snapshot: Snapshot, config: RestoreConfig = {}): Promise<Vm> {
     const started = performance.now();
-    const launched = await launchRestore(snapshot, config);
-    return new Vm(await activateRestore(launched, config, started));
+    return typedErrors("VMM_FAILED", `restoring ${snapshot.dir}`, async () => {
+      const launched = await launchRestore(snapshot, config);
+      return new Vm(await activateRestore(launched, config, started));
+    });
   }
 
   /**
@@ -149,9 +151,11 @@ export class Vm {
    */
   static async prestart(snapshot: Snapshot, config: PrestartConfig = {}): Promise<PrestartedVm> {
     const started = performance.now();
-    const launched = await launchRestore(snapshot, config);
-    const agent = config.warm === false ? undefined : await warmUp(launched, config);
-    return makePrestarted(launched, config, performance.now() - started, agent);
+    return typedErrors("VMM_FAILED", `pre-starting ${snapshot.dir}`, async () => {
+      const launched = await launchRestore(snapshot, config);
+      const agent = config.warm === false ? undefined : await warmUp(launched, config);
+      return makePrestarted(launched, config, performance.now() - started, agent);
+    });
   }
 
   /** `running` until stopped or dead. */
@@ -206,7 +210,10 @@ export class Vm {
 
   /** Write `data` to `path` in the guest (streamed; any size; atomically replaced). Default mode 0644. */
   async writeFile(path: string, data: WriteFileSource, options: WriteFileOptions = {}): Promise<void> {
-    return this.#agent().writeFile(path, data, options);
+    const agent = this.#agent();
+    return typedErrors("STORE_ERROR", `writing ${path} in VM ${this.id}`, () =>
+      agent.writeFile(path, data, options),
+    );
   }
 
   /** Read the whole file at `path` in the guest. */
@@ -235,7 +242,9 @@ export class Vm {
     const agent = this.#agent();
     // The channel must be idle: a round trip drains what the guest had to say.
     await agent.ping();
-    return saveSnapshot(this.#parts, dir, options);
+    return typedErrors("STORE_ERROR", `saving VM ${this.id} as a snapshot in ${dir}`, () =>
+      saveSnapshot(this.#parts, dir, options),
+    );
   }
 
   /**
@@ -415,10 +424,12 @@ export class PrestartedVm {
       ...options,
       bootTimeoutMs: options.bootTimeoutMs ?? this.#config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS,
     };
-    const parts =
-      this.#agent === undefined
-        ? await activateRestore(this.#launched, config, performance.now(), this.prestartMs)
-        : await activateWarm(this.#launched, this.#agent, config, this.prestartMs);
+    const agent = this.#agent;
+    const parts = await typedErrors("VMM_FAILED", `activating prestarted VM ${this.id}`, () =>
+      agent === undefined
+        ? activateRestore(this.#launched, config, performance.now(), this.prestartMs)
+        : activateWarm(this.#launched, agent, config, this.prestartMs),
+    );
     return internals.make(parts);
   }
 

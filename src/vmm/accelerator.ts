@@ -7,7 +7,7 @@ import { execFile, spawn } from "node:child_process";
 import { constants, readFileSync } from "node:fs";
 import { access, open } from "node:fs/promises";
 import path from "node:path";
-import { SupermachineError } from "../errors.ts";
+import { SupermachineError, VmError } from "../errors.ts";
 import { memoize, once, publish } from "../internal/index.ts";
 import type { Accelerator } from "./qemu-args.ts";
 
@@ -251,19 +251,17 @@ function runVersion(qemuPath: string): Promise<QemuVersion> {
       if (error !== null) {
         const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
         reject(
-          new SupermachineError(
-            notFound ? "QEMU_NOT_FOUND" : "VMM_FAILED",
-            notFound ? `QEMU not found at ${qemuPath}: ${INSTALL_HINT}` : `${qemuPath} --version failed`,
-            { cause: error },
-          ),
+          notFound
+            ? new SupermachineError("QEMU_NOT_FOUND", `QEMU not found at ${qemuPath}: ${INSTALL_HINT}`, {
+                cause: error,
+              })
+            : new VmError("VMM_FAILED", `${qemuPath} --version failed`, {}, { cause: error }),
         );
         return;
       }
       const version = parseQemuVersion(stdout);
       if (version === undefined) {
-        reject(
-          new SupermachineError("VMM_FAILED", `cannot parse the version of ${qemuPath}: ${stdout.trim()}`),
-        );
+        reject(new VmError("VMM_FAILED", `cannot parse the version of ${qemuPath}: ${stdout.trim()}`));
       } else {
         resolve(version);
       }

@@ -2,7 +2,7 @@ import { execFile } from "node:child_process";
 import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
-import { SupermachineError } from "../errors.ts";
+import { SupermachineError, VmError } from "../errors.ts";
 import { runtimeDir } from "../internal/index.ts";
 
 const run = promisify(execFile);
@@ -33,9 +33,12 @@ export async function createDiskOverlay(
       );
     }
     if (code === "ABORT_ERR") throw error;
-    throw new SupermachineError("VMM_FAILED", `qemu-img could not create a disk overlay on ${basePath}`, {
-      cause: error,
-    });
+    throw new VmError(
+      "VMM_FAILED",
+      `qemu-img could not create a disk overlay on ${basePath}`,
+      {},
+      { cause: error },
+    );
   }
   await chmod(overlayPath, 0o600);
 }

@@ -546,12 +546,11 @@ async function spawnQemu(
       child.once("spawn", () => resolve(child));
       child.once("error", (error) => {
         const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
+        const message = `cannot start ${command}: ${error.message}`;
         reject(
-          new SupermachineError(
-            notFound ? "QEMU_NOT_FOUND" : "VMM_FAILED",
-            `cannot start ${command}: ${error.message}`,
-            { cause: error },
-          ),
+          notFound
+            ? new SupermachineError("QEMU_NOT_FOUND", message, { cause: error })
+            : new VmError("VMM_FAILED", message, {}, { cause: error }),
         );
       });
     });

@@ -16,7 +16,7 @@ import { EMPTY_IMAGE_CONFIG, type ImageConfig } from "../../src/oci/index.ts";
 import type { Pool, PoolBuilder } from "../../src/pool/index.ts";
 import { poolBuilder, type VmSource } from "../../src/testing.ts";
 import { resolveRootfs } from "../../src/vm/index.ts";
-import { busyboxRootfs, missingVmPrerequisite } from "../helpers/vm.ts";
+import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
 
 const scratch = mkdtempSync(join(tmpdir(), "supermachine-pool-test-"));
 const runtimeRoot = join(scratch, "run");
@@ -101,11 +101,8 @@ describe("pool of real VMs", { timeout: 600_000 }, () => {
   const pools: Pool<Vm>[] = [];
 
   before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
+    skipReason = await vmSkipReason();
+    if (skipReason !== undefined) return;
     const rootfs = await resolveRootfs(await busyboxRootfs());
     const bake = (vcpus: number) =>
       bakeSnapshot({

@@ -9,16 +9,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it, type TestContext } from "node:test";
 import { hostClock } from "../../src/agent/index.ts";
-import { Image, Vm } from "../../src/index.ts";
-import { assertClonesDiffer, firstExecByte } from "../helpers/clones.ts";
+import { Image, type Vm } from "../../src/index.ts";
+import { assertClonesDiffer } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
-import { missingVmPrerequisite } from "../helpers/vm.ts";
-
-function stats(values: number[]): string {
-  const sorted = [...values].sort((a, b) => a - b);
-  const median = sorted[Math.floor(sorted.length / 2)]!;
-  return `min ${sorted[0]!.toFixed(1)}, median ${median.toFixed(1)}, max ${sorted.at(-1)!.toFixed(1)} ms`;
-}
+import { vmSkipReason } from "../helpers/vm.ts";
 
 describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
   let skipReason: string | undefined;
@@ -28,11 +22,8 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
   const vms: Vm[] = [];
 
   before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
+    skipReason = await vmSkipReason();
+    if (skipReason !== undefined) return;
     dataDir = await mkdtemp(join(tmpdir(), "sm-prewarm-data-"));
     runtimeDir = await mkdtemp(join(tmpdir(), "sm-prewarm-run-"));
     process.env.SUPERMACHINE_DATA_DIR = dataDir;
@@ -109,27 +100,5 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
     const inB = await b.execBuilder().argv(["test", "-e", "/only-a"]).reject(false).output();
     assert.notEqual(inB.exitCode, 0, "a file written in one clone is visible in the other");
     await Promise.all([a.stop(), b.stop()]);
-  });
-
-  vmIt("activation → first exec byte (diagnostic): pre-warmed against waiting for the state", async (t) => {
-    const snapshot = image.snapshot!;
-    const runs = Number(process.env.PREWARM_RUNS ?? 10);
-    const warm: number[] = [];
-    const deferred: number[] = [];
-    for (let i = 0; i < runs; i++) {
-      const pw = await Vm.prestart(snapshot);
-      const pd = await Vm.prestart(snapshot, { warm: false });
-      assert.equal(pd.warm, false);
-      for (const [prestarted, into] of [
-        [pw, warm],
-        [pd, deferred],
-      ] as const) {
-        const { ms, vm } = await firstExecByte(() => prestarted.activate());
-        into.push(ms);
-        await vm.kill();
-      }
-    }
-    t.diagnostic(`pre-warmed: activate → first byte of echo x, ${runs} runs: ${stats(warm)}`);
-    t.diagnostic(`waiting for its state: activate → first byte of echo x, ${runs} runs: ${stats(deferred)}`);
   });
 });
