@@ -53,20 +53,7 @@ export async function detectAccelerator(
     const handle = await open(device, constants.O_RDWR);
     await handle.close();
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    let reason: string;
-    if (code === "ENOENT") {
-      reason =
-        `${device} does not exist: this host does not offer KVM. Enable virtualization (VT-x/AMD-V) in ` +
-        "the firmware, or nested virtualization if this host is itself a VM, and load the kvm_intel " +
-        "or kvm_amd module.";
-    } else if (code === "EACCES" || code === "EPERM") {
-      reason =
-        `no permission to open ${device}: add your user to the kvm group ` +
-        "(sudo usermod -aG kvm $USER) and log out and in again.";
-    } else {
-      reason = `cannot open ${device} (${code ?? String(error)}).`;
-    }
+    const reason = kvmOpenFailure((error as NodeJS.ErrnoException).code ?? String(error), device);
     return { accel: "tcg", reason: `${reason} ${TCG_NOTE}` };
   }
   const failure = await (options.probe ?? (async () => probeKvm(await findQemu(env))))();
@@ -77,6 +64,24 @@ export async function detectAccelerator(
       `${device} opens, but QEMU cannot run a VM with it (${failure}): the host's KVM is incomplete ` +
       `(a nested or emulated KVM?); set SUPERMACHINE_ACCEL=tcg to skip this check. ${TCG_NOTE}`,
   };
+}
+
+/** Why `device` could not be opened (an errno code), and what to do about it. */
+export function kvmOpenFailure(code: string, device = "/dev/kvm"): string {
+  if (code === "ENOENT") {
+    return (
+      `${device} does not exist: this host does not offer KVM. Enable virtualization (VT-x/AMD-V) in ` +
+      "the firmware, or nested virtualization if this host is itself a VM, and load the kvm_intel " +
+      "or kvm_amd module."
+    );
+  }
+  if (code === "EACCES" || code === "EPERM") {
+    return (
+      `no permission to open ${device}: add your user to the kvm group ` +
+      "(sudo usermod -aG kvm $USER) and log out and in again."
+    );
+  }
+  return `cannot open ${device} (${code}).`;
 }
 
 /**
