@@ -19,8 +19,8 @@ import { closeSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } fr
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "./abort.ts";
+import { ContentReader } from "./content-reader.ts";
 import { crc32c, crc32cU32 } from "./crc32c.ts";
-import { clampTime } from "./debugfs-script.ts";
 import {
   compareBytes,
   type DirNode,
@@ -29,7 +29,6 @@ import {
   newDir,
   type TreeNode,
 } from "./file-tree.ts";
-import { ContentReader } from "./materialise-tree.ts";
 import { displayName } from "./tar-reader.ts";
 
 export const BLOCK_SIZE = 4096;
@@ -157,6 +156,15 @@ function isPowerOf(n: number, base: number): boolean {
 /** sparse_super: groups 0, 1 and powers of 3, 5, 7 hold superblock backups. */
 export function hasSuperblock(group: number): boolean {
   return group <= 1 || isPowerOf(group, 3) || isPowerOf(group, 5) || isPowerOf(group, 7);
+}
+
+/** ext4 stores seconds as signed 32 bits plus two epoch bits. */
+export const EXT4_MIN_TIME = -(2 ** 31);
+export const EXT4_MAX_TIME = 2 ** 34 - 2 ** 31 - 1;
+
+/** `t` clamped to what an ext4 timestamp can hold. */
+export function clampTime(t: number): number {
+  return Math.min(EXT4_MAX_TIME, Math.max(EXT4_MIN_TIME, t));
 }
 
 /** Splits an ext4 timestamp into the 32-bit field and the epoch bits of the `_extra` field. */

@@ -16,17 +16,6 @@ export const MAX_NAME_BYTES = 255;
 /** Longest symlink target accepted (PATH_MAX - 1; also ext4's limit with 4 KiB blocks). */
 export const MAX_SYMLINK_BYTES = 4095;
 
-/** What the directory given to `mke2fs -d` holds for a node, when it holds it at all. */
-export interface HostAttrs {
-  uid: number;
-  gid: number;
-  /** Permission bits (`& 0o7777`). */
-  mode: number;
-  /** Whole seconds. */
-  mtime: number;
-  atime: number;
-}
-
 interface Meta {
   /** Permission bits including setuid/setgid/sticky (`& 0o7777`). */
   mode: number;
@@ -35,8 +24,6 @@ interface Meta {
   /** Whole seconds since the epoch. */
   mtime: number;
   xattrs: Map<string, Buffer> | undefined;
-  /** Attributes of this node's copy in the source directory of `mke2fs -d`, if any. */
-  host?: HostAttrs | undefined;
 }
 
 export interface DirNode extends Meta {
@@ -114,7 +101,7 @@ export function corrupt(ctx: OpContext, message: string): LayerError {
   );
 }
 
-export function newDir(meta: Omit<Meta, "host"> | undefined = undefined): DirNode {
+export function newDir(meta: Meta | undefined = undefined): DirNode {
   return {
     kind: "dir",
     mode: meta?.mode ?? 0o755,

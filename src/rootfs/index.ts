@@ -13,8 +13,6 @@ import { buildError, mapAbort, throwIfAborted } from "./abort.ts";
 import { applyLayer, DEFAULT_ROOTFS_LIMITS, type RootfsLimits, Spool } from "./apply-layer.ts";
 import { writeExt4Image } from "./ext4-writer.ts";
 import { FileTree } from "./file-tree.ts";
-import { materialiseTree } from "./materialise-tree.ts";
-import { writeWithMke2fs } from "./mke2fs-writer.ts";
 import { openLayer } from "./open-layer.ts";
 import { scanDirectory } from "./scan-directory.ts";
 import { DEFAULT_TAR_LIMITS } from "./tar-reader.ts";
@@ -56,9 +54,6 @@ export type RootfsProgress =
     }
   | { phase: "scan"; dir: string }
   | { phase: "write" }
-  | { phase: "stage" }
-  | { phase: "mkfs" }
-  | { phase: "fixup" }
   | { phase: "done"; imagePath: string; durationMs: number };
 
 export interface ImageOptions {
@@ -74,14 +69,8 @@ export interface ImageOptions {
   label?: string | undefined;
   /** File-system UUID. Default: derived from the inputs (same input → same UUID). */
   uuid?: string | undefined;
-  /** Scratch space for spooled layer content (and the `mke2fs` writer's staging tree). Default: next to `output`. */
+  /** Scratch space for spooled layer content. Default: next to `output`. */
   tmpDir?: string | undefined;
-  /**
-   * How the image is written. `"builtin"` (default): this library writes ext4 itself, no external
-   * tools. `"mke2fs"`: a staging directory + `mke2fs -d` + one `debugfs` batch (e2fsprogs ≥ 1.47).
-   * Both give the same files, owners, modes, links, devices, xattrs and times (not the same bytes).
-   */
-  writer?: "builtin" | "mke2fs" | undefined;
   /** fsync the image before it is renamed into place (default true). */
   durable?: boolean | undefined;
 }
@@ -155,9 +144,6 @@ function checkOptions(o: ImageOptions): void {
   if (o.label !== undefined && Buffer.byteLength(o.label) > 16) {
     throw new SupermachineError("INVALID_ARGUMENT", "label must be at most 16 bytes");
   }
-  if (o.writer !== undefined && o.writer !== "builtin" && o.writer !== "mke2fs") {
-    throw new SupermachineError("INVALID_ARGUMENT", `writer must be "builtin" or "mke2fs"`);
-  }
   if (
     o.uuid !== undefined &&
     !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(o.uuid)
@@ -205,7 +191,8 @@ function emitter(o: ImageOptions): (event: RootfsProgress) => void {
 /**
  * Applies `layers` in order and writes the result as an ext4 image at `output`.
  * Throws `LayerError` (`UNSAFE_LAYER`, `CORRUPT_LAYER`) naming the layer and entry,
- * `SupermachineError` `ROOTFS_BUILD` when e2fsprogs fails, `ABORTED` on `signal`.
+ * `SupermachineError` `ROOTFS_BUILD` when the host or the file system refuses (disk full, content
+ * that does not fit `sizeBytes`), `ABORTED` on `signal`.
  */
 export async function flattenLayers(options: FlattenLayersOptions): Promise<RootfsImage> {
   checkOptions(options);
@@ -279,7 +266,7 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     const digests = options.layers.map((l) => l.digest || l.path);
     const uuid =
       options.uuid ?? derivedUuid("supermachine-rootfs", String(ROOTFS_FORMAT_VERSION), ...digests);
-    const written = await writeImage(options, tree, scratch, uuid, progress, true);
+    const written = await writeImage(options, tree, scratch, uuid, progress);
     const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
     return image;
@@ -294,7 +281,7 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
  * Writes the host directory `dir` as an ext4 image at `output` (like podman's `--rootfs`).
  * Symlinks are copied as symlinks and never followed; device nodes, FIFOs and sockets are kept;
  * files owned by the invoking non-root user become owned by root (uid/gid 0); other owners,
- * permission bits, times and xattrs (as `mke2fs -d` copies them) are kept. `dir` is not changed.
+ * permission bits and times are kept (xattrs are not: Node has no xattr API). `dir` is not changed.
  */
 export async function buildImageFromDirectory(options: BuildImageFromDirectoryOptions): Promise<RootfsImage> {
   checkOptions(options);
@@ -315,7 +302,7 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
     });
     const applyMs = performance.now() - t0;
     const uuid = options.uuid ?? derivedUuid("supermachine-rootfs-dir", String(ROOTFS_FORMAT_VERSION), dir);
-    const written = await writeImage(options, tree, scratch, uuid, progress, false, dir);
+    const written = await writeImage(options, tree, scratch, uuid, progress);
     const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
     return image;
@@ -351,69 +338,34 @@ async function publishImage(
   };
 }
 
-/** Writes `tree` to `scratch.tempImage` with the chosen writer. */
+/** Writes `tree` to `scratch.tempImage`. */
 async function writeImage(
   options: ImageOptions,
   tree: FileTree,
   scratch: Scratch,
   uuid: string,
   progress: (event: RootfsProgress) => void,
-  fromLayers: boolean,
-  sourceDir?: string,
 ): Promise<Written> {
   const label = options.label ?? ROOTFS_LABEL;
   const hashSeed = derivedUuid("supermachine-rootfs-hash-seed", uuid);
   const t0 = performance.now();
-  const common = { uuid, label, formatVersion: ROOTFS_FORMAT_VERSION };
-  if ((options.writer ?? "builtin") === "builtin") {
-    progress({ phase: "write" });
-    const r = await writeExt4Image({
-      tree,
-      imagePath: scratch.tempImage,
-      sizeBytes: options.sizeBytes,
-      freeBytes: options.freeBytes,
-      uuid,
-      hashSeed,
-      label,
-      durable: options.durable,
-      signal: options.signal,
-    });
-    log("rootfs: wrote %d inodes, layout %d ms, write %d ms", r.inodes, r.layoutMs, r.writeMs);
-    return {
-      ...common,
-      sizeBytes: r.sizeBytes,
-      freeBytes: r.freeBytes,
-      freeInodes: r.freeInodes,
-      fileBytes: r.fileBytes,
-      inodeCount: r.inodes,
-      skippedXattrs: r.skippedXattrs,
-      writeMs: performance.now() - t0,
-    };
-  }
-  let source = sourceDir;
-  if (fromLayers || source === undefined) {
-    progress({ phase: "stage" });
-    source = join(scratch.workDir, "root");
-    const staged = await materialiseTree(tree, source, options.signal);
-    log("rootfs: staged %o", staged);
-  }
-  const r = await writeWithMke2fs({
+  progress({ phase: "write" });
+  const r = await writeExt4Image({
     tree,
-    sourceDir: source,
     imagePath: scratch.tempImage,
-    workDir: scratch.workDir,
     sizeBytes: options.sizeBytes,
     freeBytes: options.freeBytes,
     uuid,
     hashSeed,
     label,
-    copyHostXattrs: !fromLayers,
+    durable: options.durable,
     signal: options.signal,
-    onPhase: (phase) => progress({ phase }),
   });
-  log("rootfs: mke2fs %d ms, debugfs %d commands in %d ms", r.mkfsMs, r.fixupCommands, r.fixupMs);
+  log("rootfs: wrote %d inodes, layout %d ms, write %d ms", r.inodes, r.layoutMs, r.writeMs);
   return {
-    ...common,
+    uuid,
+    label,
+    formatVersion: ROOTFS_FORMAT_VERSION,
     sizeBytes: r.sizeBytes,
     freeBytes: r.freeBytes,
     freeInodes: r.freeInodes,

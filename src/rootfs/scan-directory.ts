@@ -8,17 +8,7 @@ import { lstatSync, readdirSync, readlinkSync, type Stats } from "node:fs";
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "./abort.ts";
-import { type DirNode, FileTree, type HostAttrs, type TreeNode } from "./file-tree.ts";
-
-function hostAttrs(st: Stats): HostAttrs {
-  return {
-    uid: st.uid,
-    gid: st.gid,
-    mode: st.mode & 0o7777,
-    mtime: Math.floor(st.mtimeMs / 1000),
-    atime: Math.floor(st.atimeMs / 1000),
-  };
-}
+import { type DirNode, FileTree, type TreeNode } from "./file-tree.ts";
 
 function devMajor(rdev: number): number {
   return ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
@@ -78,14 +68,12 @@ export async function scanDirectory(dir: string, options: ScanOptions = {}): Pro
       const childPath = Buffer.concat([path, Buffer.from("/"), nameBuf]);
       const name = nameBuf.toString("latin1");
       const st = lstatSync(childPath);
-      const host = hostAttrs(st);
       const meta = {
-        mode: host.mode,
+        mode: st.mode & 0o7777,
         uid: uid(st.uid),
         gid: gid(st.gid),
-        mtime: host.mtime,
+        mtime: Math.floor(st.mtimeMs / 1000),
         xattrs: undefined,
-        host,
       };
       const key = `${st.dev}:${st.ino}`;
       if (!st.isDirectory() && !st.isSymbolicLink() && st.nlink > 1) {
