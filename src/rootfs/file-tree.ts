@@ -39,9 +39,12 @@ export interface ContentRef {
 
 export interface FileNode extends Meta {
   kind: "file";
+  /** Logical size (holes of a sparse file included). */
   size: number;
-  /** The content; undefined for an empty file. */
+  /** The content: byte `x` of the file is at `source.offset + x`; undefined for an empty file. */
   source: ContentRef | undefined;
+  /** A sparse file's data ranges (sorted, disjoint); the rest are holes. Undefined: all data. */
+  segments?: readonly { offset: number; length: number }[] | undefined;
   nlink: number;
 }
 

@@ -10,7 +10,7 @@ import { basename, dirname, join, resolve } from "node:path";
 import { debuglog } from "node:util";
 import { SupermachineError } from "../errors.ts";
 import { buildError, mapAbort, throwIfAborted } from "./abort.ts";
-import { applyLayer, DEFAULT_ROOTFS_LIMITS, type RootfsLimits, Spool } from "./apply-layer.ts";
+import { applyLayer, DEFAULT_ROOTFS_LIMITS, ImageBudget, type RootfsLimits, Spool } from "./apply-layer.ts";
 import { writeExt4Image } from "./ext4-writer.ts";
 import { FileTree } from "./file-tree.ts";
 import { openLayer } from "./open-layer.ts";
@@ -213,6 +213,7 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     tree.onRelease = (file) => {
       if (file.source !== undefined) spool.release(file.source, file.size);
     };
+    const budget = new ImageBudget();
     const t0 = performance.now();
     for (const [layerIndex, layer] of options.layers.entries()) {
       throwIfAborted(signal, "applying layers");
@@ -238,6 +239,7 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
           layer: name,
           spool,
           limits,
+          budget,
           signal,
           onEntry: (entries) => {
             const now = performance.now();

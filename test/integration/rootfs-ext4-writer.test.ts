@@ -195,8 +195,12 @@ describe("builtin ext4 writer: sizes", () => {
     assert.ok(r.freeInodes >= 16384);
   });
 
-  it("refuses xattrs that do not fit in one block", async () => {
-    const tree = await treeOf([{ ...file("f"), pax: { "SCHILY.xattr.user.huge": "h".repeat(5000) } }]);
+  it("refuses xattrs that do not fit in one block (when the layer is read, and in the writer)", async () => {
+    await assert.rejects(treeOf([{ ...file("f"), pax: { "SCHILY.xattr.user.huge": "h".repeat(5000) } }]), {
+      code: "UNSAFE_LAYER",
+    });
+    const tree = await treeOf([file("f")]);
+    tree.root.children.get("f")!.xattrs = new Map([["user.huge", Buffer.alloc(5000, 0x68)]]);
     await assert.rejects(write(tree), { code: "ROOTFS_BUILD" });
   });
 
