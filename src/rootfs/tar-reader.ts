@@ -444,7 +444,8 @@ export class TarReader {
       case "GNU.sparse.offset":
       case "GNU.sparse.numbytes": {
         // Format 0.0: pairs of repeated records, offset first (as Go's archive/tar checks).
-        const map = (pax.sparse.map ??= []);
+        pax.sparse.map ??= [];
+        const map = pax.sparse.map;
         if ((map.length % 2 === 0) !== (key === "GNU.sparse.offset"))
           throw this.#corrupt("GNU sparse offset/numbytes records out of order", entry);
         if (map.length >= 2 * this.#limits.maxSparseSegments)
