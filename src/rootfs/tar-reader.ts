@@ -438,8 +438,8 @@ export class TarReader {
         pax.sparse.name = text();
         return;
       case "GNU.sparse.numblocks":
-        this.#paxNumber(value, key, entry);
-        pax.sparse.map = [];
+        this.#paxNumber(value, key, entry); // checked; the map itself says how many
+        pax.sparse.map ??= [];
         return;
       case "GNU.sparse.offset":
       case "GNU.sparse.numbytes": {
