@@ -47,7 +47,11 @@ import {
 import { displayName, MetadataBudget, type TarEntry, type TarLimits, TarReader } from "./tar-reader.ts";
 
 export interface RootfsLimits extends TarLimits {
-  /** Most bytes of file content all layers together may expand to. Default 256 GiB. */
+  /**
+   * Most bytes all layers together may decompress to (tar headers and file data, holes of sparse
+   * files not included). Checked against what a zstd layer declares before it is decompressed,
+   * against each entry's declared size before its data is read, and while reading. Default 128 GiB.
+   */
   maxTotalBytes: number;
   /** Most nodes (entries plus directories created on the way) in the tree. Default 4 million. */
   maxNodes: number;
@@ -56,12 +60,13 @@ export interface RootfsLimits extends TarLimits {
 }
 
 export const DEFAULT_ROOTFS_LIMITS: Readonly<Omit<RootfsLimits, keyof TarLimits>> = Object.freeze({
-  maxTotalBytes: 256 * 1024 ** 3,
+  maxTotalBytes: 128 * 1024 ** 3,
   maxNodes: 4_000_000,
   maxXattrBytes: 64 * 1024 * 1024,
 });
 
 const ZERO_BLOCK = Buffer.alloc(4096);
+const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
 
 /**
  * Where content goes: one append-only file per layer, with a generated name, in a directory
@@ -101,6 +106,13 @@ export class Spool {
     closeSync(this.#fd);
     this.#fd = undefined;
     this.#maybeDelete(this.#path);
+  }
+
+  /** Closes the current spool file (the build failed; its directory is removed). */
+  close(): void {
+    if (this.#fd === undefined) return;
+    closeSync(this.#fd);
+    this.#fd = undefined;
   }
 
   /**
@@ -157,6 +169,14 @@ export class Spool {
 
   /** Writes `data` at `position`, leaving all-zero 4 KiB-aligned blocks unwritten. */
   #put(fd: number, data: Buffer, position: number): void {
+    // All zeros on 4 KiB boundaries (the common case of a zero run): nothing to write.
+    if (
+      position % 4096 === 0 &&
+      data.length % 4096 === 0 &&
+      data.length <= ZERO_CHUNK.length &&
+      data.equals(ZERO_CHUNK.subarray(0, data.length))
+    )
+      return;
     let s = 0;
     while (s < data.length) {
       // The next 4 KiB boundary of the spool file, or the end of the data.
@@ -194,10 +214,12 @@ export class Spool {
   }
 }
 
-/** What all layers of one image share: the metadata and xattr budgets. */
+/** What all layers of one image share: the metadata, xattr and decompressed-size budgets. */
 export class ImageBudget {
   readonly metadata = new MetadataBudget();
   xattrBytes = 0;
+  /** Decompressed bytes of the layers applied so far. */
+  unpackedBytes = 0;
 }
 
 export interface ApplyLayerOptions {
@@ -213,11 +235,8 @@ export interface ApplyLayerOptions {
   signal?: AbortSignal | undefined;
   /** Called after each entry. */
   onEntry?: ((entriesDone: number, tarBytes: number) => void) | undefined;
-  /**
-   * Called before an entry's content is spooled (`bytesToCome`: its data) and while it is
-   * (`bytesToCome` 0), with the bytes written to the spool so far; throws to stop (free space).
-   */
-  onSpool?: ((writtenBytes: number, bytesToCome: number, ctx: OpContext) => void) | undefined;
+  /** Called while an entry's content is spooled, with the bytes written to the host so far; throws to stop (free space). */
+  onSpool?: ((writtenBytes: number, ctx: OpContext) => void) | undefined;
 }
 
 export interface ApplyLayerResult {
@@ -264,20 +283,23 @@ export async function applyLayer(options: ApplyLayerOptions): Promise<ApplyLayer
         );
       }
     }
+    if (budget.unpackedBytes + reader.position + entry.dataSize > limits.maxTotalBytes) {
+      throw unsafe(
+        ctx,
+        `the layers decompress to more than ${limits.maxTotalBytes} bytes (limits.maxTotalBytes)`,
+      );
+    }
     const file = applyEntry(tree, entry, ctx, xattrs);
     if (tree.nodeCount > limits.maxNodes)
       throw unsafe(ctx, `more than ${limits.maxNodes} files and directories`);
     if (file !== undefined && entry.size > 0) {
-      if (spool.totalBytes + entry.dataSize > limits.maxTotalBytes) {
-        throw unsafe(ctx, `layers expand to more than ${limits.maxTotalBytes} bytes of file content`);
-      }
-      options.onSpool?.(spool.writtenBytes, entry.dataSize, ctx);
       // Content goes to a file we named, never through a path taken from the layer.
+      const onSpool = options.onSpool;
       file.source = await spool.write(
         entry.body(),
         entry.size,
         entry.sparse,
-        options.onSpool === undefined ? undefined : (written) => options.onSpool!(written, 0, ctx),
+        onSpool === undefined ? undefined : (written) => onSpool(written, ctx),
       );
       file.segments = entry.sparse;
     }
@@ -285,6 +307,7 @@ export async function applyLayer(options: ApplyLayerOptions): Promise<ApplyLayer
     options.onEntry?.(entries, reader.position);
   }
   spool.endLayer();
+  budget.unpackedBytes += reader.position;
   return { entries, tarBytes: reader.position };
 }
 

@@ -749,7 +749,7 @@ async function writeFileData(
     for (const i of inodes) {
       const node = i.node;
       if (node.kind !== "file" || node.size === 0 || node.source === undefined) continue;
-      const src = content.fd(node.source.path);
+      const src = content.fd(node.source);
       for (const run of i.runs) {
         const logical = run.logical * B;
         const runBytes = Math.min(run.len * B, node.size - logical);
@@ -766,6 +766,10 @@ async function writeFileData(
             got += n;
           }
           const position = run.start * B + runDone;
+          if (isZero(buf, 0, got)) {
+            runDone += got; // a hole in the image file
+            continue;
+          }
           for (let s = 0; s < got; ) {
             while (s < got && isZero(buf, s, Math.min(got, s + B))) s += B;
             let e = s;
@@ -777,6 +781,7 @@ async function writeFileData(
           runDone += got;
         }
       }
+      content.release(node.source);
       sinceYield += node.size;
       if (sinceYield >= 64 * MiB) {
         sinceYield = 0;
@@ -1035,12 +1040,11 @@ function writeSuperblocks(
   }
 }
 
+const ZERO_BUFFER = Buffer.alloc(4 * MiB);
+
+/** True when `buf[start, end)` (at most 4 MiB) is all zeros. */
 function isZero(buf: Buffer, start: number, end: number): boolean {
-  // Compare 8 bytes at a time where possible.
-  let i = start;
-  for (; i + 8 <= end; i += 8) if (buf.readBigUInt64LE(i) !== 0n) return false;
-  for (; i < end; i++) if (buf[i] !== 0) return false;
-  return true;
+  return buf.subarray(start, end).equals(ZERO_BUFFER.subarray(0, end - start));
 }
 
 function runBlocks(runs: Run[]): number[] {

@@ -35,6 +35,8 @@ export interface DirNode extends Meta {
 export interface ContentRef {
   path: string | Buffer;
   offset: number;
+  /** A file of a source directory: the inode it was when scanned; opening anything else is refused. */
+  identity?: { dev: number; ino: number } | undefined;
 }
 
 export interface FileNode extends Meta {

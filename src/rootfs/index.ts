@@ -5,15 +5,16 @@
 import { createHash, randomBytes } from "node:crypto";
 import diagnostics_channel from "node:diagnostics_channel";
 import { unlinkSync } from "node:fs";
-import { chmod, mkdir, mkdtemp, rename, rm, stat } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, open, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { debuglog } from "node:util";
-import { SupermachineError } from "../errors.ts";
+import { LayerError, SupermachineError } from "../errors.ts";
 import { buildError, mapAbort, throwIfAborted } from "./abort.ts";
 import { applyLayer, DEFAULT_ROOTFS_LIMITS, ImageBudget, type RootfsLimits, Spool } from "./apply-layer.ts";
+import { DEFAULT_MIN_FREE_DISK_BYTES, DiskSpace } from "./disk-space.ts";
 import { writeExt4Image } from "./ext4-writer.ts";
-import { FileTree } from "./file-tree.ts";
-import { openLayer } from "./open-layer.ts";
+import { FileTree, type TreeNode, walkTree } from "./file-tree.ts";
+import { openLayer, sniffCompression, zstdDeclaredSize } from "./open-layer.ts";
 import { scanDirectory } from "./scan-directory.ts";
 import { DEFAULT_TAR_LIMITS } from "./tar-reader.ts";
 
@@ -73,6 +74,11 @@ export interface ImageOptions {
   tmpDir?: string | undefined;
   /** fsync the image before it is renamed into place (default true). */
   durable?: boolean | undefined;
+  /**
+   * Free space the build leaves on the host file systems it writes to (scratch and output);
+   * checked before and while flattening. Default 512 MiB.
+   */
+  minFreeDiskBytes?: number | undefined;
 }
 
 export interface FlattenLayersOptions extends ImageOptions {
@@ -133,6 +139,7 @@ function checkOptions(o: ImageOptions): void {
   for (const [k, v] of [
     ["sizeBytes", o.sizeBytes],
     ["freeBytes", o.freeBytes],
+    ["minFreeDiskBytes", o.minFreeDiskBytes],
   ] as const) {
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) {
       throw new SupermachineError("INVALID_ARGUMENT", `${k} must be a non-negative integer`);
@@ -205,20 +212,29 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
   const started = performance.now();
   const scratch = await makeScratch(options);
   let failed = true;
+  let spool: Spool | undefined;
   try {
     const tree = new FileTree();
-    const spool = new Spool(join(scratch.workDir, "spool"));
-    await mkdir(spool.dir, { mode: 0o700 });
+    const layerSpool = new Spool(join(scratch.workDir, "spool"));
+    spool = layerSpool;
+    await mkdir(layerSpool.dir, { mode: 0o700 });
     // Content nobody links to any more frees its spool space as soon as possible.
     tree.onRelease = (file) => {
-      if (file.source !== undefined) spool.release(file.source, file.size);
+      if (file.source !== undefined) layerSpool.release(file.source, file.size);
     };
     const budget = new ImageBudget();
+    const disk = new DiskSpace(
+      [scratch.workDir, dirname(scratch.output)],
+      options.minFreeDiskBytes ?? DEFAULT_MIN_FREE_DISK_BYTES,
+    );
+    disk.check(0, "flattening the image");
+    let nextCheck = 0;
     const t0 = performance.now();
     for (const [layerIndex, layer] of options.layers.entries()) {
       throwIfAborted(signal, "applying layers");
       const name = layer.digest || layer.path;
       const bytesTotal = (await stat(layer.path)).size;
+      await refuseDeclaredBomb(layer.path, name, limits.maxTotalBytes - budget.unpackedBytes);
       const opened = await openLayer(layer.path, layer.mediaType, signal);
       let lastReport = 0;
       const report = (entries: number): void => {
@@ -237,10 +253,17 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
           tree,
           source: opened.stream,
           layer: name,
-          spool,
+          spool: layerSpool,
           limits,
           budget,
           signal,
+          // Free space is checked again after every half of what was left (1 … 64 MiB) has been
+          // written (zeros are holes and cost nothing).
+          onSpool: (written, ctx) => {
+            if (written < nextCheck) return;
+            const left = disk.check(0, `entry ${JSON.stringify(ctx.entry)} of layer ${name}`);
+            nextCheck = written + Math.min(64 * 1024 * 1024, Math.max(1024 * 1024, Math.floor(left / 2)));
+          },
           onEntry: (entries) => {
             const now = performance.now();
             if (now - lastReport >= 100) {
@@ -268,6 +291,8 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     const digests = options.layers.map((l) => l.digest || l.path);
     const uuid =
       options.uuid ?? derivedUuid("supermachine-rootfs", String(ROOTFS_FORMAT_VERSION), ...digests);
+    // The image holds the content spooled so far (its zero blocks are holes) plus metadata.
+    disk.check(layerSpool.writtenBytes + tree.nodeCount * 512 + 8 * 1024 * 1024, "writing the image");
     const written = await writeImage(options, tree, scratch, uuid, progress);
     const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
@@ -275,7 +300,31 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
   } catch (err) {
     throw buildError(err, signal, "building the image");
   } finally {
+    spool?.close(); // its files' space comes back only once they are closed
     await cleanup(scratch, failed);
+  }
+}
+
+/**
+ * A zstd layer declares what it decompresses to (its frames' content sizes): one that declares
+ * more than the image may still take is refused before a byte is decompressed.
+ */
+async function refuseDeclaredBomb(path: string, layer: string, remaining: number): Promise<void> {
+  const head = Buffer.alloc(8);
+  const fh = await open(path, "r");
+  try {
+    await fh.read(head, 0, head.length, 0);
+  } finally {
+    await fh.close();
+  }
+  if (sniffCompression(head) !== "zstd") return;
+  const declared = zstdDeclaredSize(path, remaining);
+  if (declared !== undefined && declared > remaining) {
+    throw new LayerError(
+      "UNSAFE_LAYER",
+      `unsafe layer ${layer}: it declares ${declared} bytes decompressed, more than the ${remaining} left of limits.maxTotalBytes`,
+      { layer },
+    );
   }
 }
 
@@ -303,6 +352,16 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
       mapGid: options.mapOwner === null ? -1 : options.mapOwner?.gid,
     });
     const applyMs = performance.now() - t0;
+    let contentBytes = 0;
+    const counted = new Set<TreeNode>();
+    for (const { node } of walkTree(tree.root)) {
+      if (node.kind === "file" && !counted.has(node)) contentBytes += node.size;
+      counted.add(node);
+    }
+    new DiskSpace([dirname(scratch.output)], options.minFreeDiskBytes ?? DEFAULT_MIN_FREE_DISK_BYTES).check(
+      contentBytes + tree.nodeCount * 512 + 8 * 1024 * 1024,
+      `the image of ${dir}`,
+    );
     const uuid = options.uuid ?? derivedUuid("supermachine-rootfs-dir", String(ROOTFS_FORMAT_VERSION), dir);
     const written = await writeImage(options, tree, scratch, uuid, progress);
     const image = await publishImage(scratch, written, { started, applyMs, progress, signal });

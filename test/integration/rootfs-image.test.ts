@@ -490,6 +490,38 @@ describe("buildImageFromDirectory", () => {
     assert.equal(a.hardlinks.length, 1);
   });
 
+  for (const swap of ["a file for a symlink", "a directory on its path for a symlink"] as const) {
+    it(`refuses a tree whose ${swap.split(" ")[1]} is swapped between scan and write (${swap})`, async () => {
+      const tree = mkdtempSync(join(work, "racy-"));
+      const outside = mkdtempSync(join(work, "outside-"));
+      mkdirSync(join(tree, "etc"));
+      writeFileSync(join(tree, "etc", "hostname"), "box\n");
+      writeFileSync(join(outside, "hostname"), "SECRET OF THE HOST\n");
+      const output = join(tree, "..", `${tree.split("/").pop()}.ext4`);
+      await assert.rejects(
+        buildImageFromDirectory({
+          dir: tree,
+          output,
+          freeBytes: 16 << 20,
+          onProgress: (e) => {
+            if (e.phase !== "write") return;
+            // Scanned already; now the tree changes under the build.
+            if (swap === "a file for a symlink") {
+              rmSync(join(tree, "etc", "hostname"));
+              symlinkSync(join(outside, "hostname"), join(tree, "etc", "hostname"));
+            } else {
+              cpSync(join(tree, "etc"), join(tree, "etc-old"), { recursive: true });
+              rmSync(join(tree, "etc"), { recursive: true });
+              symlinkSync(outside, join(tree, "etc"));
+            }
+          },
+        }),
+        { code: "ROOTFS_BUILD", message: /changed while the image was built/ },
+      );
+      assert.throws(() => readFileSync(output), { code: "ENOENT" });
+    });
+  }
+
   it("refuses a path that is not a directory", async () => {
     await assert.rejects(
       buildImageFromDirectory({ dir: join(src, "etc", "hostname"), output: join(work, "x.ext4") }),
