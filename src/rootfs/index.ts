@@ -25,7 +25,7 @@ export type { TarEntry, TarEntryType, TarLimits } from "./tar-reader.ts";
  * Version of the image format this module writes (layout, features, fix-up rules). Fold it into
  * any cache key of built images: a new version means old images must be rebuilt.
  */
-export const ROOTFS_FORMAT_VERSION = 1;
+export const ROOTFS_FORMAT_VERSION = 2;
 
 /** Default volume label of built images. */
 export const ROOTFS_LABEL = "supermachine";
