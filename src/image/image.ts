@@ -10,15 +10,13 @@ import {
   pullImage,
 } from "../oci/index.ts";
 import { type Pool, type PoolBuilder, type PooledVm, poolBuilder, type VmSource } from "../pool/index.ts";
-import type { RootfsProgress } from "../rootfs/index.ts";
+import { flattenedImageRootfs, type RootfsProgress, resolveRootfs } from "../rootfs/index.ts";
 import { Snapshot, type SnapshotOpenOptions, snapshotDirOf } from "../snapshot/index.ts";
 import {
   DEFAULT_MEMORY_MIB,
   DEFAULT_VCPUS,
-  flattenedImageRootfs,
   type PrestartedVm,
   type RestoreConfig,
-  resolveRootfs,
   Vm,
   type VmConfig,
 } from "../vm/index.ts";

@@ -5,8 +5,8 @@
 
 import { dataDir, typedErrors } from "../internal/index.ts";
 import { type ImageRecord, listImages, type PruneResult, pruneImages, removeImage } from "../oci/index.ts";
+import { imageRootfsPath, pruneRootfsCache } from "../rootfs/index.ts";
 import { listSnapshots, removeSnapshot, type SnapshotInfo, snapshotBackingFiles } from "../snapshot/index.ts";
-import { imageRootfsPath, pruneRootfsCache } from "../vm/index.ts";
 
 /** What {@link Store.prune} removed. */
 export interface StorePruneResult extends PruneResult {

@@ -31,3 +31,10 @@ export function raceAbort<T>(
     );
   });
 }
+
+/** Maps an error caused by `signal` firing (Node's `AbortError`, the signal's reason) to ours. */
+export function mapAbort(err: unknown, signal: AbortSignal | undefined, what: string): unknown {
+  if (signal?.aborted && !(err instanceof AbortError))
+    return new AbortError(`${what} aborted`, { cause: signal.reason });
+  return err;
+}

@@ -21,7 +21,7 @@
  */
 import { closeSync, ftruncateSync, openSync, readSync, unlinkSync, writeSync } from "node:fs";
 import { join } from "node:path";
-import { throwIfAborted } from "./abort.ts";
+import { throwIfAborted } from "../internal/index.ts";
 import { MAX_XATTR_BLOCK_BYTES, xattrBytes } from "./ext4-writer.ts";
 import {
   type ContentRef,

@@ -22,7 +22,7 @@ import {
 } from "node:fs";
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
-import { throwIfAborted } from "./abort.ts";
+import { throwIfAborted } from "../internal/index.ts";
 import { type DirNode, FileTree, type TreeNode } from "./file-tree.ts";
 
 function devMajor(rdev: number): number {

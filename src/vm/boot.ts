@@ -8,6 +8,7 @@ import { performance } from "node:perf_hooks";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "../internal/index.ts";
 import { EMPTY_IMAGE_CONFIG } from "../oci/index.ts";
+import { resolveRootfs } from "../rootfs/index.ts";
 import type { ImageIdentity } from "../snapshot/index.ts";
 import {
   createDiskOverlay,
@@ -19,7 +20,6 @@ import {
   resolveAssetPaths,
 } from "../vmm/index.ts";
 import { DEFAULT_PATH } from "./exec.ts";
-import { resolveRootfs } from "./rootfs-cache.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, type VmConfig } from "./vm-config.ts";
 import { connectAgent, type VmParts, withConsoleLog } from "./vm-parts.ts";
 

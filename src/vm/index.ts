@@ -22,13 +22,6 @@ export {
 } from "./exec-handle.ts";
 export { restoreMachineSpec } from "./restore.ts";
 export {
-  flattenedImageRootfs,
-  imageRootfsPath,
-  pruneRootfsCache,
-  type RootfsImage,
-  resolveRootfs,
-} from "./rootfs-cache.ts";
-export {
   bootForBake,
   type GuestFileStream,
   PrestartedVm,

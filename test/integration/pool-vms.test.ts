@@ -14,8 +14,8 @@ import { bakeSnapshot } from "../../src/image/index.ts";
 import { Image, PoolTimeoutError, type Vm } from "../../src/index.ts";
 import { EMPTY_IMAGE_CONFIG, type ImageConfig } from "../../src/oci/index.ts";
 import type { Pool, PoolBuilder } from "../../src/pool/index.ts";
+import { resolveRootfs } from "../../src/rootfs/index.ts";
 import { poolBuilder, type VmSource } from "../../src/testing.ts";
-import { resolveRootfs } from "../../src/vm/index.ts";
 import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
 
 const scratch = mkdtempSync(join(tmpdir(), "supermachine-pool-test-"));

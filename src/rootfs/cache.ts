@@ -14,10 +14,10 @@ import {
   flattenLayers,
   ROOTFS_FORMAT_VERSION,
   type RootfsProgress,
-} from "../rootfs/index.ts";
+} from "./build.ts";
 
 /** A root filesystem image ready to attach (read-only base; VMs write to overlays). */
-export interface RootfsImage {
+export interface CachedRootfs {
   readonly imagePath: string;
   /** What identifies its content: the tree's fingerprint, or the image file's path, size and mtime. */
   readonly key: string;
@@ -82,7 +82,7 @@ const EXT4_MAGIC = 0xef53;
 export async function resolveRootfs(
   path: string,
   opts: { signal?: AbortSignal | undefined; dataDir?: string | undefined } = {},
-): Promise<RootfsImage> {
+): Promise<CachedRootfs> {
   const absolute = resolve(path);
   const info = await stat(absolute).catch((error: NodeJS.ErrnoException) => {
     throw new SupermachineError("INVALID_ARGUMENT", `rootfs ${path} does not exist (${error.code})`, {
