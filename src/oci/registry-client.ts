@@ -65,6 +65,9 @@ export function isLoopbackHost(hostPort: string): boolean {
   );
 }
 
+/** Redirects followed for one request. */
+const MAX_REDIRECTS = 10;
+
 function hostOnly(hostPort: string): string {
   if (hostPort.startsWith("[")) return hostPort.slice(0, hostPort.indexOf("]") + 1);
   const colon = hostPort.lastIndexOf(":");
@@ -206,6 +209,50 @@ export class RegistryClient {
     return this.#insecure || isLoopbackHost(this.#host);
   }
 
+  /**
+   * GET `url`, following redirects by hand (at most {@link MAX_REDIRECTS}) so that each hop is
+   * checked: never from HTTPS to plain HTTP unless the registry is marked insecure, plain HTTP only
+   * to hosts that may be reached that way, and credentials never sent to another origin.
+   */
+  async #fetch(
+    url: string | URL,
+    headers: Record<string, string>,
+    signal: AbortSignal | undefined,
+  ): Promise<Response> {
+    let current = new URL(url);
+    let h = headers;
+    for (let hop = 0; ; hop++) {
+      const res = await fetch(current, { headers: h, signal, redirect: "manual" });
+      const location = res.headers.get("location");
+      if (![301, 302, 303, 307, 308].includes(res.status) || location === null) return res;
+      await res.body?.cancel().catch(() => {});
+      if (hop >= MAX_REDIRECTS) {
+        throw this.#error(
+          "REGISTRY_ERROR",
+          `registry ${this.registry} redirected more than ${MAX_REDIRECTS} times`,
+          res.status,
+        );
+      }
+      const next = new URL(location, current);
+      const downgrade = current.protocol === "https:" && next.protocol === "http:";
+      const plainAllowed =
+        next.protocol === "http:" && this.#allowsPlainHttpTo(next.host) && (!downgrade || this.#insecure);
+      if (next.protocol !== "https:" && !plainAllowed) {
+        throw this.#error(
+          "REGISTRY_ERROR",
+          `refusing a redirect from ${current.origin} to ${next.origin}: ${downgrade ? "from HTTPS to plain HTTP" : "plain HTTP to a host not marked insecure"} (mark the registry insecure only if you trust the network)`,
+          res.status,
+        );
+      }
+      if (next.origin !== current.origin) {
+        const { authorization: _dropped, ...rest } = h;
+        h = rest;
+      }
+      debug("registry %s: %d redirect to %s", this.registry, res.status, next.origin);
+      current = next;
+    }
+  }
+
   #allowsPlainHttpTo(hostPort: string): boolean {
     if (isLoopbackHost(hostPort)) return true;
     const k = registryKey(hostPort);
@@ -271,7 +318,7 @@ export class RegistryClient {
       for (const scheme of schemes) {
         const origin = `${scheme}://${this.#host}`;
         try {
-          const res = await fetch(`${origin}/v2/`, { headers: this.#headers(), signal, redirect: "follow" });
+          const res = await this.#fetch(`${origin}/v2/`, this.#headers(), signal);
           if (res.status === 401) this.#learnChallenge(res.headers.get("www-authenticate"));
           await res.body?.cancel().catch(() => {});
           debug("registry %s: %s /v2/ -> %d", this.registry, origin, res.status);
@@ -369,10 +416,14 @@ export class RegistryClient {
         `registry ${this.registry} sent an invalid token realm ${JSON.stringify(realm)}`,
       );
     }
-    if (url.protocol !== "https:" && !(url.protocol === "http:" && this.#allowsPlainHttpTo(url.host))) {
+    const registryOverHttp = (await this.#resolveOrigin(signal)).startsWith("http:");
+    if (
+      url.protocol !== "https:" &&
+      !(url.protocol === "http:" && registryOverHttp && this.#allowsPlainHttpTo(url.host))
+    ) {
       throw this.#error(
         "REGISTRY_AUTH",
-        `refusing token realm ${realm}: only HTTPS (or plain HTTP to loopback and insecureRegistries) is allowed`,
+        `refusing token realm ${realm}: a token realm may use plain HTTP only when the registry itself does, and only to loopback or an insecure registry`,
       );
     }
     if (challenge.params.service) url.searchParams.set("service", challenge.params.service);
@@ -386,7 +437,7 @@ export class RegistryClient {
     let lastError: unknown;
     for (let attempt = 0; ; attempt++) {
       try {
-        res = await fetch(url, { headers, signal, redirect: "follow" });
+        res = await this.#fetch(url, headers, signal);
         if ((res.status >= 500 || res.status === 429) && attempt < this.#retries) {
           await res.body?.cancel().catch(() => {});
           await sleep(this.#backoffMs(attempt, res.headers.get("retry-after")), signal);
@@ -483,7 +534,7 @@ export class RegistryClient {
       if (auth) h.authorization = auth;
       let res: Response;
       try {
-        res = await fetch(`${origin}${path}`, { headers: h, signal, redirect: "follow" });
+        res = await this.#fetch(`${origin}${path}`, h, signal);
       } catch (err) {
         if (isAbort(err, signal)) throw abortError(signal, err);
         if (attempt >= this.#retries) {

@@ -91,7 +91,14 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
     prepare: async (stateDir) => {
       overlayPath = options.bake?.overlayPath ?? join(stateDir, "rootfs.qcow2");
       await createDiskOverlay(rootfs.imagePath, overlayPath, { baseFormat: "raw", signal });
-      const disks = [{ name: "root", path: overlayPath, format: "qcow2" as const }];
+      const disks = [
+        {
+          name: "root",
+          path: overlayPath,
+          format: "qcow2" as const,
+          backing: [{ path: rootfs.imagePath, format: "raw" as const }],
+        },
+      ];
       machine.disks = disks;
       return { disks };
     },

@@ -93,7 +93,7 @@ export async function exposeTcp(
   const port = typeof address === "object" && address !== null ? address.port : hostPort;
   let closing: Promise<void> | undefined;
   publish("vm:port", { id: options.vmId, host, hostPort: port, guestPort });
-  return {
+  const exposed: ExposedPort = {
     host,
     hostPort: port,
     guestPort,
@@ -108,9 +108,10 @@ export async function exposeTcp(
       return closing;
     },
     async [Symbol.asyncDispose]() {
-      await this.close();
+      await exposed.close();
     },
   };
+  return exposed;
 }
 
 /**

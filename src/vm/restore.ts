@@ -79,7 +79,17 @@ export async function launchRestore(snapshot: Snapshot, config: RestoreConfig): 
       overlayPath = join(stateDir, "rootfs.qcow2");
       await snapshot.createOverlay(overlayPath);
       rootfsMs = performance.now() - started;
-      const disks = [{ name: "root", path: overlayPath, format: "qcow2" as const }];
+      const disks = [
+        {
+          name: "root",
+          path: overlayPath,
+          format: "qcow2" as const,
+          backing: [
+            { path: snapshot.diskPath, format: "qcow2" as const },
+            ...snapshot.manifest.files.disk.backingChain.map(({ path, format }) => ({ path, format })),
+          ],
+        },
+      ];
       machine.disks = disks;
       return { disks };
     },

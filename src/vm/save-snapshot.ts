@@ -75,7 +75,9 @@ export async function saveSnapshot(
       ...vm.machine,
       // The stream names the RAM block after the source's backend: anonymous RAM is QEMU's default `microvm.ram`.
       memory: { kind: "file", path: memoryPath, share: true, backendId },
-      disks: [{ name: "root", path: diskPath, format: "qcow2" }],
+      disks: [
+        { name: "root", path: diskPath, format: "qcow2", backing: vm.machine.disks?.[0]?.backing ?? [] },
+      ],
     };
     const helper = await QemuProcess.launch({ machine, incomingStatePath: stream, sweep: false });
     try {

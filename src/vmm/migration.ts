@@ -24,7 +24,8 @@ export const INCOMING_STATE_FD = 3;
 /** What the migration steps need of a running QEMU. */
 export interface MigrationTarget {
   readonly qmp: QmpClient;
-  readonly stateDir: string;
+  /** Runs `use` with a dir QEMU can reach for the migration socket, and a way to give QEMU the socket. */
+  socketDir<T>(use: (dir: string, grant: (socketPath: string) => Promise<void>) => Promise<T>): Promise<T>;
   readonly consoleLogPath: string;
   readonly stderrTail: string;
   /** Rejects with `VM_EXITED` when QEMU exits (raced against every wait). */
@@ -70,14 +71,21 @@ function tail(text: string): string {
 }
 
 /** Save the (paused) VM's state into `path`, which must not exist yet. */
-export async function saveState(
+export function saveState(target: MigrationTarget, path: string, options: SaveStateOptions): Promise<void> {
+  return target.socketDir((dir, grant) =>
+    saveThrough(target, join(dir, "migrate.sock"), grant, path, options),
+  );
+}
+
+async function saveThrough(
   target: MigrationTarget,
+  socketPath: string,
+  grant: (socketPath: string) => Promise<void>,
   path: string,
   options: SaveStateOptions,
 ): Promise<void> {
   const { qmp } = target;
   await qmp.execute("migrate-set-capabilities", capabilities(options.ignoreShared));
-  const socketPath = join(target.stateDir, "migrate.sock");
   const server = createServer();
   server.maxConnections = 1;
   const written = new Promise<void>((resolve, reject) => {
@@ -92,6 +100,7 @@ export async function saveState(
     server.listen(socketPath, () => resolve());
   });
   try {
+    await grant(socketPath);
     const finished = qmp.waitForEvent("MIGRATION", {
       filter: migrationEnded,
       ...(options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs }),

@@ -40,6 +40,12 @@ export interface DiskSpec {
   format: "raw" | "qcow2";
   /** Attach read-only: QEMU opens the file read-only and the guest cannot write. Default false. */
   readOnly?: boolean;
+  /**
+   * The backing chain below `path`, top down (a qcow2 overlay's backing file first). Given, QEMU
+   * opens exactly these files (read-only) instead of the names in the qcow2 headers. Absent, it
+   * follows the headers.
+   */
+  backing?: readonly { path: string; format: "raw" | "qcow2" }[];
 }
 
 /** A host port forwarded into the guest by QEMU's user-mode network (`hostfwd`). */
@@ -119,13 +125,19 @@ export interface MachineSpec {
   disks?: readonly DiskSpec[];
   /** User-mode network. Absent: the VM has no network device at all. */
   network?: NetworkSpec;
-  /** Unix socket the HOST listens on; QEMU connects to it as the QMP client side. */
-  qmpSocketPath: string;
+  /**
+   * QMP: an inherited descriptor of a socket already connected to the host (`qmpFd`), or a unix
+   * socket the HOST listens on and QEMU connects to (`qmpSocketPath`). One of the two.
+   */
+  qmpSocketPath?: string;
+  qmpFd?: number;
   /**
    * Unix socket the HOST listens on; QEMU connects the guest's virtio-serial port `sm.agent`
    * (`/dev/virtio-ports/sm.agent`) to it. Absent: no agent channel.
    */
   agentSocketPath?: string;
+  /** The agent's port on an inherited, connected socket instead of `agentSocketPath`. */
+  agentFd?: number;
   /** Start as the target of an incoming migration (restore). */
   incoming?: IncomingMigration;
   /** Start with the vCPUs stopped (`-S`); QMP `cont` starts them. */
@@ -134,6 +146,8 @@ export interface MachineSpec {
   sandbox?: SandboxMode;
   /** Process name (`-name`), shown by `ps` and in QMP `query-name`. */
   name?: string;
+  /** Inherited descriptors QEMU files as fdsets (`-add-fd`), referred to as `/dev/fdset/<set>`. */
+  addFds?: readonly { fd: number; set: number }[];
   /**
    * Arguments appended verbatim at the end. They must be identical on save and restore when they
    * add devices.
@@ -185,6 +199,7 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
 
   if (spec.name !== undefined) push("-name", opt(spec.name));
   push("-nodefaults", "-no-user-config", "-nographic");
+  for (const { fd, set } of spec.addFds ?? []) push("-add-fd", `fd=${fd},set=${set}`);
   const sandbox = spec.sandbox ?? "strict";
   if (sandbox !== "off") push("-sandbox", sandbox === "strict" ? STRICT_SANDBOX : SPAWN_SANDBOX);
 
@@ -215,19 +230,19 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
   // QMP: QEMU connects to the host's listening socket.
   push(
     "-chardev",
-    `socket,id=qmp,path=${opt(spec.qmpSocketPath)},server=off`,
+    `socket,id=qmp,${socketTarget(spec.qmpFd, spec.qmpSocketPath)}`,
     "-mon",
     "chardev=qmp,mode=control",
   );
 
   // Devices, fixed ones first (see the module comment).
   push("-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0,id=rng");
-  if (spec.agentSocketPath !== undefined) {
+  if (spec.agentSocketPath !== undefined || spec.agentFd !== undefined) {
     push(
       "-device",
       "virtio-serial-device,id=vser0",
       "-chardev",
-      `socket,id=agent,path=${opt(spec.agentSocketPath)},server=off`,
+      `socket,id=agent,${socketTarget(spec.agentFd, spec.agentSocketPath)}`,
       "-device",
       `virtserialport,bus=vser0.0,chardev=agent,name=${AGENT_PORT_NAME},id=agent0`,
     );
@@ -235,6 +250,25 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
   for (const [index, disk] of (spec.disks ?? []).entries()) {
     const name = disk.name ?? `disk${index}`;
     const readOnly = disk.readOnly === true;
+    const chain = disk.backing ?? [];
+    // The backing chain bottom up, each node naming the one below it.
+    for (let i = chain.length - 1; i >= 0; i--) {
+      const entry = chain[i]!;
+      const node = `${name}-b${i}`;
+      push("-blockdev", `driver=file,node-name=${node}-file,filename=${opt(entry.path)},read-only=on`);
+      const below =
+        i + 1 < chain.length
+          ? [`backing=${name}-b${i + 1}`]
+          : entry.format === "qcow2"
+            ? ["backing=null"]
+            : [];
+      push(
+        "-blockdev",
+        [`driver=${entry.format}`, `node-name=${node}`, `file=${node}-file`, "read-only=on", ...below].join(
+          ",",
+        ),
+      );
+    }
     const blockdev = [
       `node-name=${name}`,
       `driver=${disk.format}`,
@@ -242,6 +276,9 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
       ...(readOnly ? [] : ["discard=unmap"]),
       "file.driver=file",
       `file.filename=${opt(disk.path)}`,
+      ...(disk.backing === undefined || disk.format !== "qcow2"
+        ? []
+        : [chain.length > 0 ? `backing=${name}-b0` : "backing=null"]),
     ];
     push("-blockdev", blockdev.join(","));
     push("-device", `virtio-blk-device,drive=${name},id=blk-${name},serial=${name}`);
@@ -290,6 +327,11 @@ function validate(spec: MachineSpec): void {
     if (disk.format !== "raw" && disk.format !== "qcow2")
       throw invalid(`disk ${name}: unknown format ${disk.format}`);
     if (disk.path === "") throw invalid(`disk ${name}: empty path`);
+    for (const entry of disk.backing ?? []) {
+      if (entry.format !== "raw" && entry.format !== "qcow2")
+        throw invalid(`disk ${name}: unknown backing format ${entry.format}`);
+      if (entry.path === "") throw invalid(`disk ${name}: empty backing path`);
+    }
   }
   if (spec.network?.mac !== undefined && !MAC.test(spec.network.mac)) {
     throw invalid(`network.mac ${JSON.stringify(spec.network.mac)} is not a MAC address`);
@@ -317,10 +359,27 @@ function validate(spec: MachineSpec): void {
   if (spec.sandbox !== undefined && !["strict", "allow-spawn", "off"].includes(spec.sandbox)) {
     throw invalid(`unknown sandbox mode ${spec.sandbox}`);
   }
+  for (const { fd, set } of spec.addFds ?? []) {
+    if (!Number.isSafeInteger(fd) || fd < 3 || !Number.isSafeInteger(set) || set < 0) {
+      throw invalid(`add-fd ${fd}/${set}: fd must be an inherited descriptor >= 3 and set a number`);
+    }
+  }
+  if ((spec.qmpFd === undefined) === (spec.qmpSocketPath === undefined)) {
+    throw invalid("give QMP either a socket path or an inherited descriptor (qmpSocketPath or qmpFd)");
+  }
+  for (const fd of [spec.qmpFd, spec.agentFd]) {
+    if (fd !== undefined && (!Number.isSafeInteger(fd) || fd < 3))
+      throw invalid(`socket fd ${fd} must be >= 3`);
+  }
   for (const path of [spec.qmpSocketPath, spec.agentSocketPath, spec.kernelPath, spec.initramfsPath]) {
     if (path !== undefined && (path === "" || path.includes("\0")))
       throw invalid(`invalid path ${JSON.stringify(path)}`);
   }
+}
+
+/** A socket chardev's target: an inherited connected descriptor, or a path the host listens on. */
+function socketTarget(fd: number | undefined, path: string | undefined): string {
+  return fd !== undefined ? `fd=${fd}` : `path=${opt(path ?? "")},server=off`;
 }
 
 function isPort(port: number): boolean {

@@ -16,12 +16,13 @@
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
-import { open } from "node:fs/promises";
-import { createServer, type Server, type Socket } from "node:net";
+import { chmod, chown, mkdtemp, rm } from "node:fs/promises";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
 import { debug, memoize, once, publish } from "../internal/index.ts";
 import { assertHostSupported, findOnPath, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";
+import { confinedCommand, type QemuIdentity, qemuLimits, vmQemuIdentity } from "./confinement.ts";
 import { ConsoleLog } from "./console-log.ts";
 import {
   type LoadStateOptions,
@@ -31,6 +32,7 @@ import {
   saveState,
 } from "./migration.ts";
 import { buildQemuArgs, type MachineSpec } from "./qemu-args.ts";
+import { FIRST_FD, grantMemoryFile, openQemuFiles, type QemuFiles } from "./qemu-files.ts";
 import { QmpClient } from "./qmp-client.ts";
 import { runtimeRoot, type SweepResult, sweepStaleVms, VmStateDir } from "./state-dir.ts";
 
@@ -42,7 +44,10 @@ const STDIO_DRAIN_MS = 2_000;
 const STDERR_TAIL_CHARS = 8 * 1024;
 
 /** The part of a {@link MachineSpec} the caller decides; the process fills in sockets and name. */
-export type LaunchMachineSpec = Omit<MachineSpec, "qmpSocketPath" | "agentSocketPath" | "name">;
+export type LaunchMachineSpec = Omit<
+  MachineSpec,
+  "qmpSocketPath" | "qmpFd" | "agentSocketPath" | "agentFd" | "name"
+>;
 
 export interface LaunchOptions {
   /** The machine. `tscKHz` defaults to `hostTscKHz()` under TCG; `sandbox` to `"strict"` when QEMU supports it. */
@@ -123,6 +128,7 @@ export class QemuProcess {
   readonly #child: ChildProcess;
   readonly #dir: VmStateDir;
   readonly #listeners: Listener[];
+  readonly #identity: QemuIdentity;
   readonly #finished: Promise<void>;
   #qmp: QmpClient | undefined;
   #agent: Socket | undefined;
@@ -143,7 +149,9 @@ export class QemuProcess {
     console: ConsoleLog;
     listeners: Listener[];
     agentListener: Listener | undefined;
+    identity: QemuIdentity;
   }) {
+    this.#identity = init.identity;
     const { child, dir } = init;
     this.#child = child;
     this.#dir = dir;
@@ -218,28 +226,25 @@ export class QemuProcess {
     const startedAt = performance.now();
     const root = options.runtimeDir ?? runtimeRoot();
     const qemuPath = options.qemuPath ?? (await findQemu());
-    const requestedSandbox = options.machine.sandbox;
-    const [sandboxSupported, setpriv] = await Promise.all([
-      requestedSandbox === "off" ? Promise.resolve(false) : qemuSupportsSandbox(qemuPath),
-      findSetpriv(),
+    const sandbox = options.machine.sandbox ?? "strict";
+    const [sandboxSupported, tools] = await Promise.all([
+      sandbox === "off" ? Promise.resolve(true) : qemuSupportsSandbox(qemuPath),
+      confinementTools(),
       options.sweep === false ? undefined : sweepOnce(root),
     ]);
-    let sandbox = requestedSandbox ?? "strict";
-    if (sandbox !== "off" && !sandboxSupported) {
-      if (requestedSandbox !== undefined) {
-        throw new SupermachineError(
-          "HOST_UNSUPPORTED",
-          `${qemuPath} cannot run with -sandbox (built without seccomp?): use sandbox "off" or another QEMU`,
-        );
-      }
-      debug("%s does not support -sandbox; running without it", qemuPath);
-      sandbox = "off";
+    if (!sandboxSupported) {
+      throw new SupermachineError(
+        "HOST_UNSUPPORTED",
+        `${qemuPath} cannot run with its seccomp sandbox (-sandbox; built without seccomp, or the kernel refuses it): use a QEMU with seccomp, or opt out explicitly with sandbox "off"`,
+      );
     }
     throwIfAborted(signal);
 
     const dir = await VmStateDir.create({ root, ...(options.id === undefined ? {} : { id: options.id }) });
+    const identity = vmQemuIdentity(dir.id);
     const listeners: Listener[] = [];
     let consoleLog: ConsoleLog | undefined;
+    let files: QemuFiles<LaunchMachineSpec> | undefined;
     let child: ChildProcess;
     let args: string[];
     let agentListener: Listener | undefined;
@@ -252,6 +257,9 @@ export class QemuProcess {
         ...(options.incomingStatePath === undefined ? {} : { incoming: "defer" as const, paused: true }),
       };
       const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
+      const selfUid = process.getuid?.() ?? 0;
+      files = await openQemuFiles(machine, options.incomingStatePath);
+      if (machine.memory?.kind === "file") await grantMemoryFile(machine.memory.path, identity, selfUid);
       throwIfAborted(signal);
       const [qmpListening, agentListening, consoleOpened] = await Promise.allSettled([
         listenUnix(dir.qmpSocketPath),
@@ -270,17 +278,27 @@ export class QemuProcess {
       for (const result of [qmpListening, agentListening, consoleOpened]) {
         if (result.status === "rejected") throw result.reason;
       }
+      // The channels are sockets already connected to the host, inherited after the files.
+      const socketFd = (listener: Listener) => FIRST_FD + files!.handles.length + listeners.indexOf(listener);
       args = buildQemuArgs({
-        ...machine,
+        ...files.machine,
+        addFds: files.addFds,
         ...(tscKHz === undefined ? {} : { tscKHz }),
         sandbox,
         name: `supermachine-${dir.id}`,
-        qmpSocketPath: dir.qmpSocketPath,
-        ...(agentListener === undefined ? {} : { agentSocketPath: dir.agentSocketPath }),
+        qmpFd: socketFd(listeners[0]!),
+        ...(agentListener === undefined ? {} : { agentFd: socketFd(agentListener) }),
       });
       throwIfAborted(signal);
-      child = await spawnQemu(qemuPath, args, setpriv, options.incomingStatePath);
+      child = await spawnQemu(
+        confinedCommand(tools, qemuPath, args, identity, qemuLimits(machine.memoryMiB)),
+        [...files.handles.map((file) => file.fd), ...listeners.map((listener) => listener.qemuEnd)],
+      );
+      await files.close();
+      for (const listener of listeners) listener.qemuEnd.destroy();
     } catch (error) {
+      await files?.close();
+      for (const listener of listeners) listener.qemuEnd.destroy();
       for (const listener of listeners) listener.server.close();
       await consoleLog?.close();
       await dir.finish({ keep: false, exit: { exitCode: null, signal: null, reason: "failed" } });
@@ -290,7 +308,15 @@ export class QemuProcess {
     live.add(child);
     installExitHook();
 
-    const qemu = new QemuProcess({ child, dir, args, console: consoleLog!, listeners, agentListener });
+    const qemu = new QemuProcess({
+      child,
+      dir,
+      args,
+      console: consoleLog!,
+      listeners,
+      agentListener,
+      identity,
+    });
     try {
       await qemu.#connectQmp(listeners[0]!.connection, {
         timeoutMs: options.timeoutMs ?? DEFAULT_LAUNCH_TIMEOUT_MS,
@@ -362,7 +388,7 @@ export class QemuProcess {
     const self = this;
     return {
       qmp: this.qmp,
-      stateDir: this.stateDir,
+      socketDir: (use) => migrationSocketDir(this.stateDir, this.#identity, use),
       consoleLogPath: this.consoleLogPath,
       get stderrTail() {
         return self.#stderr;
@@ -497,18 +523,25 @@ function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new AbortError("VM launch aborted", { cause: signal.reason });
 }
 
-/** A unix socket the host listens on for QEMU's one connection. */
+/** A channel to QEMU: a connected socket pair, made through a unix socket in the VM's private dir. */
 interface Listener {
+  path: string;
   server: Server;
-  /** QEMU's connection; the listener stops listening once it has it. */
+  /** The host's end (resolved at once: the pair is connected before QEMU starts). */
   connection: Promise<Socket>;
+  /** QEMU's end, inherited by QEMU as a descriptor and closed here once it started. */
+  qemuEnd: Socket;
 }
 
-/** Listen on `path`, with the connection handler in place before anything can connect. */
+/**
+ * A connected socket pair (Node has no `socketpair()`): listen on `path`, connect to it, accept,
+ * remove the path. QEMU gets one end as an inherited descriptor (`-chardev socket,fd=N`), so it
+ * needs no path to the host's dirs.
+ */
 async function listenUnix(path: string): Promise<Listener> {
   const server = createServer();
   server.maxConnections = 1;
-  const connection = new Promise<Socket>((resolve) => {
+  const accepted = new Promise<Socket>((resolve) => {
     server.once("connection", (socket) => {
       socket.on("error", (error) => debug("connection on %s: %s", path, error.message));
       server.close();
@@ -523,53 +556,55 @@ async function listenUnix(path: string): Promise<Listener> {
       resolve();
     });
   });
-  return { server, connection };
-}
-
-async function spawnQemu(
-  qemuPath: string,
-  args: string[],
-  setpriv: string | undefined,
-  incomingStatePath: string | undefined,
-): Promise<ChildProcess> {
-  const command = setpriv ?? qemuPath;
-  const argv = setpriv === undefined ? args : ["--pdeathsig", "SIGKILL", "--", qemuPath, ...args];
-  // The incoming state is QEMU's fd INCOMING_STATE_FD (3): the first descriptor after stdio.
-  const state = incomingStatePath === undefined ? undefined : await open(incomingStatePath, "r");
-  try {
-    const child = spawn(command, argv, {
-      stdio: ["ignore", "pipe", "pipe", ...(state === undefined ? [] : [state.fd])],
-      // Own session: terminal signals go to the host only; the host decides how QEMU ends.
-      detached: true,
-    });
-    return await new Promise((resolve, reject) => {
-      child.once("spawn", () => resolve(child));
-      child.once("error", (error) => {
-        const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
-        const message = `cannot start ${command}: ${error.message}`;
-        reject(
-          notFound
-            ? new SupermachineError("QEMU_NOT_FOUND", message, { cause: error })
-            : new VmError("VMM_FAILED", message, {}, { cause: error }),
-        );
-      });
-    });
-  } finally {
-    await state?.close();
-  }
-}
-
-/** `setpriv` from util-linux if it supports `--pdeathsig`. Found out once per process. */
-const findSetpriv: () => Promise<string | undefined> = once(async () => {
-  const found = await findOnPath("setpriv");
-  if (found === undefined) return undefined;
-  const works = await new Promise<boolean>((resolve) => {
-    const probe = spawn(found, ["--pdeathsig", "SIGKILL", "--", "true"], { stdio: "ignore" });
-    probe.once("error", () => resolve(false));
-    probe.once("exit", (code) => resolve(code === 0));
+  const qemuEnd = connect(path);
+  qemuEnd.on("error", (error) => debug("QEMU's end of %s: %s", path, error.message));
+  await new Promise<void>((resolve, reject) => {
+    qemuEnd.once("connect", resolve);
+    qemuEnd.once("error", reject);
   });
-  if (!works) debug("%s does not support --pdeathsig: QEMU will not die with this process", found);
-  return works ? found : undefined;
+  const host = await accepted;
+  await rm(path, { force: true });
+  return { path, server, connection: Promise.resolve(host), qemuEnd };
+}
+
+/** Starts the confined command with an empty environment and `inherited` as its fds 3, 4, … */
+async function spawnQemu(
+  confined: { command: string; argv: string[] },
+  inherited: readonly (number | Socket)[],
+): Promise<ChildProcess> {
+  const child = spawn(confined.command, confined.argv, {
+    stdio: ["ignore", "pipe", "pipe", ...inherited],
+    env: {},
+    // Own session: terminal signals go to the host only; the host decides how QEMU ends.
+    detached: true,
+  });
+  return await new Promise((resolve, reject) => {
+    child.once("spawn", () => resolve(child));
+    child.once("error", (error) => {
+      const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
+      const message = `cannot start ${confined.command}: ${error.message}`;
+      reject(
+        notFound
+          ? new SupermachineError("HOST_UNSUPPORTED", `${message} (install util-linux)`, { cause: error })
+          : new VmError("VMM_FAILED", message, {}, { cause: error }),
+      );
+    });
+  });
+}
+
+/**
+ * `setpriv` and `prlimit` from util-linux (on every Debian and most Linux hosts): QEMU is never
+ * started without them. Found once per process.
+ */
+const confinementTools: () => Promise<{ setpriv: string; prlimit: string }> = once(async () => {
+  const [setpriv, prlimit] = await Promise.all([findOnPath("setpriv"), findOnPath("prlimit")]);
+  if (setpriv === undefined || prlimit === undefined) {
+    throw new SupermachineError(
+      "HOST_UNSUPPORTED",
+      `${setpriv === undefined ? "setpriv" : "prlimit"} not found: QEMU runs confined by util-linux's setpriv and prlimit; install util-linux (apt-get install util-linux)`,
+    );
+  }
+  return { setpriv, prlimit };
 });
 
 /** Sweeps a runtime root once per process. */
@@ -604,5 +639,28 @@ async function raceTimeout(promise: Promise<unknown>, ms: number): Promise<boole
     return (await Promise.race([promise.then(() => true as const), timeout])) === true;
   } finally {
     clearTimeout(timer);
+  }
+}
+
+/**
+ * Runs `use` with a dir for a migration socket QEMU connects to by path: the VM's own dir when
+ * QEMU runs as this user, else a fresh dir under /tmp (traversable by everyone, unlistable) with
+ * the socket given to QEMU's user alone; removed afterwards.
+ */
+async function migrationSocketDir<T>(
+  stateDir: string,
+  identity: QemuIdentity,
+  use: (dir: string, grant: (socketPath: string) => Promise<void>) => Promise<T>,
+): Promise<T> {
+  if (identity.uid === (process.getuid?.() ?? 0)) return use(stateDir, async () => {});
+  const dir = await mkdtemp("/tmp/supermachine-migrate-");
+  try {
+    await chmod(dir, 0o711);
+    return await use(dir, async (socketPath) => {
+      await chown(socketPath, identity.uid, identity.gid);
+      await chmod(socketPath, 0o600);
+    });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
   }
 }

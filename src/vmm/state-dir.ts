@@ -195,8 +195,10 @@ export class VmStateDir {
   }
 }
 
+/** Makes `dir` a directory of this user that no one else can enter (0700). */
 async function ensurePrivateDir(dir: string): Promise<void> {
-  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const mode = 0o700;
+  await mkdir(dir, { recursive: true, mode });
   const info = await lstat(dir);
   const uid = process.getuid?.();
   if (!info.isDirectory() || (uid !== undefined && info.uid !== uid)) {
@@ -205,7 +207,7 @@ async function ensurePrivateDir(dir: string): Promise<void> {
       `${dir} is not a directory owned by this user: remove it or set SUPERMACHINE_RUNTIME_DIR elsewhere`,
     );
   }
-  if ((info.mode & 0o077) !== 0) await chmod(dir, 0o700);
+  if ((info.mode & 0o777) !== mode) await chmod(dir, mode);
 }
 
 /** What a sweep did. */

@@ -276,10 +276,11 @@ describe("QemuProcess", { skip }, () => {
         },
       },
       async (vm) => {
+        // QEMU got the file as a descriptor (an fdset), not by its path.
         const blocks = await vm.qmp.execute<{ inserted: { file: string } }[]>("query-block");
         assert.deepEqual(
           blocks.map((block) => block.inserted.file),
-          [overlay],
+          ["/dev/fdset/1"],
         );
         await vm.stop();
         assert.equal(existsSync(overlay), false, "removed with the dir");
