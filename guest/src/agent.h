@@ -52,6 +52,7 @@ struct sm_stream {
 	struct sm_stream *next;  /* list of live streams */
 	struct sm_stream *prev;
 	struct sm_stream *gnext; /* graveyard */
+	void *priv;              /* state of the kinds added in protocol version 2 (fs, watch, tcp, logs) */
 
 	/* ---- SK_WRITE ---- */
 	struct sm_fwriter w;
@@ -165,6 +166,29 @@ void sm_file_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p
 void sm_read_pump(struct sm_stream *s);
 void sm_file_release(struct sm_stream *s, int abandon);
 int sm_read_ready(struct sm_stream *s);
+
+/* exec.c: starting a process (exec steps and the workload). */
+struct sm_spawn {
+	char **argv;
+	char **env;
+	const char *cwd;
+	const struct sm_user *user;
+	int in, out, err; /* the child's fds 0, 1, 2; in < 0: /dev/null */
+	int tty;          /* a pty slave to become the controlling terminal and fds 0-2, or -1 */
+	int errw;         /* exec-error pipe: the child reports {kind, errno} on it, or -1 */
+};
+/* Error kinds reported by a child through the exec-error pipe. */
+enum { CE_EXEC = 1, CE_CWD, CE_USER, CE_SETUP };
+/* Fork a child in a new session running sp->argv. Returns its pid, or -errno. */
+pid_t sm_spawn(const struct sm_spawn *sp);
+
+/* Every stream kind of version 2 lives in its own file and offers the same hooks (absent = none):
+ * open(id, payload) answers the opening message; frame() takes later frames; release() frees it;
+ * poll() names up to 4 fds to poll, event() handles their readiness; ready()/pump() produce output
+ * that needs no fd. */
+
+/* agent.c */
+struct sm_stream *sm_stream_lookup(uint32_t id);
 
 /* user.c */
 int sm_resolve_user(const char *spec, struct sm_user *u, char *msg, size_t msglen);

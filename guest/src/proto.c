@@ -349,6 +349,21 @@ int sm_type_from_guest(unsigned t)
 
 int sm_type_known(unsigned t) { return sm_type_from_host(t) || sm_type_from_guest(t); }
 
+int sm_type_opens_stream(unsigned t)
+{
+	switch (t) {
+	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+int sm_type_takes_fin(unsigned t)
+{
+	return t == SM_STAGE_DATA || t == SM_STDIN || t == SM_FILE_DATA;
+}
+
 #define SPEC(...) ((const struct sm_spec[]){ __VA_ARGS__ }), sizeof((const struct sm_spec[]){ __VA_ARGS__ }) / sizeof(struct sm_spec)
 
 static struct sm_field top[SM_MAX_FIELDS];

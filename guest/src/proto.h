@@ -5,11 +5,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SM_PROTO_VERSION 1u
+#define SM_PROTO_VERSION 2u
 #define SM_HDR_SIZE 10u
 #define SM_MAX_PAYLOAD (1u << 20)
 #define SM_MAX_FIELDS 8192u
 #define SM_FLAG_FIN 0x01u
+/* Credit a guest->host data frame costs beyond its payload (docs/protocol.md, "Credit"); an empty
+ * frame with FIN is free. */
+#define SM_FRAME_COST 64u
 
 enum sm_type {
 	SM_HELLO = 0x01,
@@ -136,6 +139,10 @@ int sm_type_known(unsigned type);
 /* Is `type` sent by the host (1), by the guest (0), or both (HELLO, WINDOW, FILE_DATA)? */
 int sm_type_from_host(unsigned type);
 int sm_type_from_guest(unsigned type);
+/* Does `type` open a new stream (EXEC, WRITE_FILE, READ_FILE, FS, WATCH, TCP_CONNECT, WORKLOAD_*)? */
+int sm_type_opens_stream(unsigned type);
+/* May `type` carry FIN (host->guest data messages)? */
+int sm_type_takes_fin(unsigned type);
 /* Validate a whole message payload as sent by the host (from_host = 1) or the guest: field kinds
  * and sizes, required and non-repeated fields, nested sequences, raw-payload limits. Returns 0, or
  * -1 with a message in err. */

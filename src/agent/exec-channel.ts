@@ -129,7 +129,8 @@ export class ExecChannel implements StreamHandler {
 
   // Output (guest → host), under host credit.
   readonly #credit: GuestCredit;
-  readonly #queue: ExecOutput[] = [];
+  /** Output not yet read, with the credit each chunk cost. */
+  readonly #queue: { output: ExecOutput; cost: number }[] = [];
   #queueHead = 0;
   #queuedBytes = 0;
   #stdoutDone = false;
@@ -296,13 +297,12 @@ export class ExecChannel implements StreamHandler {
       );
     }
     const size = frame.payload.length;
-    this.#credit.take(size, `exec stream ${this.stream}: ${kind}`);
-    if (size > 0) {
-      if (this.#discard) this.#credit.grant(size);
-      else {
-        this.#queue.push({ kind, data: frame.payload });
-        this.#queuedBytes += size;
-      }
+    const cost = this.#credit.take(frame, `exec stream ${this.stream}: ${kind}`);
+    if (size > 0 && !this.#discard) {
+      this.#queue.push({ output: { kind, data: frame.payload }, cost });
+      this.#queuedBytes += size;
+    } else {
+      this.#credit.grant(cost);
     }
     if ((frame.flags & FLAG_FIN) !== 0) {
       if (kind === "stdout") this.#stdoutDone = true;
@@ -326,15 +326,15 @@ export class ExecChannel implements StreamHandler {
   async read(): Promise<ExecOutput | null> {
     for (;;) {
       if (this.#queueHead < this.#queue.length) {
-        const chunk = this.#queue[this.#queueHead]!;
-        this.#queue[this.#queueHead++] = undefined as unknown as ExecOutput;
+        const { output, cost } = this.#queue[this.#queueHead]!;
+        this.#queue[this.#queueHead++] = undefined as unknown as { output: ExecOutput; cost: number };
         if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
           this.#queue.splice(0, this.#queueHead);
           this.#queueHead = 0;
         }
-        this.#queuedBytes -= chunk.data.length;
-        this.#credit.grant(chunk.data.length);
-        return chunk;
+        this.#queuedBytes -= output.data.length;
+        this.#credit.grant(cost);
+        return output;
       }
       if (this.#error) throw this.#error;
       if (this.#outputOver()) return null;
@@ -346,7 +346,7 @@ export class ExecChannel implements StreamHandler {
   discardOutput(): void {
     this.#discard = true;
     let bytes = 0;
-    for (let i = this.#queueHead; i < this.#queue.length; i++) bytes += this.#queue[i]!.data.length;
+    for (let i = this.#queueHead; i < this.#queue.length; i++) bytes += this.#queue[i]!.cost;
     this.#queue.length = 0;
     this.#queueHead = 0;
     this.#queuedBytes = 0;

@@ -115,7 +115,8 @@ export class FileReadStream implements StreamHandler {
   #finished = false;
   #fin = false;
   #wanting = false;
-  readonly #queue: Uint8Array[] = [];
+  /** Data not yet pushed to the readable, with the credit each chunk cost. */
+  readonly #queue: { data: Uint8Array; cost: number }[] = [];
 
   constructor(link: StreamLink, stream: number, path: string, windowBytes: number) {
     this.#link = link;
@@ -140,7 +141,7 @@ export class FileReadStream implements StreamHandler {
   /** Bytes received and not yet taken by the readable's consumer. */
   get bufferedBytes(): number {
     let n = 0;
-    for (const c of this.#queue) n += c.length;
+    for (const c of this.#queue) n += c.data.length;
     return n;
   }
 
@@ -155,8 +156,9 @@ export class FileReadStream implements StreamHandler {
       case MessageType.FILE_DATA: {
         if (!this.#gotInfo) throw protocolError(`read stream ${this.stream}: FILE_DATA before FILE_INFO`);
         const size = frame.payload.length;
-        this.#credit.take(size, `read stream ${this.stream}`);
-        if (size > 0) this.#queue.push(frame.payload);
+        const cost = this.#credit.take(frame, `read stream ${this.stream}`);
+        if (size > 0) this.#queue.push({ data: frame.payload, cost });
+        else this.#credit.grant(cost);
         if ((frame.flags & FLAG_FIN) !== 0) {
           this.#fin = true;
           this.#finished = true;
@@ -205,9 +207,9 @@ export class FileReadStream implements StreamHandler {
 
   #pump(): void {
     while (this.#wanting && this.#queue.length > 0) {
-      const chunk = this.#queue.shift()!;
-      this.#credit.grant(chunk.length);
-      this.#wanting = this.readable.push(chunk);
+      const { data, cost } = this.#queue.shift()!;
+      this.#credit.grant(cost);
+      this.#wanting = this.readable.push(data);
     }
     if (this.#fin && this.#queue.length === 0 && this.#wanting) {
       this.#fin = false;

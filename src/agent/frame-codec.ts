@@ -11,12 +11,18 @@ export const MAX_PAYLOAD = 1_048_576;
 export const HEADER_BYTES = 10;
 /** Flag bit 0: last frame of a data stream. */
 export const FLAG_FIN = 0x01;
+/**
+ * Credit a guest→host data frame costs beyond its payload (docs/protocol.md, "Credit"): the host
+ * keeps each frame as an object, so a flood of tiny frames must use the credit up too. An empty
+ * frame with `FIN` is free (at most one per direction of a stream).
+ */
+export const FRAME_COST = 64;
 /** Flag bits that must be zero. */
 export const RESERVED_FLAGS = 0xfe;
 /** Largest stream id (u32). */
 export const MAX_STREAM_ID = 0xffff_ffff;
 
-/** Message types of protocol version 1. */
+/** Message types of protocol version 2. */
 export const MessageType = {
   HELLO: 0x01,
   PING: 0x02,

@@ -10,7 +10,7 @@ import { MAX_PAYLOAD } from "./frame-codec.ts";
 import { protocolError } from "./protocol-error.ts";
 
 /** The protocol version this host speaks. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** Default initial credit for exec output, read-file data and stdin (bytes). */
 export const DEFAULT_WINDOW = 262_144;
 /** Largest `PING`/`PONG` payload. */

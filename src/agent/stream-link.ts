@@ -1,4 +1,4 @@
-import { type Frame, MessageType } from "./frame-codec.ts";
+import { FLAG_FIN, FRAME_COST, type Frame, MessageType } from "./frame-codec.ts";
 import { encodeWindow } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
 
@@ -69,11 +69,13 @@ export function deferred<T>(): {
 }
 
 /**
- * The credit one stream gives the agent for guest→host data (docs/protocol.md, `WINDOW`): every
- * data frame must fit in what was granted ({@link take}; more is a lying guest), and consumed bytes
- * are given back in batched `WINDOW` frames ({@link grant}). Grants wait while the socket is
- * congested: a guest that does not read its end of the channel gets no more credit, so the host's
- * write buffer cannot grow without bound.
+ * The credit one stream gives the agent for guest→host data (docs/protocol.md, "Credit"): every
+ * data frame must fit in what was granted ({@link take}; more is a lying guest), and its cost is
+ * given back in batched `WINDOW` frames once the host no longer holds it ({@link grant}). A frame
+ * costs its payload plus {@link FRAME_COST}, so what the host holds for a stream — frames and the
+ * objects around them — is bounded by the window whatever the frame sizes. Grants wait while the
+ * socket is congested: a guest that does not read its end of the channel gets no more credit, so
+ * the host's write buffer cannot grow without bound.
  */
 export class GuestCredit {
   readonly #link: StreamLink;
@@ -91,12 +93,19 @@ export class GuestCredit {
     this.#wanted = wanted;
   }
 
-  /** Consumes `size` bytes of credit; `what` names the data in the protocol error if they exceed it. */
-  take(size: number, what: string): void {
-    if (size > this.#available) {
-      throw protocolError(`${what}: ${size} bytes exceed the ${this.#available} granted`);
+  /**
+   * Consumes what `frame` costs and returns it (to {@link grant} back later); `what` names the data
+   * in the protocol error if the frame exceeds the credit left.
+   */
+  take(frame: Frame, what: string): number {
+    const cost = frameCost(frame);
+    if (cost > this.#available) {
+      throw protocolError(
+        `${what}: a frame of ${frame.payload.length} bytes (cost ${cost}) exceeds the ${this.#available} granted`,
+      );
     }
-    this.#available -= size;
+    this.#available -= cost;
+    return cost;
   }
 
   /** Gives `bytes` back to the agent (batched into one `WINDOW` once the socket is writable). */
@@ -114,4 +123,10 @@ export class GuestCredit {
       this.#link.sendControl(this.#stream, MessageType.WINDOW, encodeWindow(n));
     });
   }
+}
+
+/** Credit a guest→host data frame uses: its payload plus {@link FRAME_COST}; an empty `FIN` is free. */
+export function frameCost(frame: Frame): number {
+  if (frame.payload.length === 0 && (frame.flags & FLAG_FIN) !== 0) return 0;
+  return frame.payload.length + FRAME_COST;
 }

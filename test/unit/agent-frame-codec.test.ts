@@ -40,7 +40,7 @@ describe("encodeFrame", () => {
   });
 
   test("refuses what the decoder would refuse", () => {
-    assert.throws(() => encodeFrame({ stream: 1, type: 0x30 }), RangeError);
+    assert.throws(() => encodeFrame({ stream: 1, type: 0x7f }), RangeError);
     assert.throws(() => encodeFrame({ stream: 1, type: MessageType.STDIN, flags: 2 }), RangeError);
     assert.throws(() => encodeFrame({ stream: -1, type: MessageType.STDIN }), RangeError);
     assert.throws(() => encodeFrame({ stream: 2 ** 32, type: MessageType.STDIN }), RangeError);
@@ -108,7 +108,7 @@ describe("FrameDecoder", () => {
       [MessageType.STDOUT, 0x80],
       [MessageType.STDOUT, 0x03],
       [0x00, 0],
-      [0x30, 0],
+      [0x7f, 0],
       [0xff, 0],
     ] as const) {
       const header = Uint8Array.of(0, 0, 0, 0, 0, 0, 0, 1, type, flags);
