@@ -314,6 +314,7 @@ void sm_stream_close(struct sm_stream *s, int abandon)
 	A.nstreams--;
 	switch (s->kind) {
 	case SK_EXEC: sm_exec_release(s, abandon); break;
+	case SK_TCP: sm_tcp_release(s, abandon); break;
 	default: sm_file_release(s, abandon); break;
 	}
 	s->gnext = A.graveyard;
@@ -687,6 +688,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		case SM_EXEC: sm_exec_open(h->stream, p, h->length); break;
 		case SM_WRITE_FILE: sm_write_open(h->stream, p, h->length); break;
 		case SM_READ_FILE: sm_read_open(h->stream, p, h->length); break;
+		case SM_TCP_CONNECT: sm_tcp_open(h->stream, p, h->length); break;
 		default: break;
 		}
 		return;
@@ -698,6 +700,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 	}
 	switch (s->kind) {
 	case SK_EXEC: sm_exec_frame(s, h, p); break;
+	case SK_TCP: sm_tcp_frame(s, h, p); break;
 	default: sm_file_frame(s, h, p); break;
 	}
 }
@@ -848,6 +851,7 @@ static void stream_poll(struct sm_stream *s, int fd[4], short ev[4])
 	}
 	switch (s->kind) {
 	case SK_EXEC: sm_exec_poll(s, fd, ev); break;
+	case SK_TCP: sm_tcp_poll(s, fd, ev); break;
 	default: break;
 	}
 }
@@ -856,6 +860,7 @@ static void stream_fd_event(struct sm_stream *s, int role, short revents)
 {
 	switch (s->kind) {
 	case SK_EXEC: sm_exec_fd_event(s, role, revents); break;
+	case SK_TCP: sm_tcp_event(s, role, revents); break;
 	default: break;
 	}
 }

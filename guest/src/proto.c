@@ -47,6 +47,9 @@ const char *sm_type_name(unsigned type)
 	case SM_FILE_DATA: return "FILE_DATA";
 	case SM_FILE_INFO: return "FILE_INFO";
 	case SM_OK: return "OK";
+	case SM_TCP_CONNECT: return "TCP_CONNECT";
+	case SM_TCP_CONNECTED: return "TCP_CONNECTED";
+	case SM_TCP_DATA: return "TCP_DATA";
 	default: return "?";
 	}
 }
@@ -330,6 +333,7 @@ int sm_type_from_host(unsigned t)
 	case SM_HELLO: case SM_PING: case SM_SHUTDOWN: case SM_RESET: case SM_EXEC: case SM_STAGE_DATA:
 	case SM_STDIN: case SM_WINDOW: case SM_RESIZE: case SM_SIGNAL: case SM_WRITE_FILE: case SM_READ_FILE:
 	case SM_FILE_DATA:
+	case SM_TCP_CONNECT: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -341,6 +345,7 @@ int sm_type_from_guest(unsigned t)
 	switch (t) {
 	case SM_HELLO: case SM_PONG: case SM_ERROR: case SM_STDOUT: case SM_STDERR: case SM_WINDOW:
 	case SM_STARTED: case SM_EXIT: case SM_FILE_DATA: case SM_FILE_INFO: case SM_OK:
+	case SM_TCP_CONNECTED: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -353,6 +358,7 @@ int sm_type_opens_stream(unsigned t)
 {
 	switch (t) {
 	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE:
+	case SM_TCP_CONNECT:
 		return 1;
 	default:
 		return 0;
@@ -361,7 +367,7 @@ int sm_type_opens_stream(unsigned t)
 
 int sm_type_takes_fin(unsigned t)
 {
-	return t == SM_STAGE_DATA || t == SM_STDIN || t == SM_FILE_DATA;
+	return t == SM_STAGE_DATA || t == SM_STDIN || t == SM_FILE_DATA || t == SM_TCP_DATA;
 }
 
 #define SPEC(...) ((const struct sm_spec[]){ __VA_ARGS__ }), sizeof((const struct sm_spec[]){ __VA_ARGS__ }) / sizeof(struct sm_spec)
@@ -455,6 +461,7 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 	case SM_STDOUT:
 	case SM_STDERR:
 	case SM_FILE_DATA:
+	case SM_TCP_DATA:
 		return 0;
 	case SM_WINDOW:
 		if (n != 4) {
@@ -487,6 +494,11 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 			     NULL, err, errlen, top);
 	case SM_OK:
 		return check(p, n, SPEC({ 1, SM_K_U64, 0 }), NULL, err, errlen, top);
+	/* ---- TCP tunnels ---- */
+	case SM_TCP_CONNECT:
+		return check(p, n, SPEC({ 1, SM_K_U16, SM_REQ }, { 2, SM_K_STRING, 0 }, { 3, SM_K_U32, 0 }), NULL, err, errlen, top);
+	case SM_TCP_CONNECTED:
+		return check(p, n, NULL, 0, NULL, err, errlen, top);
 	default:
 		snprintf(err, errlen, "unknown message type 0x%02x", type);
 		return -1;

@@ -56,4 +56,7 @@ void hello(struct agent *a, uint64_t epoch);
 /* Is the process gone (or a zombie)? Waits up to ms. */
 int process_gone(pid_t pid, int ms);
 
+/* test_streams.c: TCP tunnels, file-system operations, watches, the workload */
+void test_tcp(struct agent *a);
+
 #endif

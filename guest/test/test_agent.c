@@ -1,5 +1,6 @@
 /* Agent tests: run `sm-init --channel-fd 3` in host mode over a socketpair and speak the protocol
- * to it (harness.c).
+ * to it (harness.c). Exec, files and sessions here; the streams of protocol version 2 in
+ * test_streams.c.
  * Usage: test-agent PATH-TO-SM-INIT */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -871,6 +872,7 @@ int main(int argc, char **argv)
 	test_files(&a);
 	test_many_streams(&a);
 	test_background_holders(&a);
+	test_tcp(&a);
 	int st = stop(&a);
 	current = "end";
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit status 0x%x", st);

@@ -41,7 +41,8 @@ import {
   PROTOCOL_VERSION,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
-import { deferred, type StreamHandler, type StreamLink } from "./stream-link.ts";
+import { deferred, type StreamHandler, type StreamHost, type StreamLink } from "./stream-link.ts";
+import { type ConnectTcpOptions, connectTcp } from "./tcp-tunnel.ts";
 
 /** Options of {@link AgentClient.connect}. */
 export interface AgentConnectOptions {
@@ -122,6 +123,8 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
   MessageType.FILE_DATA,
   MessageType.FILE_INFO,
   MessageType.OK,
+  MessageType.TCP_CONNECTED,
+  MessageType.TCP_DATA,
 ]);
 
 export class AgentClient {
@@ -144,6 +147,7 @@ export class AgentClient {
   /** Opening frames go out in stream id order. */
   #openChain: Promise<void> = Promise.resolve();
   readonly #link: StreamLink;
+  readonly #host: StreamHost;
   #state: State = "handshake";
   #closedError: Error | undefined;
   #resolveClosed!: (value: Error | undefined) => void;
@@ -191,6 +195,18 @@ export class AgentClient {
       },
       get closedError() {
         return self.#closedError;
+      },
+    };
+    this.#host = {
+      link: this.#link,
+      open: (type, payload, create) => {
+        this.#checkOpen();
+        const stream = this.#allocate();
+        const handler = create(stream);
+        this.#streams.set(stream, handler);
+        const sent = this.#sendOpen(stream, type, payload);
+        sent.catch(() => {});
+        return { handler, sent };
       },
     };
     socket.on("data", this.#onData);
@@ -447,6 +463,21 @@ export class AgentClient {
     this.#pings.set(seq, { resolve: d.resolve, reject: d.reject, t0: performance.now() });
     this.#sendControl(0, MessageType.PING, payload);
     return d.promise;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // TCP tunnels
+
+  /**
+   * Opens a TCP connection to `port` on `opts.address` (an IPv4 or IPv6 literal, default
+   * 127.0.0.1) inside the guest, made by the agent, and resolves with it as a Node `Duplex` once
+   * connected. Backpressure holds both ways; `end()` half-closes, `destroy()` resets the guest
+   * connection. A failed connect rejects with a `GuestIoError` named for its errno
+   * (`ECONNREFUSED`, `ENETUNREACH`, …); no answer within `timeoutMs` (default 30 000) with
+   * `AGENT_TIMEOUT`.
+   */
+  connectTcp(port: number, opts: ConnectTcpOptions = {}): Promise<Duplex> {
+    return connectTcp(this.#host, port, opts);
   }
 
   /**

@@ -45,6 +45,9 @@ export const MessageType = {
   FILE_DATA: 0x22,
   FILE_INFO: 0x23,
   OK: 0x24,
+  TCP_CONNECT: 0x30,
+  TCP_CONNECTED: 0x31,
+  TCP_DATA: 0x32,
 } as const;
 
 export type MessageTypeName = keyof typeof MessageType;
@@ -74,6 +77,7 @@ export const DATA_TYPES: ReadonlySet<number> = new Set([
   MessageType.STDERR,
   MessageType.WINDOW,
   MessageType.FILE_DATA,
+  MessageType.TCP_DATA,
 ]);
 
 /** Message types that carry an empty payload. */

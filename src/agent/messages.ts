@@ -402,6 +402,42 @@ export function decodeOk(payload: Uint8Array): OkMessage {
   return { size: r.u64Number(1, "size") };
 }
 
+// ---------------------------------------------------------------------------------------------
+// TCP tunnels
+
+export interface TcpConnectMessage {
+  port: number;
+  /** An IPv4 or IPv6 literal in the guest; default 127.0.0.1. */
+  address?: string | undefined;
+  /** Initial guest→host credit. */
+  window?: number | undefined;
+}
+
+export function encodeTcpConnect(m: TcpConnectMessage): Uint8Array {
+  if (!Number.isInteger(m.port) || m.port < 1 || m.port > 65535)
+    throw invalid(`port ${m.port} is not 1–65535`);
+  return new FieldWriter().u16(1, m.port).string(2, m.address).u32(3, m.window).finish();
+}
+
+export function decodeTcpConnect(payload: Uint8Array): TcpConnectMessage {
+  const r = FieldReader.decode(payload, "TCP_CONNECT");
+  return {
+    port: r.need(r.u16(1, "port"), "port"),
+    address: r.string(2, "address"),
+    window: r.u32(3, "window"),
+  };
+}
+
+/** `TCP_CONNECTED` has no fields. */
+export function encodeTcpConnected(): Uint8Array {
+  return new Uint8Array(0);
+}
+
+export function decodeTcpConnected(payload: Uint8Array): Record<string, never> {
+  FieldReader.decode(payload, "TCP_CONNECTED");
+  return {};
+}
+
 /** Splits `data` into views of at most `MAX_PAYLOAD` bytes (an empty input gives no chunks). */
 export function* chunkPayload(data: Uint8Array, max = MAX_PAYLOAD): Generator<Uint8Array> {
   for (let offset = 0; offset < data.length; offset += max) {

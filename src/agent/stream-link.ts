@@ -32,6 +32,21 @@ export interface StreamLink {
   readonly closedError: Error | undefined;
 }
 
+/** What a feature module (files, tunnels, watches, the workload) needs to open its streams. */
+export interface StreamHost {
+  readonly link: StreamLink;
+  /**
+   * Allocates a stream id, registers the handler `create(id)` builds, and writes the opening frame
+   * (in id order, see {@link StreamLink.sendOpen}); `sent` settles once it is written. Throws the
+   * connection's error, or `VM_STOPPED`, if the connection is not open.
+   */
+  open<H extends StreamHandler>(
+    type: number,
+    payload: Uint8Array,
+    create: (stream: number) => H,
+  ): { handler: H; sent: Promise<void> };
+}
+
 /** A stream's side of the connection: frames in, and the connection's end. */
 export interface StreamHandler {
   /** Handles one frame for this stream; throws `AGENT_PROTOCOL` on a frame the stream cannot take. */

@@ -86,6 +86,8 @@ const TYPED: Record<string, { decode: (p: Uint8Array) => unknown; encode: (v: ne
   "host:READ_FILE": { decode: m.decodeReadFile, encode: m.encodeReadFile },
   "guest:FILE_INFO": { decode: m.decodeFileInfo, encode: m.encodeFileInfo },
   "guest:OK": { decode: m.decodeOk, encode: m.encodeOk },
+  "host:TCP_CONNECT": { decode: m.decodeTcpConnect, encode: m.encodeTcpConnect },
+  "guest:TCP_CONNECTED": { decode: m.decodeTcpConnected, encode: () => m.encodeTcpConnected() },
   "host:PING": { decode: (p) => m.checkPingPayload(p, "PING"), encode: (v: Uint8Array) => v },
   "guest:PONG": { decode: (p) => m.checkPingPayload(p, "PONG"), encode: (v: Uint8Array) => v },
 };
