@@ -314,6 +314,7 @@ void sm_stream_close(struct sm_stream *s, int abandon)
 	A.nstreams--;
 	switch (s->kind) {
 	case SK_EXEC: sm_exec_release(s, abandon); break;
+	case SK_FS: sm_fs_release(s, abandon); break;
 	case SK_TCP: sm_tcp_release(s, abandon); break;
 	default: sm_file_release(s, abandon); break;
 	}
@@ -688,6 +689,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		case SM_EXEC: sm_exec_open(h->stream, p, h->length); break;
 		case SM_WRITE_FILE: sm_write_open(h->stream, p, h->length); break;
 		case SM_READ_FILE: sm_read_open(h->stream, p, h->length); break;
+		case SM_FS: sm_fs_open(h->stream, p, h->length); break;
 		case SM_TCP_CONNECT: sm_tcp_open(h->stream, p, h->length); break;
 		default: break;
 		}
@@ -700,6 +702,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 	}
 	switch (s->kind) {
 	case SK_EXEC: sm_exec_frame(s, h, p); break;
+	case SK_FS: sm_fs_frame(s, h, p); break;
 	case SK_TCP: sm_tcp_frame(s, h, p); break;
 	default: sm_file_frame(s, h, p); break;
 	}
@@ -865,11 +868,12 @@ static void stream_fd_event(struct sm_stream *s, int role, short revents)
 	}
 }
 
-/* Output that needs no fd (file reads). */
+/* Output that needs no fd (file reads, directory listings). */
 static int stream_ready(struct sm_stream *s)
 {
 	switch (s->kind) {
 	case SK_READ: return sm_read_ready(s);
+	case SK_FS: return sm_fs_ready(s);
 	default: return 0;
 	}
 }
@@ -878,6 +882,7 @@ static void stream_pump(struct sm_stream *s)
 {
 	switch (s->kind) {
 	case SK_READ: sm_read_pump(s); break;
+	case SK_FS: sm_fs_pump(s); break;
 	default: break;
 	}
 }

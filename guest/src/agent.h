@@ -41,7 +41,7 @@ struct sm_stage {
 	uint64_t size;
 };
 
-enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_TCP };
+enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_FS, SK_TCP };
 enum sm_exec_state { X_STAGING = 1, X_STARTING, X_RUNNING, X_DRAINING };
 
 struct sm_stream {
@@ -186,6 +186,13 @@ pid_t sm_spawn(const struct sm_spawn *sp);
  * open(id, payload) answers the opening message; frame() takes later frames; release() frees it;
  * poll() names up to 4 fds to poll, event() handles their readiness; ready()/pump() produce output
  * that needs no fd. */
+
+/* fs.c: FS (stat, readdir, mkdir, rm, ...) */
+void sm_fs_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_fs_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_fs_release(struct sm_stream *s, int abandon);
+int sm_fs_ready(struct sm_stream *s);
+void sm_fs_pump(struct sm_stream *s);
 
 /* tcp.c: TCP_CONNECT tunnels */
 void sm_tcp_open(uint32_t id, const uint8_t *p, size_t n);

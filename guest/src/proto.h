@@ -36,6 +36,10 @@ enum sm_type {
 	SM_FILE_DATA = 0x22,
 	SM_FILE_INFO = 0x23,
 	SM_OK = 0x24,
+	/* file-system operations and watches */
+	SM_FS = 0x25,
+	SM_STAT = 0x26,
+	SM_DIRENTS = 0x27,
 	/* TCP tunnels */
 	SM_TCP_CONNECT = 0x30,
 	SM_TCP_CONNECTED = 0x31,

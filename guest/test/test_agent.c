@@ -873,6 +873,7 @@ int main(int argc, char **argv)
 	test_many_streams(&a);
 	test_background_holders(&a);
 	test_tcp(&a);
+	test_fs(&a);
 	int st = stop(&a);
 	current = "end";
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit status 0x%x", st);

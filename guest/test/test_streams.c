@@ -155,3 +155,195 @@ void test_tcp(struct agent *a)
 	id = tcp_connect(a, NULL, 0, 0);
 	expect_error(a, id, SM_E_BAD_REQUEST, 0, "port 0");
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * File-system operations.
+ */
+
+struct fsreq {
+	uint8_t op;
+	const char *path, *path2;
+	int has_mode;
+	uint32_t mode, flags, window;
+	uint64_t size, mtime_ns;
+};
+
+static uint32_t send_fs(struct agent *a, const struct fsreq *q)
+{
+	uint32_t id = a->next_id++;
+	struct sm_buf b = { 0 };
+	sm_frame_begin(&b);
+	sm_put_u8(&b, 1, q->op);
+	sm_put_str(&b, 2, q->path);
+	if (q->path2)
+		sm_put_str(&b, 3, q->path2);
+	if (q->has_mode)
+		sm_put_u32(&b, 4, q->mode);
+	if (q->flags)
+		sm_put_u32(&b, 5, q->flags);
+	if (q->size)
+		sm_put_u64(&b, 8, q->size);
+	if (q->mtime_ns)
+		sm_put_u64(&b, 10, q->mtime_ns);
+	if (q->window)
+		sm_put_u32(&b, 11, q->window);
+	send_buf(a, &b, id, SM_FS);
+	sm_buf_free(&b);
+	return id;
+}
+
+enum { OP_STAT = 1, OP_READDIR, OP_MKDIR, OP_RM, OP_RENAME, OP_CHMOD, OP_CHOWN, OP_SYMLINK, OP_READLINK, OP_REALPATH,
+       OP_TRUNCATE, OP_UTIMES, OP_ACCESS };
+
+/* Run an FS op expected to succeed; copies OK's path (if any) into out. */
+static void fs_ok(struct agent *a, const struct fsreq *q, char *out, size_t cap, const char *what)
+{
+	uint32_t id = send_fs(a, q);
+	struct frame f;
+	if (expect(a, &f, id, SM_OK, 3000)) {
+		fail("%s", what);
+		return;
+	}
+	if (out)
+		fstr(&f, 2, out, cap);
+}
+
+static void touch(const char *path, const char *content)
+{
+	int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd >= 0) {
+		ssize_t w = write(fd, content, strlen(content));
+		(void)w;
+		close(fd);
+	}
+}
+
+void test_fs(struct agent *a)
+{
+	char root[300], p[1024], q[2048], out[4096];
+	struct frame f;
+	struct stat st;
+	snprintf(root, sizeof root, "%s/fs", tmpdir);
+
+	current = "fs: mkdir";
+	snprintf(p, sizeof p, "%s/a/b/c", root);
+	fs_ok(a, &(struct fsreq){ .op = OP_MKDIR, .path = p, .flags = 1 }, out, sizeof out, "mkdir -p");
+	CHECK(!strcmp(out, root), "recursive mkdir answers the first directory it made ('%s')", out);
+	CHECK(stat(p, &st) == 0 && S_ISDIR(st.st_mode), "the tree exists");
+	fs_ok(a, &(struct fsreq){ .op = OP_MKDIR, .path = p, .flags = 1 }, out, sizeof out, "mkdir -p again");
+	CHECK(out[0] == 0, "nothing made: no path");
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_MKDIR, .path = p }), SM_E_IO, EEXIST, "mkdir of an existing dir");
+	snprintf(q, sizeof q, "%s/file", root);
+	touch(q, "0123456789");
+	snprintf(p, sizeof p, "%s/file/sub", root);
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_MKDIR, .path = p, .flags = 1 }), SM_E_IO, ENOTDIR,
+		     "mkdir -p through a file");
+
+	current = "fs: stat, lstat, symlink, readlink, realpath";
+	uint32_t id = send_fs(a, &(struct fsreq){ .op = OP_STAT, .path = q });
+	if (expect(a, &f, id, SM_STAT, 3000) == 0) {
+		stat(q, &st);
+		CHECK(fu(&f, 1, 0) == st.st_mode && fu(&f, 4, 0) == 10 && fu(&f, 8, 0) == st.st_ino &&
+			      fu(&f, 6, 0) == (uint64_t)st.st_mtim.tv_sec * 1000000000u + (uint64_t)st.st_mtim.tv_nsec,
+		      "STAT: mode, size, inode, mtime");
+		expect_ok(a, id, "stat");
+	}
+	snprintf(p, sizeof p, "%s/link", root);
+	fs_ok(a, &(struct fsreq){ .op = OP_SYMLINK, .path = p, .path2 = "file" }, NULL, 0, "symlink");
+	id = send_fs(a, &(struct fsreq){ .op = OP_STAT, .path = p, .flags = 4 });
+	if (expect(a, &f, id, SM_STAT, 3000) == 0) {
+		CHECK(S_ISLNK(fu(&f, 1, 0)), "lstat reports the link itself");
+		expect_ok(a, id, "lstat");
+	}
+	id = send_fs(a, &(struct fsreq){ .op = OP_STAT, .path = p });
+	if (expect(a, &f, id, SM_STAT, 3000) == 0) {
+		CHECK(S_ISREG(fu(&f, 1, 0)) && fu(&f, 4, 0) == 10, "stat follows it");
+		expect_ok(a, id, "stat");
+	}
+	fs_ok(a, &(struct fsreq){ .op = OP_READLINK, .path = p }, out, sizeof out, "readlink");
+	CHECK(!strcmp(out, "file"), "readlink: '%s'", out);
+	fs_ok(a, &(struct fsreq){ .op = OP_REALPATH, .path = p }, out, sizeof out, "realpath");
+	char real[PATH_MAX];
+	CHECK(realpath(q, real) && !strcmp(out, real), "realpath: '%s'", out);
+	snprintf(p, sizeof p, "%s/missing", root);
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_STAT, .path = p }), SM_E_IO, ENOENT, "stat of nothing");
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_ACCESS, .path = p }), SM_E_IO, ENOENT, "access of nothing");
+	fs_ok(a, &(struct fsreq){ .op = OP_ACCESS, .path = q, .has_mode = 1, .mode = R_OK | W_OK }, NULL, 0, "access");
+
+	current = "fs: chmod, truncate, utimes, rename";
+	fs_ok(a, &(struct fsreq){ .op = OP_CHMOD, .path = q, .has_mode = 1, .mode = 0600 }, NULL, 0, "chmod");
+	fs_ok(a, &(struct fsreq){ .op = OP_TRUNCATE, .path = q, .size = 3 }, NULL, 0, "truncate");
+	fs_ok(a, &(struct fsreq){ .op = OP_UTIMES, .path = q, .mtime_ns = 1500000000123456789ull }, NULL, 0, "utimes");
+	CHECK(stat(q, &st) == 0 && (st.st_mode & 07777) == 0600 && st.st_size == 3 && st.st_mtim.tv_sec == 1500000000 &&
+		      st.st_mtim.tv_nsec == 123456789,
+	      "mode 0600, size 3, mtime set to the ns");
+	snprintf(p, sizeof p, "%s/renamed", root);
+	fs_ok(a, &(struct fsreq){ .op = OP_RENAME, .path = q, .path2 = p }, NULL, 0, "rename");
+	CHECK(access(p, F_OK) == 0 && access(q, F_OK) < 0, "renamed");
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_CHMOD, .path = p }), SM_E_BAD_REQUEST, 0, "chmod without mode");
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = 99, .path = p }), SM_E_UNSUPPORTED, 0, "unknown operation");
+
+	current = "fs: readdir in frames within the credit";
+	snprintf(p, sizeof p, "%s/many", root);
+	mkdir(p, 0755);
+	for (int i = 0; i < 60; i++) {
+		snprintf(q, sizeof q, "%s/entry-%02d-%s", p, i, i % 2 ? "with-a-longer-name" : "f");
+		if (i == 7)
+			mkdir(q, 0755);
+		else
+			touch(q, "");
+	}
+	id = send_fs(a, &(struct fsreq){ .op = OP_READDIR, .path = p, .window = SM_FRAME_COST + 600 });
+	int entries = 0, frames = 0, dirs = 0, done = 0;
+	while (!done && recv_frame(a, &f, 3000) == 0) {
+		if (f.h.stream != id) {
+			fail("readdir: a frame for stream %u", f.h.stream);
+			break;
+		}
+		if (f.h.type == SM_OK) {
+			done = 1;
+			break;
+		}
+		if (f.h.type != SM_DIRENTS) {
+			fail("readdir: unexpected %s", sm_type_name(f.h.type));
+			break;
+		}
+		CHECK(f.h.length <= 600, "a DIRENTS frame within the credit (%u)", f.h.length);
+		frames++;
+		for (int i = 0; i < f.nf; i++) {
+			struct sm_field g[4];
+			int k = sm_fields_split(f.f[i].val, f.f[i].len, g, 4);
+			entries++;
+			dirs += k == 2 && sm_uval(&g[1]) == 4;
+		}
+		send_window(a, id, f.h.length + SM_FRAME_COST);
+	}
+	CHECK(done && entries == 60 && dirs == 1, "60 entries, one a directory (%d, %d)", entries, dirs);
+	CHECK(frames > 3, "split over several frames (%d)", frames);
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_READDIR, .path = "/nonexistent-dir" }), SM_E_IO, ENOENT,
+		     "readdir of nothing");
+
+	current = "fs: rm";
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_RM, .path = p }), SM_E_IO, EISDIR, "rm of a dir without recursive");
+	/* A symlink inside the tree to a directory outside it: removed, never followed. */
+	char outside[400];
+	snprintf(outside, sizeof outside, "%s/outside", tmpdir);
+	mkdir(outside, 0755);
+	snprintf(q, sizeof q, "%s/keep", outside);
+	touch(q, "keep");
+	snprintf(q, sizeof q, "%s/to-outside", p);
+	CHECK(symlink(outside, q) == 0, "symlink to outside");
+	fs_ok(a, &(struct fsreq){ .op = OP_RM, .path = root, .flags = 1 }, NULL, 0, "rm -r");
+	CHECK(access(root, F_OK) < 0, "the tree is gone");
+	snprintf(q, sizeof q, "%s/keep", outside);
+	CHECK(access(q, F_OK) == 0, "the symlink's target survives");
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_RM, .path = root }), SM_E_IO, ENOENT, "rm of nothing");
+	fs_ok(a, &(struct fsreq){ .op = OP_RM, .path = root, .flags = 3 }, NULL, 0, "rm -f of nothing");
+	snprintf(q, sizeof q, "%s/keep", outside);
+	fs_ok(a, &(struct fsreq){ .op = OP_RM, .path = q }, NULL, 0, "rm of a file");
+	snprintf(q, sizeof q, "%s/sub", outside);
+	mkdir(q, 0755);
+	touch(strcat(q, "/x"), "");
+	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_RENAME, .path = outside, .path2 = "/" }), SM_E_IO, 0,
+		     "rename onto / fails");
+}

@@ -28,6 +28,7 @@ import {
   MAX_STREAM_ID,
   MessageType,
 } from "./frame-codec.ts";
+import { GuestFs } from "./guest-fs.ts";
 import {
   AgentErrorCode,
   agentErrorCodeName,
@@ -123,6 +124,8 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
   MessageType.FILE_DATA,
   MessageType.FILE_INFO,
   MessageType.OK,
+  MessageType.STAT,
+  MessageType.DIRENTS,
   MessageType.TCP_CONNECTED,
   MessageType.TCP_DATA,
 ]);
@@ -134,6 +137,8 @@ export class AgentClient {
   }
   /** Settles when the connection ends: `undefined` for a clean end, else the error. Never rejects. */
   readonly closed: Promise<Error | undefined>;
+  /** The guest's file system, like `node:fs/promises` (docs/protocol.md, "File-system operations"). */
+  readonly fs: GuestFs;
 
   #epoch: bigint;
   #rehelloing = false;
@@ -209,6 +214,7 @@ export class AgentClient {
         return { handler, sent };
       },
     };
+    this.fs = new GuestFs(this.#host);
     socket.on("data", this.#onData);
     socket.on("end", this.#onEnd);
     socket.on("close", this.#onEnd);

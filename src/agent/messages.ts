@@ -19,6 +19,10 @@ export const MAX_PING_BYTES = 64;
 export const MAX_ERROR_MESSAGE_BYTES = 4096;
 /** Default delay between `SIGTERM` and `SIGKILL` on an exec timeout. */
 export const DEFAULT_GRACE_MS = 2000;
+/** Longest path the agent returns (`OK.path`, `WATCH_EVENT.name`): PATH_MAX - 1. */
+export const MAX_GUEST_PATH_BYTES = 4095;
+/** Longest directory entry name (NAME_MAX). */
+export const MAX_NAME_BYTES = 255;
 /** Bounds of `HELLO` entropy. */
 export const MIN_ENTROPY_BYTES = 32;
 export const MAX_ENTROPY_BYTES = 512;
@@ -391,15 +395,175 @@ export function decodeFileInfo(payload: Uint8Array): FileInfoMessage {
 export interface OkMessage {
   /** Bytes written, for `WRITE_FILE`. */
   size?: number | undefined;
+  /** A path: `FS` readlink, realpath, and the first directory a recursive mkdir created. */
+  path?: Uint8Array | undefined;
 }
 
 export function encodeOk(m: OkMessage = {}): Uint8Array {
-  return new FieldWriter().u64(1, m.size).finish();
+  return new FieldWriter().u64(1, m.size).bytes(2, m.path).finish();
 }
 
 export function decodeOk(payload: Uint8Array): OkMessage {
   const r = FieldReader.decode(payload, "OK");
-  return { size: r.u64Number(1, "size") };
+  return {
+    size: r.u64Number(1, "size"),
+    path: guestPath(r.bytes(2, "path"), "OK.path", MAX_GUEST_PATH_BYTES),
+  };
+}
+
+/** A path or name from the guest: raw bytes (Linux names need not be UTF-8), bounded, no NUL. */
+function guestPath(raw: Uint8Array | undefined, what: string, maxBytes: number): Uint8Array | undefined {
+  if (raw === undefined) return undefined;
+  if (raw.length > maxBytes) throw protocolError(`${what}: ${raw.length} bytes, limit ${maxBytes}`);
+  if (raw.includes(0)) throw protocolError(`${what}: contains a NUL byte`);
+  return raw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// File-system operations
+
+/** `FS.op`. */
+export const FsOp = {
+  STAT: 1,
+  READDIR: 2,
+  MKDIR: 3,
+  RM: 4,
+  RENAME: 5,
+  CHMOD: 6,
+  CHOWN: 7,
+  SYMLINK: 8,
+  READLINK: 9,
+  REALPATH: 10,
+  TRUNCATE: 11,
+  UTIMES: 12,
+  ACCESS: 13,
+} as const;
+
+/** `FS.flags` bits. */
+export const FsFlag = { RECURSIVE: 1, FORCE: 2, NO_FOLLOW: 4 } as const;
+
+export interface FsMessage {
+  op: number;
+  path: string;
+  path2?: string | undefined;
+  mode?: number | undefined;
+  flags?: number | undefined;
+  uid?: number | undefined;
+  gid?: number | undefined;
+  size?: number | undefined;
+  atimeNs?: bigint | undefined;
+  mtimeNs?: bigint | undefined;
+  window?: number | undefined;
+}
+
+export function encodeFs(m: FsMessage): Uint8Array {
+  return new FieldWriter()
+    .u8(1, m.op)
+    .string(2, m.path)
+    .string(3, m.path2)
+    .u32(4, m.mode)
+    .u32(5, m.flags)
+    .u32(6, m.uid)
+    .u32(7, m.gid)
+    .u64(8, m.size)
+    .u64(9, m.atimeNs)
+    .u64(10, m.mtimeNs)
+    .u32(11, m.window)
+    .finish();
+}
+
+export function decodeFs(payload: Uint8Array): FsMessage {
+  const r = FieldReader.decode(payload, "FS");
+  return {
+    op: r.need(r.u8(1, "op"), "op"),
+    path: r.need(r.string(2, "path"), "path"),
+    path2: r.string(3, "path2"),
+    mode: r.u32(4, "mode"),
+    flags: r.u32(5, "flags"),
+    uid: r.u32(6, "uid"),
+    gid: r.u32(7, "gid"),
+    size: r.u64Number(8, "size"),
+    atimeNs: r.u64(9, "atimeNs"),
+    mtimeNs: r.u64(10, "mtimeNs"),
+    window: r.u32(11, "window"),
+  };
+}
+
+export interface StatMessage {
+  /** The full `st_mode` (type and permission bits). */
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  atimeNs: bigint;
+  mtimeNs: bigint;
+  ctimeNs: bigint;
+  ino: bigint;
+  dev: bigint;
+  nlink: number;
+  rdev: bigint;
+  blocks: number;
+  blksize: number;
+}
+
+export function encodeStat(m: StatMessage): Uint8Array {
+  return new FieldWriter()
+    .u32(1, m.mode)
+    .u32(2, m.uid)
+    .u32(3, m.gid)
+    .u64(4, m.size)
+    .u64(5, m.atimeNs)
+    .u64(6, m.mtimeNs)
+    .u64(7, m.ctimeNs)
+    .u64(8, m.ino)
+    .u64(9, m.dev)
+    .u64(10, m.nlink)
+    .u64(11, m.rdev)
+    .u64(12, m.blocks)
+    .u32(13, m.blksize)
+    .finish();
+}
+
+export function decodeStat(payload: Uint8Array): StatMessage {
+  const r = FieldReader.decode(payload, "STAT");
+  return {
+    mode: r.need(r.u32(1, "mode"), "mode"),
+    uid: r.u32(2, "uid") ?? 0,
+    gid: r.u32(3, "gid") ?? 0,
+    size: r.u64Number(4, "size") ?? 0,
+    atimeNs: r.u64(5, "atimeNs") ?? 0n,
+    mtimeNs: r.u64(6, "mtimeNs") ?? 0n,
+    ctimeNs: r.u64(7, "ctimeNs") ?? 0n,
+    ino: r.u64(8, "ino") ?? 0n,
+    dev: r.u64(9, "dev") ?? 0n,
+    nlink: r.u64Number(10, "nlink") ?? 0,
+    rdev: r.u64(11, "rdev") ?? 0n,
+    blocks: r.u64Number(12, "blocks") ?? 0,
+    blksize: r.u32(13, "blksize") ?? 0,
+  };
+}
+
+/** One directory entry: its name (raw bytes) and type (`d_type`: the `S_IFMT` bits >> 12, 0 unknown). */
+export interface DirentMessage {
+  name: Uint8Array;
+  type: number;
+}
+
+export function encodeDirents(entries: readonly DirentMessage[]): Uint8Array {
+  const w = new FieldWriter();
+  for (const e of entries) w.nested(1, new FieldWriter().bytes(1, e.name).u8(2, e.type));
+  return w.finish();
+}
+
+export function decodeDirents(payload: Uint8Array): DirentMessage[] {
+  const r = FieldReader.decode(payload, "DIRENTS");
+  return r.nestedList(1, "entry").map((e) => {
+    const name = e.need(guestPath(e.bytes(1, "name"), "DIRENTS.entry.name", MAX_NAME_BYTES), "name");
+    if (name.length === 0 || name.includes(0x2f)) {
+      throw protocolError("DIRENTS.entry.name: empty or contains a slash");
+    }
+    return { name, type: e.u8(2, "type") ?? 0 };
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
