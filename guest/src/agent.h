@@ -41,7 +41,7 @@ struct sm_stage {
 	uint64_t size;
 };
 
-enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_FS, SK_TCP };
+enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_FS, SK_WATCH, SK_TCP };
 enum sm_exec_state { X_STAGING = 1, X_STARTING, X_RUNNING, X_DRAINING };
 
 struct sm_stream {
@@ -193,6 +193,13 @@ void sm_fs_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
 void sm_fs_release(struct sm_stream *s, int abandon);
 int sm_fs_ready(struct sm_stream *s);
 void sm_fs_pump(struct sm_stream *s);
+
+/* watch.c: WATCH (inotify) */
+void sm_watch_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_watch_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_watch_release(struct sm_stream *s, int abandon);
+void sm_watch_poll(struct sm_stream *s, int fd[4], short ev[4]);
+void sm_watch_event(struct sm_stream *s, int role, short revents);
 
 /* tcp.c: TCP_CONNECT tunnels */
 void sm_tcp_open(uint32_t id, const uint8_t *p, size_t n);

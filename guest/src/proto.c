@@ -50,6 +50,8 @@ const char *sm_type_name(unsigned type)
 	case SM_FS: return "FS";
 	case SM_STAT: return "STAT";
 	case SM_DIRENTS: return "DIRENTS";
+	case SM_WATCH: return "WATCH";
+	case SM_WATCH_EVENT: return "WATCH_EVENT";
 	case SM_TCP_CONNECT: return "TCP_CONNECT";
 	case SM_TCP_CONNECTED: return "TCP_CONNECTED";
 	case SM_TCP_DATA: return "TCP_DATA";
@@ -336,7 +338,7 @@ int sm_type_from_host(unsigned t)
 	case SM_HELLO: case SM_PING: case SM_SHUTDOWN: case SM_RESET: case SM_EXEC: case SM_STAGE_DATA:
 	case SM_STDIN: case SM_WINDOW: case SM_RESIZE: case SM_SIGNAL: case SM_WRITE_FILE: case SM_READ_FILE:
 	case SM_FILE_DATA:
-	case SM_FS: case SM_TCP_CONNECT: case SM_TCP_DATA:
+	case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -348,7 +350,7 @@ int sm_type_from_guest(unsigned t)
 	switch (t) {
 	case SM_HELLO: case SM_PONG: case SM_ERROR: case SM_STDOUT: case SM_STDERR: case SM_WINDOW:
 	case SM_STARTED: case SM_EXIT: case SM_FILE_DATA: case SM_FILE_INFO: case SM_OK:
-	case SM_STAT: case SM_DIRENTS: case SM_TCP_CONNECTED: case SM_TCP_DATA:
+	case SM_STAT: case SM_DIRENTS: case SM_WATCH_EVENT: case SM_TCP_CONNECTED: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -361,7 +363,7 @@ int sm_type_opens_stream(unsigned t)
 {
 	switch (t) {
 	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE:
-	case SM_FS: case SM_TCP_CONNECT:
+	case SM_FS: case SM_WATCH: case SM_TCP_CONNECT:
 		return 1;
 	default:
 		return 0;
@@ -497,7 +499,7 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 			     NULL, err, errlen, top);
 	case SM_OK:
 		return check(p, n, SPEC({ 1, SM_K_U64, 0 }, { 2, SM_K_BYTES, 0 }), NULL, err, errlen, top);
-	/* ---- file-system operations ---- */
+	/* ---- file-system operations and watches ---- */
 	case SM_FS:
 		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_STRING, SM_REQ }, { 3, SM_K_STRING, 0 }, { 4, SM_K_U32, 0 },
 				       { 5, SM_K_U32, 0 }, { 6, SM_K_U32, 0 }, { 7, SM_K_U32, 0 }, { 8, SM_K_U64, 0 },
@@ -511,6 +513,10 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 		if (check(p, n, SPEC({ 1, SM_K_NESTED, SM_REP }), &k, err, errlen, top))
 			return -1;
 		return check_nested(k, 1, SPEC({ 1, SM_K_BYTES, SM_REQ }, { 2, SM_K_U8, 0 }), "entry", err, errlen);
+	case SM_WATCH:
+		return check(p, n, SPEC({ 1, SM_K_STRING, SM_REQ }, { 2, SM_K_U8, 0 }, { 3, SM_K_U32, 0 }), NULL, err, errlen, top);
+	case SM_WATCH_EVENT:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_BYTES, 0 }, { 3, SM_K_U8, 0 }), NULL, err, errlen, top);
 	/* ---- TCP tunnels ---- */
 	case SM_TCP_CONNECT:
 		return check(p, n, SPEC({ 1, SM_K_U16, SM_REQ }, { 2, SM_K_STRING, 0 }, { 3, SM_K_U32, 0 }), NULL, err, errlen, top);

@@ -40,6 +40,8 @@ enum sm_type {
 	SM_FS = 0x25,
 	SM_STAT = 0x26,
 	SM_DIRENTS = 0x27,
+	SM_WATCH = 0x28,
+	SM_WATCH_EVENT = 0x29,
 	/* TCP tunnels */
 	SM_TCP_CONNECT = 0x30,
 	SM_TCP_CONNECTED = 0x31,

@@ -59,5 +59,6 @@ int process_gone(pid_t pid, int ms);
 /* test_streams.c: TCP tunnels, file-system operations, watches, the workload */
 void test_tcp(struct agent *a);
 void test_fs(struct agent *a);
+void test_watch(struct agent *a);
 
 #endif

@@ -874,6 +874,7 @@ int main(int argc, char **argv)
 	test_background_holders(&a);
 	test_tcp(&a);
 	test_fs(&a);
+	test_watch(&a);
 	int st = stop(&a);
 	current = "end";
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit status 0x%x", st);

@@ -347,3 +347,112 @@ void test_fs(struct agent *a)
 	expect_error(a, send_fs(a, &(struct fsreq){ .op = OP_RENAME, .path = outside, .path2 = "/" }), SM_E_IO, 0,
 		     "rename onto / fails");
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Watches.
+ */
+
+static uint32_t send_watch(struct agent *a, const char *path, int recursive, uint32_t window)
+{
+	uint32_t id = a->next_id++;
+	struct sm_buf b = { 0 };
+	sm_frame_begin(&b);
+	sm_put_str(&b, 1, path);
+	if (recursive)
+		sm_put_u8(&b, 2, 1);
+	if (window)
+		sm_put_u32(&b, 3, window);
+	send_buf(a, &b, id, SM_WATCH);
+	sm_buf_free(&b);
+	return id;
+}
+
+/* The next WATCH_EVENT on `id`: returns its event code and copies its name, or -1. */
+static int next_event(struct agent *a, uint32_t id, char *name, size_t cap, int timeout_ms)
+{
+	struct frame f;
+	for (;;) {
+		if (recv_frame(a, &f, timeout_ms))
+			return -1;
+		if (f.h.stream != id)
+			continue;
+		if (f.h.type == SM_OK)
+			return 100;
+		if (f.h.type != SM_WATCH_EVENT)
+			return -2;
+		fstr(&f, 2, name, cap);
+		return (int)fu(&f, 1, 99);
+	}
+}
+
+/* Wait for an event of kind `ev` named `want`, skipping others (modify events and the like). */
+static int wait_event(struct agent *a, uint32_t id, int ev, const char *want)
+{
+	char name[4096];
+	for (int i = 0; i < 32; i++) {
+		int e = next_event(a, id, name, sizeof name, 3000);
+		if (e < 0 || e == 100)
+			return 0;
+		if (e == ev && !strcmp(name, want))
+			return 1;
+	}
+	return 0;
+}
+
+void test_watch(struct agent *a)
+{
+	char dir[300], p[1024], name[4096];
+	snprintf(dir, sizeof dir, "%s/watched", tmpdir);
+	mkdir(dir, 0755);
+
+	current = "watch: recursive events";
+	uint32_t id = send_watch(a, dir, 1, 0);
+	CHECK(next_event(a, id, name, sizeof name, 3000) == 0, "ready first");
+	snprintf(p, sizeof p, "%s/x", dir);
+	touch(p, "1");
+	CHECK(wait_event(a, id, 1, "x"), "create x");
+	snprintf(p, sizeof p, "%s/sub", dir);
+	mkdir(p, 0755);
+	CHECK(wait_event(a, id, 1, "sub"), "create sub");
+	snprintf(p, sizeof p, "%s/sub/y", dir);
+	touch(p, "2");
+	CHECK(wait_event(a, id, 1, "sub/y"), "create sub/y: the new directory is watched");
+	char q[1024];
+	snprintf(q, sizeof q, "%s/sub/z", dir);
+	CHECK(rename(p, q) == 0, "rename");
+	CHECK(wait_event(a, id, 4, "sub/y") && wait_event(a, id, 4, "sub/z"), "rename: old and new names");
+	unlink(q);
+	CHECK(wait_event(a, id, 3, "sub/z"), "delete sub/z");
+
+	current = "watch: credit and overflow";
+	char wdir[512];
+	snprintf(wdir, sizeof wdir, "%s/small", tmpdir);
+	mkdir(wdir, 0755);
+	/* ready (an event field) costs 6 + 64; creating directory "a" (event, name, dir) 18 + 64 */
+	uint32_t w2 = send_watch(a, wdir, 0, 6 + SM_FRAME_COST + 18 + SM_FRAME_COST);
+	CHECK(next_event(a, w2, name, sizeof name, 3000) == 0, "ready");
+	for (int i = 0; i < 3; i++) {
+		snprintf(p, sizeof p, "%s/%c", wdir, 'a' + i);
+		mkdir(p, 0755);
+	}
+	CHECK(next_event(a, w2, name, sizeof name, 3000) == 1 && !strcmp(name, "a"), "the first event within the credit");
+	CHECK(next_event(a, w2, name, sizeof name, 300) == -1, "then nothing");
+	send_window(a, w2, 4096);
+	CHECK(next_event(a, w2, name, sizeof name, 3000) == 5, "an overflow event for what was dropped");
+
+	current = "watch: the watched path deleted";
+	send_frame(a, id, SM_RESET, 0, NULL, 0);
+	for (int i = 0; i < 3; i++) {
+		snprintf(p, sizeof p, "%s/%c", wdir, 'a' + i);
+		rmdir(p);
+	}
+	rmdir(wdir);
+	int e, saw_delete = 0;
+	while ((e = next_event(a, w2, name, sizeof name, 3000)) >= 0 && e != 100)
+		saw_delete |= e == 3 && name[0] == 0;
+	CHECK(saw_delete && e == 100, "delete of the path itself, then OK");
+
+	current = "watch: errors";
+	snprintf(p, sizeof p, "%s/no-such-dir", tmpdir);
+	expect_error(a, send_watch(a, p, 0, 0), SM_E_NOT_FOUND, ENOENT, "watch of nothing");
+}

@@ -29,6 +29,7 @@ import {
   MessageType,
 } from "./frame-codec.ts";
 import { GuestFs } from "./guest-fs.ts";
+import { type GuestWatcher, type WatchOptions, watch } from "./guest-watch.ts";
 import {
   AgentErrorCode,
   agentErrorCodeName,
@@ -126,6 +127,7 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
   MessageType.OK,
   MessageType.STAT,
   MessageType.DIRENTS,
+  MessageType.WATCH_EVENT,
   MessageType.TCP_CONNECTED,
   MessageType.TCP_DATA,
 ]);
@@ -472,7 +474,7 @@ export class AgentClient {
   }
 
   // ------------------------------------------------------------------------------------------
-  // TCP tunnels
+  // TCP tunnels, watches
 
   /**
    * Opens a TCP connection to `port` on `opts.address` (an IPv4 or IPv6 literal, default
@@ -484,6 +486,14 @@ export class AgentClient {
    */
   connectTcp(port: number, opts: ConnectTcpOptions = {}): Promise<Duplex> {
     return connectTcp(this.#host, port, opts);
+  }
+
+  /**
+   * Watches `path` in the guest (with `recursive`, every directory below it too) and yields change
+   * events like `fs.promises.watch`. Await `ready` before making changes that must be seen.
+   */
+  watch(path: string, opts: WatchOptions = {}): GuestWatcher {
+    return watch(this.#host, path, opts);
   }
 
   /**

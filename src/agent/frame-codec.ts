@@ -48,6 +48,8 @@ export const MessageType = {
   FS: 0x25,
   STAT: 0x26,
   DIRENTS: 0x27,
+  WATCH: 0x28,
+  WATCH_EVENT: 0x29,
   TCP_CONNECT: 0x30,
   TCP_CONNECTED: 0x31,
   TCP_DATA: 0x32,

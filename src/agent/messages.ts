@@ -566,6 +566,50 @@ export function decodeDirents(payload: Uint8Array): DirentMessage[] {
   });
 }
 
+export interface WatchMessage {
+  path: string;
+  recursive?: boolean | undefined;
+  window?: number | undefined;
+}
+
+export function encodeWatch(m: WatchMessage): Uint8Array {
+  return new FieldWriter().string(1, m.path).bool(2, m.recursive).u32(3, m.window).finish();
+}
+
+export function decodeWatch(payload: Uint8Array): WatchMessage {
+  const r = FieldReader.decode(payload, "WATCH");
+  return {
+    path: r.need(r.string(1, "path"), "path"),
+    recursive: r.bool(2, "recursive"),
+    window: r.u32(3, "window"),
+  };
+}
+
+/** `WATCH_EVENT.event`. */
+export const WatchEventKind = { READY: 0, CREATE: 1, MODIFY: 2, DELETE: 3, RENAME: 4, OVERFLOW: 5 } as const;
+
+export interface WatchEventMessage {
+  event: number;
+  /** Path relative to the watched path; empty for the watched path itself. */
+  name?: Uint8Array | undefined;
+  dir?: boolean | undefined;
+}
+
+export function encodeWatchEvent(m: WatchEventMessage): Uint8Array {
+  return new FieldWriter().u8(1, m.event).bytes(2, m.name).bool(3, m.dir).finish();
+}
+
+export function decodeWatchEvent(payload: Uint8Array): WatchEventMessage {
+  const r = FieldReader.decode(payload, "WATCH_EVENT");
+  const event = r.need(r.u8(1, "event"), "event");
+  if (event > WatchEventKind.OVERFLOW) throw protocolError(`WATCH_EVENT: unknown event ${event}`);
+  return {
+    event,
+    name: guestPath(r.bytes(2, "name"), "WATCH_EVENT.name", MAX_GUEST_PATH_BYTES),
+    dir: r.bool(3, "dir"),
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 // TCP tunnels
 

@@ -1,5 +1,5 @@
 /**
- * `AgentClient.fs` (like `node:fs/promises`) against the real guest agent
+ * `AgentClient.fs` (like `node:fs/promises`) and `AgentClient.watch` against the real guest agent
  * in host mode: the "guest" file system is this host's, under a temporary directory, so every
  * result is checked against `node:fs` itself.
  */
@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import type { AgentClient } from "../../src/agent/agent-client.ts";
+import type { GuestWatchEvent, GuestWatcher } from "../../src/agent/guest-watch.ts";
 import { GuestIoError } from "../../src/errors.ts";
 import { connectAgent, type HostAgent } from "../helpers/agent-binary.ts";
 import { failOnUnhandledRejections, isCode } from "./fake-agent.ts";
@@ -181,5 +182,87 @@ describe("fs", () => {
     controller.abort();
     await assert.rejects(client.fs.stat(dir, { signal: controller.signal }), isCode("ABORTED"));
     await assert.rejects(client.fs.stat(dir, { timeoutMs: 0 }), isCode("INVALID_ARGUMENT"));
+  });
+});
+
+/** Collects events until `done` says so (bounded by the watcher ending). */
+async function eventsUntil(
+  watcher: GuestWatcher,
+  done: (events: GuestWatchEvent[]) => boolean,
+): Promise<GuestWatchEvent[]> {
+  const events: GuestWatchEvent[] = [];
+  for await (const e of watcher) {
+    events.push(e);
+    if (done(events)) break;
+  }
+  return events;
+}
+
+const has = (events: GuestWatchEvent[], eventType: string, filename: string | null) =>
+  events.some((e) => e.eventType === eventType && e.filename === filename);
+
+describe("watch", () => {
+  test("create, modify, rename, delete in a directory and, recursively, below it", async () => {
+    const w = join(dir, "watched");
+    await mkdir(w);
+    const watcher = client.watch(w, { recursive: true });
+    await watcher.ready;
+    await writeFile(join(w, "a"), "1");
+    let events = await eventsUntil(watcher, (ev) => has(ev, "modify", "a"));
+    assert.ok(has(events, "create", "a"));
+    await mkdir(join(w, "sub"));
+    events = await eventsUntil(watcher, (ev) => has(ev, "create", "sub"));
+    assert.equal(events.at(-1)!.isDirectory, true);
+    await writeFile(join(w, "sub", "deep"), "2");
+    await eventsUntil(watcher, (ev) => has(ev, "create", "sub/deep"));
+    await (await import("node:fs/promises")).rename(join(w, "sub", "deep"), join(w, "sub", "moved"));
+    events = await eventsUntil(watcher, (ev) => has(ev, "rename", "sub/moved"));
+    assert.ok(has(events, "rename", "sub/deep"));
+    await rm(join(w, "a"));
+    await eventsUntil(watcher, (ev) => has(ev, "delete", "a"));
+    watcher.close();
+    assert.deepEqual(await eventsUntil(watcher, () => false), [], "nothing after close()");
+    assert.equal(client.openStreams, 0);
+  });
+
+  test("deleting the watched directory ends the iteration", async () => {
+    const w = join(dir, "doomed");
+    await mkdir(w);
+    const watcher = client.watch(w);
+    await watcher.ready;
+    await rm(w, { recursive: true });
+    const events = await eventsUntil(watcher, () => false);
+    assert.ok(has(events, "delete", "doomed"), JSON.stringify(events));
+  });
+
+  test("a consumer that does not read gets an overflow, not unbounded buffering", async () => {
+    const w = join(dir, "busy");
+    await mkdir(w);
+    const watcher = client.watch(w, { windowBytes: 1024 });
+    await watcher.ready;
+    for (let i = 0; i < 100; i++) await writeFile(join(w, `f${i}`), "x");
+    await client.ping(); // the agent saw the events meanwhile
+    const events = await eventsUntil(watcher, (ev) => ev.some((e) => e.eventType === "overflow"));
+    assert.ok(events.length < 50, `${events.length} events held for a consumer that did not read`);
+    watcher.close();
+  });
+
+  test("a missing path rejects ready and the iteration with ENOENT; abort ends it", async () => {
+    const missing = join(dir, "missing");
+    const watcher = client.watch(missing);
+    await assert.rejects(watcher.ready, guestError("ENOENT", "watch", missing));
+    await assert.rejects(
+      eventsUntil(watcher, () => false),
+      guestError("ENOENT", "watch", missing),
+    );
+    const controller = new AbortController();
+    const aborted = client.watch(dir, { signal: controller.signal });
+    await aborted.ready;
+    controller.abort();
+    await assert.rejects(
+      eventsUntil(aborted, () => false),
+      isCode("ABORTED"),
+    );
+    assert.equal(client.openStreams, 0);
   });
 });

@@ -89,6 +89,8 @@ const TYPED: Record<string, { decode: (p: Uint8Array) => unknown; encode: (v: ne
   "host:FS": { decode: m.decodeFs, encode: m.encodeFs },
   "guest:STAT": { decode: m.decodeStat, encode: m.encodeStat },
   "guest:DIRENTS": { decode: m.decodeDirents, encode: m.encodeDirents },
+  "host:WATCH": { decode: m.decodeWatch, encode: m.encodeWatch },
+  "guest:WATCH_EVENT": { decode: m.decodeWatchEvent, encode: m.encodeWatchEvent },
   "host:TCP_CONNECT": { decode: m.decodeTcpConnect, encode: m.encodeTcpConnect },
   "guest:TCP_CONNECTED": { decode: m.decodeTcpConnected, encode: () => m.encodeTcpConnected() },
   "host:PING": { decode: (p) => m.checkPingPayload(p, "PING"), encode: (v: Uint8Array) => v },
