@@ -317,6 +317,7 @@ void sm_stream_close(struct sm_stream *s, int abandon)
 	case SK_FS: sm_fs_release(s, abandon); break;
 	case SK_WATCH: sm_watch_release(s, abandon); break;
 	case SK_TCP: sm_tcp_release(s, abandon); break;
+	case SK_WORKLOAD: case SK_LOGS: sm_workload_release(s, abandon); break;
 	default: sm_file_release(s, abandon); break;
 	}
 	s->gnext = A.graveyard;
@@ -362,6 +363,7 @@ void sm_remember_pgid(pid_t pgid)
 static void host_exit(int code)
 {
 	sm_kill_all_streams();
+	sm_workload_kill();
 	unsigned n = nremembered < MAX_REMEMBERED ? nremembered : MAX_REMEMBERED;
 	for (unsigned i = 0; i < n; i++)
 		kill(-remembered[i], SIGKILL);
@@ -580,6 +582,7 @@ static void on_shutdown(void)
 	sm_log("shutdown requested");
 	if (A.host_mode) {
 		sm_kill_all_streams();
+		sm_workload_kill();
 		struct sm_buf *b = sm_scratch();
 		sm_send_buf(b, 0, SM_OK, 0);
 		sm_chan_flush_blocking(2000);
@@ -693,7 +696,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		case SM_FS: sm_fs_open(h->stream, p, h->length); break;
 		case SM_WATCH: sm_watch_open(h->stream, p, h->length); break;
 		case SM_TCP_CONNECT: sm_tcp_open(h->stream, p, h->length); break;
-		default: break;
+		default: sm_workload_open(t, h->stream, p, h->length); break;
 		}
 		return;
 	}
@@ -707,6 +710,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 	case SK_FS: sm_fs_frame(s, h, p); break;
 	case SK_WATCH: sm_watch_frame(s, h, p); break;
 	case SK_TCP: sm_tcp_frame(s, h, p); break;
+	case SK_WORKLOAD: case SK_LOGS: sm_workload_frame(s, h, p); break;
 	default: sm_file_frame(s, h, p); break;
 	}
 }
@@ -802,6 +806,8 @@ static void reap(void)
 		pid_t pid = wait4(-1, &status, WNOHANG, &ru);
 		if (pid <= 0)
 			return;
+		if (sm_workload_reaped(pid, status))
+			continue;
 		for (struct sm_stream *s = A.streams; s; s = s->next) {
 			if (s->kind == SK_EXEC && s->pid == pid && (s->state == X_STARTING || s->state == X_RUNNING)) {
 				sm_exec_reaped(s, status, &ru);
@@ -873,12 +879,13 @@ static void stream_fd_event(struct sm_stream *s, int role, short revents)
 	}
 }
 
-/* Output that needs no fd (file reads, directory listings). */
+/* Output that needs no fd (file reads, directory listings, logs from the ring). */
 static int stream_ready(struct sm_stream *s)
 {
 	switch (s->kind) {
 	case SK_READ: return sm_read_ready(s);
 	case SK_FS: return sm_fs_ready(s);
+	case SK_LOGS: return sm_logs_ready(s);
 	default: return 0;
 	}
 }
@@ -888,6 +895,7 @@ static void stream_pump(struct sm_stream *s)
 	switch (s->kind) {
 	case SK_READ: sm_read_pump(s); break;
 	case SK_FS: sm_fs_pump(s); break;
+	case SK_LOGS: sm_logs_pump(s); break;
 	default: break;
 	}
 }
@@ -971,6 +979,17 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 			pfd[n] = (struct pollfd){ .fd = A.chan, .events = ev };
 			tag[n++] = (struct ptag){ NULL, -2 };
 		}
+		{
+			int wfd[3];
+			short wev[3];
+			sm_workload_poll(wfd, wev);
+			for (int r = 0; r < 3; r++) {
+				if (wfd[r] < 0 || !wev[r])
+					continue;
+				pfd[n] = (struct pollfd){ .fd = wfd[r], .events = wev[r] };
+				tag[n++] = (struct ptag){ NULL, r };
+			}
+		}
 		int64_t now = sm_now_ns();
 		int64_t next = -1;
 		int pump = 0;
@@ -1014,7 +1033,9 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 			for (size_t i = 1; i < n; i++) {
 				if (!pfd[i].revents || (int)i == chan_idx)
 					continue;
-				if (tag[i].s && !tag[i].s->dead)
+				if (!tag[i].s)
+					sm_workload_fd_event(tag[i].role, pfd[i].revents);
+				else if (!tag[i].s->dead)
 					stream_fd_event(tag[i].s, tag[i].role, pfd[i].revents);
 			}
 			if (chan_idx >= 0 && A.connected && pfd[chan_idx].revents) {

@@ -41,7 +41,7 @@ struct sm_stage {
 	uint64_t size;
 };
 
-enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_FS, SK_WATCH, SK_TCP };
+enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_FS, SK_WATCH, SK_TCP, SK_WORKLOAD, SK_LOGS };
 enum sm_exec_state { X_STAGING = 1, X_STARTING, X_RUNNING, X_DRAINING };
 
 struct sm_stream {
@@ -207,6 +207,20 @@ void sm_tcp_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p)
 void sm_tcp_release(struct sm_stream *s, int abandon);
 void sm_tcp_poll(struct sm_stream *s, int fd[4], short ev[4]);
 void sm_tcp_event(struct sm_stream *s, int role, short revents);
+
+/* workload.c: the workload (belongs to the VM, not to a session) and its log streams */
+void sm_workload_open(unsigned type, uint32_t id, const uint8_t *p, size_t n);
+void sm_workload_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_workload_release(struct sm_stream *s, int abandon);
+int sm_logs_ready(struct sm_stream *s);
+void sm_logs_pump(struct sm_stream *s);
+/* The workload's own fds (start-error pipe, stdout, stderr), polled outside any stream. */
+void sm_workload_poll(int fd[3], short ev[3]);
+void sm_workload_fd_event(int role, short revents);
+/* A child was reaped: returns 1 if it was the workload. */
+int sm_workload_reaped(pid_t pid, int status);
+/* SIGKILL the workload's process group (SHUTDOWN, host-mode exit). */
+void sm_workload_kill(void);
 
 /* agent.c */
 struct sm_stream *sm_stream_lookup(uint32_t id);

@@ -42,6 +42,11 @@ const char *sm_type_name(unsigned type)
 	case SM_SIGNAL: return "SIGNAL";
 	case SM_STARTED: return "STARTED";
 	case SM_EXIT: return "EXIT";
+	case SM_WORKLOAD_START: return "WORKLOAD_START";
+	case SM_WORKLOAD_QUERY: return "WORKLOAD_QUERY";
+	case SM_WORKLOAD_SIGNAL: return "WORKLOAD_SIGNAL";
+	case SM_WORKLOAD_LOGS: return "WORKLOAD_LOGS";
+	case SM_WORKLOAD_STATUS: return "WORKLOAD_STATUS";
 	case SM_WRITE_FILE: return "WRITE_FILE";
 	case SM_READ_FILE: return "READ_FILE";
 	case SM_FILE_DATA: return "FILE_DATA";
@@ -337,8 +342,8 @@ int sm_type_from_host(unsigned t)
 	switch (t) {
 	case SM_HELLO: case SM_PING: case SM_SHUTDOWN: case SM_RESET: case SM_EXEC: case SM_STAGE_DATA:
 	case SM_STDIN: case SM_WINDOW: case SM_RESIZE: case SM_SIGNAL: case SM_WRITE_FILE: case SM_READ_FILE:
-	case SM_FILE_DATA:
-	case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA:
+	case SM_FILE_DATA: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY: case SM_WORKLOAD_SIGNAL:
+	case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -349,7 +354,7 @@ int sm_type_from_guest(unsigned t)
 {
 	switch (t) {
 	case SM_HELLO: case SM_PONG: case SM_ERROR: case SM_STDOUT: case SM_STDERR: case SM_WINDOW:
-	case SM_STARTED: case SM_EXIT: case SM_FILE_DATA: case SM_FILE_INFO: case SM_OK:
+	case SM_STARTED: case SM_EXIT: case SM_FILE_DATA: case SM_FILE_INFO: case SM_OK: case SM_WORKLOAD_STATUS:
 	case SM_STAT: case SM_DIRENTS: case SM_WATCH_EVENT: case SM_TCP_CONNECTED: case SM_TCP_DATA:
 		return 1;
 	default:
@@ -362,8 +367,8 @@ int sm_type_known(unsigned t) { return sm_type_from_host(t) || sm_type_from_gues
 int sm_type_opens_stream(unsigned t)
 {
 	switch (t) {
-	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE:
-	case SM_FS: case SM_WATCH: case SM_TCP_CONNECT:
+	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY:
+	case SM_WORKLOAD_SIGNAL: case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT:
 		return 1;
 	default:
 		return 0;
@@ -499,6 +504,19 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 			     NULL, err, errlen, top);
 	case SM_OK:
 		return check(p, n, SPEC({ 1, SM_K_U64, 0 }, { 2, SM_K_BYTES, 0 }), NULL, err, errlen, top);
+	/* ---- the workload ---- */
+	case SM_WORKLOAD_START:
+		return check(p, n, SPEC({ 1, SM_K_STRING, SM_REQ | SM_REP }, { 2, SM_K_STRING, SM_REP }, { 3, SM_K_STRING, 0 },
+				       { 4, SM_K_STRING, 0 }), NULL, err, errlen, top);
+	case SM_WORKLOAD_QUERY:
+		return check(p, n, NULL, 0, NULL, err, errlen, top);
+	case SM_WORKLOAD_SIGNAL:
+		return check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }), NULL, err, errlen, top);
+	case SM_WORKLOAD_LOGS:
+		return check(p, n, SPEC({ 1, SM_K_U8, 0 }, { 2, SM_K_U32, 0 }, { 3, SM_K_U8, 0 }), NULL, err, errlen, top);
+	case SM_WORKLOAD_STATUS:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_U32, 0 }, { 3, SM_K_I32, 0 }, { 4, SM_K_U32, 0 }), NULL,
+			     err, errlen, top);
 	/* ---- file-system operations and watches ---- */
 	case SM_FS:
 		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_STRING, SM_REQ }, { 3, SM_K_STRING, 0 }, { 4, SM_K_U32, 0 },

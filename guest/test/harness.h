@@ -60,5 +60,6 @@ int process_gone(pid_t pid, int ms);
 void test_tcp(struct agent *a);
 void test_fs(struct agent *a);
 void test_watch(struct agent *a);
+void test_workload(void);
 
 #endif

@@ -880,6 +880,7 @@ int main(int argc, char **argv)
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit status 0x%x", st);
 	test_session_reset();
 	test_channel_path();
+	test_workload();
 
 	char cmd[400];
 	snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);

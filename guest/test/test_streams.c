@@ -456,3 +456,163 @@ void test_watch(struct agent *a)
 	snprintf(p, sizeof p, "%s/no-such-dir", tmpdir);
 	expect_error(a, send_watch(a, p, 0, 0), SM_E_NOT_FOUND, ENOENT, "watch of nothing");
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * The workload.
+ */
+
+static uint32_t workload_start(struct agent *a, const char *const *argv)
+{
+	uint32_t id = a->next_id++;
+	struct sm_buf b = { 0 };
+	sm_frame_begin(&b);
+	for (int i = 0; argv[i]; i++)
+		sm_put_str(&b, 1, argv[i]);
+	sm_put_str(&b, 2, "PATH=/usr/bin:/bin");
+	send_buf(a, &b, id, SM_WORKLOAD_START);
+	sm_buf_free(&b);
+	return id;
+}
+
+static uint32_t workload_simple(struct agent *a, uint8_t type, uint32_t signo)
+{
+	uint32_t id = a->next_id++;
+	struct sm_buf b = { 0 };
+	sm_frame_begin(&b);
+	if (type == SM_WORKLOAD_SIGNAL)
+		sm_put_u32(&b, 1, signo);
+	send_buf(a, &b, id, type);
+	sm_buf_free(&b);
+	return id;
+}
+
+static uint32_t workload_logs(struct agent *a, int follow, uint8_t streams)
+{
+	uint32_t id = a->next_id++;
+	struct sm_buf b = { 0 };
+	sm_frame_begin(&b);
+	if (follow)
+		sm_put_u8(&b, 1, 1);
+	if (streams)
+		sm_put_u8(&b, 3, streams);
+	send_buf(a, &b, id, SM_WORKLOAD_LOGS);
+	sm_buf_free(&b);
+	return id;
+}
+
+/* WORKLOAD_STATUS then OK on `id`; returns state, fills pid/code/signal (-1 when absent). */
+static int workload_status(struct agent *a, uint32_t id, long *pid, long *code, long *sig)
+{
+	struct frame f;
+	if (expect(a, &f, id, SM_WORKLOAD_STATUS, 3000))
+		return -1;
+	int state = (int)fu(&f, 1, 99);
+	*pid = sm_find(f.f, f.nf, 2) ? (long)fu(&f, 2, 0) : -1;
+	*code = sm_find(f.f, f.nf, 3) ? (long)sm_ival(sm_find(f.f, f.nf, 3)) : -1;
+	*sig = sm_find(f.f, f.nf, 4) ? (long)fu(&f, 4, 0) : -1;
+	expect_ok(a, id, "WORKLOAD_STATUS");
+	return state;
+}
+
+/* Collect a logs stream until its OK, and any exit event on stream 0 meanwhile. */
+static void collect_logs(struct agent *a, uint32_t id, char *out, size_t cap, int *exit_events)
+{
+	struct frame f;
+	size_t n = 0;
+	out[0] = 0;
+	while (recv_frame(a, &f, 5000) == 0) {
+		if (f.h.stream == 0 && f.h.type == SM_WORKLOAD_STATUS) {
+			(*exit_events)++;
+			continue;
+		}
+		if (f.h.stream != id) {
+			fail("logs: a frame for stream %u", f.h.stream);
+			return;
+		}
+		if (f.h.type == SM_OK)
+			return;
+		if (f.h.type == SM_STDOUT || f.h.type == SM_STDERR) {
+			int k = snprintf(out + n, cap - n, "%s%.*s", f.h.type == SM_STDERR ? "E:" : "", (int)f.h.length, f.p);
+			if (k > 0 && (size_t)k < cap - n)
+				n += (size_t)k;
+			continue;
+		}
+		fail("logs: unexpected %s", sm_type_name(f.h.type));
+		return;
+	}
+	fail("logs: no OK");
+}
+
+void test_workload(void)
+{
+	struct agent a;
+	struct frame f;
+	long pid, code, sig;
+	char out[4096];
+	int exits = 0;
+	start(&a);
+	hello(&a, 11);
+
+	current = "workload: none yet";
+	CHECK(workload_status(&a, workload_simple(&a, SM_WORKLOAD_QUERY, 0), &pid, &code, &sig) == 0 && pid == -1,
+	      "state none, no pid");
+	expect_error(&a, workload_simple(&a, SM_WORKLOAD_SIGNAL, 15), SM_E_NOT_FOUND, ESRCH, "signal without a workload");
+	collect_logs(&a, workload_logs(&a, 1, 0), out, sizeof out, &exits);
+	CHECK(out[0] == 0, "no logs");
+
+	current = "workload: runs, logs, exits";
+	static const char *const script[] = { "sh", "-c", "echo out; echo err >&2; sleep 0.3; echo late; exit 3", NULL };
+	uint32_t id = workload_start(&a, script);
+	CHECK(workload_status(&a, id, &pid, &code, &sig) == 1 && pid > 0, "started: running, pid %ld", pid);
+	long first = pid;
+	static const char *const sleeper[] = { "sleep", "100", NULL };
+	expect_error(&a, workload_start(&a, sleeper), SM_E_BAD_REQUEST, 0, "a second start while it runs");
+	collect_logs(&a, workload_logs(&a, 1, 0), out, sizeof out, &exits);
+	CHECK(strstr(out, "out\n") && strstr(out, "E:err\n") && strstr(out, "late\n"), "follow: everything ('%s')", out);
+	if (!exits && recv_frame(&a, &f, 3000) == 0 && f.h.stream == 0 && f.h.type == SM_WORKLOAD_STATUS)
+		exits++;
+	CHECK(exits == 1, "one exit event on stream 0");
+	CHECK(workload_status(&a, workload_simple(&a, SM_WORKLOAD_QUERY, 0), &pid, &code, &sig) == 2 && pid == first &&
+		      code == 3 && sig == -1,
+	      "exited with 3 (pid %ld code %ld signal %ld)", pid, code, sig);
+	collect_logs(&a, workload_logs(&a, 0, 2), out, sizeof out, &exits);
+	CHECK(!strcmp(out, "E:err\n"), "stderr only: '%s'", out);
+
+	current = "workload: output nobody reads never blocks it";
+	static const char *const loud[] = { "head", "-c", "5000000", "/dev/zero", NULL };
+	id = workload_start(&a, loud);
+	CHECK(workload_status(&a, id, &pid, &code, &sig) == 1, "running");
+	int exited = 0;
+	while (!exited && recv_frame(&a, &f, 10000) == 0)
+		exited = f.h.stream == 0 && f.h.type == SM_WORKLOAD_STATUS && sm_ival(sm_find(f.f, f.nf, 3)) == 0;
+	CHECK(exited, "5 MB of output and it exits 0, unread");
+	id = workload_logs(&a, 0, 0);
+	size_t total = 0;
+	while (recv_frame(&a, &f, 3000) == 0 && f.h.type != SM_OK) {
+		total += f.h.length;
+		send_window(&a, id, f.h.length + SM_FRAME_COST);
+	}
+	CHECK(total > 900000 && total <= (1u << 20), "the ring holds its last ~1 MiB (%zu)", total);
+
+	current = "workload: survives a new HELLO, takes signals";
+	static const char *const missing[] = { "/no/such/program", NULL };
+	expect_error(&a, workload_start(&a, missing), SM_E_NOT_FOUND, ENOENT, "a missing program");
+	id = workload_start(&a, sleeper);
+	CHECK(workload_status(&a, id, &pid, &code, &sig) == 1, "sleep running");
+	long sleeping = pid;
+	hello(&a, 12);
+	CHECK(workload_status(&a, workload_simple(&a, SM_WORKLOAD_QUERY, 0), &pid, &code, &sig) == 1 && pid == sleeping,
+	      "still running after HELLO (pid %ld)", pid);
+	expect_ok(&a, workload_simple(&a, SM_WORKLOAD_SIGNAL, SIGTERM), "signal");
+	if (expect(&a, &f, 0, SM_WORKLOAD_STATUS, 3000) == 0)
+		CHECK(fu(&f, 1, 0) == 2 && fu(&f, 4, 0) == SIGTERM, "exit event: killed by SIGTERM");
+
+	current = "workload: SHUTDOWN ends it";
+	id = workload_start(&a, sleeper);
+	CHECK(workload_status(&a, id, &pid, &code, &sig) == 1, "sleep running");
+	send_frame(&a, 0, SM_SHUTDOWN, 0, NULL, 0);
+	expect(&a, &f, 0, SM_OK, 3000);
+	int st = stop(&a);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "agent exit 0 (0x%x)", st);
+	CHECK(process_gone((pid_t)pid, 5000), "the workload is gone");
+}

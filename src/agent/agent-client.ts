@@ -1,6 +1,7 @@
 /**
  * The host side of the guest agent protocol (docs/protocol.md) over one byte stream: the `HELLO`
- * handshake, multiplexed exec and file streams with credit both ways, ping and shutdown.
+ * handshake, multiplexed streams with credit both ways — execs, file transfers, file-system
+ * operations ({@link AgentClient.fs}), watches, TCP tunnels, the workload — ping and shutdown.
  *
  * The guest is untrusted: every frame is bounded and validated, and anything malformed closes the
  * connection with a `VmError` `AGENT_PROTOCOL` (reported through {@link AgentClient.closed} and to
@@ -16,6 +17,7 @@ import type { Duplex, Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
 import { debug } from "../internal/diagnostics.ts";
+import type { AgentCallOptions } from "./deadline.ts";
 import { ExecChannel, type ExecRequest } from "./exec-channel.ts";
 import { FileReadStream, FileWriteStream, type GuestFileInfo } from "./file-streams.ts";
 import {
@@ -37,14 +39,26 @@ import {
   decodeError,
   decodeGuestHello,
   decodeOk,
+  decodeWorkloadStatus,
   encodeHostHello,
   encodeReadFile,
   encodeWriteFile,
   PROTOCOL_VERSION,
+  WorkloadState,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
 import { deferred, type StreamHandler, type StreamHost, type StreamLink } from "./stream-link.ts";
 import { type ConnectTcpOptions, connectTcp } from "./tcp-tunnel.ts";
+import {
+  signalWorkload,
+  startWorkload,
+  type WorkloadLogsOptions,
+  type WorkloadSpec,
+  type WorkloadStatus,
+  workloadLogs,
+  workloadStatus,
+  workloadStatusFrom,
+} from "./workload.ts";
 
 /** Options of {@link AgentClient.connect}. */
 export interface AgentConnectOptions {
@@ -125,6 +139,7 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
   MessageType.FILE_DATA,
   MessageType.FILE_INFO,
   MessageType.OK,
+  MessageType.WORKLOAD_STATUS,
   MessageType.STAT,
   MessageType.DIRENTS,
   MessageType.WATCH_EVENT,
@@ -155,6 +170,7 @@ export class AgentClient {
   #openChain: Promise<void> = Promise.resolve();
   readonly #link: StreamLink;
   readonly #host: StreamHost;
+  readonly #workloadExitListeners = new Set<(status: WorkloadStatus) => void>();
   #state: State = "handshake";
   #closedError: Error | undefined;
   #resolveClosed!: (value: Error | undefined) => void;
@@ -474,7 +490,7 @@ export class AgentClient {
   }
 
   // ------------------------------------------------------------------------------------------
-  // TCP tunnels, watches
+  // TCP tunnels, watches, the workload
 
   /**
    * Opens a TCP connection to `port` on `opts.address` (an IPv4 or IPv6 literal, default
@@ -494,6 +510,39 @@ export class AgentClient {
    */
   watch(path: string, opts: WatchOptions = {}): GuestWatcher {
     return watch(this.#host, path, opts);
+  }
+
+  /**
+   * Starts the workload (the image's entrypoint): stdin `/dev/null`, stdout and stderr kept by the
+   * agent in a 1 MiB ring. It belongs to the VM: a new session leaves it running, `SHUTDOWN` ends
+   * it. Resolves once it runs; `EXEC_NOT_FOUND`/`EXEC_START` if it cannot start or one already runs.
+   */
+  startWorkload(spec: WorkloadSpec, opts: AgentCallOptions = {}): Promise<WorkloadStatus> {
+    return startWorkload(this.#host, spec, opts);
+  }
+
+  /** The workload's status: `none`, `running` (pid) or `exited` (exit code or signal). */
+  workloadStatus(opts: AgentCallOptions = {}): Promise<WorkloadStatus> {
+    return workloadStatus(this.#host, opts);
+  }
+
+  /** Signals the workload's process group; a `GuestIoError` `ESRCH` if none is running. */
+  signalWorkload(signal: string | number, opts: AgentCallOptions = {}): Promise<void> {
+    return signalWorkload(this.#host, signal, opts);
+  }
+
+  /** The workload's recent output (and with `follow`, what comes until it exits) as bytes. */
+  workloadLogs(opts: WorkloadLogsOptions = {}): Readable {
+    return workloadLogs(this.#host, opts);
+  }
+
+  /**
+   * Calls `listener` when the agent reports that the workload exited (only while connected; ask
+   * {@link workloadStatus} after a reconnect). Returns a function that removes the listener.
+   */
+  onWorkloadExit(listener: (status: WorkloadStatus) => void): () => void {
+    this.#workloadExitListeners.add(listener);
+    return () => this.#workloadExitListeners.delete(listener);
   }
 
   /**
@@ -634,6 +683,23 @@ export class AgentClient {
         throw protocolError(
           `agent reported ${agentErrorCodeName(m.code)} on the control stream${m.message ? `: ${m.message}` : ""}`,
         );
+      }
+      case MessageType.WORKLOAD_STATUS: {
+        const m = decodeWorkloadStatus(frame.payload);
+        if (m.state !== WorkloadState.EXITED) {
+          throw protocolError("WORKLOAD_STATUS on the control stream for a workload that has not exited");
+        }
+        const status = workloadStatusFrom(m);
+        for (const listener of [...this.#workloadExitListeners]) {
+          try {
+            listener(status);
+          } catch (error) {
+            queueMicrotask(() => {
+              throw error;
+            });
+          }
+        }
+        return;
       }
       default:
         throw protocolError(`unexpected ${describeType(frame.type)} on the control stream`);

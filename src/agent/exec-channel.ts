@@ -78,7 +78,8 @@ function invalid(message: string): SupermachineError {
   return new SupermachineError("INVALID_ARGUMENT", message);
 }
 
-function envList(env: ExecRequest["env"]): string[] {
+/** `KEY=VALUE` strings from a list or a record (names must be non-empty and without `=`). */
+export function envList(env: ExecRequest["env"]): string[] {
   if (!env) return [];
   if (Array.isArray(env)) return [...(env as readonly string[])];
   return Object.entries(env as Record<string, string>).map(([k, v]) => {

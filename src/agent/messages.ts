@@ -420,6 +420,100 @@ function guestPath(raw: Uint8Array | undefined, what: string, maxBytes: number):
 }
 
 // ---------------------------------------------------------------------------------------------
+// The workload
+
+/** `WORKLOAD_STATUS.state`. */
+export const WorkloadState = { NONE: 0, RUNNING: 1, EXITED: 2 } as const;
+
+export interface WorkloadStartMessage {
+  argv: readonly string[];
+  env: readonly string[];
+  cwd?: string | undefined;
+  user?: string | undefined;
+}
+
+export function encodeWorkloadStart(m: WorkloadStartMessage): Uint8Array {
+  if (m.argv.length === 0) throw invalid("the workload's argv must have at least one entry");
+  return new FieldWriter().strings(1, m.argv).strings(2, m.env).string(3, m.cwd).string(4, m.user).finish();
+}
+
+export function decodeWorkloadStart(payload: Uint8Array): WorkloadStartMessage {
+  const r = FieldReader.decode(payload, "WORKLOAD_START");
+  const argv = r.strings(1, "argv");
+  if (argv.length === 0) throw protocolError("WORKLOAD_START: required field argv is missing");
+  return { argv, env: r.strings(2, "env"), cwd: r.string(3, "cwd"), user: r.string(4, "user") };
+}
+
+/** `WORKLOAD_QUERY` has no fields. */
+export function encodeWorkloadQuery(): Uint8Array {
+  return new Uint8Array(0);
+}
+
+export function decodeWorkloadQuery(payload: Uint8Array): Record<string, never> {
+  FieldReader.decode(payload, "WORKLOAD_QUERY");
+  return {};
+}
+
+export function encodeWorkloadSignal(signo: number): Uint8Array {
+  return new FieldWriter().u32(1, signo).finish();
+}
+
+export function decodeWorkloadSignal(payload: Uint8Array): number {
+  const r = FieldReader.decode(payload, "WORKLOAD_SIGNAL");
+  return r.need(r.u32(1, "signo"), "signo");
+}
+
+export interface WorkloadLogsMessage {
+  /** After what the ring holds, send new output until the workload has exited. */
+  follow?: boolean | undefined;
+  /** Initial credit for the `STDOUT`/`STDERR` frames. */
+  window?: number | undefined;
+  /** 1 stdout, 2 stderr, 3 (default) both. */
+  streams?: number | undefined;
+}
+
+export function encodeWorkloadLogs(m: WorkloadLogsMessage): Uint8Array {
+  return new FieldWriter().bool(1, m.follow).u32(2, m.window).u8(3, m.streams).finish();
+}
+
+export function decodeWorkloadLogs(payload: Uint8Array): WorkloadLogsMessage {
+  const r = FieldReader.decode(payload, "WORKLOAD_LOGS");
+  return { follow: r.bool(1, "follow"), window: r.u32(2, "window"), streams: r.u8(3, "streams") };
+}
+
+export interface WorkloadStatusMessage {
+  state: (typeof WorkloadState)[keyof typeof WorkloadState];
+  pid?: number | undefined;
+  exitCode?: number | undefined;
+  signal?: number | undefined;
+}
+
+export function encodeWorkloadStatus(m: WorkloadStatusMessage): Uint8Array {
+  return new FieldWriter().u8(1, m.state).u32(2, m.pid).i32(3, m.exitCode).u32(4, m.signal).finish();
+}
+
+export function decodeWorkloadStatus(payload: Uint8Array): WorkloadStatusMessage {
+  const r = FieldReader.decode(payload, "WORKLOAD_STATUS");
+  const state = r.need(r.u8(1, "state"), "state");
+  const pid = r.u32(2, "pid");
+  const exitCode = r.i32(3, "exitCode");
+  const signal = r.u32(4, "signal");
+  if (state > WorkloadState.EXITED) throw protocolError(`WORKLOAD_STATUS: unknown state ${state}`);
+  if ((state === WorkloadState.NONE) !== (pid === undefined)) {
+    throw protocolError("WORKLOAD_STATUS: pid must be present exactly when there is a workload");
+  }
+  const exited = state === WorkloadState.EXITED;
+  if (
+    exited
+      ? (exitCode === undefined) === (signal === undefined)
+      : exitCode !== undefined || signal !== undefined
+  ) {
+    throw protocolError("WORKLOAD_STATUS: exactly one of exitCode and signal, and only once exited");
+  }
+  return { state: state as WorkloadStatusMessage["state"], pid, exitCode, signal };
+}
+
+// ---------------------------------------------------------------------------------------------
 // File-system operations
 
 /** `FS.op`. */
