@@ -4,6 +4,7 @@
  */
 
 import { ExecStartError, SupermachineError } from "../errors.ts";
+import { agentTimeout, timeoutOption, Watchdog } from "./deadline.ts";
 import { describeType, FLAG_FIN, type Frame, MAX_PAYLOAD, MessageType } from "./frame-codec.ts";
 import {
   AgentErrorCode,
@@ -53,6 +54,11 @@ export interface ExecRequest {
   stdin?: boolean | undefined;
   /** Initial output credit in bytes (default 262 144). */
   windowBytes?: number | undefined;
+  /**
+   * Longest wait for the agent to report the first step started (`STARTED` or an error) once the
+   * request and staged files are written, in milliseconds (default 30 000): then `AGENT_TIMEOUT`.
+   */
+  startTimeoutMs?: number | undefined;
 }
 
 /** How an exec ended, as the agent reported it. */
@@ -127,6 +133,7 @@ export class ExecChannel implements StreamHandler {
   #pid: number | undefined;
   #opened: Promise<void>;
   #requestSent = false;
+  readonly #startWatchdog: Watchdog;
 
   // Output (guest → host), under host credit.
   readonly #credit: GuestCredit;
@@ -160,6 +167,10 @@ export class ExecChannel implements StreamHandler {
     );
     this.started = this.#started.promise;
     this.exited = this.#exited.promise;
+    const startTimeoutMs = timeoutOption(request.startTimeoutMs);
+    this.#startWatchdog = new Watchdog(startTimeoutMs, () =>
+      this.reset(agentTimeout(`exec ${JSON.stringify(this.argv[0] ?? "")}: start`, startTimeoutMs)),
+    );
 
     const stage = request.stage ?? [];
     for (const s of stage) {
@@ -219,6 +230,7 @@ export class ExecChannel implements StreamHandler {
           await this.#link.sendData(this.stream, MessageType.STAGE_DATA, chunk, last ? FLAG_FIN : 0);
         }
       }
+      if (this.#state === "starting") this.#startWatchdog.arm();
     } catch (error) {
       this.#fail(error as Error);
       throw error;
@@ -233,6 +245,7 @@ export class ExecChannel implements StreamHandler {
       case MessageType.STARTED: {
         if (this.#state !== "starting") throw protocolError(`exec stream ${this.stream}: STARTED twice`);
         const { pid } = decodeStarted(frame.payload);
+        this.#startWatchdog.stop();
         this.#state = "running";
         this.#pid = pid;
         this.#started.resolve({ pid });
@@ -455,7 +468,7 @@ export class ExecChannel implements StreamHandler {
     if (this.#state === "ended") return;
     // If the request is still queued behind socket backpressure, it is never sent: the link drops
     // data for released streams, and sends RESET only for streams the agent has seen.
-    this.#link.reset(this.stream);
+    this.#link.reset(this.stream, this.#credit.outstanding);
     this.#fail(reason);
   }
 
@@ -467,6 +480,7 @@ export class ExecChannel implements StreamHandler {
   #end(): void {
     if (this.#state === "ended") return;
     this.#state = "ended";
+    this.#startWatchdog.stop();
     this.#link.release(this.stream);
     this.#wakeReaders();
     this.#wakeCredit();

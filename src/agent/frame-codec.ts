@@ -93,7 +93,10 @@ export const DATA_TYPES: ReadonlySet<number> = new Set([
 /** Message types that carry an empty payload. */
 export const EMPTY_TYPES: ReadonlySet<number> = new Set([MessageType.SHUTDOWN, MessageType.RESET]);
 
-/** One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy). */
+/**
+ * One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy) when it
+ * is at least half of that chunk's memory; see {@link FrameDecoder}.
+ */
 export interface Frame {
   readonly stream: number;
   readonly type: number;
@@ -141,7 +144,9 @@ export function encodeFrame(frame: {
 
 /**
  * Incremental frame decoder. Push chunks as they arrive; each call yields the frames completed by
- * that chunk. A payload that lies entirely inside one chunk is returned as a view of the chunk.
+ * that chunk. A payload that lies entirely inside one chunk is returned as a view of the chunk when
+ * it makes up at least half of the chunk's backing memory, and copied out otherwise: whoever keeps
+ * a payload then keeps at most twice its size, never a whole read buffer for a 1-byte frame.
  *
  * Bounded: it never allocates more than one {@link MAX_PAYLOAD} buffer, and a header whose length
  * exceeds `MAX_PAYLOAD`, whose reserved flag bits are set, or whose type is unknown throws a
@@ -201,7 +206,7 @@ export class FrameDecoder {
         const flags = header[headerOffset + 9]!;
         this.#check(length, stream, type, flags);
         if (end - offset >= length) {
-          const payload = chunk.subarray(offset, offset + length);
+          const payload = retainable(chunk, offset, length);
           offset += length;
           yield { stream, type, flags, payload };
           continue;
@@ -255,6 +260,17 @@ export class FrameDecoder {
     this.#payloadFill = 0;
     throw this.#error;
   }
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** `chunk[offset, offset + length)` as a view if it is most of the chunk's memory, else a copy. */
+function retainable(chunk: Uint8Array, offset: number, length: number): Uint8Array {
+  if (length === 0) return EMPTY;
+  if (length * 2 >= chunk.buffer.byteLength) return chunk.subarray(offset, offset + length);
+  const copy = new Uint8Array(length);
+  copy.set(chunk.subarray(offset, offset + length));
+  return copy;
 }
 
 function readU32(bytes: Uint8Array, offset: number): number {

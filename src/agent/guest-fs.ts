@@ -509,7 +509,7 @@ class DirectoryListing implements StreamHandler {
 
   reset(reason: Error): void {
     if (this.#ended) return;
-    this.#link.reset(this.#stream);
+    this.#link.reset(this.#stream, this.#credit.outstanding);
     this.#end();
     this.#done.reject(reason);
   }

@@ -173,7 +173,7 @@ export class GuestWatcher implements AsyncIterable<GuestWatchEvent>, StreamHandl
 
   #abandon(reason: Error | undefined): void {
     if (this.#ended) return;
-    this.#link.reset(this.#stream);
+    this.#link.reset(this.#stream, this.#credit.outstanding);
     this.#end(reason);
   }
 

@@ -21,9 +21,11 @@ export interface StreamLink {
   sendOpen(stream: number, type: number, payload: Uint8Array): Promise<void>;
   /**
    * Sends `RESET` for the stream if its opening frame was written (a stream the agent never saw
-   * needs none). Call before {@link release}.
+   * needs none). Call before {@link release}. `inFlightBytes` is the guest→host credit the agent
+   * still held for it: frames it may have sent before it sees the `RESET`, which the host then
+   * drops without counting them as a violation (docs/protocol.md, "Frames").
    */
-  reset(stream: number): void;
+  reset(stream: number, inFlightBytes?: number): void;
   /** Resolves once the socket is not congested (or the connection closed). Never rejects. */
   writable(): Promise<void>;
   /** Forgets the stream: later frames for it are dropped (docs/protocol.md, "Frames"). */
@@ -121,6 +123,11 @@ export class GuestCredit {
     }
     this.#available -= cost;
     return cost;
+  }
+
+  /** Credit the agent holds and may still use (what it may have in flight if the stream is reset). */
+  get outstanding(): number {
+    return this.#available;
   }
 
   /** Gives `bytes` back to the agent (batched into one `WINDOW` once the socket is writable). */

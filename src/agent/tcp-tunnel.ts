@@ -223,7 +223,7 @@ class TcpTunnel implements StreamHandler {
   /** The host gives up on the tunnel (destroy, abort, deadline): RESET, and the agent sends RST. */
   #abandon(reason: Error): void {
     if (this.#state === "ended") return;
-    this.#link.reset(this.#stream);
+    this.#link.reset(this.#stream, this.#credit.outstanding);
     this.#fail(reason);
   }
 

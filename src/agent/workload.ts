@@ -288,7 +288,7 @@ class WorkloadLogStream implements StreamHandler {
 
   #fail(error: Error, reset: boolean): void {
     if (this.#ended) return;
-    if (reset) this.#link.reset(this.#stream);
+    if (reset) this.#link.reset(this.#stream, this.#credit.outstanding);
     this.#ended = true;
     this.#watchdog?.stop();
     this.#link.release(this.#stream);
