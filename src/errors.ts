@@ -34,6 +34,7 @@ export const ERROR_CODES = [
   "VM_STOPPED",
   "AGENT_PROTOCOL",
   "AGENT_VERSION",
+  "AGENT_TIMEOUT",
   // Exec and files
   "EXEC_NOT_FOUND",
   "EXEC_START",
@@ -48,7 +49,74 @@ export const ERROR_CODES = [
   "POOL_CLOSED",
 ] as const;
 
-export type ErrorCode = (typeof ERROR_CODES)[number];
+/**
+ * Linux errno values by name (x86-64 and arm64 share them), for guest system calls that failed:
+ * a {@link GuestIoError} from a file-system operation or a TCP tunnel carries the name as its
+ * `code`, like Node's own `fs` and `net` errors (`ENOENT`, `ECONNREFUSED`).
+ */
+export const GUEST_ERRNOS = {
+  EPERM: 1,
+  ENOENT: 2,
+  ESRCH: 3,
+  EINTR: 4,
+  EIO: 5,
+  ENXIO: 6,
+  E2BIG: 7,
+  ENOEXEC: 8,
+  EBADF: 9,
+  EAGAIN: 11,
+  ENOMEM: 12,
+  EACCES: 13,
+  EFAULT: 14,
+  EBUSY: 16,
+  EEXIST: 17,
+  EXDEV: 18,
+  ENODEV: 19,
+  ENOTDIR: 20,
+  EISDIR: 21,
+  EINVAL: 22,
+  ENFILE: 23,
+  EMFILE: 24,
+  ETXTBSY: 26,
+  EFBIG: 27,
+  ENOSPC: 28,
+  ESPIPE: 29,
+  EROFS: 30,
+  EMLINK: 31,
+  EPIPE: 32,
+  ERANGE: 34,
+  ENAMETOOLONG: 36,
+  ENOSYS: 38,
+  ENOTEMPTY: 39,
+  ELOOP: 40,
+  EOVERFLOW: 75,
+  EOPNOTSUPP: 95,
+  EAFNOSUPPORT: 97,
+  EADDRINUSE: 98,
+  EADDRNOTAVAIL: 99,
+  ENETDOWN: 100,
+  ENETUNREACH: 101,
+  ECONNABORTED: 103,
+  ECONNRESET: 104,
+  ENOTCONN: 107,
+  ETIMEDOUT: 110,
+  ECONNREFUSED: 111,
+  EHOSTUNREACH: 113,
+  EDQUOT: 122,
+} as const;
+
+export type GuestErrnoCode = keyof typeof GUEST_ERRNOS;
+
+const ERRNO_NAMES = new Map<number, GuestErrnoCode>(
+  (Object.entries(GUEST_ERRNOS) as [GuestErrnoCode, number][]).map(([name, n]) => [n, name]),
+);
+
+/** The name of a Linux errno value (`2` → `"ENOENT"`), or `undefined` for one not listed. */
+export function guestErrnoCode(errno: number | undefined): GuestErrnoCode | undefined {
+  return errno === undefined ? undefined : ERRNO_NAMES.get(errno);
+}
+
+export type ErrorCode = (typeof ERROR_CODES)[number] | GuestErrnoCode;
 
 const BRAND = Symbol.for("supermachine.error");
 
@@ -244,15 +312,57 @@ export class OutputLimitError extends SupermachineError {
   }
 }
 
-/** A file operation in the guest failed (`writeFile`, `readFile`, staged files). */
+/**
+ * An operation in the guest failed. `code` is `GUEST_IO` for file transfers (`writeFile`,
+ * `readFile`, staged files); file-system operations, watches and TCP tunnels use the errno's name
+ * instead (`ENOENT`, `EEXIST`, `ECONNREFUSED`, …, or `GUEST_IO` when the guest gave none we know),
+ * with `syscall` and the paths or address involved, like Node's `fs` and `net` errors. `errno` is
+ * the guest's positive Linux errno value.
+ */
 export class GuestIoError extends SupermachineError {
   readonly path: string;
   readonly errno: number | undefined;
+  /** The operation that failed, Node-style: `stat`, `mkdir`, `rm`, `scandir`, `connect`, `read`, … */
+  readonly syscall: string | undefined;
+  /** The second path of `rename` (the new name) and `symlink` (the target). */
+  readonly dest: string | undefined;
+  /** The guest address and port of a TCP tunnel. */
+  readonly address: string | undefined;
+  readonly port: number | undefined;
 
-  constructor(message: string, fields: { path: string; errno?: number | undefined }) {
-    super("GUEST_IO", message);
+  constructor(
+    message: string,
+    fields: {
+      path: string;
+      errno?: number | undefined;
+      /** An errno name; default `GUEST_IO`. */
+      code?: GuestErrnoCode | "GUEST_IO" | undefined;
+      syscall?: string | undefined;
+      dest?: string | undefined;
+      address?: string | undefined;
+      port?: number | undefined;
+    },
+  ) {
+    super(fields.code ?? "GUEST_IO", message);
     this.path = fields.path;
     this.errno = fields.errno;
+    this.syscall = fields.syscall;
+    this.dest = fields.dest;
+    this.address = fields.address;
+    this.port = fields.port;
+  }
+}
+
+/** An operation waited on the guest agent longer than its deadline (`timeoutMs`). */
+export class AgentTimeoutError extends SupermachineError {
+  /** What was waited for, e.g. `ping`, `readFile /etc/hosts`, `connectTcp 127.0.0.1:8080`. */
+  readonly operation: string;
+  readonly timeoutMs: number;
+
+  constructor(message: string, fields: { operation: string; timeoutMs: number }) {
+    super("AGENT_TIMEOUT", message);
+    this.operation = fields.operation;
+    this.timeoutMs = fields.timeoutMs;
   }
 }
 

@@ -266,7 +266,7 @@ void sm_send_window(uint32_t stream, uint32_t n)
 #define NBUCKETS 1024u
 static struct sm_stream *buckets[NBUCKETS];
 
-static struct sm_stream *lookup(uint32_t id)
+struct sm_stream *sm_stream_lookup(uint32_t id)
 {
 	for (struct sm_stream *s = buckets[id % NBUCKETS]; s; s = s->hnext)
 		if (s->id == id)
@@ -312,10 +312,14 @@ void sm_stream_close(struct sm_stream *s, int abandon)
 	if (s->next)
 		s->next->prev = s->prev;
 	A.nstreams--;
-	if (s->kind == SK_EXEC)
-		sm_exec_release(s, abandon);
-	else
-		sm_file_release(s, abandon);
+	switch (s->kind) {
+	case SK_EXEC: sm_exec_release(s, abandon); break;
+	case SK_FS: sm_fs_release(s, abandon); break;
+	case SK_WATCH: sm_watch_release(s, abandon); break;
+	case SK_TCP: sm_tcp_release(s, abandon); break;
+	case SK_WORKLOAD: case SK_LOGS: sm_workload_release(s, abandon); break;
+	default: sm_file_release(s, abandon); break;
+	}
 	s->gnext = A.graveyard;
 	A.graveyard = s;
 }
@@ -359,6 +363,7 @@ void sm_remember_pgid(pid_t pgid)
 static void host_exit(int code)
 {
 	sm_kill_all_streams();
+	sm_workload_kill();
 	unsigned n = nremembered < MAX_REMEMBERED ? nremembered : MAX_REMEMBERED;
 	for (unsigned i = 0; i < n; i++)
 		kill(-remembered[i], SIGKILL);
@@ -577,6 +582,7 @@ static void on_shutdown(void)
 	sm_log("shutdown requested");
 	if (A.host_mode) {
 		sm_kill_all_streams();
+		sm_workload_kill();
 		struct sm_buf *b = sm_scratch();
 		sm_send_buf(b, 0, SM_OK, 0);
 		sm_chan_flush_blocking(2000);
@@ -603,7 +609,7 @@ static void reject(const struct sm_hdr *h, uint32_t code, const char *msg)
 		sm_send_error(0, code, 0, "%s: %s", sm_type_name(h->type), msg);
 		return;
 	}
-	struct sm_stream *s = lookup(h->stream);
+	struct sm_stream *s = sm_stream_lookup(h->stream);
 	if (s) {
 		sm_send_error(h->stream, code, 0, "%s: %s", sm_type_name(h->type), msg);
 		sm_stream_close(s, 1);
@@ -611,7 +617,7 @@ static void reject(const struct sm_hdr *h, uint32_t code, const char *msg)
 	}
 	if (h->stream <= A.max_stream)
 		return;
-	if (h->type == SM_EXEC || h->type == SM_WRITE_FILE || h->type == SM_READ_FILE || !sm_type_known(h->type)) {
+	if (sm_type_opens_stream(h->type) || !sm_type_known(h->type)) {
 		A.max_stream = h->stream; /* a new stream, ended by this error */
 		sm_send_error(h->stream, code, 0, "%s: %s", sm_type_name(h->type), msg);
 		return;
@@ -643,13 +649,13 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		sm_send_error(0, SM_E_BAD_REQUEST, 0, "%s before HELLO", sm_type_name(t));
 		return;
 	}
-	int opening = t == SM_EXEC || t == SM_WRITE_FILE || t == SM_READ_FILE;
+	int opening = sm_type_opens_stream(t);
 	if (opening && h->stream <= A.max_stream) {
 		sm_send_error(0, SM_E_BAD_REQUEST, 0, "%s: stream id %u was already used (ids must increase)",
 			      sm_type_name(t), h->stream);
 		return;
 	}
-	struct sm_stream *s = opening ? NULL : lookup(h->stream);
+	struct sm_stream *s = opening ? NULL : sm_stream_lookup(h->stream);
 	if (!opening && !control && !s) {
 		if (h->stream > A.max_stream)
 			sm_send_error(0, SM_E_BAD_REQUEST, 0, "%s for stream %u, which was never opened",
@@ -660,7 +666,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		reject(h, SM_E_BAD_REQUEST, err);
 		return;
 	}
-	if ((h->flags & SM_FLAG_FIN) && t != SM_STAGE_DATA && t != SM_STDIN && t != SM_FILE_DATA) {
+	if ((h->flags & SM_FLAG_FIN) && !sm_type_takes_fin(t)) {
 		reject(h, SM_E_BAD_REQUEST, "FIN is only meaningful on data messages");
 		return;
 	}
@@ -683,12 +689,15 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 			sm_send_error(h->stream, SM_E_BAD_REQUEST, 0, "too many open streams (%u)", SM_MAX_STREAMS);
 			return;
 		}
-		if (t == SM_EXEC)
-			sm_exec_open(h->stream, p, h->length);
-		else if (t == SM_WRITE_FILE)
-			sm_write_open(h->stream, p, h->length);
-		else
-			sm_read_open(h->stream, p, h->length);
+		switch (t) {
+		case SM_EXEC: sm_exec_open(h->stream, p, h->length); break;
+		case SM_WRITE_FILE: sm_write_open(h->stream, p, h->length); break;
+		case SM_READ_FILE: sm_read_open(h->stream, p, h->length); break;
+		case SM_FS: sm_fs_open(h->stream, p, h->length); break;
+		case SM_WATCH: sm_watch_open(h->stream, p, h->length); break;
+		case SM_TCP_CONNECT: sm_tcp_open(h->stream, p, h->length); break;
+		default: sm_workload_open(t, h->stream, p, h->length); break;
+		}
 		return;
 	}
 	if (t == SM_RESET) {
@@ -696,10 +705,14 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		sm_stream_close(s, 1);
 		return;
 	}
-	if (s->kind == SK_EXEC)
-		sm_exec_frame(s, h, p);
-	else
-		sm_file_frame(s, h, p);
+	switch (s->kind) {
+	case SK_EXEC: sm_exec_frame(s, h, p); break;
+	case SK_FS: sm_fs_frame(s, h, p); break;
+	case SK_WATCH: sm_watch_frame(s, h, p); break;
+	case SK_TCP: sm_tcp_frame(s, h, p); break;
+	case SK_WORKLOAD: case SK_LOGS: sm_workload_frame(s, h, p); break;
+	default: sm_file_frame(s, h, p); break;
+	}
 }
 
 static void chan_read(void)
@@ -793,6 +806,8 @@ static void reap(void)
 		pid_t pid = wait4(-1, &status, WNOHANG, &ru);
 		if (pid <= 0)
 			return;
+		if (sm_workload_reaped(pid, status))
+			continue;
 		for (struct sm_stream *s = A.streams; s; s = s->next) {
 			if (s->kind == SK_EXEC && s->pid == pid && (s->state == X_STARTING || s->state == X_RUNNING)) {
 				sm_exec_reaped(s, status, &ru);
@@ -838,6 +853,52 @@ struct ptag {
 	struct sm_stream *s;
 	int role;
 };
+
+/* Which fds a stream wants polled (roles 0-3); see sm_exec_poll. */
+static void stream_poll(struct sm_stream *s, int fd[4], short ev[4])
+{
+	for (int i = 0; i < 4; i++) {
+		fd[i] = -1;
+		ev[i] = 0;
+	}
+	switch (s->kind) {
+	case SK_EXEC: sm_exec_poll(s, fd, ev); break;
+	case SK_WATCH: sm_watch_poll(s, fd, ev); break;
+	case SK_TCP: sm_tcp_poll(s, fd, ev); break;
+	default: break;
+	}
+}
+
+static void stream_fd_event(struct sm_stream *s, int role, short revents)
+{
+	switch (s->kind) {
+	case SK_EXEC: sm_exec_fd_event(s, role, revents); break;
+	case SK_WATCH: sm_watch_event(s, role, revents); break;
+	case SK_TCP: sm_tcp_event(s, role, revents); break;
+	default: break;
+	}
+}
+
+/* Output that needs no fd (file reads, directory listings, logs from the ring). */
+static int stream_ready(struct sm_stream *s)
+{
+	switch (s->kind) {
+	case SK_READ: return sm_read_ready(s);
+	case SK_FS: return sm_fs_ready(s);
+	case SK_LOGS: return sm_logs_ready(s);
+	default: return 0;
+	}
+}
+
+static void stream_pump(struct sm_stream *s)
+{
+	switch (s->kind) {
+	case SK_READ: sm_read_pump(s); break;
+	case SK_FS: sm_fs_pump(s); break;
+	case SK_LOGS: sm_logs_pump(s); break;
+	default: break;
+	}
+}
 
 int sm_agent_run(int chan_fd, int host_mode, int debug)
 {
@@ -894,7 +955,7 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 	struct ptag *tag = NULL;
 	size_t cap = 0;
 	for (;;) {
-		size_t need = 2 + 4 * (size_t)A.nstreams;
+		size_t need = 5 + 4 * (size_t)A.nstreams;
 		if (need > cap) {
 			cap = need * 2;
 			pfd = realloc(pfd, cap * sizeof *pfd);
@@ -918,24 +979,35 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 			pfd[n] = (struct pollfd){ .fd = A.chan, .events = ev };
 			tag[n++] = (struct ptag){ NULL, -2 };
 		}
+		{
+			int wfd[3];
+			short wev[3];
+			sm_workload_poll(wfd, wev);
+			for (int r = 0; r < 3; r++) {
+				if (wfd[r] < 0 || !wev[r])
+					continue;
+				pfd[n] = (struct pollfd){ .fd = wfd[r], .events = wev[r] };
+				tag[n++] = (struct ptag){ NULL, r };
+			}
+		}
 		int64_t now = sm_now_ns();
 		int64_t next = -1;
 		int pump = 0;
 		for (struct sm_stream *s = A.streams; s; s = s->next) {
+			int fd[4];
+			short ev[4];
+			stream_poll(s, fd, ev);
+			for (int r = 0; r < 4; r++) {
+				if (fd[r] < 0 || !ev[r])
+					continue;
+				pfd[n] = (struct pollfd){ .fd = fd[r], .events = ev[r] };
+				tag[n++] = (struct ptag){ s, r };
+			}
 			if (s->kind == SK_EXEC) {
-				int fd[4];
-				short ev[4];
-				sm_exec_poll(s, fd, ev);
-				for (int r = 0; r < 4; r++) {
-					if (fd[r] < 0 || !ev[r])
-						continue;
-					pfd[n] = (struct pollfd){ .fd = fd[r], .events = ev[r] };
-					tag[n++] = (struct ptag){ s, r };
-				}
 				int64_t t = sm_exec_next_timer(s);
 				if (t >= 0 && (next < 0 || t < next))
 					next = t;
-			} else if (s->kind == SK_READ && sm_read_ready(s)) {
+			} else if (stream_ready(s)) {
 				pump = 1;
 			}
 		}
@@ -958,10 +1030,13 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 		if (r > 0) {
 			if (pfd[0].revents)
 				on_signals();
-			for (size_t i = 2; i < n; i++) {
-				if (!pfd[i].revents || !tag[i].s || tag[i].s->dead)
+			for (size_t i = 1; i < n; i++) {
+				if (!pfd[i].revents || (int)i == chan_idx)
 					continue;
-				sm_exec_fd_event(tag[i].s, tag[i].role, pfd[i].revents);
+				if (!tag[i].s)
+					sm_workload_fd_event(tag[i].role, pfd[i].revents);
+				else if (!tag[i].s->dead)
+					stream_fd_event(tag[i].s, tag[i].role, pfd[i].revents);
 			}
 			if (chan_idx >= 0 && A.connected && pfd[chan_idx].revents) {
 				short re = pfd[chan_idx].revents;
@@ -997,8 +1072,8 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 		}
 		for (struct sm_stream *s = A.streams, *nx; s; s = nx) {
 			nx = s->next;
-			if (s->kind == SK_READ && sm_read_ready(s))
-				sm_read_pump(s);
+			if (stream_ready(s))
+				stream_pump(s);
 		}
 		if (!A.connected && !A.host_mode)
 			chan_check_connected();

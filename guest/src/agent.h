@@ -41,7 +41,7 @@ struct sm_stage {
 	uint64_t size;
 };
 
-enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ };
+enum sm_stream_kind { SK_EXEC = 1, SK_WRITE, SK_READ, SK_FS, SK_WATCH, SK_TCP, SK_WORKLOAD, SK_LOGS };
 enum sm_exec_state { X_STAGING = 1, X_STARTING, X_RUNNING, X_DRAINING };
 
 struct sm_stream {
@@ -52,6 +52,7 @@ struct sm_stream {
 	struct sm_stream *next;  /* list of live streams */
 	struct sm_stream *prev;
 	struct sm_stream *gnext; /* graveyard */
+	void *priv;              /* state of the kinds added in protocol version 2 (fs, watch, tcp, logs) */
 
 	/* ---- SK_WRITE ---- */
 	struct sm_fwriter w;
@@ -165,6 +166,64 @@ void sm_file_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p
 void sm_read_pump(struct sm_stream *s);
 void sm_file_release(struct sm_stream *s, int abandon);
 int sm_read_ready(struct sm_stream *s);
+
+/* exec.c: starting a process (exec steps and the workload). */
+struct sm_spawn {
+	char **argv;
+	char **env;
+	const char *cwd;
+	const struct sm_user *user;
+	int in, out, err; /* the child's fds 0, 1, 2; in < 0: /dev/null */
+	int tty;          /* a pty slave to become the controlling terminal and fds 0-2, or -1 */
+	int errw;         /* exec-error pipe: the child reports {kind, errno} on it, or -1 */
+};
+/* Error kinds reported by a child through the exec-error pipe. */
+enum { CE_EXEC = 1, CE_CWD, CE_USER, CE_SETUP };
+/* Fork a child in a new session running sp->argv. Returns its pid, or -errno. */
+pid_t sm_spawn(const struct sm_spawn *sp);
+
+/* Every stream kind of version 2 lives in its own file and offers the same hooks (absent = none):
+ * open(id, payload) answers the opening message; frame() takes later frames; release() frees it;
+ * poll() names up to 4 fds to poll, event() handles their readiness; ready()/pump() produce output
+ * that needs no fd. */
+
+/* fs.c: FS (stat, readdir, mkdir, rm, ...) */
+void sm_fs_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_fs_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_fs_release(struct sm_stream *s, int abandon);
+int sm_fs_ready(struct sm_stream *s);
+void sm_fs_pump(struct sm_stream *s);
+
+/* watch.c: WATCH (inotify) */
+void sm_watch_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_watch_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_watch_release(struct sm_stream *s, int abandon);
+void sm_watch_poll(struct sm_stream *s, int fd[4], short ev[4]);
+void sm_watch_event(struct sm_stream *s, int role, short revents);
+
+/* tcp.c: TCP_CONNECT tunnels */
+void sm_tcp_open(uint32_t id, const uint8_t *p, size_t n);
+void sm_tcp_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_tcp_release(struct sm_stream *s, int abandon);
+void sm_tcp_poll(struct sm_stream *s, int fd[4], short ev[4]);
+void sm_tcp_event(struct sm_stream *s, int role, short revents);
+
+/* workload.c: the workload (belongs to the VM, not to a session) and its log streams */
+void sm_workload_open(unsigned type, uint32_t id, const uint8_t *p, size_t n);
+void sm_workload_frame(struct sm_stream *s, const struct sm_hdr *h, const uint8_t *p);
+void sm_workload_release(struct sm_stream *s, int abandon);
+int sm_logs_ready(struct sm_stream *s);
+void sm_logs_pump(struct sm_stream *s);
+/* The workload's own fds (start-error pipe, stdout, stderr), polled outside any stream. */
+void sm_workload_poll(int fd[3], short ev[3]);
+void sm_workload_fd_event(int role, short revents);
+/* A child was reaped: returns 1 if it was the workload. */
+int sm_workload_reaped(pid_t pid, int status);
+/* SIGKILL the workload's process group (SHUTDOWN, host-mode exit). */
+void sm_workload_kill(void);
+
+/* agent.c */
+struct sm_stream *sm_stream_lookup(uint32_t id);
 
 /* user.c */
 int sm_resolve_user(const char *spec, struct sm_user *u, char *msg, size_t msglen);

@@ -23,9 +23,6 @@
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define TTY_DRAIN_NS 50000000 /* after the last step of a tty exec: wait this long for the pty to hang up */
 
-/* Error kinds reported by a child through the exec-error pipe. */
-enum { CE_EXEC = 1, CE_CWD, CE_USER, CE_SETUP };
-
 static struct sm_field xf[SM_MAX_FIELDS];
 static struct sm_field nf_[SM_MAX_FIELDS];
 
@@ -426,8 +423,9 @@ static void __attribute__((noreturn)) child_fail(int errw, const char *what, int
 	_exit(kind == CE_EXEC && err == ENOENT ? 127 : 126);
 }
 
-static void __attribute__((noreturn)) child(struct sm_stream *s, char **argv, int errw)
+static void __attribute__((noreturn)) child(const struct sm_spawn *sp)
 {
+	int errw = sp->errw;
 	sigset_t none;
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
@@ -436,25 +434,25 @@ static void __attribute__((noreturn)) child(struct sm_stream *s, char **argv, in
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 	if (setsid() < 0)
 		child_fail(errw, "setsid", CE_SETUP, errno);
-	if (s->tty) {
-		if (ioctl(s->pts_keep, TIOCSCTTY, 0) < 0 && ioctl(s->pts_keep, TIOCSCTTY, 1) < 0)
+	if (sp->tty >= 0) {
+		if (ioctl(sp->tty, TIOCSCTTY, 0) < 0 && ioctl(sp->tty, TIOCSCTTY, 1) < 0)
 			child_fail(errw, "controlling terminal", CE_SETUP, errno);
-		if (dup2(s->pts_keep, 0) < 0 || dup2(s->pts_keep, 1) < 0 || dup2(s->pts_keep, 2) < 0)
+		if (dup2(sp->tty, 0) < 0 || dup2(sp->tty, 1) < 0 || dup2(sp->tty, 2) < 0)
 			child_fail(errw, "dup2", CE_SETUP, errno);
 	} else {
-		int in = s->in_r_keep;
+		int in = sp->in;
 		if (in < 0)
 			in = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		if (in < 0)
 			child_fail(errw, "/dev/null", CE_SETUP, errno);
-		if (dup2(in, 0) < 0 || dup2(s->out_w_keep, 1) < 0 || dup2(s->err_w_keep, 2) < 0)
+		if (dup2(in, 0) < 0 || dup2(sp->out, 1) < 0 || dup2(sp->err, 2) < 0)
 			child_fail(errw, "dup2", CE_SETUP, errno);
 	}
 	struct rlimit rl = { A.nofile_soft, A.nofile_hard };
 	if (rl.rlim_max)
 		setrlimit(RLIMIT_NOFILE, &rl);
 	umask(022);
-	const struct sm_user *u = &s->user;
+	const struct sm_user *u = sp->user;
 	if (geteuid() == 0) {
 		if (setgroups((size_t)u->ngroups, u->groups) < 0 || setgid(u->gid) < 0 || setuid(u->uid) < 0)
 			child_fail(errw, "switching user", CE_USER, errno);
@@ -462,10 +460,21 @@ static void __attribute__((noreturn)) child(struct sm_stream *s, char **argv, in
 		if (setgid(u->gid) < 0 || setuid(u->uid) < 0)
 			child_fail(errw, "switching user", CE_USER, errno);
 	}
-	if (chdir(s->cwd) < 0)
-		child_fail(errw, s->cwd, CE_CWD, errno);
-	int e = path_exec(argv, s->env);
-	child_fail(errw, argv[0], CE_EXEC, e);
+	if (chdir(sp->cwd) < 0)
+		child_fail(errw, sp->cwd, CE_CWD, errno);
+	int e = path_exec(sp->argv, sp->env);
+	child_fail(errw, sp->argv[0], CE_EXEC, e);
+}
+
+pid_t sm_spawn(const struct sm_spawn *sp)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid == 0)
+		child(sp);
+	sm_remember_pgid(pid);
+	return pid;
 }
 
 static void close_keeps(struct sm_stream *s)
@@ -479,14 +488,22 @@ static void close_keeps(struct sm_stream *s)
 /* Fork step s->step; errw is the exec-error pipe (first step) or -1. Returns the pid or -errno. */
 static pid_t fork_step(struct sm_stream *s, int errw)
 {
-	pid_t pid = fork();
+	struct sm_spawn sp = {
+		.argv = s->steps[s->step],
+		.env = s->env,
+		.cwd = s->cwd,
+		.user = &s->user,
+		.in = s->in_r_keep,
+		.out = s->out_w_keep,
+		.err = s->err_w_keep,
+		.tty = s->tty ? s->pts_keep : -1,
+		.errw = errw,
+	};
+	pid_t pid = sm_spawn(&sp);
 	if (pid < 0)
-		return -errno;
-	if (pid == 0)
-		child(s, s->steps[s->step], errw);
+		return pid;
 	s->pid = pid;
 	s->pgid = pid;
-	sm_remember_pgid(pid);
 	if (s->step + 1 == s->nsteps)
 		close_keeps(s);
 	return pid;
@@ -636,9 +653,9 @@ void sm_exec_reaped(struct sm_stream *s, int status, const struct rusage *ru)
 			return;
 		char msg[128];
 		int n = snprintf(msg, sizeof msg, "sm-init: %s: %s\n", s->steps[s->step][0], strerror(-pid));
-		if (n > 0 && (uint64_t)n <= s->out_credit) { /* like a shell's message, within the credit */
+		if (n > 0 && (uint64_t)n + SM_FRAME_COST <= s->out_credit) { /* like a shell's message, within the credit */
 			sm_send(s->id, s->tty ? SM_STDOUT : SM_STDERR, 0, msg, (size_t)n);
-			s->out_credit -= (uint64_t)n;
+			s->out_credit -= (uint64_t)n + SM_FRAME_COST;
 		}
 		s->status = 126 << 8;
 	}
@@ -786,7 +803,8 @@ static void output_done(struct sm_stream *s, int role)
 static void pump_output(struct sm_stream *s, int role)
 {
 	int fd = role == 0 ? (s->tty ? s->ptm : s->out_r) : s->err_r;
-	uint64_t max = s->out_credit < SM_CHUNK ? s->out_credit : SM_CHUNK;
+	uint64_t room = s->out_credit > SM_FRAME_COST ? s->out_credit - SM_FRAME_COST : 0;
+	uint64_t max = room < SM_CHUNK ? room : SM_CHUNK;
 	uint64_t *rem = role == 0 ? &s->rem_out : &s->rem_err;
 	if (s->counted && *rem < max)
 		max = *rem;
@@ -800,7 +818,7 @@ static void pump_output(struct sm_stream *s, int role)
 		sm_frame_cancel(buf);
 	if (r > 0) {
 		sm_frame_commit(buf, s->id, (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR, 0, (size_t)r);
-		s->out_credit -= (uint64_t)r;
+		s->out_credit -= (uint64_t)r + SM_FRAME_COST;
 		if (s->counted) {
 			*rem -= (uint64_t)r;
 			if (*rem == 0)
@@ -830,7 +848,7 @@ void sm_exec_poll(struct sm_stream *s, int fd[4], short ev[4])
 	}
 	if (s->state != X_RUNNING && s->state != X_DRAINING)
 		return;
-	int produce = s->out_credit > 0 && !sm_output_blocked();
+	int produce = s->out_credit > SM_FRAME_COST && !sm_output_blocked();
 	if (produce && !s->out_done && (!s->counted || s->rem_out > 0)) {
 		fd[0] = s->tty ? s->ptm : s->out_r;
 		ev[0] = POLLIN;

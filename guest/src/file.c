@@ -232,7 +232,7 @@ void sm_read_open(uint32_t id, const uint8_t *p, size_t n)
 
 int sm_read_ready(struct sm_stream *s)
 {
-	return !s->dead && (s->rsent == s->rsize || s->rcredit > 0) && !sm_output_blocked();
+	return !s->dead && (s->rsent == s->rsize || s->rcredit > SM_FRAME_COST) && !sm_output_blocked();
 }
 
 void sm_read_pump(struct sm_stream *s)
@@ -247,8 +247,8 @@ void sm_read_pump(struct sm_stream *s)
 		size_t want = SM_CHUNK;
 		if (want > left)
 			want = (size_t)left;
-		if (want > s->rcredit)
-			want = (size_t)s->rcredit;
+		if (want > s->rcredit - SM_FRAME_COST)
+			want = (size_t)(s->rcredit - SM_FRAME_COST);
 		uint8_t *buf = sm_frame_alloc(want);
 		if (!buf)
 			return;
@@ -264,7 +264,7 @@ void sm_read_pump(struct sm_stream *s)
 			return;
 		}
 		s->rsent += (uint64_t)r;
-		s->rcredit -= (uint64_t)r;
+		s->rcredit -= (uint64_t)r + SM_FRAME_COST;
 		int last = s->rsent == s->rsize;
 		sm_frame_commit(buf, s->id, SM_FILE_DATA, last ? SM_FLAG_FIN : 0, (size_t)r);
 		if (last) {

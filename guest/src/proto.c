@@ -42,11 +42,24 @@ const char *sm_type_name(unsigned type)
 	case SM_SIGNAL: return "SIGNAL";
 	case SM_STARTED: return "STARTED";
 	case SM_EXIT: return "EXIT";
+	case SM_WORKLOAD_START: return "WORKLOAD_START";
+	case SM_WORKLOAD_QUERY: return "WORKLOAD_QUERY";
+	case SM_WORKLOAD_SIGNAL: return "WORKLOAD_SIGNAL";
+	case SM_WORKLOAD_LOGS: return "WORKLOAD_LOGS";
+	case SM_WORKLOAD_STATUS: return "WORKLOAD_STATUS";
 	case SM_WRITE_FILE: return "WRITE_FILE";
 	case SM_READ_FILE: return "READ_FILE";
 	case SM_FILE_DATA: return "FILE_DATA";
 	case SM_FILE_INFO: return "FILE_INFO";
 	case SM_OK: return "OK";
+	case SM_FS: return "FS";
+	case SM_STAT: return "STAT";
+	case SM_DIRENTS: return "DIRENTS";
+	case SM_WATCH: return "WATCH";
+	case SM_WATCH_EVENT: return "WATCH_EVENT";
+	case SM_TCP_CONNECT: return "TCP_CONNECT";
+	case SM_TCP_CONNECTED: return "TCP_CONNECTED";
+	case SM_TCP_DATA: return "TCP_DATA";
 	default: return "?";
 	}
 }
@@ -329,7 +342,8 @@ int sm_type_from_host(unsigned t)
 	switch (t) {
 	case SM_HELLO: case SM_PING: case SM_SHUTDOWN: case SM_RESET: case SM_EXEC: case SM_STAGE_DATA:
 	case SM_STDIN: case SM_WINDOW: case SM_RESIZE: case SM_SIGNAL: case SM_WRITE_FILE: case SM_READ_FILE:
-	case SM_FILE_DATA:
+	case SM_FILE_DATA: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY: case SM_WORKLOAD_SIGNAL:
+	case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -340,7 +354,8 @@ int sm_type_from_guest(unsigned t)
 {
 	switch (t) {
 	case SM_HELLO: case SM_PONG: case SM_ERROR: case SM_STDOUT: case SM_STDERR: case SM_WINDOW:
-	case SM_STARTED: case SM_EXIT: case SM_FILE_DATA: case SM_FILE_INFO: case SM_OK:
+	case SM_STARTED: case SM_EXIT: case SM_FILE_DATA: case SM_FILE_INFO: case SM_OK: case SM_WORKLOAD_STATUS:
+	case SM_STAT: case SM_DIRENTS: case SM_WATCH_EVENT: case SM_TCP_CONNECTED: case SM_TCP_DATA:
 		return 1;
 	default:
 		return 0;
@@ -348,6 +363,22 @@ int sm_type_from_guest(unsigned t)
 }
 
 int sm_type_known(unsigned t) { return sm_type_from_host(t) || sm_type_from_guest(t); }
+
+int sm_type_opens_stream(unsigned t)
+{
+	switch (t) {
+	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY:
+	case SM_WORKLOAD_SIGNAL: case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+int sm_type_takes_fin(unsigned t)
+{
+	return t == SM_STAGE_DATA || t == SM_STDIN || t == SM_FILE_DATA || t == SM_TCP_DATA;
+}
 
 #define SPEC(...) ((const struct sm_spec[]){ __VA_ARGS__ }), sizeof((const struct sm_spec[]){ __VA_ARGS__ }) / sizeof(struct sm_spec)
 
@@ -440,6 +471,7 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 	case SM_STDOUT:
 	case SM_STDERR:
 	case SM_FILE_DATA:
+	case SM_TCP_DATA:
 		return 0;
 	case SM_WINDOW:
 		if (n != 4) {
@@ -471,7 +503,43 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 		return check(p, n, SPEC({ 1, SM_K_U64, SM_REQ }, { 2, SM_K_U32, 0 }, { 3, SM_K_U32, 0 }, { 4, SM_K_U32, 0 }),
 			     NULL, err, errlen, top);
 	case SM_OK:
-		return check(p, n, SPEC({ 1, SM_K_U64, 0 }), NULL, err, errlen, top);
+		return check(p, n, SPEC({ 1, SM_K_U64, 0 }, { 2, SM_K_BYTES, 0 }), NULL, err, errlen, top);
+	/* ---- the workload ---- */
+	case SM_WORKLOAD_START:
+		return check(p, n, SPEC({ 1, SM_K_STRING, SM_REQ | SM_REP }, { 2, SM_K_STRING, SM_REP }, { 3, SM_K_STRING, 0 },
+				       { 4, SM_K_STRING, 0 }), NULL, err, errlen, top);
+	case SM_WORKLOAD_QUERY:
+		return check(p, n, NULL, 0, NULL, err, errlen, top);
+	case SM_WORKLOAD_SIGNAL:
+		return check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }), NULL, err, errlen, top);
+	case SM_WORKLOAD_LOGS:
+		return check(p, n, SPEC({ 1, SM_K_U8, 0 }, { 2, SM_K_U32, 0 }, { 3, SM_K_U8, 0 }), NULL, err, errlen, top);
+	case SM_WORKLOAD_STATUS:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_U32, 0 }, { 3, SM_K_I32, 0 }, { 4, SM_K_U32, 0 }), NULL,
+			     err, errlen, top);
+	/* ---- file-system operations and watches ---- */
+	case SM_FS:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_STRING, SM_REQ }, { 3, SM_K_STRING, 0 }, { 4, SM_K_U32, 0 },
+				       { 5, SM_K_U32, 0 }, { 6, SM_K_U32, 0 }, { 7, SM_K_U32, 0 }, { 8, SM_K_U64, 0 },
+				       { 9, SM_K_U64, 0 }, { 10, SM_K_U64, 0 }, { 11, SM_K_U32, 0 }), NULL, err, errlen, top);
+	case SM_STAT:
+		return check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }, { 2, SM_K_U32, 0 }, { 3, SM_K_U32, 0 }, { 4, SM_K_U64, 0 },
+				       { 5, SM_K_U64, 0 }, { 6, SM_K_U64, 0 }, { 7, SM_K_U64, 0 }, { 8, SM_K_U64, 0 },
+				       { 9, SM_K_U64, 0 }, { 10, SM_K_U64, 0 }, { 11, SM_K_U64, 0 }, { 12, SM_K_U64, 0 },
+				       { 13, SM_K_U32, 0 }), NULL, err, errlen, top);
+	case SM_DIRENTS:
+		if (check(p, n, SPEC({ 1, SM_K_NESTED, SM_REP }), &k, err, errlen, top))
+			return -1;
+		return check_nested(k, 1, SPEC({ 1, SM_K_BYTES, SM_REQ }, { 2, SM_K_U8, 0 }), "entry", err, errlen);
+	case SM_WATCH:
+		return check(p, n, SPEC({ 1, SM_K_STRING, SM_REQ }, { 2, SM_K_U8, 0 }, { 3, SM_K_U32, 0 }), NULL, err, errlen, top);
+	case SM_WATCH_EVENT:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_BYTES, 0 }, { 3, SM_K_U8, 0 }), NULL, err, errlen, top);
+	/* ---- TCP tunnels ---- */
+	case SM_TCP_CONNECT:
+		return check(p, n, SPEC({ 1, SM_K_U16, SM_REQ }, { 2, SM_K_STRING, 0 }, { 3, SM_K_U32, 0 }), NULL, err, errlen, top);
+	case SM_TCP_CONNECTED:
+		return check(p, n, NULL, 0, NULL, err, errlen, top);
 	default:
 		snprintf(err, errlen, "unknown message type 0x%02x", type);
 		return -1;

@@ -5,11 +5,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SM_PROTO_VERSION 1u
+#define SM_PROTO_VERSION 2u
 #define SM_HDR_SIZE 10u
 #define SM_MAX_PAYLOAD (1u << 20)
 #define SM_MAX_FIELDS 8192u
 #define SM_FLAG_FIN 0x01u
+/* Credit a guest->host data frame costs beyond its payload (docs/protocol.md, "Credit"); an empty
+ * frame with FIN is free. */
+#define SM_FRAME_COST 64u
 
 enum sm_type {
 	SM_HELLO = 0x01,
@@ -28,11 +31,27 @@ enum sm_type {
 	SM_SIGNAL = 0x17,
 	SM_STARTED = 0x18,
 	SM_EXIT = 0x19,
+	/* the workload */
+	SM_WORKLOAD_START = 0x1a,
+	SM_WORKLOAD_QUERY = 0x1b,
+	SM_WORKLOAD_SIGNAL = 0x1c,
+	SM_WORKLOAD_LOGS = 0x1d,
+	SM_WORKLOAD_STATUS = 0x1e,
 	SM_WRITE_FILE = 0x20,
 	SM_READ_FILE = 0x21,
 	SM_FILE_DATA = 0x22,
 	SM_FILE_INFO = 0x23,
 	SM_OK = 0x24,
+	/* file-system operations and watches */
+	SM_FS = 0x25,
+	SM_STAT = 0x26,
+	SM_DIRENTS = 0x27,
+	SM_WATCH = 0x28,
+	SM_WATCH_EVENT = 0x29,
+	/* TCP tunnels */
+	SM_TCP_CONNECT = 0x30,
+	SM_TCP_CONNECTED = 0x31,
+	SM_TCP_DATA = 0x32,
 };
 
 enum sm_errcode {
@@ -136,6 +155,10 @@ int sm_type_known(unsigned type);
 /* Is `type` sent by the host (1), by the guest (0), or both (HELLO, WINDOW, FILE_DATA)? */
 int sm_type_from_host(unsigned type);
 int sm_type_from_guest(unsigned type);
+/* Does `type` open a new stream (EXEC, WRITE_FILE, READ_FILE, FS, WATCH, TCP_CONNECT, WORKLOAD_*)? */
+int sm_type_opens_stream(unsigned type);
+/* May `type` carry FIN (host->guest data messages)? */
+int sm_type_takes_fin(unsigned type);
 /* Validate a whole message payload as sent by the host (from_host = 1) or the guest: field kinds
  * and sizes, required and non-repeated fields, nested sequences, raw-payload limits. Returns 0, or
  * -1 with a message in err. */

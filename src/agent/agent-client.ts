@@ -1,6 +1,7 @@
 /**
  * The host side of the guest agent protocol (docs/protocol.md) over one byte stream: the `HELLO`
- * handshake, multiplexed exec and file streams with credit both ways, ping and shutdown.
+ * handshake, multiplexed streams with credit both ways — execs, file transfers, file-system
+ * operations ({@link AgentClient.fs}), watches, TCP tunnels, the workload — ping and shutdown.
  *
  * The guest is untrusted: every frame is bounded and validated, and anything malformed closes the
  * connection with a `VmError` `AGENT_PROTOCOL` (reported through {@link AgentClient.closed} and to
@@ -14,20 +15,30 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Duplex, Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
-import { AbortError, SupermachineError, VmError } from "../errors.ts";
+import { AbortError, GuestIoError, SupermachineError, VmError } from "../errors.ts";
 import { debug } from "../internal/index.ts";
+import {
+  type AgentCallOptions,
+  agentTimeout,
+  DEFAULT_PING_TIMEOUT_MS,
+  timeoutOption,
+  Watchdog,
+} from "./deadline.ts";
 import { ExecChannel, type ExecRequest } from "./exec-channel.ts";
 import { FileReadStream, FileWriteStream, type GuestFileInfo } from "./file-streams.ts";
 import {
   describeType,
   encodeFrameHeader,
   FLAG_FIN,
+  FRAME_COST,
   type Frame,
   FrameDecoder,
   MAX_PAYLOAD,
   MAX_STREAM_ID,
   MessageType,
 } from "./frame-codec.ts";
+import { GuestFs } from "./guest-fs.ts";
+import { type GuestWatcher, type WatchOptions, watch } from "./guest-watch.ts";
 import { hostClock } from "./host-clock.ts";
 import {
   AgentErrorCode,
@@ -36,13 +47,26 @@ import {
   decodeError,
   decodeGuestHello,
   decodeOk,
+  decodeWorkloadStatus,
   encodeHostHello,
   encodeReadFile,
   encodeWriteFile,
   PROTOCOL_VERSION,
+  WorkloadState,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
-import { deferred, type StreamHandler, type StreamLink } from "./stream-link.ts";
+import { deferred, type StreamHandler, type StreamHost, type StreamLink } from "./stream-link.ts";
+import { type ConnectTcpOptions, connectTcp } from "./tcp-tunnel.ts";
+import {
+  signalWorkload,
+  startWorkload,
+  type WorkloadLogsOptions,
+  type WorkloadSpec,
+  type WorkloadStatus,
+  workloadLogs,
+  workloadStatus,
+  workloadStatusFrom,
+} from "./workload.ts";
 
 /** Options of {@link AgentClient.connect}. */
 export interface AgentConnectOptions {
@@ -84,6 +108,27 @@ export interface WriteFileOptions {
    */
   sizeBytes?: number;
   signal?: AbortSignal;
+  /**
+   * Longest the host waits on the guest without progress — for the channel to take more data, or
+   * for the agent's answer — in milliseconds (default 30 000): then `AGENT_TIMEOUT`.
+   */
+  timeoutMs?: number;
+}
+
+/** Options of {@link AgentClient.readFile}. */
+export interface ReadFileOptions {
+  signal?: AbortSignal;
+  /**
+   * Longest the host waits on the guest without progress while its consumer wants data, in
+   * milliseconds (default 30 000): then `AGENT_TIMEOUT`.
+   */
+  timeoutMs?: number;
+}
+
+/** Options of {@link AgentClient.readFileBytes}. */
+export interface ReadFileBytesOptions extends ReadFileOptions {
+  /** Largest file accepted, default 1 GiB: a larger one fails with `EFBIG` before any data is held. */
+  maxBytes?: number;
 }
 
 /** A file being read from the guest. */
@@ -97,6 +142,18 @@ export type WriteFileSource = Uint8Array | string | AsyncIterable<Uint8Array> | 
 const DEFAULT_CONNECT_TIMEOUT_MS = 30_000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS = 10_000;
 const READ_WINDOW = 1_048_576;
+/** Default cap of {@link AgentClient.readFileBytes}. */
+const DEFAULT_READ_MAX_BYTES = 1024 * 1024 * 1024;
+/** {@link AgentClient.readFileBytes} allocates at most this much up front, whatever the guest announces. */
+const READ_PREALLOCATE_MAX = 64 * 1024 * 1024;
+/**
+ * Frames for streams that have ended: the host accepts (and drops) what the agent may have had in
+ * flight when the host reset them — their outstanding credit plus this much for their last
+ * control frames — and a small base; beyond that they are `AGENT_PROTOCOL` (docs/protocol.md).
+ */
+const STRAY_BASE_BYTES = 64 * 1024;
+const STRAY_PER_RESET_BYTES = 8 * 1024 + 16 * FRAME_COST;
+const STRAY_MAX_BYTES = 256 * 1024 * 1024;
 /** Small frames are copied into one buffer (one write); larger payloads are written as is. */
 const COPY_BELOW = 16 * 1024;
 
@@ -119,6 +176,12 @@ const GUEST_TYPES: ReadonlySet<number> = new Set([
   MessageType.FILE_DATA,
   MessageType.FILE_INFO,
   MessageType.OK,
+  MessageType.WORKLOAD_STATUS,
+  MessageType.STAT,
+  MessageType.DIRENTS,
+  MessageType.WATCH_EVENT,
+  MessageType.TCP_CONNECTED,
+  MessageType.TCP_DATA,
 ]);
 
 export class AgentClient {
@@ -128,6 +191,8 @@ export class AgentClient {
   }
   /** Settles when the connection ends: `undefined` for a clean end, else the error. Never rejects. */
   readonly closed: Promise<Error | undefined>;
+  /** The guest's file system, like `node:fs/promises` (docs/protocol.md, "File-system operations"). */
+  readonly fs: GuestFs;
 
   #epoch: bigint;
   #rehelloing = false;
@@ -141,6 +206,10 @@ export class AgentClient {
   /** Opening frames go out in stream id order. */
   #openChain: Promise<void> = Promise.resolve();
   readonly #link: StreamLink;
+  readonly #host: StreamHost;
+  /** Bytes of frames for ended streams the host will still drop quietly (see STRAY_BASE_BYTES). */
+  #strayAllowance = STRAY_BASE_BYTES;
+  readonly #workloadExitListeners = new Set<(status: WorkloadStatus) => void>();
   #state: State = "handshake";
   #closedError: Error | undefined;
   #resolveClosed!: (value: Error | undefined) => void;
@@ -153,6 +222,7 @@ export class AgentClient {
     bigint,
     { resolve: (ms: number) => void; reject: (e: Error) => void; t0: number }
   >();
+  readonly #expiredPings = new Set<bigint>();
   #shutdown: ReturnType<typeof deferred<void>> | undefined;
   #shutdownPromise: Promise<void> | undefined;
   #shutdownAcked = false;
@@ -179,8 +249,13 @@ export class AgentClient {
       sendData: (stream, type, payload, flags) => this.#sendData(stream, type, payload, flags),
       sendOpen: (stream, type, payload) => this.#sendOpen(stream, type, payload),
       writable: () => this.#writable(),
-      reset: (stream) => {
-        if (this.#written.has(stream)) this.#sendControl(stream, MessageType.RESET);
+      reset: (stream, inFlightBytes = 0) => {
+        if (!this.#written.has(stream)) return;
+        this.#sendControl(stream, MessageType.RESET);
+        this.#strayAllowance = Math.min(
+          this.#strayAllowance + inFlightBytes + STRAY_PER_RESET_BYTES,
+          STRAY_MAX_BYTES,
+        );
       },
       release: (stream) => {
         this.#streams.delete(stream);
@@ -190,6 +265,19 @@ export class AgentClient {
         return self.#closedError;
       },
     };
+    this.#host = {
+      link: this.#link,
+      open: (type, payload, create) => {
+        this.#checkOpen();
+        const stream = this.#allocate();
+        const handler = create(stream);
+        this.#streams.set(stream, handler);
+        const sent = this.#sendOpen(stream, type, payload);
+        sent.catch(() => {});
+        return { handler, sent };
+      },
+    };
+    this.fs = new GuestFs(this.#host);
     socket.on("data", this.#onData);
     socket.on("end", this.#onEnd);
     socket.on("close", this.#onEnd);
@@ -347,6 +435,7 @@ export class AgentClient {
       size,
       mkdirs: opts.mkdirs ? true : undefined,
     });
+    const timeoutMs = timeoutOption(opts.timeoutMs);
     this.#checkOpen();
     const stream = this.#allocate();
     const op = new FileWriteStream(this.#link, stream, path, size);
@@ -354,10 +443,23 @@ export class AgentClient {
     const signal = opts.signal;
     const onAbort = () => op.reset(new AbortError("writeFile aborted", { cause: signal?.reason }));
     signal?.addEventListener("abort", onAbort, { once: true });
+    // Time spent waiting on the guest (the channel to drain, the answer) is bounded; time the
+    // source takes is not. A reset (deadline, abort, agent error) ends every wait at once.
+    const watchdog = new Watchdog(timeoutMs, () => op.reset(agentTimeout(`writeFile ${path}`, timeoutMs)));
+    const failed = new Promise<never>((_, reject) => op.result.catch(reject));
+    failed.catch(() => {});
+    const guest = async <T>(wait: Promise<T>): Promise<T> => {
+      watchdog.arm();
+      try {
+        return await Promise.race([wait, failed]);
+      } finally {
+        watchdog.disarm();
+      }
+    };
     try {
-      await this.#sendOpen(stream, MessageType.WRITE_FILE, payload);
+      await guest(this.#sendOpen(stream, MessageType.WRITE_FILE, payload));
       let sent = 0;
-      if (size === 0) await this.#sendData(stream, MessageType.FILE_DATA, new Uint8Array(0), FLAG_FIN);
+      if (size === 0) await guest(this.#sendData(stream, MessageType.FILE_DATA, new Uint8Array(0), FLAG_FIN));
       for await (let chunk of source) {
         if (op.ended) break;
         if (typeof chunk === "string") chunk = Buffer.from(chunk);
@@ -370,13 +472,13 @@ export class AgentClient {
         for (const part of chunkPayload(chunk)) {
           if (op.ended) break;
           sent += part.length;
-          await this.#sendData(stream, MessageType.FILE_DATA, part, sent === size ? FLAG_FIN : 0);
+          await guest(this.#sendData(stream, MessageType.FILE_DATA, part, sent === size ? FLAG_FIN : 0));
         }
       }
       if (!op.ended && sent < size) {
         op.reset(invalid(`writeFile source for ${path} ended after ${sent} of the ${size} bytes announced`));
       }
-      await op.result;
+      await guest(op.result);
     } catch (error) {
       op.reset(error as Error);
       // If the agent had already refused the write, its error says more.
@@ -385,29 +487,36 @@ export class AgentClient {
         (reason: unknown) => reason,
       );
     } finally {
+      watchdog.stop();
       signal?.removeEventListener("abort", onAbort);
     }
   }
 
   /**
    * Opens a file in the guest for reading. Resolves once the agent has sent its metadata; the bytes
-   * follow on `stream`, under backpressure (destroying the stream early abandons the read).
+   * follow on `stream`, under backpressure (destroying the stream early abandons the read). The
+   * data must match the size announced (`AGENT_PROTOCOL` otherwise).
    */
-  async readFile(path: string, opts: { signal?: AbortSignal } = {}): Promise<GuestFile> {
+  async readFile(path: string, opts: ReadFileOptions = {}): Promise<GuestFile> {
+    const { info, op } = await this.#readFile(path, opts);
+    return { ...info, stream: op.readable };
+  }
+
+  async #readFile(path: string, opts: ReadFileOptions): Promise<{ info: GuestFileInfo; op: FileReadStream }> {
+    const timeoutMs = timeoutOption(opts.timeoutMs);
     this.#checkOpen();
     const signal = opts.signal;
     if (signal?.aborted) throw new AbortError("readFile aborted", { cause: signal.reason });
     const payload = encodeReadFile({ path, window: READ_WINDOW });
     const stream = this.#allocate();
-    const op = new FileReadStream(this.#link, stream, path, READ_WINDOW);
+    const op = new FileReadStream(this.#link, stream, path, READ_WINDOW, timeoutMs);
     this.#streams.set(stream, op);
     const onAbort = () => op.reset(new AbortError("readFile aborted", { cause: signal?.reason }));
     signal?.addEventListener("abort", onAbort, { once: true });
     op.readable.once("close", () => signal?.removeEventListener("abort", onAbort));
     try {
       await this.#sendOpen(stream, MessageType.READ_FILE, payload);
-      const info = await op.info;
-      return { ...info, stream: op.readable };
+      return { info: await op.info, op };
     } catch (error) {
       op.reset(error as Error);
       signal?.removeEventListener("abort", onAbort);
@@ -415,35 +524,135 @@ export class AgentClient {
     }
   }
 
-  /** Reads a whole file from the guest into memory. */
-  async readFileBytes(path: string, opts: { signal?: AbortSignal } = {}): Promise<Uint8Array> {
-    const file = await this.readFile(path, opts);
-    // One buffer of the announced size; grown if the file grows while being read.
-    let out = Buffer.allocUnsafeSlow(file.size);
-    let length = 0;
-    for await (const chunk of file.stream as AsyncIterable<Uint8Array>) {
-      if (length + chunk.length > out.length) {
-        const bigger = Buffer.allocUnsafeSlow(Math.max(out.length * 2, length + chunk.length));
-        bigger.set(out.subarray(0, length));
-        out = bigger;
+  /**
+   * Reads a whole file from the guest into memory. A file larger than `maxBytes` (default 1 GiB)
+   * fails with a `GuestIoError` `EFBIG` (the read is abandoned before any data is held).
+   */
+  async readFileBytes(path: string, opts: ReadFileBytesOptions = {}): Promise<Uint8Array> {
+    const maxBytes = opts.maxBytes ?? DEFAULT_READ_MAX_BYTES;
+    if (!Number.isSafeInteger(maxBytes) || maxBytes < 0)
+      throw invalid(`maxBytes ${maxBytes} is not a byte count`);
+    const { info, op } = await this.#readFile(path, opts);
+    const file = { ...info, stream: op.readable };
+    try {
+      if (file.size > maxBytes) {
+        throw new GuestIoError(
+          `readFile ${path}: the guest file has ${file.size} bytes, more than maxBytes (${maxBytes}); pass a larger maxBytes or read it as a stream`,
+          { path, code: "EFBIG", errno: 27, syscall: "read" },
+        );
       }
-      out.set(chunk, length);
-      length += chunk.length;
+      // The announced size, up to a bound: the guest says it, so it is only a hint until data arrives
+      // (the stream fails if more arrives than announced).
+      let out = Buffer.allocUnsafeSlow(Math.min(file.size, READ_PREALLOCATE_MAX));
+      let length = 0;
+      for await (const chunk of file.stream as AsyncIterable<Uint8Array>) {
+        if (length + chunk.length > out.length) {
+          const bigger = Buffer.allocUnsafeSlow(
+            Math.min(Math.max(out.length * 2, length + chunk.length), file.size),
+          );
+          bigger.set(out.subarray(0, length));
+          out = bigger;
+        }
+        out.set(chunk, length);
+        length += chunk.length;
+      }
+      return new Uint8Array(out.buffer, out.byteOffset, length);
+    } catch (error) {
+      throw op.failure ?? error;
+    } finally {
+      if (!file.stream.destroyed) file.stream.destroy();
     }
-    return new Uint8Array(out.buffer, out.byteOffset, length);
   }
 
-  /** Round trip to the agent in milliseconds (high resolution). */
-  ping(): Promise<number> {
+  /**
+   * Round trip to the agent in milliseconds (high resolution). Rejects with `AGENT_TIMEOUT` after
+   * `timeoutMs` (default 10 000) without a `PONG`.
+   */
+  ping(opts: { timeoutMs?: number } = {}): Promise<number> {
     if (this.#closedError) return Promise.reject(this.#closedError);
     this.#checkOpen();
+    const timeoutMs = timeoutOption(opts.timeoutMs, DEFAULT_PING_TIMEOUT_MS);
     const seq = this.#pingSeq++;
     const payload = new Uint8Array(8);
     new DataView(payload.buffer).setBigUint64(0, seq);
     const d = deferred<number>();
-    this.#pings.set(seq, { resolve: d.resolve, reject: d.reject, t0: performance.now() });
+    const timer = setTimeout(() => {
+      // A late PONG is then dropped, not taken for one nobody asked for.
+      this.#pings.delete(seq);
+      this.#expiredPings.add(seq);
+      if (this.#expiredPings.size > 1024)
+        this.#expiredPings.delete(this.#expiredPings.values().next().value!);
+      d.reject(agentTimeout("ping", timeoutMs));
+    }, timeoutMs);
+    this.#pings.set(seq, {
+      resolve: (ms) => {
+        clearTimeout(timer);
+        d.resolve(ms);
+      },
+      reject: (e) => {
+        clearTimeout(timer);
+        d.reject(e);
+      },
+      t0: performance.now(),
+    });
     this.#sendControl(0, MessageType.PING, payload);
     return d.promise;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // TCP tunnels, watches, the workload
+
+  /**
+   * Opens a TCP connection to `port` on `opts.address` (an IPv4 or IPv6 literal, default
+   * 127.0.0.1) inside the guest, made by the agent, and resolves with it as a Node `Duplex` once
+   * connected. Backpressure holds both ways; `end()` half-closes, `destroy()` resets the guest
+   * connection. A failed connect rejects with a `GuestIoError` named for its errno
+   * (`ECONNREFUSED`, `ENETUNREACH`, …); no answer within `timeoutMs` (default 30 000) with
+   * `AGENT_TIMEOUT`.
+   */
+  connectTcp(port: number, opts: ConnectTcpOptions = {}): Promise<Duplex> {
+    return connectTcp(this.#host, port, opts);
+  }
+
+  /**
+   * Watches `path` in the guest (with `recursive`, every directory below it too) and yields change
+   * events like `fs.promises.watch`. Await `ready` before making changes that must be seen.
+   */
+  watch(path: string, opts: WatchOptions = {}): GuestWatcher {
+    return watch(this.#host, path, opts);
+  }
+
+  /**
+   * Starts the workload (the image's entrypoint): stdin `/dev/null`, stdout and stderr kept by the
+   * agent in a 1 MiB ring. It belongs to the VM: a new session leaves it running, `SHUTDOWN` ends
+   * it. Resolves once it runs; `EXEC_NOT_FOUND`/`EXEC_START` if it cannot start or one already runs.
+   */
+  startWorkload(spec: WorkloadSpec, opts: AgentCallOptions = {}): Promise<WorkloadStatus> {
+    return startWorkload(this.#host, spec, opts);
+  }
+
+  /** The workload's status: `none`, `running` (pid) or `exited` (exit code or signal). */
+  workloadStatus(opts: AgentCallOptions = {}): Promise<WorkloadStatus> {
+    return workloadStatus(this.#host, opts);
+  }
+
+  /** Signals the workload's process group; a `GuestIoError` `ESRCH` if none is running. */
+  signalWorkload(signal: string | number, opts: AgentCallOptions = {}): Promise<void> {
+    return signalWorkload(this.#host, signal, opts);
+  }
+
+  /** The workload's recent output (and with `follow`, what comes until it exits) as bytes. */
+  workloadLogs(opts: WorkloadLogsOptions = {}): Readable {
+    return workloadLogs(this.#host, opts);
+  }
+
+  /**
+   * Calls `listener` when the agent reports that the workload exited (only while connected; ask
+   * {@link workloadStatus} after a reconnect). Returns a function that removes the listener.
+   */
+  onWorkloadExit(listener: (status: WorkloadStatus) => void): () => void {
+    this.#workloadExitListeners.add(listener);
+    return () => this.#workloadExitListeners.delete(listener);
   }
 
   /**
@@ -515,8 +724,16 @@ export class AgentClient {
       handler.onFrame(frame);
       return;
     }
-    if (frame.stream < this.#nextStream) return; // ended or reset: frames may cross its end
-    throw protocolError(`${describeType(frame.type)} for stream ${frame.stream}, which was never opened`);
+    if (frame.stream >= this.#nextStream) {
+      throw protocolError(`${describeType(frame.type)} for stream ${frame.stream}, which was never opened`);
+    }
+    // Ended or reset: frames may cross its end, up to what the agent could have had in flight.
+    this.#strayAllowance -= frame.payload.length + FRAME_COST;
+    if (this.#strayAllowance < 0) {
+      throw protocolError(
+        `${describeType(frame.type)} for stream ${frame.stream}, which has ended: more frames for ended streams than were in flight`,
+      );
+    }
   }
 
   #onHello(frame: Frame): void {
@@ -567,6 +784,7 @@ export class AgentClient {
         }
         const seq = new DataView(frame.payload.buffer, frame.payload.byteOffset, 8).getBigUint64(0);
         const ping = this.#pings.get(seq);
+        if (!ping && this.#expiredPings.delete(seq)) return;
         if (!ping) throw protocolError(`PONG ${seq} does not match any PING`);
         this.#pings.delete(seq);
         ping.resolve(performance.now() - ping.t0);
@@ -584,6 +802,23 @@ export class AgentClient {
         throw protocolError(
           `agent reported ${agentErrorCodeName(m.code)} on the control stream${m.message ? `: ${m.message}` : ""}`,
         );
+      }
+      case MessageType.WORKLOAD_STATUS: {
+        const m = decodeWorkloadStatus(frame.payload);
+        if (m.state !== WorkloadState.EXITED) {
+          throw protocolError("WORKLOAD_STATUS on the control stream for a workload that has not exited");
+        }
+        const status = workloadStatusFrom(m);
+        for (const listener of [...this.#workloadExitListeners]) {
+          try {
+            listener(status);
+          } catch (error) {
+            queueMicrotask(() => {
+              throw error;
+            });
+          }
+        }
+        return;
       }
       default:
         throw protocolError(`unexpected ${describeType(frame.type)} on the control stream`);
@@ -614,7 +849,7 @@ export class AgentClient {
     this.#streams.clear();
     this.#written.clear();
     for (const s of streams) s.onClose(error);
-    for (const p of this.#pings.values()) p.reject(error);
+    for (const p of [...this.#pings.values()]) p.reject(error);
     this.#pings.clear();
     this.#shutdown?.reject(error);
     this.#onDrain();

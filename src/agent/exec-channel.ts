@@ -4,6 +4,7 @@
  */
 
 import { ExecStartError, SupermachineError } from "../errors.ts";
+import { agentTimeout, timeoutOption, Watchdog } from "./deadline.ts";
 import { describeType, FLAG_FIN, type Frame, MAX_PAYLOAD, MessageType } from "./frame-codec.ts";
 import {
   AgentErrorCode,
@@ -53,6 +54,11 @@ export interface ExecRequest {
   stdin?: boolean | undefined;
   /** Initial output credit in bytes (default 262 144). */
   windowBytes?: number | undefined;
+  /**
+   * Longest wait for the agent to report the first step started (`STARTED` or an error) once the
+   * request and staged files are written, in milliseconds (default 30 000): then `AGENT_TIMEOUT`.
+   */
+  startTimeoutMs?: number | undefined;
 }
 
 /** How an exec ended, as the agent reported it. */
@@ -78,7 +84,8 @@ function invalid(message: string): SupermachineError {
   return new SupermachineError("INVALID_ARGUMENT", message);
 }
 
-function envList(env: ExecRequest["env"]): string[] {
+/** `KEY=VALUE` strings from a list or a record (names must be non-empty and without `=`). */
+export function envList(env: ExecRequest["env"]): string[] {
   if (!env) return [];
   if (Array.isArray(env)) return [...(env as readonly string[])];
   return Object.entries(env as Record<string, string>).map(([k, v]) => {
@@ -126,10 +133,12 @@ export class ExecChannel implements StreamHandler {
   #pid: number | undefined;
   #opened: Promise<void>;
   #requestSent = false;
+  readonly #startWatchdog: Watchdog;
 
   // Output (guest → host), under host credit.
   readonly #credit: GuestCredit;
-  readonly #queue: ExecOutput[] = [];
+  /** Output not yet read, with the credit each chunk cost. */
+  readonly #queue: { output: ExecOutput; cost: number }[] = [];
   #queueHead = 0;
   #queuedBytes = 0;
   #stdoutDone = false;
@@ -158,6 +167,10 @@ export class ExecChannel implements StreamHandler {
     );
     this.started = this.#started.promise;
     this.exited = this.#exited.promise;
+    const startTimeoutMs = timeoutOption(request.startTimeoutMs);
+    this.#startWatchdog = new Watchdog(startTimeoutMs, () =>
+      this.reset(agentTimeout(`exec ${JSON.stringify(this.argv[0] ?? "")}: start`, startTimeoutMs)),
+    );
 
     const stage = request.stage ?? [];
     for (const s of stage) {
@@ -217,6 +230,7 @@ export class ExecChannel implements StreamHandler {
           await this.#link.sendData(this.stream, MessageType.STAGE_DATA, chunk, last ? FLAG_FIN : 0);
         }
       }
+      if (this.#state === "starting") this.#startWatchdog.arm();
     } catch (error) {
       this.#fail(error as Error);
       throw error;
@@ -231,6 +245,7 @@ export class ExecChannel implements StreamHandler {
       case MessageType.STARTED: {
         if (this.#state !== "starting") throw protocolError(`exec stream ${this.stream}: STARTED twice`);
         const { pid } = decodeStarted(frame.payload);
+        this.#startWatchdog.stop();
         this.#state = "running";
         this.#pid = pid;
         this.#started.resolve({ pid });
@@ -297,13 +312,12 @@ export class ExecChannel implements StreamHandler {
       );
     }
     const size = frame.payload.length;
-    this.#credit.take(size, `exec stream ${this.stream}: ${kind}`);
-    if (size > 0) {
-      if (this.#discard) this.#credit.grant(size);
-      else {
-        this.#queue.push({ kind, data: frame.payload });
-        this.#queuedBytes += size;
-      }
+    const cost = this.#credit.take(frame, `exec stream ${this.stream}: ${kind}`);
+    if (size > 0 && !this.#discard) {
+      this.#queue.push({ output: { kind, data: frame.payload }, cost });
+      this.#queuedBytes += size;
+    } else {
+      this.#credit.grant(cost);
     }
     if ((frame.flags & FLAG_FIN) !== 0) {
       if (kind === "stdout") this.#stdoutDone = true;
@@ -327,15 +341,15 @@ export class ExecChannel implements StreamHandler {
   async read(): Promise<ExecOutput | null> {
     for (;;) {
       if (this.#queueHead < this.#queue.length) {
-        const chunk = this.#queue[this.#queueHead]!;
-        this.#queue[this.#queueHead++] = undefined as unknown as ExecOutput;
+        const { output, cost } = this.#queue[this.#queueHead]!;
+        this.#queue[this.#queueHead++] = undefined as unknown as { output: ExecOutput; cost: number };
         if (this.#queueHead > 1024 && this.#queueHead * 2 > this.#queue.length) {
           this.#queue.splice(0, this.#queueHead);
           this.#queueHead = 0;
         }
-        this.#queuedBytes -= chunk.data.length;
-        this.#credit.grant(chunk.data.length);
-        return chunk;
+        this.#queuedBytes -= output.data.length;
+        this.#credit.grant(cost);
+        return output;
       }
       if (this.#error) throw this.#error;
       if (this.#outputOver()) return null;
@@ -347,7 +361,7 @@ export class ExecChannel implements StreamHandler {
   discardOutput(): void {
     this.#discard = true;
     let bytes = 0;
-    for (let i = this.#queueHead; i < this.#queue.length; i++) bytes += this.#queue[i]!.data.length;
+    for (let i = this.#queueHead; i < this.#queue.length; i++) bytes += this.#queue[i]!.cost;
     this.#queue.length = 0;
     this.#queueHead = 0;
     this.#queuedBytes = 0;
@@ -455,7 +469,7 @@ export class ExecChannel implements StreamHandler {
     if (this.#state === "ended") return;
     // If the request is still queued behind socket backpressure, it is never sent: the link drops
     // data for released streams, and sends RESET only for streams the agent has seen.
-    this.#link.reset(this.stream);
+    this.#link.reset(this.stream, this.#credit.outstanding);
     this.#fail(reason);
   }
 
@@ -467,6 +481,7 @@ export class ExecChannel implements StreamHandler {
   #end(): void {
     if (this.#state === "ended") return;
     this.#state = "ended";
+    this.#startWatchdog.stop();
     this.#link.release(this.stream);
     this.#wakeReaders();
     this.#wakeCredit();

@@ -4,6 +4,7 @@
 
 import { Readable } from "node:stream";
 import { GuestIoError } from "../errors.ts";
+import { agentTimeout, Watchdog } from "./deadline.ts";
 import { describeType, FLAG_FIN, type Frame, MessageType } from "./frame-codec.ts";
 import {
   agentErrorCodeName,
@@ -111,17 +112,25 @@ export class FileReadStream implements StreamHandler {
   readonly #info = deferred<FileInfoMessage>();
   readonly #link: StreamLink;
   readonly #credit: GuestCredit;
+  /** Runs while the host waits on the guest: for FILE_INFO, then for data its consumer wants. */
+  readonly #watchdog: Watchdog;
   #gotInfo = false;
+  #failure: Error | undefined;
+  #announced = 0;
+  #received = 0;
   #finished = false;
   #fin = false;
   #wanting = false;
-  readonly #queue: Uint8Array[] = [];
+  /** Data not yet pushed to the readable, with the credit each chunk cost. */
+  readonly #queue: { data: Uint8Array; cost: number }[] = [];
 
-  constructor(link: StreamLink, stream: number, path: string, windowBytes: number) {
+  constructor(link: StreamLink, stream: number, path: string, windowBytes: number, timeoutMs: number) {
     this.#link = link;
     this.stream = stream;
     this.path = path;
     this.#credit = new GuestCredit(link, stream, windowBytes, () => !this.#finished);
+    this.#watchdog = new Watchdog(timeoutMs, () => this.reset(agentTimeout(`readFile ${path}`, timeoutMs)));
+    this.#watchdog.arm();
     this.info = this.#info.promise;
     this.readable = new Readable({
       highWaterMark: 64 * 1024,
@@ -137,29 +146,52 @@ export class FileReadStream implements StreamHandler {
     });
   }
 
+  /** Why the read failed, once it did (the readable may only report a premature close). */
+  get failure(): Error | undefined {
+    return this.#failure;
+  }
+
   /** Bytes received and not yet taken by the readable's consumer. */
   get bufferedBytes(): number {
     let n = 0;
-    for (const c of this.#queue) n += c.length;
+    for (const c of this.#queue) n += c.data.length;
     return n;
   }
 
   onFrame(frame: Frame): void {
+    this.#watchdog.progress();
     switch (frame.type) {
       case MessageType.FILE_INFO: {
         if (this.#gotInfo) throw protocolError(`read stream ${this.stream}: FILE_INFO twice`);
         this.#gotInfo = true;
-        this.#info.resolve(decodeFileInfo(frame.payload));
+        const info = decodeFileInfo(frame.payload);
+        this.#announced = info.size;
+        this.#info.resolve(info);
+        this.#pump();
         return;
       }
       case MessageType.FILE_DATA: {
         if (!this.#gotInfo) throw protocolError(`read stream ${this.stream}: FILE_DATA before FILE_INFO`);
         const size = frame.payload.length;
-        this.#credit.take(size, `read stream ${this.stream}`);
-        if (size > 0) this.#queue.push(frame.payload);
-        if ((frame.flags & FLAG_FIN) !== 0) {
+        const cost = this.#credit.take(frame, `read stream ${this.stream}`);
+        this.#received += size;
+        if (this.#received > this.#announced) {
+          throw protocolError(
+            `read stream ${this.stream}: more data than the ${this.#announced} bytes FILE_INFO announced`,
+          );
+        }
+        const fin = (frame.flags & FLAG_FIN) !== 0;
+        if (fin !== (this.#received === this.#announced)) {
+          throw protocolError(
+            `read stream ${this.stream}: ${fin ? "FIN" : "no FIN"} after ${this.#received} of the ${this.#announced} bytes announced`,
+          );
+        }
+        if (size > 0) this.#queue.push({ data: frame.payload, cost });
+        else this.#credit.grant(cost);
+        if (fin) {
           this.#fin = true;
           this.#finished = true;
+          this.#watchdog.stop();
           this.#link.release(this.stream);
         }
         this.#pump();
@@ -185,13 +217,15 @@ export class FileReadStream implements StreamHandler {
   /** Abandons the read (`RESET`); the readable is destroyed with `reason`. */
   reset(reason: Error): void {
     if (this.#finished) return;
-    this.#link.reset(this.stream);
+    this.#link.reset(this.stream, this.#credit.outstanding);
     this.#fail(reason);
   }
 
   #fail(error: Error): void {
     if (this.#finished) return;
     this.#finished = true;
+    this.#failure = error;
+    this.#watchdog.stop();
     this.#link.release(this.stream);
     this.#queue.length = 0;
     this.#info.reject(error);
@@ -205,13 +239,16 @@ export class FileReadStream implements StreamHandler {
 
   #pump(): void {
     while (this.#wanting && this.#queue.length > 0) {
-      const chunk = this.#queue.shift()!;
-      this.#credit.grant(chunk.length);
-      this.#wanting = this.readable.push(chunk);
+      const { data, cost } = this.#queue.shift()!;
+      this.#credit.grant(cost);
+      this.#wanting = this.readable.push(data);
     }
     if (this.#fin && this.#queue.length === 0 && this.#wanting) {
       this.#fin = false;
       this.readable.push(null);
     }
+    if (this.#finished || (this.#gotInfo && !(this.#wanting && this.#queue.length === 0)))
+      this.#watchdog.disarm();
+    else this.#watchdog.arm();
   }
 }

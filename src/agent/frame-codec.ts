@@ -11,12 +11,18 @@ export const MAX_PAYLOAD = 1_048_576;
 export const HEADER_BYTES = 10;
 /** Flag bit 0: last frame of a data stream. */
 export const FLAG_FIN = 0x01;
+/**
+ * Credit a guest→host data frame costs beyond its payload (docs/protocol.md, "Credit"): the host
+ * keeps each frame as an object, so a flood of tiny frames must use the credit up too. An empty
+ * frame with `FIN` is free (at most one per direction of a stream).
+ */
+export const FRAME_COST = 64;
 /** Flag bits that must be zero. */
 export const RESERVED_FLAGS = 0xfe;
 /** Largest stream id (u32). */
 export const MAX_STREAM_ID = 0xffff_ffff;
 
-/** Message types of protocol version 1. */
+/** Message types of protocol version 2. */
 export const MessageType = {
   HELLO: 0x01,
   PING: 0x02,
@@ -34,11 +40,24 @@ export const MessageType = {
   SIGNAL: 0x17,
   STARTED: 0x18,
   EXIT: 0x19,
+  WORKLOAD_START: 0x1a,
+  WORKLOAD_QUERY: 0x1b,
+  WORKLOAD_SIGNAL: 0x1c,
+  WORKLOAD_LOGS: 0x1d,
+  WORKLOAD_STATUS: 0x1e,
   WRITE_FILE: 0x20,
   READ_FILE: 0x21,
   FILE_DATA: 0x22,
   FILE_INFO: 0x23,
   OK: 0x24,
+  FS: 0x25,
+  STAT: 0x26,
+  DIRENTS: 0x27,
+  WATCH: 0x28,
+  WATCH_EVENT: 0x29,
+  TCP_CONNECT: 0x30,
+  TCP_CONNECTED: 0x31,
+  TCP_DATA: 0x32,
 } as const;
 
 export type MessageTypeName = keyof typeof MessageType;
@@ -68,12 +87,16 @@ export const DATA_TYPES: ReadonlySet<number> = new Set([
   MessageType.STDERR,
   MessageType.WINDOW,
   MessageType.FILE_DATA,
+  MessageType.TCP_DATA,
 ]);
 
 /** Message types that carry an empty payload. */
 export const EMPTY_TYPES: ReadonlySet<number> = new Set([MessageType.SHUTDOWN, MessageType.RESET]);
 
-/** One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy). */
+/**
+ * One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy) when it
+ * is at least half of that chunk's memory; see {@link FrameDecoder}.
+ */
 export interface Frame {
   readonly stream: number;
   readonly type: number;
@@ -121,7 +144,9 @@ export function encodeFrame(frame: {
 
 /**
  * Incremental frame decoder. Push chunks as they arrive; each call yields the frames completed by
- * that chunk. A payload that lies entirely inside one chunk is returned as a view of the chunk.
+ * that chunk. A payload that lies entirely inside one chunk is returned as a view of the chunk when
+ * it makes up at least half of the chunk's backing memory, and copied out otherwise: whoever keeps
+ * a payload then keeps at most twice its size, never a whole read buffer for a 1-byte frame.
  *
  * Bounded: it never allocates more than one {@link MAX_PAYLOAD} buffer, and a header whose length
  * exceeds `MAX_PAYLOAD`, whose reserved flag bits are set, or whose type is unknown throws a
@@ -181,7 +206,7 @@ export class FrameDecoder {
         const flags = header[headerOffset + 9]!;
         this.#check(length, stream, type, flags);
         if (end - offset >= length) {
-          const payload = chunk.subarray(offset, offset + length);
+          const payload = retainable(chunk, offset, length);
           offset += length;
           yield { stream, type, flags, payload };
           continue;
@@ -235,6 +260,17 @@ export class FrameDecoder {
     this.#payloadFill = 0;
     throw this.#error;
   }
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** `chunk[offset, offset + length)` as a view if it is most of the chunk's memory, else a copy. */
+function retainable(chunk: Uint8Array, offset: number, length: number): Uint8Array {
+  if (length === 0) return EMPTY;
+  if (length * 2 >= chunk.buffer.byteLength) return chunk.subarray(offset, offset + length);
+  const copy = new Uint8Array(length);
+  copy.set(chunk.subarray(offset, offset + length));
+  return copy;
 }
 
 function readU32(bytes: Uint8Array, offset: number): number {

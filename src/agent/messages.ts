@@ -10,7 +10,7 @@ import { MAX_PAYLOAD } from "./frame-codec.ts";
 import { protocolError } from "./protocol-error.ts";
 
 /** The protocol version this host speaks. */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 /** Default initial credit for exec output, read-file data and stdin (bytes). */
 export const DEFAULT_WINDOW = 262_144;
 /** Largest `PING`/`PONG` payload. */
@@ -19,6 +19,10 @@ export const MAX_PING_BYTES = 64;
 export const MAX_ERROR_MESSAGE_BYTES = 4096;
 /** Default delay between `SIGTERM` and `SIGKILL` on an exec timeout. */
 export const DEFAULT_GRACE_MS = 2000;
+/** Longest path the agent returns (`OK.path`, `WATCH_EVENT.name`): PATH_MAX - 1. */
+export const MAX_GUEST_PATH_BYTES = 4095;
+/** Longest directory entry name (NAME_MAX). */
+export const MAX_NAME_BYTES = 255;
 /** Bounds of `HELLO` entropy. */
 export const MIN_ENTROPY_BYTES = 32;
 export const MAX_ENTROPY_BYTES = 512;
@@ -391,15 +395,349 @@ export function decodeFileInfo(payload: Uint8Array): FileInfoMessage {
 export interface OkMessage {
   /** Bytes written, for `WRITE_FILE`. */
   size?: number | undefined;
+  /** A path: `FS` readlink, realpath, and the first directory a recursive mkdir created. */
+  path?: Uint8Array | undefined;
 }
 
 export function encodeOk(m: OkMessage = {}): Uint8Array {
-  return new FieldWriter().u64(1, m.size).finish();
+  return new FieldWriter().u64(1, m.size).bytes(2, m.path).finish();
 }
 
 export function decodeOk(payload: Uint8Array): OkMessage {
   const r = FieldReader.decode(payload, "OK");
-  return { size: r.u64Number(1, "size") };
+  return {
+    size: r.u64Number(1, "size"),
+    path: guestPath(r.bytes(2, "path"), "OK.path", MAX_GUEST_PATH_BYTES),
+  };
+}
+
+/** A path or name from the guest: raw bytes (Linux names need not be UTF-8), bounded, no NUL. */
+function guestPath(raw: Uint8Array | undefined, what: string, maxBytes: number): Uint8Array | undefined {
+  if (raw === undefined) return undefined;
+  if (raw.length > maxBytes) throw protocolError(`${what}: ${raw.length} bytes, limit ${maxBytes}`);
+  if (raw.includes(0)) throw protocolError(`${what}: contains a NUL byte`);
+  return raw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workload
+
+/** `WORKLOAD_STATUS.state`. */
+export const WorkloadState = { NONE: 0, RUNNING: 1, EXITED: 2 } as const;
+
+export interface WorkloadStartMessage {
+  argv: readonly string[];
+  env: readonly string[];
+  cwd?: string | undefined;
+  user?: string | undefined;
+}
+
+export function encodeWorkloadStart(m: WorkloadStartMessage): Uint8Array {
+  if (m.argv.length === 0) throw invalid("the workload's argv must have at least one entry");
+  return new FieldWriter().strings(1, m.argv).strings(2, m.env).string(3, m.cwd).string(4, m.user).finish();
+}
+
+export function decodeWorkloadStart(payload: Uint8Array): WorkloadStartMessage {
+  const r = FieldReader.decode(payload, "WORKLOAD_START");
+  const argv = r.strings(1, "argv");
+  if (argv.length === 0) throw protocolError("WORKLOAD_START: required field argv is missing");
+  return { argv, env: r.strings(2, "env"), cwd: r.string(3, "cwd"), user: r.string(4, "user") };
+}
+
+/** `WORKLOAD_QUERY` has no fields. */
+export function encodeWorkloadQuery(): Uint8Array {
+  return new Uint8Array(0);
+}
+
+export function decodeWorkloadQuery(payload: Uint8Array): Record<string, never> {
+  FieldReader.decode(payload, "WORKLOAD_QUERY");
+  return {};
+}
+
+export function encodeWorkloadSignal(signo: number): Uint8Array {
+  return new FieldWriter().u32(1, signo).finish();
+}
+
+export function decodeWorkloadSignal(payload: Uint8Array): number {
+  const r = FieldReader.decode(payload, "WORKLOAD_SIGNAL");
+  return r.need(r.u32(1, "signo"), "signo");
+}
+
+export interface WorkloadLogsMessage {
+  /** After what the ring holds, send new output until the workload has exited. */
+  follow?: boolean | undefined;
+  /** Initial credit for the `STDOUT`/`STDERR` frames. */
+  window?: number | undefined;
+  /** 1 stdout, 2 stderr, 3 (default) both. */
+  streams?: number | undefined;
+}
+
+export function encodeWorkloadLogs(m: WorkloadLogsMessage): Uint8Array {
+  return new FieldWriter().bool(1, m.follow).u32(2, m.window).u8(3, m.streams).finish();
+}
+
+export function decodeWorkloadLogs(payload: Uint8Array): WorkloadLogsMessage {
+  const r = FieldReader.decode(payload, "WORKLOAD_LOGS");
+  return { follow: r.bool(1, "follow"), window: r.u32(2, "window"), streams: r.u8(3, "streams") };
+}
+
+export interface WorkloadStatusMessage {
+  state: (typeof WorkloadState)[keyof typeof WorkloadState];
+  pid?: number | undefined;
+  exitCode?: number | undefined;
+  signal?: number | undefined;
+}
+
+export function encodeWorkloadStatus(m: WorkloadStatusMessage): Uint8Array {
+  return new FieldWriter().u8(1, m.state).u32(2, m.pid).i32(3, m.exitCode).u32(4, m.signal).finish();
+}
+
+export function decodeWorkloadStatus(payload: Uint8Array): WorkloadStatusMessage {
+  const r = FieldReader.decode(payload, "WORKLOAD_STATUS");
+  const state = r.need(r.u8(1, "state"), "state");
+  const pid = r.u32(2, "pid");
+  const exitCode = r.i32(3, "exitCode");
+  const signal = r.u32(4, "signal");
+  if (state > WorkloadState.EXITED) throw protocolError(`WORKLOAD_STATUS: unknown state ${state}`);
+  if ((state === WorkloadState.NONE) !== (pid === undefined)) {
+    throw protocolError("WORKLOAD_STATUS: pid must be present exactly when there is a workload");
+  }
+  const exited = state === WorkloadState.EXITED;
+  if (
+    exited
+      ? (exitCode === undefined) === (signal === undefined)
+      : exitCode !== undefined || signal !== undefined
+  ) {
+    throw protocolError("WORKLOAD_STATUS: exactly one of exitCode and signal, and only once exited");
+  }
+  return { state: state as WorkloadStatusMessage["state"], pid, exitCode, signal };
+}
+
+// ---------------------------------------------------------------------------------------------
+// File-system operations
+
+/** `FS.op`. */
+export const FsOp = {
+  STAT: 1,
+  READDIR: 2,
+  MKDIR: 3,
+  RM: 4,
+  RENAME: 5,
+  CHMOD: 6,
+  CHOWN: 7,
+  SYMLINK: 8,
+  READLINK: 9,
+  REALPATH: 10,
+  TRUNCATE: 11,
+  UTIMES: 12,
+  ACCESS: 13,
+} as const;
+
+/** `FS.flags` bits. */
+export const FsFlag = { RECURSIVE: 1, FORCE: 2, NO_FOLLOW: 4 } as const;
+
+export interface FsMessage {
+  op: number;
+  path: string;
+  path2?: string | undefined;
+  mode?: number | undefined;
+  flags?: number | undefined;
+  uid?: number | undefined;
+  gid?: number | undefined;
+  size?: number | undefined;
+  atimeNs?: bigint | undefined;
+  mtimeNs?: bigint | undefined;
+  window?: number | undefined;
+}
+
+export function encodeFs(m: FsMessage): Uint8Array {
+  return new FieldWriter()
+    .u8(1, m.op)
+    .string(2, m.path)
+    .string(3, m.path2)
+    .u32(4, m.mode)
+    .u32(5, m.flags)
+    .u32(6, m.uid)
+    .u32(7, m.gid)
+    .u64(8, m.size)
+    .u64(9, m.atimeNs)
+    .u64(10, m.mtimeNs)
+    .u32(11, m.window)
+    .finish();
+}
+
+export function decodeFs(payload: Uint8Array): FsMessage {
+  const r = FieldReader.decode(payload, "FS");
+  return {
+    op: r.need(r.u8(1, "op"), "op"),
+    path: r.need(r.string(2, "path"), "path"),
+    path2: r.string(3, "path2"),
+    mode: r.u32(4, "mode"),
+    flags: r.u32(5, "flags"),
+    uid: r.u32(6, "uid"),
+    gid: r.u32(7, "gid"),
+    size: r.u64Number(8, "size"),
+    atimeNs: r.u64(9, "atimeNs"),
+    mtimeNs: r.u64(10, "mtimeNs"),
+    window: r.u32(11, "window"),
+  };
+}
+
+export interface StatMessage {
+  /** The full `st_mode` (type and permission bits). */
+  mode: number;
+  uid: number;
+  gid: number;
+  size: number;
+  atimeNs: bigint;
+  mtimeNs: bigint;
+  ctimeNs: bigint;
+  ino: bigint;
+  dev: bigint;
+  nlink: number;
+  rdev: bigint;
+  blocks: number;
+  blksize: number;
+}
+
+export function encodeStat(m: StatMessage): Uint8Array {
+  return new FieldWriter()
+    .u32(1, m.mode)
+    .u32(2, m.uid)
+    .u32(3, m.gid)
+    .u64(4, m.size)
+    .u64(5, m.atimeNs)
+    .u64(6, m.mtimeNs)
+    .u64(7, m.ctimeNs)
+    .u64(8, m.ino)
+    .u64(9, m.dev)
+    .u64(10, m.nlink)
+    .u64(11, m.rdev)
+    .u64(12, m.blocks)
+    .u32(13, m.blksize)
+    .finish();
+}
+
+export function decodeStat(payload: Uint8Array): StatMessage {
+  const r = FieldReader.decode(payload, "STAT");
+  return {
+    mode: r.need(r.u32(1, "mode"), "mode"),
+    uid: r.u32(2, "uid") ?? 0,
+    gid: r.u32(3, "gid") ?? 0,
+    size: r.u64Number(4, "size") ?? 0,
+    atimeNs: r.u64(5, "atimeNs") ?? 0n,
+    mtimeNs: r.u64(6, "mtimeNs") ?? 0n,
+    ctimeNs: r.u64(7, "ctimeNs") ?? 0n,
+    ino: r.u64(8, "ino") ?? 0n,
+    dev: r.u64(9, "dev") ?? 0n,
+    nlink: r.u64Number(10, "nlink") ?? 0,
+    rdev: r.u64(11, "rdev") ?? 0n,
+    blocks: r.u64Number(12, "blocks") ?? 0,
+    blksize: r.u32(13, "blksize") ?? 0,
+  };
+}
+
+/** One directory entry: its name (raw bytes) and type (`d_type`: the `S_IFMT` bits >> 12, 0 unknown). */
+export interface DirentMessage {
+  name: Uint8Array;
+  type: number;
+}
+
+export function encodeDirents(entries: readonly DirentMessage[]): Uint8Array {
+  const w = new FieldWriter();
+  for (const e of entries) w.nested(1, new FieldWriter().bytes(1, e.name).u8(2, e.type));
+  return w.finish();
+}
+
+export function decodeDirents(payload: Uint8Array): DirentMessage[] {
+  const r = FieldReader.decode(payload, "DIRENTS");
+  return r.nestedList(1, "entry").map((e) => {
+    const name = e.need(guestPath(e.bytes(1, "name"), "DIRENTS.entry.name", MAX_NAME_BYTES), "name");
+    if (name.length === 0 || name.includes(0x2f)) {
+      throw protocolError("DIRENTS.entry.name: empty or contains a slash");
+    }
+    return { name, type: e.u8(2, "type") ?? 0 };
+  });
+}
+
+export interface WatchMessage {
+  path: string;
+  recursive?: boolean | undefined;
+  window?: number | undefined;
+}
+
+export function encodeWatch(m: WatchMessage): Uint8Array {
+  return new FieldWriter().string(1, m.path).bool(2, m.recursive).u32(3, m.window).finish();
+}
+
+export function decodeWatch(payload: Uint8Array): WatchMessage {
+  const r = FieldReader.decode(payload, "WATCH");
+  return {
+    path: r.need(r.string(1, "path"), "path"),
+    recursive: r.bool(2, "recursive"),
+    window: r.u32(3, "window"),
+  };
+}
+
+/** `WATCH_EVENT.event`. */
+export const WatchEventKind = { READY: 0, CREATE: 1, MODIFY: 2, DELETE: 3, RENAME: 4, OVERFLOW: 5 } as const;
+
+export interface WatchEventMessage {
+  event: number;
+  /** Path relative to the watched path; empty for the watched path itself. */
+  name?: Uint8Array | undefined;
+  dir?: boolean | undefined;
+}
+
+export function encodeWatchEvent(m: WatchEventMessage): Uint8Array {
+  return new FieldWriter().u8(1, m.event).bytes(2, m.name).bool(3, m.dir).finish();
+}
+
+export function decodeWatchEvent(payload: Uint8Array): WatchEventMessage {
+  const r = FieldReader.decode(payload, "WATCH_EVENT");
+  const event = r.need(r.u8(1, "event"), "event");
+  if (event > WatchEventKind.OVERFLOW) throw protocolError(`WATCH_EVENT: unknown event ${event}`);
+  return {
+    event,
+    name: guestPath(r.bytes(2, "name"), "WATCH_EVENT.name", MAX_GUEST_PATH_BYTES),
+    dir: r.bool(3, "dir"),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// TCP tunnels
+
+export interface TcpConnectMessage {
+  port: number;
+  /** An IPv4 or IPv6 literal in the guest; default 127.0.0.1. */
+  address?: string | undefined;
+  /** Initial guest→host credit. */
+  window?: number | undefined;
+}
+
+export function encodeTcpConnect(m: TcpConnectMessage): Uint8Array {
+  if (!Number.isInteger(m.port) || m.port < 1 || m.port > 65535)
+    throw invalid(`port ${m.port} is not 1–65535`);
+  return new FieldWriter().u16(1, m.port).string(2, m.address).u32(3, m.window).finish();
+}
+
+export function decodeTcpConnect(payload: Uint8Array): TcpConnectMessage {
+  const r = FieldReader.decode(payload, "TCP_CONNECT");
+  return {
+    port: r.need(r.u16(1, "port"), "port"),
+    address: r.string(2, "address"),
+    window: r.u32(3, "window"),
+  };
+}
+
+/** `TCP_CONNECTED` has no fields. */
+export function encodeTcpConnected(): Uint8Array {
+  return new Uint8Array(0);
+}
+
+export function decodeTcpConnected(payload: Uint8Array): Record<string, never> {
+  FieldReader.decode(payload, "TCP_CONNECTED");
+  return {};
 }
 
 /** Splits `data` into views of at most `MAX_PAYLOAD` bytes (an empty input gives no chunks). */

@@ -1,4 +1,4 @@
-import { type Frame, MessageType } from "./frame-codec.ts";
+import { FLAG_FIN, FRAME_COST, type Frame, MessageType } from "./frame-codec.ts";
 import { encodeWindow } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
 
@@ -21,15 +21,32 @@ export interface StreamLink {
   sendOpen(stream: number, type: number, payload: Uint8Array): Promise<void>;
   /**
    * Sends `RESET` for the stream if its opening frame was written (a stream the agent never saw
-   * needs none). Call before {@link release}.
+   * needs none). Call before {@link release}. `inFlightBytes` is the guest→host credit the agent
+   * still held for it: frames it may have sent before it sees the `RESET`, which the host then
+   * drops without counting them as a violation (docs/protocol.md, "Frames").
    */
-  reset(stream: number): void;
+  reset(stream: number, inFlightBytes?: number): void;
   /** Resolves once the socket is not congested (or the connection closed). Never rejects. */
   writable(): Promise<void>;
   /** Forgets the stream: later frames for it are dropped (docs/protocol.md, "Frames"). */
   release(stream: number): void;
   /** The error the connection closed with, once closed. */
   readonly closedError: Error | undefined;
+}
+
+/** What a feature module (files, tunnels, watches, the workload) needs to open its streams. */
+export interface StreamHost {
+  readonly link: StreamLink;
+  /**
+   * Allocates a stream id, registers the handler `create(id)` builds, and writes the opening frame
+   * (in id order, see {@link StreamLink.sendOpen}); `sent` settles once it is written. Throws the
+   * connection's error, or `VM_STOPPED`, if the connection is not open.
+   */
+  open<H extends StreamHandler>(
+    type: number,
+    payload: Uint8Array,
+    create: (stream: number) => H,
+  ): { handler: H; sent: Promise<void> };
 }
 
 /** A stream's side of the connection: frames in, and the connection's end. */
@@ -69,11 +86,13 @@ export function deferred<T>(): {
 }
 
 /**
- * The credit one stream gives the agent for guest→host data (docs/protocol.md, `WINDOW`): every
- * data frame must fit in what was granted ({@link take}; more is a lying guest), and consumed bytes
- * are given back in batched `WINDOW` frames ({@link grant}). Grants wait while the socket is
- * congested: a guest that does not read its end of the channel gets no more credit, so the host's
- * write buffer cannot grow without bound.
+ * The credit one stream gives the agent for guest→host data (docs/protocol.md, "Credit"): every
+ * data frame must fit in what was granted ({@link take}; more is a lying guest), and its cost is
+ * given back in batched `WINDOW` frames once the host no longer holds it ({@link grant}). A frame
+ * costs its payload plus {@link FRAME_COST}, so what the host holds for a stream — frames and the
+ * objects around them — is bounded by the window whatever the frame sizes. Grants wait while the
+ * socket is congested: a guest that does not read its end of the channel gets no more credit, so
+ * the host's write buffer cannot grow without bound.
  */
 export class GuestCredit {
   readonly #link: StreamLink;
@@ -91,12 +110,24 @@ export class GuestCredit {
     this.#wanted = wanted;
   }
 
-  /** Consumes `size` bytes of credit; `what` names the data in the protocol error if they exceed it. */
-  take(size: number, what: string): void {
-    if (size > this.#available) {
-      throw protocolError(`${what}: ${size} bytes exceed the ${this.#available} granted`);
+  /**
+   * Consumes what `frame` costs and returns it (to {@link grant} back later); `what` names the data
+   * in the protocol error if the frame exceeds the credit left.
+   */
+  take(frame: Frame, what: string): number {
+    const cost = frameCost(frame);
+    if (cost > this.#available) {
+      throw protocolError(
+        `${what}: a frame of ${frame.payload.length} bytes (cost ${cost}) exceeds the ${this.#available} granted`,
+      );
     }
-    this.#available -= size;
+    this.#available -= cost;
+    return cost;
+  }
+
+  /** Credit the agent holds and may still use (what it may have in flight if the stream is reset). */
+  get outstanding(): number {
+    return this.#available;
   }
 
   /** Gives `bytes` back to the agent (batched into one `WINDOW` once the socket is writable). */
@@ -114,4 +145,10 @@ export class GuestCredit {
       this.#link.sendControl(this.#stream, MessageType.WINDOW, encodeWindow(n));
     });
   }
+}
+
+/** Credit a guest→host data frame uses: its payload plus {@link FRAME_COST}; an empty `FIN` is free. */
+export function frameCost(frame: Frame): number {
+  if (frame.payload.length === 0 && (frame.flags & FLAG_FIN) !== 0) return 0;
+  return frame.payload.length + FRAME_COST;
 }

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { AgentClient } from "../../src/agent/agent-client.ts";
 import { encodeTypedFields } from "../../src/agent/fields.ts";
-import { encodeFrame, FLAG_FIN, MAX_PAYLOAD, MessageType } from "../../src/agent/frame-codec.ts";
+import { encodeFrame, FLAG_FIN, FRAME_COST, MAX_PAYLOAD, MessageType } from "../../src/agent/frame-codec.ts";
 import {
   AgentErrorCode,
   DEFAULT_WINDOW,
@@ -19,6 +19,7 @@ import {
   encodeOk,
   encodeStarted,
   encodeWindow,
+  PROTOCOL_VERSION,
 } from "../../src/agent/messages.ts";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../../src/errors.ts";
 import { execBuilder } from "../../src/vm/index.ts";
@@ -74,7 +75,7 @@ describe("handshake", () => {
 
   test("a HELLO with another version → AGENT_VERSION; a wrong epoch → AGENT_PROTOCOL", async () => {
     for (const [overrides, code] of [
-      [{ version: 2 }, "AGENT_VERSION"],
+      [{ version: PROTOCOL_VERSION + 1 }, "AGENT_VERSION"],
       [{ epoch: 5n }, "AGENT_PROTOCOL"],
     ] as const) {
       const { fake, host } = await fakeAgentPair();
@@ -146,7 +147,7 @@ describe("malformed input closes the channel with AGENT_PROTOCOL", () => {
   test("reserved flag bits and unknown types", async () => {
     for (const frame of [
       Uint8Array.of(0, 0, 0, 0, 0, 0, 0, 0, MessageType.PONG, 0x40),
-      Uint8Array.of(0, 0, 0, 0, 0, 0, 0, 1, 0x30, 0),
+      Uint8Array.of(0, 0, 0, 0, 0, 0, 0, 1, 0x7f, 0),
     ]) {
       const { fake, client } = await connected();
       fake.sendRaw(frame);
@@ -169,13 +170,13 @@ describe("malformed input closes the channel with AGENT_PROTOCOL", () => {
   test("output beyond the credit granted", async () => {
     const { fake, client } = await connected();
     const { channel, stream } = await started(fake, client);
-    // Exactly the window is fine; one byte more is a flood.
-    fake.send(stream, MessageType.STDOUT, new Uint8Array(DEFAULT_WINDOW));
-    fake.send(stream, MessageType.STDERR, new Uint8Array(1));
+    // Exactly the window is fine (a frame costs its bytes plus FRAME_COST); one frame more is a flood.
+    fake.send(stream, MessageType.STDOUT, new Uint8Array(DEFAULT_WINDOW - FRAME_COST));
+    fake.send(stream, MessageType.STDERR, new Uint8Array(0));
     await expectProtocolClose(client, fake, [channel.exited]);
     // Output received before the violation can still be read, then the error.
     const first = await channel.read();
-    assert.equal(first?.data.length, DEFAULT_WINDOW);
+    assert.equal(first?.data.length, DEFAULT_WINDOW - FRAME_COST);
     await assert.rejects(channel.read(), isCode("AGENT_PROTOCOL"));
   });
 
@@ -243,7 +244,11 @@ describe("malformed input closes the channel with AGENT_PROTOCOL", () => {
     const { channel, stream } = await started(fake, client, { windowBytes: 4096 });
     fake.socket.pause(); // never reads the host's WINDOW frames again
     let maxQueued = 0;
-    const frame = encodeFrame({ stream, type: MessageType.STDOUT, payload: new Uint8Array(4096) });
+    const frame = encodeFrame({
+      stream,
+      type: MessageType.STDOUT,
+      payload: new Uint8Array(4096 - FRAME_COST),
+    });
     // Each round sends what the host has granted back so far (the host grants what it consumed).
     for (let round = 0; round < 20_000 && client.closedError === undefined; round++) {
       fake.sendRaw(frame);
@@ -311,17 +316,18 @@ describe("stream ends and credit", () => {
 
   test("output credit is granted as the consumer takes bytes, not before", async () => {
     const { fake, client } = await connected();
-    const { channel, stream } = await started(fake, client, { windowBytes: 100_000 });
+    const cost = 10_000 + FRAME_COST;
+    const { channel, stream } = await started(fake, client, { windowBytes: 10 * cost });
     for (let i = 0; i < 10; i++) fake.send(stream, MessageType.STDOUT, new Uint8Array(10_000));
     await client.ping(); // the ten frames arrived before the PONG
     assert.equal(channel.bufferedBytes, 100_000);
     assert.equal(fake.pending.filter((f) => f.type === MessageType.WINDOW).length, 0);
     for (let i = 0; i < 3; i++) assert.equal((await channel.read())?.data.length, 10_000);
     let granted = 0;
-    while (granted < 30_000)
+    while (granted < 3 * cost)
       granted += decodeWindow((await fake.next((f) => f.type === MessageType.WINDOW)).payload);
     await client.ping();
-    assert.equal(granted + fake.pending.filter((f) => f.type === MessageType.WINDOW).length, 30_000);
+    assert.equal(granted + fake.pending.filter((f) => f.type === MessageType.WINDOW).length, 3 * cost);
     client.close();
   });
 

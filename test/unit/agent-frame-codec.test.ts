@@ -40,7 +40,7 @@ describe("encodeFrame", () => {
   });
 
   test("refuses what the decoder would refuse", () => {
-    assert.throws(() => encodeFrame({ stream: 1, type: 0x30 }), RangeError);
+    assert.throws(() => encodeFrame({ stream: 1, type: 0x7f }), RangeError);
     assert.throws(() => encodeFrame({ stream: 1, type: MessageType.STDIN, flags: 2 }), RangeError);
     assert.throws(() => encodeFrame({ stream: -1, type: MessageType.STDIN }), RangeError);
     assert.throws(() => encodeFrame({ stream: 2 ** 32, type: MessageType.STDIN }), RangeError);
@@ -85,6 +85,22 @@ describe("FrameDecoder", () => {
     assert.equal(frame!.payload.byteOffset, HEADER_BYTES);
   });
 
+  test("copies small payloads out of a large chunk, so a kept frame never pins the chunk", () => {
+    const frames = [
+      { stream: 1, type: MessageType.STDOUT, payload: Uint8Array.of(9) },
+      { stream: 1, type: MessageType.STDOUT, payload: new Uint8Array(0) },
+      { stream: 1, type: MessageType.STDOUT, payload: new Uint8Array(60_000).fill(3) },
+    ];
+    const chunk = Buffer.concat(frames.map((f) => encodeFrame(f)));
+    const [one, empty, big] = new FrameDecoder().pushAll(chunk);
+    assert.notEqual(one!.payload.buffer, chunk.buffer);
+    assert.equal(one!.payload.buffer.byteLength, 1);
+    assert.deepEqual([...one!.payload], [9]);
+    assert.equal(empty!.payload.length, 0);
+    assert.notEqual(empty!.payload.buffer, chunk.buffer);
+    assert.equal(big!.payload.buffer, chunk.buffer, "most of the chunk: still a view");
+  });
+
   test("accepts a payload of exactly MAX_PAYLOAD", () => {
     const payload = new Uint8Array(MAX_PAYLOAD);
     const out = new FrameDecoder().pushAll(encodeFrame({ stream: 1, type: MessageType.STDOUT, payload }));
@@ -108,7 +124,7 @@ describe("FrameDecoder", () => {
       [MessageType.STDOUT, 0x80],
       [MessageType.STDOUT, 0x03],
       [0x00, 0],
-      [0x30, 0],
+      [0x7f, 0],
       [0xff, 0],
     ] as const) {
       const header = Uint8Array.of(0, 0, 0, 0, 0, 0, 0, 1, type, flags);
