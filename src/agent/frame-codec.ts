@@ -39,6 +39,11 @@ export const MessageType = {
   FILE_DATA: 0x22,
   FILE_INFO: 0x23,
   OK: 0x24,
+  // The mounts channel (the `sm.mounts` port; docs/protocol.md, "Mounts channel").
+  MOUNT: 0x40,
+  MOUNTED: 0x41,
+  MOUNT_DATA: 0x42,
+  UNMOUNT: 0x43,
 } as const;
 
 export type MessageTypeName = keyof typeof MessageType;
@@ -68,10 +73,15 @@ export const DATA_TYPES: ReadonlySet<number> = new Set([
   MessageType.STDERR,
   MessageType.WINDOW,
   MessageType.FILE_DATA,
+  MessageType.MOUNT_DATA,
 ]);
 
 /** Message types that carry an empty payload. */
-export const EMPTY_TYPES: ReadonlySet<number> = new Set([MessageType.SHUTDOWN, MessageType.RESET]);
+export const EMPTY_TYPES: ReadonlySet<number> = new Set([
+  MessageType.SHUTDOWN,
+  MessageType.RESET,
+  MessageType.UNMOUNT,
+]);
 
 /** One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy). */
 export interface Frame {
