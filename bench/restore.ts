@@ -12,7 +12,7 @@ import { encodeFrame, FrameDecoder, MessageType } from "../src/agent/frame-codec
 import { encodeExec, encodeHostHello, PROTOCOL_VERSION } from "../src/agent/messages.ts";
 import { Image, Vm } from "../src/index.ts";
 import { runtimeDir } from "../src/internal/paths.ts";
-import { restoreMachineSpec } from "../src/vm/vm.ts";
+import { restoreMachineSpec } from "../src/vm/index.ts";
 import { findQemu } from "../src/vmm/accelerator.ts";
 import { buildQemuArgs } from "../src/vmm/qemu-args.ts";
 import { firstExecByte } from "../test/helpers/clones.ts";
@@ -38,6 +38,8 @@ async function bareRestore(image: Image): Promise<number> {
     const agentPath = join(dir, "a.sock");
     const args = buildQemuArgs({
       ...restoreMachineSpec(snapshot),
+      incoming: "defer",
+      paused: true,
       disks: [{ name: "root", path: overlay, format: "qcow2" }],
       qmpSocketPath: qmpPath,
       agentSocketPath: agentPath,

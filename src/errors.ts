@@ -62,9 +62,18 @@ export class SupermachineError extends Error {
     this.name = new.target.name;
   }
 
-  /** True for errors from any copy of this library (works across duplicated installs). */
-  static is(value: unknown): value is SupermachineError {
-    return typeof value === "object" && value !== null && (value as Record<symbol, unknown>)[BRAND] === true;
+  /**
+   * True for errors from any copy of this library (works across duplicated installs); with a
+   * `code`, true only for that code, and the error is narrowed to its class
+   * (`SupermachineError.is(e, "EXEC_TIMEOUT")` gives an `ExecTimeoutError`).
+   */
+  static is(value: unknown): value is SupermachineError;
+  static is<C extends ErrorCode>(value: unknown, code: C): value is ErrorOfCode<C>;
+  static is(value: unknown, code?: ErrorCode): boolean {
+    if (typeof value !== "object" || value === null || (value as Record<symbol, unknown>)[BRAND] !== true) {
+      return false;
+    }
+    return code === undefined || (value as SupermachineError).code === code;
   }
 
   get [BRAND](): true {
@@ -147,11 +156,38 @@ export class VmError extends SupermachineError {
   }
 }
 
-/** The result of an exec, shared by success and failure. See {@link ExecError}. */
-export interface ExecOutcomeLike {
+/**
+ * The result of one exec, the same shape for success and failure (`ExecError` and
+ * `ExecTimeoutError` carry it as `outcome`). Output is kept as bytes; `stdoutText`/`stderrText`
+ * decode the whole of it as UTF-8 once (invalid sequences become U+FFFD).
+ */
+export interface ExecOutcome {
+  /** The argv of the first step. */
+  readonly argv: readonly string[];
+  /** Exit status of the last step run; `null` if it was killed by a signal. */
   readonly exitCode: number | null;
+  /** Name of the signal that killed it (e.g. `"SIGKILL"`), or `null`. */
   readonly signal: string | null;
+  /** True if the timeout expired and the process group was killed. */
   readonly timedOut: boolean;
+  /** Guest-measured time from the first step's start to the last step's end, in ms. */
+  readonly durationMs: number;
+  /** Largest resident set size over the steps run, in KiB. */
+  readonly peakRssKiB: number;
+  /** Collected stdout (empty when the output was consumed through a stream or iterator). */
+  readonly stdout: Uint8Array;
+  /** Collected stderr (empty on a tty, where it is merged into stdout). */
+  readonly stderr: Uint8Array;
+  /** Index of the last step run: 0 = `argv`, 1 = the first `chain` step, … */
+  readonly step: number;
+  /** True when the last step exited 0 without timing out. */
+  readonly ok: boolean;
+  /** stdout decoded as UTF-8. */
+  readonly stdoutText: string;
+  /** stderr decoded as UTF-8. */
+  readonly stderrText: string;
+  /** A short description: `exited with code 3`, `was killed by SIGKILL`, `timed out …`. */
+  describe(): string;
 }
 
 /** An exec could not start: the binary is missing, the cwd or user does not exist, … */
@@ -171,12 +207,12 @@ export class ExecStartError extends SupermachineError {
 }
 
 /** `output()` saw a non-zero exit or a signal. `outcome` is the full result. */
-export class ExecError<O extends ExecOutcomeLike = ExecOutcomeLike> extends SupermachineError {
-  readonly outcome: O;
+export class ExecError extends SupermachineError {
+  readonly outcome: ExecOutcome;
   readonly exitCode: number | null;
   readonly argv: readonly string[];
 
-  constructor(message: string, fields: { outcome: O; argv: readonly string[] }) {
+  constructor(message: string, fields: { outcome: ExecOutcome; argv: readonly string[] }) {
     super("EXEC_FAILED", message);
     this.outcome = fields.outcome;
     this.exitCode = fields.outcome.exitCode;
@@ -185,12 +221,12 @@ export class ExecError<O extends ExecOutcomeLike = ExecOutcomeLike> extends Supe
 }
 
 /** An exec ran past its timeout and was killed (SIGTERM to its process group, then SIGKILL). */
-export class ExecTimeoutError<O extends ExecOutcomeLike = ExecOutcomeLike> extends SupermachineError {
-  readonly outcome: O;
+export class ExecTimeoutError extends SupermachineError {
+  readonly outcome: ExecOutcome;
   readonly timeoutMs: number;
   readonly argv: readonly string[];
 
-  constructor(message: string, fields: { outcome: O; timeoutMs: number; argv: readonly string[] }) {
+  constructor(message: string, fields: { outcome: ExecOutcome; timeoutMs: number; argv: readonly string[] }) {
     super("EXEC_TIMEOUT", message);
     this.outcome = fields.outcome;
     this.timeoutMs = fields.timeoutMs;
@@ -250,4 +286,37 @@ export class AbortError extends SupermachineError {
   constructor(message = "operation aborted", options?: ErrorOptions) {
     super("ABORTED", message, options);
   }
+}
+
+/** The class of the errors with code `C` (what {@link SupermachineError.is} narrows to). */
+export type ErrorOfCode<C extends ErrorCode> = C extends keyof ErrorClasses
+  ? ErrorClasses[C]
+  : SupermachineError;
+
+/** Codes whose errors have a class of their own (the rest are plain {@link SupermachineError}s). */
+export interface ErrorClasses {
+  ABORTED: AbortError;
+  REGISTRY_AUTH: RegistryError;
+  REGISTRY_UNREACHABLE: RegistryError;
+  REGISTRY_ERROR: RegistryError;
+  MANIFEST_UNKNOWN: RegistryError;
+  PLATFORM_NOT_FOUND: PlatformNotFoundError;
+  DIGEST_MISMATCH: DigestMismatchError;
+  UNSAFE_LAYER: LayerError;
+  CORRUPT_LAYER: LayerError;
+  VMM_FAILED: VmError;
+  VM_BOOT_TIMEOUT: VmError;
+  VM_EXITED: VmError;
+  VM_STOPPED: VmError;
+  AGENT_PROTOCOL: VmError;
+  AGENT_VERSION: VmError;
+  EXEC_NOT_FOUND: ExecStartError;
+  EXEC_START: ExecStartError;
+  EXEC_FAILED: ExecError;
+  EXEC_TIMEOUT: ExecTimeoutError;
+  OUTPUT_LIMIT: OutputLimitError;
+  GUEST_IO: GuestIoError;
+  SNAPSHOT_INCOMPATIBLE: SnapshotError;
+  SNAPSHOT_CORRUPT: SnapshotError;
+  POOL_TIMEOUT: PoolTimeoutError;
 }

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import type { Duplex, Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
-import { debug } from "../internal/diagnostics.ts";
+import { debug } from "../internal/index.ts";
 import { ExecChannel, type ExecRequest } from "./exec-channel.ts";
 import { FileReadStream, FileWriteStream, type GuestFileInfo } from "./file-streams.ts";
 import {
@@ -28,6 +28,7 @@ import {
   MAX_STREAM_ID,
   MessageType,
 } from "./frame-codec.ts";
+import { hostClock } from "./host-clock.ts";
 import {
   AgentErrorCode,
   agentErrorCodeName,
@@ -103,10 +104,6 @@ type State = "handshake" | "open" | "closed";
 
 function invalid(message: string): SupermachineError {
   return new SupermachineError("INVALID_ARGUMENT", message);
-}
-
-function nowNs(): bigint {
-  return BigInt(Math.round((performance.timeOrigin + performance.now()) * 1000)) * 1000n;
 }
 
 /** Guest → host message types; the guest may send nothing else. */
@@ -248,7 +245,7 @@ export class AgentClient {
     const payload = encodeHostHello({
       version: PROTOCOL_VERSION,
       epoch: this.#epoch,
-      timeNs: opts.timeNs ?? nowNs(),
+      timeNs: opts.timeNs ?? hostClock.nowNs(),
       entropy: opts.entropy ?? new Uint8Array(randomBytes(64)),
     });
     const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;

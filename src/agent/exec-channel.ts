@@ -271,9 +271,10 @@ export class ExecChannel implements StreamHandler {
                   { argv: this.argv, errno: m.errno },
                 );
         } else {
-          error = new SupermachineError(
-            "EXEC_FAILED",
+          error = new ExecStartError(
+            "EXEC_START",
             `exec ${JSON.stringify(argv0)} failed in the agent (${agentErrorCodeName(m.code)})${detail}`,
+            { argv: this.argv, errno: m.errno },
           );
         }
         this.#fail(error);

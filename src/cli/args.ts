@@ -1,4 +1,4 @@
-import { SupermachineError } from "../errors.ts";
+import { SupermachineError } from "../index.ts";
 
 /** One command-line option. `multi` options may repeat and collect into an array. */
 export interface OptionSpec {

@@ -1,4 +1,4 @@
-import { Image, type ImagePullOptions } from "../index.ts";
+import { Image, type ImagePullOptions, Store } from "../index.ts";
 import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
 import type { Cli } from "./cli.ts";
 import { bytes, ProgressDisplay } from "./progress.ts";
@@ -130,7 +130,7 @@ export async function imagesCommand(cli: Cli, argv: readonly string[]): Promise<
     return 0;
   }
   if (positionals.length > 0) throw usage("images takes no arguments");
-  const records = await Image.list();
+  const records = await new Store().images();
   if (options.json) {
     cli.out(JSON.stringify(records, null, 2));
     return 0;
@@ -185,7 +185,10 @@ export async function rmiCommand(cli: Cli, argv: readonly string[]): Promise<num
   }
   if (positionals.length === 0) throw usage("rmi needs at least one REFERENCE");
   for (const reference of positionals) {
-    await Image.remove(reference, options.platform ? { platform: options.platform as string } : {});
+    await new Store().removeImage(
+      reference,
+      options.platform ? { platform: options.platform as string } : {},
+    );
     cli.out(`removed ${reference}`);
   }
   return 0;
@@ -205,7 +208,7 @@ export async function snapshotsCommand(cli: Cli, argv: readonly string[]): Promi
     return 0;
   }
   if (positionals.length > 0) throw usage("snapshots takes no arguments");
-  const list = await Image.snapshots();
+  const list = await new Store().snapshots();
   if (options.json) {
     cli.out(JSON.stringify(list, null, 2));
     return 0;
@@ -240,7 +243,7 @@ export async function rmCommand(cli: Cli, argv: readonly string[]): Promise<numb
   }
   if (positionals.length === 0) throw usage("rm needs at least one snapshot NAME");
   for (const name of positionals) {
-    await Image.removeSnapshot(name, { force: options.force === true });
+    await new Store().removeSnapshot(name, { force: options.force === true });
     cli.out(`removed ${name}`);
   }
   return 0;
@@ -260,7 +263,7 @@ export async function pruneCommand(cli: Cli, argv: readonly string[]): Promise<n
     return 0;
   }
   if (positionals.length > 0) throw usage("prune takes no arguments");
-  const result = await Image.prune({ signal: cli.signal });
+  const result = await new Store().prune({ signal: cli.signal });
   if (options.json) cli.out(JSON.stringify(result));
   else
     cli.out(

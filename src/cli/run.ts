@@ -1,6 +1,6 @@
 import { constants as osConstants } from "node:os";
 import type { ExecHandle } from "../index.ts";
-import { Image, Vm } from "../index.ts";
+import { Image, Store, Vm } from "../index.ts";
 import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
 import type { Cli } from "./cli.ts";
 import { PULL_OPTIONS, positiveInt, pullOptions } from "./images.ts";
@@ -165,5 +165,5 @@ function signalNumber(name: string | null): number {
 /** True when a baked snapshot of that name is in the store. */
 async function snapshotExists(name: string): Promise<boolean> {
   if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(name)) return false;
-  return (await Image.snapshots()).some((s) => s.name === name);
+  return (await new Store().snapshots()).some((s) => s.name === name);
 }

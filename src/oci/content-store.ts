@@ -39,12 +39,9 @@ import {
   writeFile,
 } from "node:fs/promises";
 import { join } from "node:path";
-import { debuglog } from "node:util";
 import { AbortError, DigestMismatchError, SupermachineError } from "../errors.ts";
-import { dataDir } from "../internal/paths.ts";
+import { dataDir, debug } from "../internal/index.ts";
 import { type DigestAlgorithm, hasherFor, parseDigest } from "./digest.ts";
-
-const debug = debuglog("supermachine");
 
 /** `${SUPERMACHINE_DATA_DIR:-${XDG_DATA_HOME:-~/.local/share}/supermachine}`. */
 /** The supermachine data dir (see `dataDir` in src/internal/paths.ts); the store is `<dataDir>/oci`. */

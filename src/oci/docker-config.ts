@@ -7,9 +7,7 @@
 import { readFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { join } from "node:path";
-import { debuglog } from "node:util";
-
-const debug = debuglog("supermachine");
+import { debug } from "../internal/index.ts";
 
 export interface RegistryCredentials {
   readonly username: string;

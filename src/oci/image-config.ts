@@ -1,5 +1,6 @@
 /** The OCI / Docker image configuration (`application/vnd.oci.image.config.v1+json`), parsed defensively. */
 
+import { SupermachineError } from "../errors.ts";
 import { isDigest } from "./digest.ts";
 
 /** Largest config blob accepted. Real configs are a few KiB; long histories reach a few hundred. */
@@ -127,4 +128,44 @@ export function parseImageConfig(bytes: Uint8Array): ImageConfig {
     diffIds,
     created: optString(doc.created, "created"),
   };
+}
+
+/** Exec defaults of an image: its env (as a record), working dir (default `/`), user (default root). */
+export function imageExecDefaults(config: ImageConfig): {
+  env: Record<string, string>;
+  cwd: string;
+  user: string;
+} {
+  const env: Record<string, string> = {};
+  for (const entry of config.env) {
+    const eq = entry.indexOf("=");
+    if (eq > 0) env[entry.slice(0, eq)] = entry.slice(eq + 1);
+  }
+  return { env, cwd: config.workingDir || "/", user: config.user || "root" };
+}
+
+/**
+ * Docker's rules for the argv of a container: `entrypoint` replaces the image's Entrypoint (and
+ * then the image's Cmd is dropped); non-empty `args` replace Cmd. Throws `INVALID_ARGUMENT` when
+ * nothing is left to run.
+ */
+export function dockerCommand(
+  config: Pick<ImageConfig, "entrypoint" | "cmd">,
+  overrides: { entrypoint?: readonly string[] | undefined; args?: readonly string[] | undefined } = {},
+): string[] {
+  const entrypoint = overrides.entrypoint ?? config.entrypoint ?? [];
+  const args =
+    overrides.args && overrides.args.length > 0
+      ? overrides.args
+      : overrides.entrypoint !== undefined
+        ? []
+        : (config.cmd ?? []);
+  const argv = [...entrypoint, ...args];
+  if (argv.length === 0) {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      "the image has no Entrypoint or Cmd: give a command to run",
+    );
+  }
+  return argv;
 }

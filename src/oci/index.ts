@@ -17,7 +17,13 @@ export {
   type RegistryCredentials,
   registryKey,
 } from "./docker-config.ts";
-export { type ImageConfig, parseImageConfig } from "./image-config.ts";
+export {
+  dockerCommand,
+  EMPTY_IMAGE_CONFIG,
+  type ImageConfig,
+  imageExecDefaults,
+  parseImageConfig,
+} from "./image-config.ts";
 export { MediaType } from "./media-types.ts";
 export { DEFAULT_PLATFORM, formatPlatform, type Platform, parsePlatform } from "./platform.ts";
 export { PULL_PROGRESS_CHANNEL, type PullProgress } from "./progress.ts";

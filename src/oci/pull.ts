@@ -3,7 +3,6 @@
  * verified blobs in the content store plus a parsed image config.
  */
 
-import { debuglog } from "node:util";
 import {
   AbortError,
   DigestMismatchError,
@@ -11,6 +10,7 @@ import {
   RegistryError,
   SupermachineError,
 } from "../errors.ts";
+import { debug } from "../internal/index.ts";
 import {
   BlobSizeError,
   ContentStore,
@@ -51,8 +51,6 @@ import {
 import { PROGRESS_INTERVAL_MS, type ProgressSink, type PullProgress, progressSink } from "./progress.ts";
 import { parseReference } from "./reference.ts";
 import { type CredentialsOption, RegistryClient } from "./registry-client.ts";
-
-const debug = debuglog("supermachine");
 
 export interface PulledLayer {
   /** Digest of the blob as stored (compressed). */

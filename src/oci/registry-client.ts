@@ -10,16 +10,14 @@
  * has some), caches tokens per scope until they expire, and retries a request once after a 401.
  */
 
-import { debuglog } from "node:util";
 import { AbortError, DigestMismatchError, RegistryError } from "../errors.ts";
+import { debug } from "../internal/index.ts";
 import { BlobSizeError, type BlobWriter } from "./content-store.ts";
 import { digestOf, parseDigest } from "./digest.ts";
 import { loadDockerCredentials, type RegistryCredentials, registryKey } from "./docker-config.ts";
 import { MANIFEST_MAX_BYTES } from "./manifest.ts";
 import { bareMediaType, MANIFEST_ACCEPT } from "./media-types.ts";
 import { type AuthChallenge, parseWwwAuthenticate } from "./www-authenticate.ts";
-
-const debug = debuglog("supermachine");
 
 export type CredentialsOption =
   | RegistryCredentials

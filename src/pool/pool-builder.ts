@@ -1,8 +1,10 @@
 import { SupermachineError } from "../errors.ts";
-import type { Vm } from "../vm/vm.ts";
-import { DEFAULT_POOL_OPTIONS, Pool, type PoolOptions } from "./pool.ts";
-import type { PoolClock } from "./pool-clock.ts";
+import type { Vm } from "../vm/index.ts";
+import { createPool, DEFAULT_POOL_OPTIONS, type Pool, type PoolOptions } from "./pool.ts";
+import { type PoolClock, systemClock } from "./pool-clock.ts";
 import type { PoolableVm, VmSource } from "./vm-source.ts";
+
+let makeBuilder: <V extends PoolableVm>(source: VmSource<V>, clock: PoolClock) => PoolBuilder<V>;
 
 /**
  * Settings of a {@link Pool}, then `build()`:
@@ -12,10 +14,16 @@ import type { PoolableVm, VmSource } from "./vm-source.ts";
  */
 export class PoolBuilder<V extends PoolableVm = Vm> {
   readonly #source: VmSource<V>;
+  readonly #clock: PoolClock;
   readonly #options: PoolOptions = { ...DEFAULT_POOL_OPTIONS };
 
-  constructor(source: VmSource<V>) {
+  static {
+    makeBuilder = (source, clock) => new PoolBuilder(source, clock);
+  }
+
+  private constructor(source: VmSource<V>, clock: PoolClock) {
     this.#source = source;
+    this.#clock = clock;
   }
 
   /** VMs kept ready (idle or being created) whenever fewer than `max` exist. Default 0. */
@@ -60,12 +68,6 @@ export class PoolBuilder<V extends PoolableVm = Vm> {
     return this;
   }
 
-  /** The clock for timeouts and eviction (tests inject a {@link ManualClock}). */
-  clock(clock: PoolClock): this {
-    this.#options.clock = clock;
-    return this;
-  }
-
   /** Validate the settings, create the pool and wait for its `min` VMs. */
   build(options: { signal?: AbortSignal } = {}): Promise<Pool<V>> {
     try {
@@ -73,8 +75,19 @@ export class PoolBuilder<V extends PoolableVm = Vm> {
     } catch (error) {
       return Promise.reject(error);
     }
-    return Pool.create(this.#source, { ...this.#options }, options);
+    return createPool(this.#source, { ...this.#options }, this.#clock, options);
   }
+}
+
+/**
+ * A pool builder over any {@link VmSource} (internal, and `supermachine/testing`: pools of fakes
+ * driven by a `ManualClock`). Users get builders from `image.pool()`.
+ */
+export function poolBuilder<V extends PoolableVm>(
+  source: VmSource<V>,
+  options: { clock?: PoolClock } = {},
+): PoolBuilder<V> {
+  return makeBuilder(source, options.clock ?? systemClock);
 }
 
 function validate(options: PoolOptions): void {

@@ -1,9 +1,8 @@
 import { AbortError, PoolTimeoutError, SupermachineError } from "../errors.ts";
-import { throwIfAborted } from "../internal/abort.ts";
-import { debug, publish } from "../internal/diagnostics.ts";
-import type { Vm } from "../vm/vm.ts";
-import { type PoolClock, systemClock } from "./pool-clock.ts";
-import { type LeaseOwner, PooledVm } from "./pooled-vm.ts";
+import { debug, publish, throwIfAborted } from "../internal/index.ts";
+import type { Vm } from "../vm/index.ts";
+import type { PoolClock } from "./pool-clock.ts";
+import { createLease, type PooledVm, revokeLease } from "./pooled-vm.ts";
 import type { PoolableVm, PrestartedVmHandle, VmSource } from "./vm-source.ts";
 
 /** Settings of a {@link Pool}; see {@link PoolBuilder} for each one's meaning and default. */
@@ -14,7 +13,6 @@ export interface PoolOptions {
   acquireTimeoutMs: number;
   restoreOnRelease: boolean;
   prestarted: number;
-  clock: PoolClock;
 }
 
 export const DEFAULT_POOL_OPTIONS: Readonly<PoolOptions> = Object.freeze({
@@ -24,7 +22,6 @@ export const DEFAULT_POOL_OPTIONS: Readonly<PoolOptions> = Object.freeze({
   acquireTimeoutMs: 30_000,
   restoreOnRelease: true,
   prestarted: 0,
-  clock: systemClock,
 });
 
 /** A snapshot of a pool's state, from {@link Pool.stats}. */
@@ -74,6 +71,14 @@ const BACKOFF_MAX_MS = 10_000;
 
 let poolCount = 0;
 
+/** Internal: see {@link PoolBuilder}. Set by the class's static block. */
+export let createPool: <V extends PoolableVm>(
+  source: VmSource<V>,
+  options: Partial<PoolOptions>,
+  clock: PoolClock,
+  signal?: { signal?: AbortSignal },
+) => Promise<Pool<V>>;
+
 /**
  * A warm, auto-scaling set of VMs from one {@link VmSource}. Build with {@link PoolBuilder}
  * (`image.pool()…build()`), borrow with {@link Pool.acquire}, end with {@link Pool.close} or
@@ -88,7 +93,7 @@ let poolCount = 0;
  * - A VM that is tainted (exec timeout, failure) or over (`done` settled) is discarded, never
  *   handed out again.
  */
-export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
+export class Pool<V extends PoolableVm = Vm> {
   /** Name used in events and errors: `pool-<n> (<source>)`. */
   readonly name: string;
 
@@ -124,23 +129,28 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
   #latencies: number[] = [];
   #latencyNext = 0;
 
-  private constructor(source: VmSource<V>, options: PoolOptions) {
+  static {
+    createPool = (source, options, clock, signal) => Pool.#create(source, options, clock, signal);
+  }
+
+  private constructor(source: VmSource<V>, options: PoolOptions, clock: PoolClock) {
     this.#source = source;
     this.#options = options;
-    this.#clock = options.clock;
+    this.#clock = clock;
     this.name = `pool-${++poolCount} (${source.describe()})`;
   }
 
   /**
    * A pool over `source`, resolved once its `min` VMs (and `prestarted` processes) are ready. If
-   * one of them fails, the pool is closed and the error thrown. Prefer {@link PoolBuilder}.
+   * one of them fails, the pool is closed and the error thrown. Internal: see {@link PoolBuilder}.
    */
-  static async create<V extends PoolableVm>(
+  static async #create<V extends PoolableVm>(
     source: VmSource<V>,
-    options: Partial<PoolOptions> = {},
+    options: Partial<PoolOptions>,
+    clock: PoolClock,
     { signal }: { signal?: AbortSignal } = {},
   ): Promise<Pool<V>> {
-    const pool = new Pool(source, { ...DEFAULT_POOL_OPTIONS, ...options });
+    const pool = new Pool(source, { ...DEFAULT_POOL_OPTIONS, ...options }, clock);
     throwIfAborted(signal, "pool build");
     const first = pool.#ensure();
     const onAbort = () => void pool.close({ force: true });
@@ -271,8 +281,22 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
     await this.close();
   }
 
-  /** @internal Called by {@link PooledVm.release} and {@link PooledVm.discard}. */
-  async returnLease(lease: PooledVm<PoolableVm>, how: "release" | "discard"): Promise<void> {
+  /**
+   * Resolves once the pool has nothing in flight: what already happened (a VM that died, a lease
+   * returned) has been handled, and no VM is being created, pre-started or stopped. (With `min`
+   * VMs wanted it resolves after they are ready; while a creation hangs, it waits.) For tests and
+   * orderly shutdowns; `acquire()` never needs it.
+   */
+  async settled(): Promise<void> {
+    for (;;) {
+      // Reactions already due (a VM that just died, a lease just returned) run first.
+      await new Promise((resolve) => setImmediate(resolve));
+      if (this.#background.size === 0) return;
+      await Promise.allSettled([...this.#background]);
+    }
+  }
+
+  readonly #returnLease = async (lease: PooledVm<PoolableVm>, how: "release" | "discard"): Promise<void> => {
     const slot = this.#busy.get(lease);
     if (slot === undefined) return;
     this.#busy.delete(lease);
@@ -291,7 +315,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
     }
     if (this.#busy.size === 0) this.#busyDrained?.();
     this.#ensure();
-  }
+  };
 
   // --- internals ---
 
@@ -311,7 +335,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
   #lend(slot: Slot<V>, since: number): PooledVm<V> {
     slot.state = "busy";
     const waitedMs = this.#clock.now() - since;
-    const lease = new PooledVm<V>(slot.vm, this, waitedMs);
+    const lease = createLease(slot.vm, this.#returnLease, waitedMs);
     this.#busy.set(lease as PooledVm<PoolableVm>, slot);
     this.#totalAcquired++;
     publish("pool:acquire", { pool: this.name, vmId: slot.vm.id, waitedMs });
@@ -420,7 +444,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
       this.#prestartFailures = 0;
       if (this.#closed) {
         this.#track(
-          handle.dispose().catch(() => {}),
+          handle.kill().catch(() => {}),
           true,
         );
       } else {
@@ -475,7 +499,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
           (error as Error).message,
         );
         this.#track(
-          handle.dispose().catch(() => {}),
+          handle.kill().catch(() => {}),
           true,
         );
       } finally {
@@ -559,7 +583,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
 
   #killBusy(): void {
     for (const [lease, slot] of this.#busy) {
-      lease.revoke();
+      revokeLease(lease);
       this.#retire(slot, "kill");
     }
     this.#busy.clear();
@@ -581,7 +605,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
     this.#idle = [];
     for (const handle of this.#prestarted)
       this.#track(
-        handle.dispose().catch(() => {}),
+        handle.kill().catch(() => {}),
         true,
       );
     this.#prestarted = [];
@@ -598,6 +622,7 @@ export class Pool<V extends PoolableVm = Vm> implements LeaseOwner {
 }
 
 function closedError(name: string): SupermachineError {
+  // POOL_CLOSED has no class of its own.
   return new SupermachineError("POOL_CLOSED", `${name} is closed`);
 }
 

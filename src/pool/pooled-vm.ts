@@ -1,11 +1,15 @@
-import { SupermachineError } from "../errors.ts";
-import type { Vm } from "../vm/vm.ts";
+import { VmError } from "../errors.ts";
+import type { Vm } from "../vm/index.ts";
 import type { PoolableVm } from "./vm-source.ts";
 
-/** How a lease hands its VM back. Implemented by the pool. */
-export interface LeaseOwner {
-  returnLease(lease: PooledVm<PoolableVm>, how: "release" | "discard"): Promise<void>;
-}
+/** How a lease hands its VM back to its pool. */
+export type ReturnLease = (lease: PooledVm<PoolableVm>, how: "release" | "discard") => Promise<void>;
+
+/** What the pool may do with a lease that users cannot (set by the class's static block). */
+let leases: {
+  create<V extends PoolableVm>(vm: V, giveBack: ReturnLease, acquireMs: number): PooledVm<V>;
+  revoke(lease: PooledVm<PoolableVm>): void;
+};
 
 /**
  * A VM on loan from a {@link Pool}. Use it through `.vm` or the delegated calls, then give it back
@@ -19,13 +23,21 @@ export class PooledVm<V extends PoolableVm = Vm> {
   readonly acquireMs: number;
 
   readonly #vm: V;
-  readonly #owner: LeaseOwner;
+  readonly #giveBack: ReturnLease;
   #returned: Promise<void> | undefined;
 
-  /** @internal Created by the pool. */
-  constructor(vm: V, owner: LeaseOwner, acquireMs: number) {
+  static {
+    leases = {
+      create: (vm, giveBack, acquireMs) => new PooledVm(vm, giveBack, acquireMs),
+      revoke: (lease) => {
+        lease.#returned ??= Promise.resolve();
+      },
+    };
+  }
+
+  private constructor(vm: V, giveBack: ReturnLease, acquireMs: number) {
     this.#vm = vm;
-    this.#owner = owner;
+    this.#giveBack = giveBack;
     this.id = vm.id;
     this.acquireMs = acquireMs;
   }
@@ -33,10 +45,7 @@ export class PooledVm<V extends PoolableVm = Vm> {
   /** The underlying VM. Throws `VM_STOPPED` once the lease was released or discarded. */
   get vm(): V {
     if (this.#returned !== undefined) {
-      throw new SupermachineError(
-        "VM_STOPPED",
-        `VM ${this.id} was returned to its pool: acquire another one`,
-      );
+      throw new VmError("VM_STOPPED", `VM ${this.id} was returned to its pool: acquire another one`);
     }
     return this.#vm;
   }
@@ -52,6 +61,14 @@ export class PooledVm<V extends PoolableVm = Vm> {
     ...args: Parameters<Vm["exec"]>
   ): ReturnType<Vm["exec"]> {
     return this.vm.exec(...args);
+  }
+
+  /** See {@link Vm.spawn}. */
+  spawn(
+    this: PooledVm<PoolableVm & Pick<Vm, "spawn">>,
+    ...args: Parameters<Vm["spawn"]>
+  ): ReturnType<Vm["spawn"]> {
+    return this.vm.spawn(...args);
   }
 
   /** See {@link Vm.execBuilder}. */
@@ -81,27 +98,31 @@ export class PooledVm<V extends PoolableVm = Vm> {
    * Idempotent; resolves once the pool took the VM back (stopping continues in the background).
    */
   release(): Promise<void> {
-    this.#returned ??= this.#owner.returnLease(this as PooledVm<PoolableVm>, "release");
+    this.#returned ??= this.#giveBack(this as PooledVm<PoolableVm>, "release");
     return this.#returned;
   }
 
   /** Throw the VM away (killed, never handed out again), e.g. after breaking its state. */
   discard(): Promise<void> {
-    this.#returned ??= this.#owner.returnLease(this as PooledVm<PoolableVm>, "discard");
+    this.#returned ??= this.#giveBack(this as PooledVm<PoolableVm>, "discard");
     return this.#returned;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
     await this.release();
   }
+}
 
-  /** @internal The pool took the VM back without a call (forced close). */
-  revoke(): void {
-    this.#returned ??= Promise.resolve();
-  }
+/** A new lease (internal: the pool's). */
+export function createLease<V extends PoolableVm>(
+  vm: V,
+  giveBack: ReturnLease,
+  acquireMs: number,
+): PooledVm<V> {
+  return leases.create(vm, giveBack, acquireMs);
+}
 
-  /** @internal The VM, even after release (for the pool). */
-  get leasedVm(): V {
-    return this.#vm;
-  }
+/** Ends a lease without a call from its holder (internal: the pool's forced close). */
+export function revokeLease(lease: PooledVm<PoolableVm>): void {
+  leases.revoke(lease);
 }

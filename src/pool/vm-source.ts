@@ -1,10 +1,7 @@
-import { Vm } from "../vm/vm.ts";
-import type { VmConfig } from "../vm/vm-config.ts";
-
 /**
  * What a pool needs from a VM: an id, a `done` promise that settles when the VM is over (never
  * rejects), a `tainted` flag (set after an exec timeout or a failure), and `stop()`/`kill()`.
- * {@link Vm} is one.
+ * `Vm` is one.
  */
 export interface PoolableVm {
   readonly id: string;
@@ -23,7 +20,7 @@ export interface PrestartedVmHandle<V extends PoolableVm> {
   /** Turn the waiting process into a running VM. Called at most once. */
   activate(): Promise<V>;
   /** End the waiting process without activating it. Idempotent. */
-  dispose(): Promise<void>;
+  kill(): Promise<void>;
 }
 
 /**
@@ -39,15 +36,4 @@ export interface VmSource<V extends PoolableVm> {
   prestart?(): Promise<PrestartedVmHandle<V>>;
   /** Human-readable name of the source, used in error messages. */
   describe(): string;
-}
-
-/**
- * A source that cold-boots every VM with {@link Vm.start}. Works for any root filesystem; a
- * snapshot source restores much faster.
- */
-export function coldBootSource(config: VmConfig): VmSource<Vm> {
-  return {
-    create: (signal) => Vm.start(signal === undefined ? config : { ...config, signal }),
-    describe: () => `cold boot of ${config.rootfs}`,
-  };
 }

@@ -19,8 +19,8 @@ import { closeSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } fr
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "./abort.ts";
+import { ContentReader } from "./content-reader.ts";
 import { crc32c, crc32cU32 } from "./crc32c.ts";
-import { clampTime } from "./debugfs-script.ts";
 import {
   compareBytes,
   type DirNode,
@@ -29,7 +29,6 @@ import {
   newDir,
   type TreeNode,
 } from "./file-tree.ts";
-import { ContentReader } from "./materialise-tree.ts";
 import { displayName } from "./tar-reader.ts";
 
 export const BLOCK_SIZE = 4096;
@@ -74,8 +73,9 @@ const S_IFMT = {
 const FT = { file: 1, dir: 2, char: 3, block: 4, fifo: 5, socket: 6, symlink: 7 } as const;
 const EXTENTS_FL = 0x80000;
 
-/** A run of physical blocks. */
+/** A run of physical blocks holding the inode's blocks `logical` … `logical + len - 1`. */
 interface Run {
+  logical: number;
   start: number;
   len: number;
 }
@@ -92,9 +92,13 @@ interface Inode {
   /** Directories: their entries, "." and ".." first. */
   entries?: DirEntry[];
   links: number;
+  /** Blocks of data (a sparse file: only those its data touches). */
   dataBlocks: number;
+  /** A sparse file's logical block ranges that hold data; undefined: blocks 0 … dataBlocks-1. */
+  ranges?: { start: number; len: number }[] | undefined;
   runs: Run[];
-  leafBlocks: number[];
+  /** Extent tree blocks (leaves, then index levels), when the extents do not fit in the inode. */
+  treeBlocks: number[];
   xattrInline?: Buffer | undefined;
   xattrBlock?: Buffer | undefined;
   xattrBlockNr?: number;
@@ -157,6 +161,15 @@ function isPowerOf(n: number, base: number): boolean {
 /** sparse_super: groups 0, 1 and powers of 3, 5, 7 hold superblock backups. */
 export function hasSuperblock(group: number): boolean {
   return group <= 1 || isPowerOf(group, 3) || isPowerOf(group, 5) || isPowerOf(group, 7);
+}
+
+/** ext4 stores seconds as signed 32 bits plus two epoch bits. */
+export const EXT4_MIN_TIME = -(2 ** 31);
+export const EXT4_MAX_TIME = 2 ** 34 - 2 ** 31 - 1;
+
+/** `t` clamped to what an ext4 timestamp can hold. */
+export function clampTime(t: number): number {
+  return Math.min(EXT4_MAX_TIME, Math.max(EXT4_MIN_TIME, t));
 }
 
 /** Splits an ext4 timestamp into the 32-bit field and the epoch bits of the `_extra` field. */
@@ -283,7 +296,7 @@ export async function writeExt4Image(options: Ext4WriteOptions): Promise<Ext4Wri
     links: 1,
     dataBlocks: geo.journalBlocks,
     runs: [],
-    leafBlocks: [],
+    treeBlocks: [],
   };
   space.allocInode(journal, "the journal");
   for (const i of inodes) space.allocInode(i, paths.get(i) ?? "?");
@@ -356,7 +369,7 @@ function numberInodes(tree: FileTree): Numbered {
   const byNode = new Map<TreeNode, Inode>();
   let newest = tree.root.mtime;
   const add = (ino: number, node: TreeNode): Inode => {
-    const i: Inode = { ino, node, links: 0, dataBlocks: 0, runs: [], leafBlocks: [] };
+    const i: Inode = { ino, node, links: 0, dataBlocks: 0, runs: [], treeBlocks: [] };
     inodes.push(i);
     byNode.set(node, i);
     if (node.mtime > newest) newest = node.mtime;
@@ -418,7 +431,22 @@ function measureInode(
 ): number {
   const node = i.node;
   if (node.kind === "file") {
-    i.dataBlocks = Math.ceil(node.size / B);
+    if (node.segments === undefined) {
+      i.dataBlocks = Math.ceil(node.size / B);
+    } else {
+      // Only the blocks a sparse file's data touches; holes stay holes.
+      const ranges: { start: number; len: number }[] = [];
+      for (const seg of node.segments) {
+        const first = Math.floor(seg.offset / B);
+        const end = Math.ceil((seg.offset + seg.length) / B);
+        const last = ranges[ranges.length - 1];
+        if (last !== undefined && last.start + last.len >= first)
+          last.len = Math.max(last.len, end - last.start);
+        else ranges.push({ start: first, len: end - first });
+      }
+      i.ranges = ranges;
+      i.dataBlocks = ranges.reduce((n, r) => n + r.len, 0);
+    }
   } else if (node.kind === "dir") {
     i.dataBlocks = dirBlocks(i.entries!).length;
     if (i.ino === LPF_INO) i.dataBlocks = Math.max(i.dataBlocks, 4); // room for e2fsck, as mke2fs makes it
@@ -429,25 +457,41 @@ function measureInode(
     i.dataBlocks = node.target.length < 60 ? 0 : 1;
   }
   encodeXattrs(i, path, skipped);
-  // Runs break at group boundaries (at most one break per group crossed).
-  const runsMax = i.dataBlocks === 0 ? 0 : Math.ceil(i.dataBlocks / (bpg / 2)) + 1;
-  return i.dataBlocks + (runsMax > 4 ? Math.ceil(runsMax / EXTENTS_PER_BLOCK) : 0) + (i.xattrBlock ? 1 : 0);
+  // Runs break at group boundaries (at most one break per group crossed) and at holes.
+  const runsMax = i.dataBlocks === 0 ? 0 : Math.ceil(i.dataBlocks / (bpg / 2)) + (i.ranges?.length ?? 1);
+  return i.dataBlocks + extentTreeBlocks(runsMax) + (i.xattrBlock ? 1 : 0);
 }
 
-function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: string }[]): void {
-  const xattrs = i.node.xattrs;
-  if (!xattrs || xattrs.size === 0) return;
+/** The ext4 entries of `xattrs` (ACLs converted to ext4's format); the others are passed to `skip`. */
+function xattrEntries(xattrs: ReadonlyMap<string, Buffer>, skip: (name: string) => void): XattrEntry[] {
   const entries: XattrEntry[] = [];
   for (const [name, raw] of xattrs) {
     const idx = xattrIndex(name);
     let value: Buffer | undefined = raw;
     if (idx && (idx[0] === 2 || idx[0] === 3)) value = aclToDisk(raw);
     if (!idx || value === undefined || idx[1].length > 255) {
-      skipped.push({ path: displayName(path), name: displayName(name) });
+      skip(name);
       continue;
     }
     entries.push({ index: idx[0], name: Buffer.from(idx[1], "latin1"), value });
   }
+  return entries;
+}
+
+/** Most bytes of xattrs (entries, values, terminator) one inode can have: one block, after its header. */
+export const MAX_XATTR_BLOCK_BYTES = B - 32;
+
+/** Bytes the xattrs ext4 can store of `xattrs` take in one inode's xattr block. */
+export function xattrBytes(xattrs: ReadonlyMap<string, Buffer>): number {
+  return xattrEntries(xattrs, () => {}).reduce((n, e) => n + entrySize(e) + valueSize(e), 4);
+}
+
+function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: string }[]): void {
+  const xattrs = i.node.xattrs;
+  if (!xattrs || xattrs.size === 0) return;
+  const entries = xattrEntries(xattrs, (name) =>
+    skipped.push({ path: displayName(path), name: displayName(name) }),
+  );
   if (entries.length === 0) return;
   entries.sort(
     (a, b) => a.index - b.index || a.name.length - b.name.length || Buffer.compare(a.name, b.name),
@@ -461,7 +505,7 @@ function encodeXattrs(i: Inode, path: string, skipped: { path: string; name: str
     i.xattrInline = area;
     return;
   }
-  if (need > B - 32) {
+  if (need > MAX_XATTR_BLOCK_BYTES) {
     throw new SupermachineError(
       "ROOTFS_BUILD",
       `extended attributes of ${displayName(path)} take ${need} bytes, more than one ${B}-byte block`,
@@ -620,8 +664,8 @@ class BlockAllocator {
     }
   }
 
-  alloc(n: number): Run[] {
-    const runs: Run[] = [];
+  /** `n` blocks for logical blocks `logical` …; appended to `runs` (merged where contiguous). */
+  alloc(n: number, logical = 0, runs: Run[] = []): Run[] {
     while (n > 0) {
       const g = Math.floor(this.#cursor / this.#bpg);
       const m = this.metas[g];
@@ -634,23 +678,30 @@ class BlockAllocator {
         continue;
       }
       const last = runs[runs.length - 1];
-      if (last && last.start + last.len === this.#cursor && last.len + len <= MAX_EXTENT_LEN) last.len += len;
-      else runs.push({ start: this.#cursor, len });
+      if (
+        last &&
+        last.start + last.len === this.#cursor &&
+        last.logical + last.len === logical &&
+        last.len + len <= MAX_EXTENT_LEN
+      )
+        last.len += len;
+      else runs.push({ logical, start: this.#cursor, len });
       this.#mark(this.#cursor, len);
       this.#cursor += len;
+      logical += len;
       n -= len;
     }
     return runs;
   }
 
-  /** Data runs, then extent leaves (when more than 4 runs), then the xattr block. */
+  /** Data runs, then the extent tree's blocks (when more than 4 runs), then the xattr block. */
   allocInode(i: Inode, path: string): void {
-    i.runs = this.alloc(i.dataBlocks);
-    if (i.runs.length > 4) {
-      const leaves = Math.ceil(i.runs.length / EXTENTS_PER_BLOCK);
-      if (leaves > 4) throw new SupermachineError("ROOTFS_BUILD", `${displayName(path)} is too fragmented`);
-      for (const r of this.alloc(leaves)) for (let k = 0; k < r.len; k++) i.leafBlocks.push(r.start + k);
-    }
+    i.runs = [];
+    for (const r of i.ranges ?? [{ start: 0, len: i.dataBlocks }]) this.alloc(r.len, r.start, i.runs);
+    const tree = extentTreeBlocks(i.runs.length);
+    if (tree > 4 * EXTENTS_PER_BLOCK ** 2)
+      throw new SupermachineError("ROOTFS_BUILD", `${displayName(path)} is too fragmented`);
+    for (const r of this.alloc(tree)) for (let k = 0; k < r.len; k++) i.treeBlocks.push(r.start + k);
     if (i.xattrBlock) i.xattrBlockNr = this.alloc(1)[0]!.start;
   }
 }
@@ -698,9 +749,9 @@ async function writeFileData(
     for (const i of inodes) {
       const node = i.node;
       if (node.kind !== "file" || node.size === 0 || node.source === undefined) continue;
-      const src = content.fd(node.source.path);
-      let logical = 0;
+      const src = content.fd(node.source);
       for (const run of i.runs) {
+        const logical = run.logical * B;
         const runBytes = Math.min(run.len * B, node.size - logical);
         for (let runDone = 0; runDone < runBytes; ) {
           const want = Math.min(buf.length, runBytes - runDone);
@@ -715,6 +766,10 @@ async function writeFileData(
             got += n;
           }
           const position = run.start * B + runDone;
+          if (isZero(buf, 0, got)) {
+            runDone += got; // a hole in the image file
+            continue;
+          }
           for (let s = 0; s < got; ) {
             while (s < got && isZero(buf, s, Math.min(got, s + B))) s += B;
             let e = s;
@@ -725,8 +780,8 @@ async function writeFileData(
           }
           runDone += got;
         }
-        logical += runBytes;
       }
+      content.release(node.source);
       sinceYield += node.size;
       if (sinceYield >= 64 * MiB) {
         sinceYield = 0;
@@ -770,7 +825,7 @@ function encodeInode(image: ImageFile, i: Inode, isJournal: boolean, createdTime
       extentRoot(i, image.inodeSeed(i.ino), (b, n) => image.writeAt(b, n)),
       40,
     );
-    blocksUsed = i.dataBlocks + i.leafBlocks.length;
+    blocksUsed = i.dataBlocks + i.treeBlocks.length;
     if (isJournal) size = i.dataBlocks * B;
     else if (node.kind === "file") size = node.size;
     else if (node.kind === "dir") size = i.dataBlocks * B;
@@ -985,12 +1040,11 @@ function writeSuperblocks(
   }
 }
 
+const ZERO_BUFFER = Buffer.alloc(4 * MiB);
+
+/** True when `buf[start, end)` (at most 4 MiB) is all zeros. */
 function isZero(buf: Buffer, start: number, end: number): boolean {
-  // Compare 8 bytes at a time where possible.
-  let i = start;
-  for (; i + 8 <= end; i += 8) if (buf.readBigUInt64LE(i) !== 0n) return false;
-  for (; i < end; i++) if (buf[i] !== 0) return false;
-  return true;
+  return buf.subarray(start, end).equals(ZERO_BUFFER.subarray(0, end - start));
 }
 
 function runBlocks(runs: Run[]): number[] {
@@ -999,7 +1053,23 @@ function runBlocks(runs: Run[]): number[] {
   return out;
 }
 
-/** The 60-byte i_block of an extent-mapped inode; writes leaf blocks (with checksums) when needed. */
+/** Blocks an extent tree of `extents` extents needs outside the inode (leaves and index levels). */
+function extentTreeBlocks(extents: number): number {
+  if (extents <= 4) return 0;
+  let total = 0;
+  let nodes = extents;
+  do {
+    nodes = Math.ceil(nodes / EXTENTS_PER_BLOCK);
+    total += nodes;
+  } while (nodes > 4);
+  return total;
+}
+
+/**
+ * The 60-byte i_block of an extent-mapped inode. When the extents do not fit in it, writes the
+ * tree's blocks (with checksums): leaves of 340 extents, then index levels of 340 entries, until
+ * at most 4 entries remain for the root.
+ */
 function extentRoot(i: Inode, seed: number, writeAt: (buf: Buffer, block: number) => void): Buffer {
   const root = Buffer.alloc(60);
   const header = (buf: Buffer, off: number, entries: number, max: number, depth: number): void => {
@@ -1009,35 +1079,54 @@ function extentRoot(i: Inode, seed: number, writeAt: (buf: Buffer, block: number
     buf.writeUInt16LE(depth, off + 6);
     buf.writeUInt32LE(0, off + 8);
   };
-  const extents: { logical: number; run: Run }[] = [];
-  let logical = 0;
-  for (const run of i.runs) {
-    extents.push({ logical, run });
-    logical += run.len;
-  }
-  const putExtent = (buf: Buffer, off: number, e: { logical: number; run: Run }): void => {
-    buf.writeUInt32LE(e.logical, off);
-    buf.writeUInt16LE(e.run.len, off + 4);
+  const putExtent = (buf: Buffer, off: number, run: Run): void => {
+    buf.writeUInt32LE(run.logical, off);
+    buf.writeUInt16LE(run.len, off + 4);
     buf.writeUInt16LE(0, off + 6); // start hi
-    buf.writeUInt32LE(e.run.start, off + 8);
+    buf.writeUInt32LE(run.start, off + 8);
   };
-  if (extents.length <= 4) {
-    header(root, 0, extents.length, 4, 0);
-    for (const [k, e] of extents.entries()) putExtent(root, 12 + k * 12, e);
+  const putIndex = (buf: Buffer, off: number, logical: number, block: number): void => {
+    buf.writeUInt32LE(logical, off);
+    buf.writeUInt32LE(block, off + 4);
+    buf.writeUInt16LE(0, off + 8);
+    buf.writeUInt16LE(0, off + 10);
+  };
+  if (i.runs.length <= 4) {
+    header(root, 0, i.runs.length, 4, 0);
+    for (const [k, run] of i.runs.entries()) putExtent(root, 12 + k * 12, run);
     return root;
   }
-  header(root, 0, i.leafBlocks.length, 4, 1);
-  i.leafBlocks.forEach((leaf, k) => {
-    const slice = extents.slice(k * EXTENTS_PER_BLOCK, (k + 1) * EXTENTS_PER_BLOCK);
+  // Level 0: leaves. Each level's nodes: (first logical block, block number).
+  let free = 0;
+  let level: { logical: number; block: number }[] = [];
+  for (let k = 0; k < i.runs.length; k += EXTENTS_PER_BLOCK) {
+    const slice = i.runs.slice(k, k + EXTENTS_PER_BLOCK);
     const block = Buffer.alloc(B);
     header(block, 0, slice.length, EXTENTS_PER_BLOCK, 0);
-    for (const [j, e] of slice.entries()) putExtent(block, 12 + j * 12, e);
+    for (const [j, run] of slice.entries()) putExtent(block, 12 + j * 12, run);
     block.writeUInt32LE(crc32c(seed, block, 0, B - 4), B - 4);
-    writeAt(block, leaf);
-    root.writeUInt32LE(slice[0]!.logical, 12 + k * 12);
-    root.writeUInt32LE(leaf, 12 + k * 12 + 4);
-    root.writeUInt16LE(0, 12 + k * 12 + 8);
-  });
+    const nr = i.treeBlocks[free++]!;
+    writeAt(block, nr);
+    level.push({ logical: slice[0]!.logical, block: nr });
+  }
+  let depth = 1;
+  while (level.length > 4) {
+    const next: { logical: number; block: number }[] = [];
+    for (let k = 0; k < level.length; k += EXTENTS_PER_BLOCK) {
+      const slice = level.slice(k, k + EXTENTS_PER_BLOCK);
+      const block = Buffer.alloc(B);
+      header(block, 0, slice.length, EXTENTS_PER_BLOCK, depth);
+      for (const [j, e] of slice.entries()) putIndex(block, 12 + j * 12, e.logical, e.block);
+      block.writeUInt32LE(crc32c(seed, block, 0, B - 4), B - 4);
+      const nr = i.treeBlocks[free++]!;
+      writeAt(block, nr);
+      next.push({ logical: slice[0]!.logical, block: nr });
+    }
+    level = next;
+    depth++;
+  }
+  header(root, 0, level.length, 4, depth);
+  for (const [k, e] of level.entries()) putIndex(root, 12 + k * 12, e.logical, e.block);
   return root;
 }
 

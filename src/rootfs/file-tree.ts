@@ -16,17 +16,6 @@ export const MAX_NAME_BYTES = 255;
 /** Longest symlink target accepted (PATH_MAX - 1; also ext4's limit with 4 KiB blocks). */
 export const MAX_SYMLINK_BYTES = 4095;
 
-/** What the directory given to `mke2fs -d` holds for a node, when it holds it at all. */
-export interface HostAttrs {
-  uid: number;
-  gid: number;
-  /** Permission bits (`& 0o7777`). */
-  mode: number;
-  /** Whole seconds. */
-  mtime: number;
-  atime: number;
-}
-
 interface Meta {
   /** Permission bits including setuid/setgid/sticky (`& 0o7777`). */
   mode: number;
@@ -35,8 +24,6 @@ interface Meta {
   /** Whole seconds since the epoch. */
   mtime: number;
   xattrs: Map<string, Buffer> | undefined;
-  /** Attributes of this node's copy in the source directory of `mke2fs -d`, if any. */
-  host?: HostAttrs | undefined;
 }
 
 export interface DirNode extends Meta {
@@ -48,13 +35,18 @@ export interface DirNode extends Meta {
 export interface ContentRef {
   path: string | Buffer;
   offset: number;
+  /** A file of a source directory: the inode it was when scanned; opening anything else is refused. */
+  identity?: { dev: number; ino: number } | undefined;
 }
 
 export interface FileNode extends Meta {
   kind: "file";
+  /** Logical size (holes of a sparse file included). */
   size: number;
-  /** The content; undefined for an empty file. */
+  /** The content: byte `x` of the file is at `source.offset + x`; undefined for an empty file. */
   source: ContentRef | undefined;
+  /** A sparse file's data ranges (sorted, disjoint); the rest are holes. Undefined: all data. */
+  segments?: readonly { offset: number; length: number }[] | undefined;
   nlink: number;
 }
 
@@ -114,7 +106,7 @@ export function corrupt(ctx: OpContext, message: string): LayerError {
   );
 }
 
-export function newDir(meta: Omit<Meta, "host"> | undefined = undefined): DirNode {
+export function newDir(meta: Meta | undefined = undefined): DirNode {
   return {
     kind: "dir",
     mode: meta?.mode ?? 0o755,

@@ -5,17 +5,16 @@
 import { createHash, randomBytes } from "node:crypto";
 import diagnostics_channel from "node:diagnostics_channel";
 import { unlinkSync } from "node:fs";
-import { chmod, mkdir, mkdtemp, rename, rm, stat } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, open, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { debuglog } from "node:util";
-import { SupermachineError } from "../errors.ts";
+import { LayerError, SupermachineError } from "../errors.ts";
 import { buildError, mapAbort, throwIfAborted } from "./abort.ts";
-import { applyLayer, DEFAULT_ROOTFS_LIMITS, type RootfsLimits, Spool } from "./apply-layer.ts";
+import { applyLayer, DEFAULT_ROOTFS_LIMITS, ImageBudget, type RootfsLimits, Spool } from "./apply-layer.ts";
+import { DEFAULT_MIN_FREE_DISK_BYTES, DiskSpace } from "./disk-space.ts";
 import { writeExt4Image } from "./ext4-writer.ts";
-import { FileTree } from "./file-tree.ts";
-import { materialiseTree } from "./materialise-tree.ts";
-import { writeWithMke2fs } from "./mke2fs-writer.ts";
-import { openLayer } from "./open-layer.ts";
+import { FileTree, type TreeNode, walkTree } from "./file-tree.ts";
+import { openLayer, sniffCompression, zstdDeclaredSize } from "./open-layer.ts";
 import { scanDirectory } from "./scan-directory.ts";
 import { DEFAULT_TAR_LIMITS } from "./tar-reader.ts";
 
@@ -26,7 +25,7 @@ export type { TarEntry, TarEntryType, TarLimits } from "./tar-reader.ts";
  * Version of the image format this module writes (layout, features, fix-up rules). Fold it into
  * any cache key of built images: a new version means old images must be rebuilt.
  */
-export const ROOTFS_FORMAT_VERSION = 1;
+export const ROOTFS_FORMAT_VERSION = 2;
 
 /** Default volume label of built images. */
 export const ROOTFS_LABEL = "supermachine";
@@ -56,9 +55,6 @@ export type RootfsProgress =
     }
   | { phase: "scan"; dir: string }
   | { phase: "write" }
-  | { phase: "stage" }
-  | { phase: "mkfs" }
-  | { phase: "fixup" }
   | { phase: "done"; imagePath: string; durationMs: number };
 
 export interface ImageOptions {
@@ -74,16 +70,15 @@ export interface ImageOptions {
   label?: string | undefined;
   /** File-system UUID. Default: derived from the inputs (same input → same UUID). */
   uuid?: string | undefined;
-  /** Scratch space for spooled layer content (and the `mke2fs` writer's staging tree). Default: next to `output`. */
+  /** Scratch space for spooled layer content. Default: next to `output`. */
   tmpDir?: string | undefined;
-  /**
-   * How the image is written. `"builtin"` (default): this library writes ext4 itself, no external
-   * tools. `"mke2fs"`: a staging directory + `mke2fs -d` + one `debugfs` batch (e2fsprogs ≥ 1.47).
-   * Both give the same files, owners, modes, links, devices, xattrs and times (not the same bytes).
-   */
-  writer?: "builtin" | "mke2fs" | undefined;
   /** fsync the image before it is renamed into place (default true). */
   durable?: boolean | undefined;
+  /**
+   * Free space the build leaves on the host file systems it writes to (scratch and output);
+   * checked before and while flattening. Default 512 MiB.
+   */
+  minFreeDiskBytes?: number | undefined;
 }
 
 export interface FlattenLayersOptions extends ImageOptions {
@@ -144,6 +139,7 @@ function checkOptions(o: ImageOptions): void {
   for (const [k, v] of [
     ["sizeBytes", o.sizeBytes],
     ["freeBytes", o.freeBytes],
+    ["minFreeDiskBytes", o.minFreeDiskBytes],
   ] as const) {
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) {
       throw new SupermachineError("INVALID_ARGUMENT", `${k} must be a non-negative integer`);
@@ -154,9 +150,6 @@ function checkOptions(o: ImageOptions): void {
   }
   if (o.label !== undefined && Buffer.byteLength(o.label) > 16) {
     throw new SupermachineError("INVALID_ARGUMENT", "label must be at most 16 bytes");
-  }
-  if (o.writer !== undefined && o.writer !== "builtin" && o.writer !== "mke2fs") {
-    throw new SupermachineError("INVALID_ARGUMENT", `writer must be "builtin" or "mke2fs"`);
   }
   if (
     o.uuid !== undefined &&
@@ -205,7 +198,8 @@ function emitter(o: ImageOptions): (event: RootfsProgress) => void {
 /**
  * Applies `layers` in order and writes the result as an ext4 image at `output`.
  * Throws `LayerError` (`UNSAFE_LAYER`, `CORRUPT_LAYER`) naming the layer and entry,
- * `SupermachineError` `ROOTFS_BUILD` when e2fsprogs fails, `ABORTED` on `signal`.
+ * `SupermachineError` `ROOTFS_BUILD` when the host or the file system refuses (disk full, content
+ * that does not fit `sizeBytes`), `ABORTED` on `signal`.
  */
 export async function flattenLayers(options: FlattenLayersOptions): Promise<RootfsImage> {
   checkOptions(options);
@@ -218,19 +212,29 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
   const started = performance.now();
   const scratch = await makeScratch(options);
   let failed = true;
+  let spool: Spool | undefined;
   try {
     const tree = new FileTree();
-    const spool = new Spool(join(scratch.workDir, "spool"));
-    await mkdir(spool.dir, { mode: 0o700 });
+    const layerSpool = new Spool(join(scratch.workDir, "spool"));
+    spool = layerSpool;
+    await mkdir(layerSpool.dir, { mode: 0o700 });
     // Content nobody links to any more frees its spool space as soon as possible.
     tree.onRelease = (file) => {
-      if (file.source !== undefined) spool.release(file.source, file.size);
+      if (file.source !== undefined) layerSpool.release(file.source, file.size);
     };
+    const budget = new ImageBudget();
+    const disk = new DiskSpace(
+      [scratch.workDir, dirname(scratch.output)],
+      options.minFreeDiskBytes ?? DEFAULT_MIN_FREE_DISK_BYTES,
+    );
+    disk.check(0, "flattening the image");
+    let nextCheck = 0;
     const t0 = performance.now();
     for (const [layerIndex, layer] of options.layers.entries()) {
       throwIfAborted(signal, "applying layers");
       const name = layer.digest || layer.path;
       const bytesTotal = (await stat(layer.path)).size;
+      await refuseDeclaredBomb(layer.path, name, limits.maxTotalBytes - budget.unpackedBytes);
       const opened = await openLayer(layer.path, layer.mediaType, signal);
       let lastReport = 0;
       const report = (entries: number): void => {
@@ -249,9 +253,17 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
           tree,
           source: opened.stream,
           layer: name,
-          spool,
+          spool: layerSpool,
           limits,
+          budget,
           signal,
+          // Free space is checked again after every half of what was left (1 … 64 MiB) has been
+          // written (zeros are holes and cost nothing).
+          onSpool: (written, ctx) => {
+            if (written < nextCheck) return;
+            const left = disk.check(0, `entry ${JSON.stringify(ctx.entry)} of layer ${name}`);
+            nextCheck = written + Math.min(64 * 1024 * 1024, Math.max(1024 * 1024, Math.floor(left / 2)));
+          },
           onEntry: (entries) => {
             const now = performance.now();
             if (now - lastReport >= 100) {
@@ -279,14 +291,40 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
     const digests = options.layers.map((l) => l.digest || l.path);
     const uuid =
       options.uuid ?? derivedUuid("supermachine-rootfs", String(ROOTFS_FORMAT_VERSION), ...digests);
-    const written = await writeImage(options, tree, scratch, uuid, progress, true);
+    // The image holds the content spooled so far (its zero blocks are holes) plus metadata.
+    disk.check(layerSpool.writtenBytes + tree.nodeCount * 512 + 8 * 1024 * 1024, "writing the image");
+    const written = await writeImage(options, tree, scratch, uuid, progress);
     const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
     return image;
   } catch (err) {
     throw buildError(err, signal, "building the image");
   } finally {
+    spool?.close(); // its files' space comes back only once they are closed
     await cleanup(scratch, failed);
+  }
+}
+
+/**
+ * A zstd layer declares what it decompresses to (its frames' content sizes): one that declares
+ * more than the image may still take is refused before a byte is decompressed.
+ */
+async function refuseDeclaredBomb(path: string, layer: string, remaining: number): Promise<void> {
+  const head = Buffer.alloc(8);
+  const fh = await open(path, "r");
+  try {
+    await fh.read(head, 0, head.length, 0);
+  } finally {
+    await fh.close();
+  }
+  if (sniffCompression(head) !== "zstd") return;
+  const declared = zstdDeclaredSize(path, remaining);
+  if (declared !== undefined && declared > remaining) {
+    throw new LayerError(
+      "UNSAFE_LAYER",
+      `unsafe layer ${layer}: it declares ${declared} bytes decompressed, more than the ${remaining} left of limits.maxTotalBytes`,
+      { layer },
+    );
   }
 }
 
@@ -294,7 +332,7 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
  * Writes the host directory `dir` as an ext4 image at `output` (like podman's `--rootfs`).
  * Symlinks are copied as symlinks and never followed; device nodes, FIFOs and sockets are kept;
  * files owned by the invoking non-root user become owned by root (uid/gid 0); other owners,
- * permission bits, times and xattrs (as `mke2fs -d` copies them) are kept. `dir` is not changed.
+ * permission bits and times are kept (xattrs are not: Node has no xattr API). `dir` is not changed.
  */
 export async function buildImageFromDirectory(options: BuildImageFromDirectoryOptions): Promise<RootfsImage> {
   checkOptions(options);
@@ -314,8 +352,18 @@ export async function buildImageFromDirectory(options: BuildImageFromDirectoryOp
       mapGid: options.mapOwner === null ? -1 : options.mapOwner?.gid,
     });
     const applyMs = performance.now() - t0;
+    let contentBytes = 0;
+    const counted = new Set<TreeNode>();
+    for (const { node } of walkTree(tree.root)) {
+      if (node.kind === "file" && !counted.has(node)) contentBytes += node.size;
+      counted.add(node);
+    }
+    new DiskSpace([dirname(scratch.output)], options.minFreeDiskBytes ?? DEFAULT_MIN_FREE_DISK_BYTES).check(
+      contentBytes + tree.nodeCount * 512 + 8 * 1024 * 1024,
+      `the image of ${dir}`,
+    );
     const uuid = options.uuid ?? derivedUuid("supermachine-rootfs-dir", String(ROOTFS_FORMAT_VERSION), dir);
-    const written = await writeImage(options, tree, scratch, uuid, progress, false, dir);
+    const written = await writeImage(options, tree, scratch, uuid, progress);
     const image = await publishImage(scratch, written, { started, applyMs, progress, signal });
     failed = false;
     return image;
@@ -351,69 +399,34 @@ async function publishImage(
   };
 }
 
-/** Writes `tree` to `scratch.tempImage` with the chosen writer. */
+/** Writes `tree` to `scratch.tempImage`. */
 async function writeImage(
   options: ImageOptions,
   tree: FileTree,
   scratch: Scratch,
   uuid: string,
   progress: (event: RootfsProgress) => void,
-  fromLayers: boolean,
-  sourceDir?: string,
 ): Promise<Written> {
   const label = options.label ?? ROOTFS_LABEL;
   const hashSeed = derivedUuid("supermachine-rootfs-hash-seed", uuid);
   const t0 = performance.now();
-  const common = { uuid, label, formatVersion: ROOTFS_FORMAT_VERSION };
-  if ((options.writer ?? "builtin") === "builtin") {
-    progress({ phase: "write" });
-    const r = await writeExt4Image({
-      tree,
-      imagePath: scratch.tempImage,
-      sizeBytes: options.sizeBytes,
-      freeBytes: options.freeBytes,
-      uuid,
-      hashSeed,
-      label,
-      durable: options.durable,
-      signal: options.signal,
-    });
-    log("rootfs: wrote %d inodes, layout %d ms, write %d ms", r.inodes, r.layoutMs, r.writeMs);
-    return {
-      ...common,
-      sizeBytes: r.sizeBytes,
-      freeBytes: r.freeBytes,
-      freeInodes: r.freeInodes,
-      fileBytes: r.fileBytes,
-      inodeCount: r.inodes,
-      skippedXattrs: r.skippedXattrs,
-      writeMs: performance.now() - t0,
-    };
-  }
-  let source = sourceDir;
-  if (fromLayers || source === undefined) {
-    progress({ phase: "stage" });
-    source = join(scratch.workDir, "root");
-    const staged = await materialiseTree(tree, source, options.signal);
-    log("rootfs: staged %o", staged);
-  }
-  const r = await writeWithMke2fs({
+  progress({ phase: "write" });
+  const r = await writeExt4Image({
     tree,
-    sourceDir: source,
     imagePath: scratch.tempImage,
-    workDir: scratch.workDir,
     sizeBytes: options.sizeBytes,
     freeBytes: options.freeBytes,
     uuid,
     hashSeed,
     label,
-    copyHostXattrs: !fromLayers,
+    durable: options.durable,
     signal: options.signal,
-    onPhase: (phase) => progress({ phase }),
   });
-  log("rootfs: mke2fs %d ms, debugfs %d commands in %d ms", r.mkfsMs, r.fixupCommands, r.fixupMs);
+  log("rootfs: wrote %d inodes, layout %d ms, write %d ms", r.inodes, r.layoutMs, r.writeMs);
   return {
-    ...common,
+    uuid,
+    label,
+    formatVersion: ROOTFS_FORMAT_VERSION,
     sizeBytes: r.sizeBytes,
     freeBytes: r.freeBytes,
     freeInodes: r.freeInodes,

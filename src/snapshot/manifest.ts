@@ -4,8 +4,13 @@
  * anything. Format: docs/snapshots.md.
  */
 
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { stat, writeFile } from "node:fs/promises";
+import { join } from "node:path";
 import { SnapshotError } from "../errors.ts";
-import type { ImageConfig } from "../oci/image-config.ts";
+import type { ImageConfig } from "../oci/index.ts";
+import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 
 /** Bumped whenever the layout of a snapshot dir or the meaning of a field changes. */
 export const SNAPSHOT_FORMAT_VERSION = 1;
@@ -180,4 +185,98 @@ export function parseManifest(text: string, snapshotDir: string): SnapshotManife
     throw corrupt("files.disk.backingChain must list absolute paths with formats and sizes");
   }
   return value as SnapshotManifest;
+}
+
+/** What a snapshot records of the image it was made from. */
+export interface ImageIdentity {
+  /** Canonical reference or local source (`oci:/dir:tag`, `rootfs:/dir`); "" when unknown. */
+  readonly reference: string;
+  /** Digest of the image manifest (or the fingerprint of a root filesystem). */
+  readonly digest: string;
+  /** `os/arch[/variant]`. */
+  readonly platform: string;
+  readonly config: ImageConfig;
+}
+
+/** Everything {@link buildManifest} needs besides the files already in the snapshot dir. */
+export interface ManifestInput {
+  /** The dir holding the memory, state and disk files (sizes and digests are read from there). */
+  dir: string;
+  name: string;
+  image: ImageIdentity;
+  host: { qemuVersion: string; accelerator: "kvm" | "tcg"; kernelDigest: string; initramfsDigest: string };
+  machine: {
+    kernelArgs: readonly string[];
+    tscKHz: number | undefined;
+    memoryMiB: number;
+    vcpus: number;
+    /** Absent or `mem`: the default backend id. */
+    memoryBackendId?: string | undefined;
+  };
+  execDefaults: SnapshotManifest["execDefaults"];
+  warmupTag: string;
+  cacheKey: string;
+  parent: string | undefined;
+  backingChain: readonly BackingFileEntry[];
+}
+
+/**
+ * The one way a manifest is made, by bakes and by `vm.snapshot()` alike: the inputs, plus the
+ * sizes and sha256 digests of the files in `input.dir`.
+ */
+export async function buildManifest(input: ManifestInput): Promise<SnapshotManifest> {
+  const path = (name: string) => join(input.dir, name);
+  const [memorySize, stateSize, diskSize, memorySha, stateSha] = await Promise.all([
+    stat(path(SNAPSHOT_FILES.memory)).then((s) => s.size),
+    stat(path(SNAPSHOT_FILES.state)).then((s) => s.size),
+    stat(path(SNAPSHOT_FILES.disk)).then((s) => s.size),
+    sha256File(path(SNAPSHOT_FILES.memory)),
+    sha256File(path(SNAPSHOT_FILES.state)),
+  ]);
+  const backendId = input.machine.memoryBackendId;
+  return {
+    formatVersion: SNAPSHOT_FORMAT_VERSION,
+    name: input.name,
+    reference: input.image.reference,
+    platform: input.image.platform,
+    imageDigest: input.image.digest,
+    rootfsFormatVersion: ROOTFS_FORMAT_VERSION,
+    imageConfig: input.image.config,
+    qemuVersion: input.host.qemuVersion,
+    machine: "microvm",
+    accelerator: input.host.accelerator,
+    cpuModel: input.host.accelerator === "kvm" ? "host" : "max",
+    kernelDigest: input.host.kernelDigest,
+    initramfsDigest: input.host.initramfsDigest,
+    kernelArgs: [...input.machine.kernelArgs],
+    tscKHz: input.machine.tscKHz,
+    memoryMiB: input.machine.memoryMiB,
+    vcpus: input.machine.vcpus,
+    ...(backendId === undefined || backendId === "mem" ? {} : { memoryBackendId: backendId }),
+    execDefaults: input.execDefaults,
+    warmupTag: input.warmupTag,
+    cacheKey: input.cacheKey,
+    parent: input.parent,
+    createdAt: new Date().toISOString(),
+    files: {
+      memory: { path: SNAPSHOT_FILES.memory, sizeBytes: memorySize, sha256: memorySha },
+      state: { path: SNAPSHOT_FILES.state, sizeBytes: stateSize, sha256: stateSha },
+      disk: { path: SNAPSHOT_FILES.disk, sizeBytes: diskSize, backingChain: input.backingChain },
+    },
+  };
+}
+
+/** Write `manifest` into `dir` (0600). */
+export async function writeManifest(dir: string, manifest: SnapshotManifest): Promise<void> {
+  await writeFile(join(dir, SNAPSHOT_FILES.manifest), `${JSON.stringify(manifest, null, 2)}\n`, {
+    mode: 0o600,
+  });
+}
+
+/** sha256 hex of a file's content. */
+export async function sha256File(path: string): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path, { highWaterMark: 1024 * 1024 }))
+    hash.update(chunk as Buffer);
+  return hash.digest("hex");
 }

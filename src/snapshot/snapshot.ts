@@ -3,20 +3,13 @@
  * checked for damage BEFORE anything starts. See docs/snapshots.md.
  */
 
-import { execFile } from "node:child_process";
-import { createHash } from "node:crypto";
-import { createReadStream } from "node:fs";
-import { mkdtemp, open, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { open, readFile, stat } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
-import { promisify } from "node:util";
-import { SnapshotError, SupermachineError } from "../errors.ts";
-import { runtimeDir } from "../internal/paths.ts";
-import { hostTscKHz } from "../vmm/accelerator.ts";
-import type { AssetPaths } from "../vmm/asset-paths.ts";
+import { SnapshotError } from "../errors.ts";
+import { type AssetPaths, hostTscKHz, OverlayTemplate } from "../vmm/index.ts";
 import { hostFacts } from "./host-facts.ts";
-import { parseManifest, SNAPSHOT_FILES, type SnapshotManifest } from "./manifest.ts";
+import { parseManifest, SNAPSHOT_FILES, type SnapshotManifest, sha256File } from "./manifest.ts";
 
-const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const QCOW2_MAGIC = 0x514649fb;
 
@@ -38,12 +31,13 @@ export class Snapshot {
   readonly manifest: SnapshotManifest;
   /** The guest kernel and initramfs restores use (their digests match the manifest's). */
   readonly assets: AssetPaths;
-  #template: Promise<Buffer> | undefined;
+  readonly #overlays: OverlayTemplate;
 
   private constructor(dir: string, manifest: SnapshotManifest, assets: AssetPaths) {
     this.dir = dir;
     this.manifest = manifest;
     this.assets = assets;
+    this.#overlays = new OverlayTemplate(this.diskPath, "qcow2");
   }
 
   get memoryPath(): string {
@@ -114,36 +108,12 @@ export class Snapshot {
   }
 
   /**
-   * Create a fresh qcow2 overlay at `path` whose backing file is this snapshot's disk state. The
-   * first call makes a template with `qemu-img` (once per Snapshot object); every call then only
-   * writes the template's bytes (see docs/snapshots.md for the measured difference).
+   * Create a fresh qcow2 overlay (0600) at `path` whose backing file is this snapshot's disk
+   * state: a copy of one template overlay per Snapshot object (see docs/snapshots.md for the
+   * measured difference against `qemu-img` per restore).
    */
-  async createOverlay(path: string): Promise<void> {
-    this.#template ??= makeOverlayTemplate(this.diskPath);
-    this.#template.catch(() => {
-      this.#template = undefined;
-    });
-    await writeFile(path, await this.#template, { flag: "wx" });
-  }
-}
-
-async function makeOverlayTemplate(backing: string): Promise<Buffer> {
-  const root = runtimeDir();
-  await import("node:fs/promises").then((fs) => fs.mkdir(root, { recursive: true, mode: 0o700 }));
-  const tmp = await mkdtemp(join(root, "overlay-template-"));
-  try {
-    const file = join(tmp, "overlay.qcow2");
-    const qemuImg = process.env.SUPERMACHINE_QEMU_IMG || "qemu-img";
-    try {
-      await run(qemuImg, ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, file]);
-    } catch (error) {
-      throw new SupermachineError("VMM_FAILED", `qemu-img could not create an overlay on ${backing}`, {
-        cause: error,
-      });
-    }
-    return await readFile(file);
-  } finally {
-    await rm(tmp, { recursive: true, force: true });
+  createOverlay(path: string): Promise<void> {
+    return this.#overlays.create(path);
   }
 }
 
@@ -225,14 +195,6 @@ export async function qcow2BackingFile(path: string): Promise<string | undefined
   } finally {
     await handle.close();
   }
-}
-
-/** sha256 hex of a file's content. */
-export async function sha256File(path: string): Promise<string> {
-  const hash = createHash("sha256");
-  for await (const chunk of createReadStream(path, { highWaterMark: 1024 * 1024 }))
-    hash.update(chunk as Buffer);
-  return hash.digest("hex");
 }
 
 /** The store name a snapshot dir is known by. */

@@ -1,9 +1,9 @@
 /** The snapshot store: `<dataDir>/snapshots/<name>/`, one dir per snapshot. */
 
-import { readdir, readFile, rm, stat } from "node:fs/promises";
-import { join, resolve } from "node:path";
+import { readdir, readFile, rename, rm, stat } from "node:fs/promises";
+import { basename, dirname, join, resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { dataDir } from "../internal/paths.ts";
+import { dataDir } from "../internal/index.ts";
 import { parseManifest, SNAPSHOT_FILES, type SnapshotManifest } from "./manifest.ts";
 
 /** Names in the store: what a directory entry may be called. */
@@ -156,4 +156,21 @@ export async function sweepSnapshotTemps(root: string): Promise<number> {
     }
   }
   return removed;
+}
+
+/**
+ * Put the finished snapshot in `tmp` (a temp dir in the same store) at `dir` in one rename. An
+ * existing snapshot there is replaced; it is removed only after the new one is in place.
+ */
+export async function moveSnapshotIntoPlace(tmp: string, dir: string): Promise<void> {
+  const old = join(dirname(dir), snapshotTempName("old", basename(dir)));
+  const hadOld = await rename(dir, old).then(
+    () => true,
+    (error: NodeJS.ErrnoException) => {
+      if (error.code === "ENOENT") return false;
+      throw error;
+    },
+  );
+  await rename(tmp, dir);
+  if (hadOld) await rm(old, { recursive: true, force: true });
 }

@@ -1,9 +1,15 @@
 import { Readable, Writable } from "node:stream";
-import type { AgentClient } from "../agent/agent-client.ts";
-import type { ExecChannel, ExecExit } from "../agent/exec-channel.ts";
-import { AbortError, ExecTimeoutError, OutputLimitError, SupermachineError } from "../errors.ts";
-import { publish } from "../internal/diagnostics.ts";
-import { ExecOutcome, OutputCollector } from "./exec-outcome.ts";
+import type { AgentClient, ExecChannel, ExecExit } from "../agent/index.ts";
+import {
+  AbortError,
+  type ExecOutcome,
+  ExecTimeoutError,
+  OutputLimitError,
+  SupermachineError,
+  VmError,
+} from "../errors.ts";
+import { publish } from "../internal/index.ts";
+import { ExecOutcomeRecord, OutputCollector } from "./exec-outcome.ts";
 
 /** What an exec runs on: a VM, seen through the few things the exec API needs. */
 export interface ExecTarget {
@@ -85,7 +91,7 @@ export class ExecRun {
     if (init.timeoutMs > 0) {
       const limit = init.timeoutMs + (init.graceMs ?? DEFAULT_GRACE_MS) + TIMEOUT_BACKSTOP_MS;
       const timer = setTimeout(() => {
-        const outcome = new ExecOutcome({
+        const outcome = new ExecOutcomeRecord({
           argv: this.argv,
           exitCode: null,
           signal: "SIGKILL",
@@ -158,7 +164,7 @@ export class ExecRun {
   }
 
   outcome(exit: ExecExit, collector: OutputCollector | undefined): ExecOutcome {
-    return new ExecOutcome({
+    return new ExecOutcomeRecord({
       argv: this.argv,
       exitCode: exit.exitCode,
       signal: exit.signal,
@@ -177,6 +183,13 @@ export class ExecRun {
 }
 
 type Mode = "none" | "iterate" | "streams" | "collect" | "discard";
+
+let makeHandle: (run: ExecRun, pid: number) => ExecHandle;
+
+/** The handle of a started exec (internal: `spawn()`). */
+export function execHandle(run: ExecRun, pid: number): ExecHandle {
+  return makeHandle(run, pid);
+}
 
 /**
  * A running exec from `ExecBuilder.spawn()`. Consume its output one way: iterate it
@@ -202,8 +215,11 @@ export class ExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposable {
   #stdinStream: Writable | undefined;
   #disposing: Promise<void> | undefined;
 
-  /** @internal Created by `ExecBuilder.spawn()`. */
-  constructor(run: ExecRun, pid: number) {
+  static {
+    makeHandle = (run, pid) => new ExecHandle(run, pid);
+  }
+
+  private constructor(run: ExecRun, pid: number) {
     this.#run = run;
     this.#channel = run.channel;
     this.pid = pid;
@@ -326,7 +342,10 @@ export class ExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposable {
       const timer = setTimeout(
         () =>
           channel.reset(
-            new SupermachineError("EXEC_FAILED", `exec ${this.#run.name} did not end after SIGKILL`),
+            new VmError(
+              "AGENT_PROTOCOL",
+              `exec ${this.#run.name} did not end after SIGKILL: the agent does not answer`,
+            ),
           ),
         DISPOSE_KILL_WAIT_MS,
       );

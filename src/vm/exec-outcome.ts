@@ -1,6 +1,6 @@
-import type { ExecOutcomeLike } from "../errors.ts";
+import type { ExecOutcome } from "../errors.ts";
 
-/** The fields of an {@link ExecOutcome}. */
+/** The fields of an {@link ExecOutcomeRecord}. */
 export interface ExecOutcomeInit {
   argv: readonly string[];
   exitCode: number | null;
@@ -15,30 +15,16 @@ export interface ExecOutcomeInit {
 
 const EMPTY = new Uint8Array(0);
 
-/**
- * The result of one exec, the same shape for success and failure (errors such as `ExecError` carry
- * it as `outcome`). Output is kept as bytes; `stdoutText`/`stderrText` decode the whole of it as
- * UTF-8 once (one decoder per stream, so characters split across chunks come out whole; invalid
- * sequences become U+FFFD).
- */
-export class ExecOutcome implements ExecOutcomeLike {
-  /** The argv of the first step. */
+/** The {@link ExecOutcome} the library hands out (its docs are on the interface). */
+export class ExecOutcomeRecord implements ExecOutcome {
   readonly argv: readonly string[];
-  /** Exit status of the last step run; `null` if it was killed by a signal. */
   readonly exitCode: number | null;
-  /** Name of the signal that killed it (e.g. `"SIGKILL"`), or `null`. */
   readonly signal: string | null;
-  /** True if the timeout expired and the process group was killed. */
   readonly timedOut: boolean;
-  /** Guest-measured time from the first step's start to the last step's end, in ms. */
   readonly durationMs: number;
-  /** Largest resident set size over the steps run, in KiB. */
   readonly peakRssKiB: number;
-  /** Collected stdout (empty when the output was consumed through a stream or iterator). */
   readonly stdout: Uint8Array;
-  /** Collected stderr (empty on a tty, where it is merged into stdout). */
   readonly stderr: Uint8Array;
-  /** Index of the last step run: 0 = `argv`, 1 = the first `chain` step, … */
   readonly step: number;
   #stdoutText: string | undefined;
   #stderrText: string | undefined;
@@ -55,24 +41,20 @@ export class ExecOutcome implements ExecOutcomeLike {
     this.step = init.step;
   }
 
-  /** True when the last step exited 0 without timing out. */
   get ok(): boolean {
     return this.exitCode === 0 && !this.timedOut;
   }
 
-  /** stdout decoded as UTF-8. */
   get stdoutText(): string {
     this.#stdoutText ??= new TextDecoder().decode(this.stdout);
     return this.#stdoutText;
   }
 
-  /** stderr decoded as UTF-8. */
   get stderrText(): string {
     this.#stderrText ??= new TextDecoder().decode(this.stderr);
     return this.#stderrText;
   }
 
-  /** A short description: `exited with code 3`, `killed by SIGKILL`, `timed out`. */
   describe(): string {
     if (this.timedOut) return `timed out and was killed${this.signal ? ` (${this.signal})` : ""}`;
     if (this.signal !== null) return `was killed by ${this.signal}`;

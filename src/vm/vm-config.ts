@@ -1,4 +1,4 @@
-import type { AssetPaths } from "../vmm/asset-paths.ts";
+import type { AssetPaths } from "../vmm/index.ts";
 
 /** What a user asks of a VM. The live state of a running VM is {@link Vm}. */
 export interface VmConfig {
@@ -49,6 +49,30 @@ export interface VmTimings {
   readonly totalMs: number;
   /** Prestarted VMs only: how long starting QEMU ahead of time took (not part of `totalMs`). */
   readonly prestartMs?: number;
+}
+
+/** What `Vm.restore` and `image.start()` of a snapshot accept: exec defaults and limits (the machine is the snapshot's). */
+export interface RestoreConfig {
+  /** Must equal the snapshot's if given. */
+  memoryMiB?: number;
+  /** Must equal the snapshot's if given. */
+  vcpus?: number;
+  /** Environment of every exec (merged over the snapshot's). */
+  env?: Record<string, string>;
+  cwd?: string;
+  user?: string;
+  /** Time allowed from the state load to the agent's answer. Default 60 000 ms. */
+  bootTimeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** What `Vm.prestart` accepts. */
+export interface PrestartConfig extends RestoreConfig {
+  /**
+   * Default true: restore, warm up and pause now, so `activate()` only resumes the guest and
+   * starts a new agent session. False: only start QEMU; `activate()` loads the state.
+   */
+  warm?: boolean;
 }
 
 export const DEFAULT_MEMORY_MIB = 512;

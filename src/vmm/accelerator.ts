@@ -7,7 +7,8 @@ import { execFile, spawn } from "node:child_process";
 import { constants, readFileSync } from "node:fs";
 import { access, open } from "node:fs/promises";
 import path from "node:path";
-import { SupermachineError } from "../errors.ts";
+import { SupermachineError, VmError } from "../errors.ts";
+import { memoize, once, publish } from "../internal/index.ts";
 import type { Accelerator } from "./qemu-args.ts";
 
 /** The accelerator to use, and when it is TCG, why KVM is not available and how to get it. */
@@ -21,11 +22,27 @@ const TCG_NOTE =
   "Running under TCG: QEMU emulates the CPU, which is much slower and is NOT hardware isolation.";
 
 /**
+ * The accelerator VMs of this process use, detected once; published once on the diagnostics
+ * channel `supermachine:vm:accelerator` (the CLI tells a person at a terminal about TCG).
+ */
+export const hostAccelerator: () => Promise<AcceleratorChoice> = once(() =>
+  detectAccelerator().then((choice) => {
+    publish("vm:accelerator", choice);
+    return choice;
+  }),
+);
+
+/**
  * KVM when `/dev/kvm` can be opened read-write, else TCG with the reason.
  * `SUPERMACHINE_ACCEL=tcg` forces TCG. Cheap (one `open`); not cached.
  */
 export async function detectAccelerator(
-  options: { devicePath?: string; env?: NodeJS.ProcessEnv } = {},
+  options: {
+    devicePath?: string;
+    env?: NodeJS.ProcessEnv;
+    /** Starts a KVM machine and says why it failed (undefined: it works). Default: {@link probeKvm}. */
+    probe?: () => Promise<string | undefined>;
+  } = {},
 ): Promise<AcceleratorChoice> {
   const env = options.env ?? process.env;
   const device = options.devicePath ?? "/dev/kvm";
@@ -35,25 +52,73 @@ export async function detectAccelerator(
   try {
     const handle = await open(device, constants.O_RDWR);
     await handle.close();
-    return { accel: "kvm" };
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    let reason: string;
-    if (code === "ENOENT") {
-      reason =
-        `${device} does not exist: this host does not offer KVM. Enable virtualization (VT-x/AMD-V) in ` +
-        "the firmware, or nested virtualization if this host is itself a VM, and load the kvm_intel " +
-        "or kvm_amd module.";
-    } else if (code === "EACCES" || code === "EPERM") {
-      reason =
-        `no permission to open ${device}: add your user to the kvm group ` +
-        "(sudo usermod -aG kvm $USER) and log out and in again.";
-    } else {
-      reason = `cannot open ${device} (${code ?? String(error)}).`;
-    }
+    const reason = kvmOpenFailure((error as NodeJS.ErrnoException).code ?? String(error), device);
     return { accel: "tcg", reason: `${reason} ${TCG_NOTE}` };
   }
+  const failure = await (options.probe ?? (async () => probeKvm(await findQemu(env))))();
+  if (failure === undefined) return { accel: "kvm" };
+  return {
+    accel: "tcg",
+    reason:
+      `${device} opens, but QEMU cannot run a VM with it (${failure}): the host's KVM is incomplete ` +
+      `(a nested or emulated KVM?); set SUPERMACHINE_ACCEL=tcg to skip this check. ${TCG_NOTE}`,
+  };
 }
+
+/** Why `device` could not be opened (an errno code), and what to do about it. */
+export function kvmOpenFailure(code: string, device = "/dev/kvm"): string {
+  if (code === "ENOENT") {
+    return (
+      `${device} does not exist: this host does not offer KVM. Enable virtualization (VT-x/AMD-V) in ` +
+      "the firmware, or nested virtualization if this host is itself a VM, and load the kvm_intel " +
+      "or kvm_amd module."
+    );
+  }
+  if (code === "EACCES" || code === "EPERM") {
+    return (
+      `no permission to open ${device}: add your user to the kvm group ` +
+      "(sudo usermod -aG kvm $USER) and log out and in again."
+    );
+  }
+  return `cannot open ${device} (${code}).`;
+}
+
+/**
+ * Whether this QEMU can start a KVM microvm with `-cpu host` (some nested or emulated KVMs open but
+ * fail at the first vCPU reset). Undefined when it can; else the last line QEMU printed. Found out
+ * once per QEMU binary by starting a paused machine and quitting it (~60 ms).
+ */
+export const probeKvm: (qemuPath: string) => Promise<string | undefined> = memoize(
+  (qemuPath) =>
+    new Promise((resolve) => {
+      const child = spawn(
+        qemuPath,
+        [
+          ...["-machine", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", "64M"],
+          ...["-nodefaults", "-no-user-config", "-display", "none", "-S", "-monitor", "stdio"],
+        ],
+        { stdio: ["pipe", "ignore", "pipe"] },
+      );
+      let stderr = "";
+      child.stderr.setEncoding("utf8");
+      child.stderr.on("data", (text: string) => {
+        stderr = (stderr + text).slice(-4096);
+      });
+      const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+      child.on("error", (error) => {
+        clearTimeout(timer);
+        resolve(error.message);
+      });
+      child.on("close", (code, signal) => {
+        clearTimeout(timer);
+        const last = stderr.trim().split("\n")[0] ?? "";
+        resolve(code === 0 ? undefined : last || `exit ${code ?? signal}`);
+      });
+      child.stdin.on("error", () => {});
+      child.stdin.end("quit\n");
+    }),
+);
 
 let tscKHz: number | null | undefined;
 
@@ -164,18 +229,14 @@ export interface QemuVersion {
   text: string;
 }
 
-const versions = new Map<string, Promise<QemuVersion>>();
-
 /** The version of the QEMU at `qemuPath` (`--version`). Cached per path. */
-export function qemuVersion(qemuPath: string): Promise<QemuVersion> {
-  let version = versions.get(qemuPath);
-  if (version === undefined) {
-    version = runVersion(qemuPath);
-    versions.set(qemuPath, version);
-    version.catch(() => versions.delete(qemuPath));
-  }
-  return version;
-}
+export const qemuVersion: (qemuPath: string) => Promise<QemuVersion> = memoize(runVersion);
+
+/** The version of the QEMU VMs of this process use, as snapshots record it: `7.2.22 (Debian …)`. */
+export const hostQemuVersion: () => Promise<string> = once(async () => {
+  const v = await qemuVersion(await findQemu());
+  return v.package === "" ? v.text : `${v.text} (${v.package})`;
+});
 
 /** Parse `qemu-system-x86_64 --version` output. Exported for tests. */
 export function parseQemuVersion(output: string): QemuVersion | undefined {
@@ -195,19 +256,17 @@ function runVersion(qemuPath: string): Promise<QemuVersion> {
       if (error !== null) {
         const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
         reject(
-          new SupermachineError(
-            notFound ? "QEMU_NOT_FOUND" : "VMM_FAILED",
-            notFound ? `QEMU not found at ${qemuPath}: ${INSTALL_HINT}` : `${qemuPath} --version failed`,
-            { cause: error },
-          ),
+          notFound
+            ? new SupermachineError("QEMU_NOT_FOUND", `QEMU not found at ${qemuPath}: ${INSTALL_HINT}`, {
+                cause: error,
+              })
+            : new VmError("VMM_FAILED", `${qemuPath} --version failed`, {}, { cause: error }),
         );
         return;
       }
       const version = parseQemuVersion(stdout);
       if (version === undefined) {
-        reject(
-          new SupermachineError("VMM_FAILED", `cannot parse the version of ${qemuPath}: ${stdout.trim()}`),
-        );
+        reject(new VmError("VMM_FAILED", `cannot parse the version of ${qemuPath}: ${stdout.trim()}`));
       } else {
         resolve(version);
       }
@@ -215,20 +274,11 @@ function runVersion(qemuPath: string): Promise<QemuVersion> {
   });
 }
 
-const sandboxSupport = new Map<string, Promise<boolean>>();
-
 /**
  * Whether this QEMU can run with the strict seccomp sandbox (built with seccomp, kernel allows
  * it). Found out once per path by starting QEMU with `-machine none` and quitting it (~70 ms).
  */
-export function qemuSupportsSandbox(qemuPath: string): Promise<boolean> {
-  let supported = sandboxSupport.get(qemuPath);
-  if (supported === undefined) {
-    supported = probeSandbox(qemuPath);
-    sandboxSupport.set(qemuPath, supported);
-  }
-  return supported;
-}
+export const qemuSupportsSandbox: (qemuPath: string) => Promise<boolean> = memoize(probeSandbox);
 
 function probeSandbox(qemuPath: string): Promise<boolean> {
   return new Promise((resolve) => {

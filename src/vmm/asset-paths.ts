@@ -5,7 +5,7 @@ import { access, constants, readdir, readFile, stat } from "node:fs/promises";
 import { dirname, join, relative, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 import { SupermachineError } from "../errors.ts";
-import { cacheDir } from "../internal/paths.ts";
+import { cacheDir, once } from "../internal/index.ts";
 
 /** Where the guest kernel (an uncompressed, PVH-bootable `vmlinux`) and the initramfs are. */
 export interface AssetPaths {
@@ -31,8 +31,6 @@ const BUILD_COMMAND = "npm run assets";
 
 /** The package root: two levels above this file (`src/vmm/` when run from source, `dist/vmm/` when built). */
 const PACKAGE_DIR = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
-
-let linuxSourceVersionPromise: Promise<string | null> | undefined;
 
 /**
  * Finds the guest kernel and initramfs. Each is taken from the first of: `overrides`, the env
@@ -200,18 +198,19 @@ async function newestCachedKernel(dir: string): Promise<string | undefined> {
   return best?.path;
 }
 
-function linuxSourceVersion(): Promise<string | null> {
-  linuxSourceVersionPromise ??= new Promise((resolve) => {
-    execFile(
-      "dpkg-query",
-      // dpkg-query's own ${Version} field, not a template placeholder.
-      ["-W", "--showformat=$" + "{Version}", LINUX_SOURCE_PACKAGE],
-      { timeout: 10_000 },
-      (error, stdout) => resolve(error || stdout.trim() === "" ? null : stdout.trim()),
-    );
-  });
-  return linuxSourceVersionPromise;
-}
+/** The installed `linux-source-6.1` package version (it keys the kernel cache), found once. */
+const linuxSourceVersion: () => Promise<string | null> = once(
+  () =>
+    new Promise((resolve) => {
+      execFile(
+        "dpkg-query",
+        // dpkg-query's own ${Version} field, not a template placeholder.
+        ["-W", "--showformat=$" + "{Version}", LINUX_SOURCE_PACKAGE],
+        { timeout: 10_000 },
+        (error, stdout) => resolve(error || stdout.trim() === "" ? null : stdout.trim()),
+      );
+    }),
+);
 
 function sha256(data: string | Buffer): string {
   return createHash("sha256").update(data).digest("hex");

@@ -1,13 +1,15 @@
 import { execFile } from "node:child_process";
-import { resolve } from "node:path";
+import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { join, resolve } from "node:path";
 import { promisify } from "node:util";
-import { SupermachineError } from "../errors.ts";
+import { SupermachineError, VmError } from "../errors.ts";
+import { runtimeDir } from "../internal/index.ts";
 
 const run = promisify(execFile);
 
 /**
  * Creates a qcow2 overlay at `overlayPath` whose backing file is `basePath`, so a VM writes to its
- * own overlay and never to the shared base image (or snapshot disk state).
+ * own overlay and never to the shared base image (or snapshot disk state). The overlay is 0600.
  */
 export async function createDiskOverlay(
   basePath: string,
@@ -30,8 +32,51 @@ export async function createDiskOverlay(
         { cause: error },
       );
     }
-    throw new SupermachineError("VMM_FAILED", `qemu-img could not create a disk overlay on ${basePath}`, {
-      cause: error,
+    if (code === "ABORT_ERR") throw error;
+    throw new VmError(
+      "VMM_FAILED",
+      `qemu-img could not create a disk overlay on ${basePath}`,
+      {},
+      { cause: error },
+    );
+  }
+  await chmod(overlayPath, 0o600);
+}
+
+/**
+ * Overlays on one base, made fast: the first {@link create} makes a template overlay with
+ * `qemu-img` (~100 ms); every overlay after that is a copy of the template's bytes (~0.5 ms).
+ * Restores of one snapshot share one template.
+ */
+export class OverlayTemplate {
+  readonly basePath: string;
+  readonly #baseFormat: "raw" | "qcow2";
+  #template: Promise<Buffer> | undefined;
+
+  constructor(basePath: string, baseFormat: "raw" | "qcow2") {
+    this.basePath = basePath;
+    this.#baseFormat = baseFormat;
+  }
+
+  /** A new overlay at `path` (which must not exist), mode 0600. */
+  async create(path: string): Promise<void> {
+    this.#template ??= this.#make();
+    this.#template.catch(() => {
+      this.#template = undefined;
     });
+    await writeFile(path, await this.#template, { flag: "wx", mode: 0o600 });
+  }
+
+  async #make(): Promise<Buffer> {
+    const root = runtimeDir();
+    await mkdir(root, { recursive: true, mode: 0o700 });
+    const tmp = await mkdtemp(join(root, "overlay-template-"));
+    try {
+      const file = join(tmp, "overlay.qcow2");
+      await createDiskOverlay(this.basePath, file, { baseFormat: this.#baseFormat });
+      return await readFile(file);
+    } finally {
+      await rm(tmp, { recursive: true, force: true });
+    }
   }
 }

@@ -1,10 +1,16 @@
-/** The VMM layer: QEMU argv, process supervision, QMP, accelerator detection, runtime state. */
+/**
+ * The VMM layer: everything QEMU. Its argv, launch and supervision, QMP, the migration protocol
+ * (pause, resume, save and load state), disk overlays, accelerator detection, runtime state.
+ * No module above this one sends a QMP command.
+ */
 
 export {
   type AcceleratorChoice,
   assertHostSupported,
   detectAccelerator,
   findQemu,
+  hostAccelerator,
+  hostQemuVersion,
   hostTscKHz,
   type QemuVersion,
   qemuSupportsSandbox,
@@ -12,6 +18,8 @@ export {
 } from "./accelerator.ts";
 export * from "./asset-paths.ts";
 export { ConsoleLog, type ConsoleLogOptions, DEFAULT_CONSOLE_LOG_MAX_BYTES } from "./console-log.ts";
+export { createDiskOverlay, OverlayTemplate } from "./disk-overlay.ts";
+export { INCOMING_STATE_FD, type LoadStateOptions, type SaveStateOptions } from "./migration.ts";
 export {
   type Accelerator,
   AGENT_PORT_NAME,

@@ -88,10 +88,10 @@ export type GuestMemory =
     };
 
 /**
- * Incoming migration (restore): `"defer"` waits for QMP `migrate-incoming`; `{ fd }` reads the
- * device state from a file descriptor QEMU inherited (see `LaunchOptions.extraFds`).
+ * Incoming migration (restore): `"defer"` waits for QMP `migrate-incoming` (the state is then read
+ * from the descriptor QEMU inherited; see `LaunchOptions.incomingStatePath`).
  */
-export type IncomingMigration = "defer" | { fd: number };
+export type IncomingMigration = "defer";
 
 /** Everything that decides a VM's QEMU command line. */
 export interface MachineSpec {
@@ -260,9 +260,7 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
     push("-device", device.join(","));
   }
 
-  if (spec.incoming !== undefined) {
-    push("-incoming", spec.incoming === "defer" ? "defer" : `fd:${spec.incoming.fd}`);
-  }
+  if (spec.incoming !== undefined) push("-incoming", spec.incoming);
   if (spec.paused === true) push("-S");
   push(...(spec.extraArgs ?? []));
   return args;
@@ -305,9 +303,7 @@ function validate(spec: MachineSpec): void {
     }
   }
   if (spec.incoming !== undefined && spec.incoming !== "defer") {
-    if (!Number.isSafeInteger(spec.incoming.fd) || spec.incoming.fd < 3) {
-      throw invalid(`incoming fd must be an inherited descriptor >= 3, got ${spec.incoming.fd}`);
-    }
+    throw invalid(`unknown incoming migration ${JSON.stringify(spec.incoming)}`);
   }
   if (
     spec.memory?.kind === "file" &&

@@ -16,21 +16,23 @@
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
-import diagnostics from "node:diagnostics_channel";
+import { open } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
-import { debuglog } from "node:util";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
+import { debug, memoize, once, publish } from "../internal/index.ts";
 import { assertHostSupported, findOnPath, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";
 import { ConsoleLog } from "./console-log.ts";
+import {
+  type LoadStateOptions,
+  loadState,
+  type MigrationTarget,
+  type SaveStateOptions,
+  saveState,
+} from "./migration.ts";
 import { buildQemuArgs, type MachineSpec } from "./qemu-args.ts";
 import { QmpClient } from "./qmp-client.ts";
 import { runtimeRoot, type SweepResult, sweepStaleVms, VmStateDir } from "./state-dir.ts";
-
-const debug = debuglog("supermachine");
-const launchChannel = diagnostics.channel("supermachine:vmm:launch");
-const exitChannel = diagnostics.channel("supermachine:vmm:exit");
-const sweepChannel = diagnostics.channel("supermachine:vmm:sweep");
 
 const DEFAULT_LAUNCH_TIMEOUT_MS = 30_000;
 const DEFAULT_STOP_TIMEOUT_MS = 10_000;
@@ -54,10 +56,11 @@ export interface LaunchOptions {
   /** Listen for the guest agent's virtio-serial port. Default true. */
   agent?: boolean;
   /**
-   * Open file descriptors QEMU inherits: `extraFds[i]` is fd `3 + i` in QEMU (e.g. for
-   * `machine.incoming = { fd: 3 }`). They stay open in this process; close them after launch.
+   * Start as the target of an incoming migration from this state file (a snapshot's device
+   * state): QEMU waits (`-incoming defer`, vCPUs stopped) with the file as its fd
+   * {@link INCOMING_STATE_FD} until {@link QemuProcess.loadState}.
    */
-  extraFds?: readonly number[];
+  incomingStatePath?: string;
   /**
    * Called once the VM's dir exists, before QEMU starts: create per-VM files there (a qcow2
    * overlay, say) and return machine fields to add or override (`disks`, …). What it creates in
@@ -94,8 +97,6 @@ export interface StopOptions {
 
 const live = new Set<ChildProcess>();
 let exitHookInstalled = false;
-const sweeps = new Map<string, Promise<SweepResult | undefined>>();
-let setprivPath: Promise<string | undefined> | undefined;
 
 /** A running QEMU. Create with {@link QemuProcess.launch}. */
 export class QemuProcess {
@@ -245,7 +246,11 @@ export class QemuProcess {
     try {
       const prepared =
         options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal });
-      const machine: LaunchMachineSpec = { ...options.machine, ...prepared };
+      const machine: LaunchMachineSpec = {
+        ...options.machine,
+        ...prepared,
+        ...(options.incomingStatePath === undefined ? {} : { incoming: "defer" as const, paused: true }),
+      };
       const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
       throwIfAborted(signal);
       const [qmpListening, agentListening, consoleOpened] = await Promise.allSettled([
@@ -274,7 +279,7 @@ export class QemuProcess {
         ...(agentListener === undefined ? {} : { agentSocketPath: dir.agentSocketPath }),
       });
       throwIfAborted(signal);
-      child = await spawnQemu(qemuPath, args, setpriv, options.extraFds ?? []);
+      child = await spawnQemu(qemuPath, args, setpriv, options.incomingStatePath);
     } catch (error) {
       for (const listener of listeners) listener.server.close();
       await consoleLog?.close();
@@ -299,9 +304,7 @@ export class QemuProcess {
       throw error instanceof VmError && error.code === "VM_EXITED" ? qemu.#startupError() : error;
     }
     qemu.#state = "running";
-    if (launchChannel.hasSubscribers) {
-      launchChannel.publish({ id: qemu.id, pid: qemu.pid, args, durationMs: performance.now() - startedAt });
-    }
+    publish("vmm:launch", { id: qemu.id, pid: qemu.pid, args, durationMs: performance.now() - startedAt });
     return qemu;
   }
 
@@ -323,6 +326,49 @@ export class QemuProcess {
   /** The last lines QEMU wrote to stderr (at most 8 KiB). */
   get stderrTail(): string {
     return this.#stderr;
+  }
+
+  /** Stop the vCPUs (QMP `stop`). */
+  async pause(): Promise<void> {
+    await this.qmp.execute("stop");
+  }
+
+  /** Run the vCPUs (QMP `cont`). */
+  async resume(): Promise<void> {
+    await this.qmp.execute("cont");
+  }
+
+  /**
+   * Save the paused VM's state into `path` (created 0600; must not exist). With `ignoreShared`
+   * guest RAM, which lives in a shared memory file, is left out. See migration.ts.
+   */
+  saveState(path: string, options: SaveStateOptions): Promise<void> {
+    return saveState(this.#migrationTarget(), path, options);
+  }
+
+  /** Load the state of `LaunchOptions.incomingStatePath`; the vCPUs stay stopped. */
+  loadState(options: LoadStateOptions): Promise<void> {
+    return loadState(this.#migrationTarget(), options);
+  }
+
+  /** Rejects with `VM_EXITED` once QEMU exits: race it against waits on the guest. */
+  exitedError(what: string): Promise<never> {
+    return this.exited.then(() => {
+      throw this.#error("VM_EXITED", `VM ${this.id} exited during ${what}`);
+    });
+  }
+
+  #migrationTarget(): MigrationTarget {
+    const self = this;
+    return {
+      qmp: this.qmp,
+      stateDir: this.stateDir,
+      consoleLogPath: this.consoleLogPath,
+      get stderrTail() {
+        return self.#stderr;
+      },
+      exitedError: (what) => this.exitedError(what),
+    };
   }
 
   /**
@@ -436,16 +482,14 @@ export class QemuProcess {
     } catch (error) {
       debug("qemu %s: cleaning up %s failed: %s", this.id, this.stateDir, error);
     }
-    if (exitChannel.hasSubscribers) {
-      exitChannel.publish({
-        id: this.id,
-        pid: this.pid,
-        code: exit.code,
-        signal: exit.signal,
-        requested: this.#requested,
-        consoleLogPath: keep ? this.consoleLogPath : undefined,
-      });
-    }
+    publish("vmm:exit", {
+      id: this.id,
+      pid: this.pid,
+      code: exit.code,
+      signal: exit.signal,
+      requested: this.#requested,
+      consoleLogPath: keep ? this.consoleLogPath : undefined,
+    });
   }
 }
 
@@ -482,67 +526,65 @@ async function listenUnix(path: string): Promise<Listener> {
   return { server, connection };
 }
 
-function spawnQemu(
+async function spawnQemu(
   qemuPath: string,
   args: string[],
   setpriv: string | undefined,
-  extraFds: readonly number[],
+  incomingStatePath: string | undefined,
 ): Promise<ChildProcess> {
   const command = setpriv ?? qemuPath;
   const argv = setpriv === undefined ? args : ["--pdeathsig", "SIGKILL", "--", qemuPath, ...args];
-  const child = spawn(command, argv, {
-    stdio: ["ignore", "pipe", "pipe", ...extraFds],
-    // Own session: terminal signals go to the host only; the host decides how QEMU ends.
-    detached: true,
-  });
-  return new Promise((resolve, reject) => {
-    child.once("spawn", () => resolve(child));
-    child.once("error", (error) => {
-      const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
-      reject(
-        new SupermachineError(
-          notFound ? "QEMU_NOT_FOUND" : "VMM_FAILED",
-          `cannot start ${command}: ${error.message}`,
-          { cause: error },
-        ),
-      );
+  // The incoming state is QEMU's fd INCOMING_STATE_FD (3): the first descriptor after stdio.
+  const state = incomingStatePath === undefined ? undefined : await open(incomingStatePath, "r");
+  try {
+    const child = spawn(command, argv, {
+      stdio: ["ignore", "pipe", "pipe", ...(state === undefined ? [] : [state.fd])],
+      // Own session: terminal signals go to the host only; the host decides how QEMU ends.
+      detached: true,
     });
-  });
+    return await new Promise((resolve, reject) => {
+      child.once("spawn", () => resolve(child));
+      child.once("error", (error) => {
+        const notFound = (error as NodeJS.ErrnoException).code === "ENOENT";
+        const message = `cannot start ${command}: ${error.message}`;
+        reject(
+          notFound
+            ? new SupermachineError("QEMU_NOT_FOUND", message, { cause: error })
+            : new VmError("VMM_FAILED", message, {}, { cause: error }),
+        );
+      });
+    });
+  } finally {
+    await state?.close();
+  }
 }
 
 /** `setpriv` from util-linux if it supports `--pdeathsig`. Found out once per process. */
-function findSetpriv(): Promise<string | undefined> {
-  setprivPath ??= (async () => {
-    const found = await findOnPath("setpriv");
-    if (found === undefined) return undefined;
-    const works = await new Promise<boolean>((resolve) => {
-      const probe = spawn(found, ["--pdeathsig", "SIGKILL", "--", "true"], { stdio: "ignore" });
-      probe.once("error", () => resolve(false));
-      probe.once("exit", (code) => resolve(code === 0));
-    });
-    if (!works) debug("%s does not support --pdeathsig: QEMU will not die with this process", found);
-    return works ? found : undefined;
-  })();
-  return setprivPath;
-}
+const findSetpriv: () => Promise<string | undefined> = once(async () => {
+  const found = await findOnPath("setpriv");
+  if (found === undefined) return undefined;
+  const works = await new Promise<boolean>((resolve) => {
+    const probe = spawn(found, ["--pdeathsig", "SIGKILL", "--", "true"], { stdio: "ignore" });
+    probe.once("error", () => resolve(false));
+    probe.once("exit", (code) => resolve(code === 0));
+  });
+  if (!works) debug("%s does not support --pdeathsig: QEMU will not die with this process", found);
+  return works ? found : undefined;
+});
 
-function sweepOnce(root: string): Promise<SweepResult | undefined> {
-  let sweep = sweeps.get(root);
-  if (sweep === undefined) {
-    sweep = sweepStaleVms({ root }).then(
-      (result) => {
-        if (sweepChannel.hasSubscribers) sweepChannel.publish({ root, ...result });
-        return result;
-      },
-      (error: unknown) => {
-        debug("sweeping %s failed: %s", root, error);
-        return undefined;
-      },
-    );
-    sweeps.set(root, sweep);
-  }
-  return sweep;
-}
+/** Sweeps a runtime root once per process. */
+const sweepOnce: (root: string) => Promise<SweepResult | undefined> = memoize((root) =>
+  sweepStaleVms({ root }).then(
+    (result) => {
+      publish("vmm:sweep", { root, ...result });
+      return result;
+    },
+    (error: unknown) => {
+      debug("sweeping %s failed: %s", root, error);
+      return undefined;
+    },
+  ),
+);
 
 function installExitHook(): void {
   if (exitHookInstalled) return;

@@ -10,10 +10,8 @@
 import { EventEmitter, on } from "node:events";
 import type { Socket } from "node:net";
 import { StringDecoder } from "node:string_decoder";
-import { debuglog } from "node:util";
 import { AbortError, VmError } from "../errors.ts";
-
-const debug = debuglog("supermachine");
+import { debug } from "../internal/index.ts";
 
 /** Longest QMP message accepted from QEMU. */
 const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;

@@ -24,11 +24,8 @@ import { randomBytes } from "node:crypto";
 import { lstatSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { chmod, lstat, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
-import { debuglog } from "node:util";
 import { SupermachineError } from "../errors.ts";
-import { runtimeDir } from "../internal/paths.ts";
-
-const debug = debuglog("supermachine");
+import { debug, runtimeDir } from "../internal/index.ts";
 
 /** How many kept (failed) VM dirs a sweep leaves. */
 export const DEFAULT_MAX_KEPT_DIRS = 16;

@@ -21,7 +21,7 @@ import {
   encodeWindow,
 } from "../../src/agent/messages.ts";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../../src/errors.ts";
-import { ExecBuilder } from "../../src/vm/exec-builder.ts";
+import { execBuilder } from "../../src/vm/index.ts";
 import { connected, type FakeAgent, failOnUnhandledRejections, fakeAgentPair, isCode } from "./fake-agent.ts";
 
 failOnUnhandledRejections();
@@ -507,7 +507,7 @@ describe("exec API against the fake agent", () => {
   test("the host backstop ends a timed-out exec the agent never ends", async () => {
     const { fake, client } = await connected();
     let timedOut = 0;
-    const builder = new ExecBuilder(target(client, () => timedOut++))
+    const builder = execBuilder(target(client, () => timedOut++))
       .argv(["sleep", "9"])
       .timeout(1)
       .killGrace(0);
@@ -522,7 +522,7 @@ describe("exec API against the fake agent", () => {
 
   test("defaults fill env (with PATH), cwd and user; builder values win", async () => {
     const { fake, client } = await connected();
-    void new ExecBuilder(target(client))
+    void execBuilder(target(client))
       .argv(["env"])
       .env({ LANG: "C", X: "1" })
       .output()
@@ -541,7 +541,7 @@ describe("exec API against the fake agent", () => {
 
   test("an exit by signal rejects output() with ExecError carrying the outcome", async () => {
     const { fake, client } = await connected();
-    const output = new ExecBuilder(target(client)).argv(["x"]).output();
+    const output = execBuilder(target(client)).argv(["x"]).output();
     const exec = await fake.next((f) => f.type === MessageType.EXEC);
     fake.send(exec.stream, MessageType.STARTED, encodeStarted(5));
     fake.send(exec.stream, MessageType.STDERR, Buffer.from("boom\n"), FLAG_FIN);

@@ -14,7 +14,7 @@ import {
   PROTOCOL_VERSION,
 } from "../../src/agent/messages.ts";
 import { VmError } from "../../src/errors.ts";
-import { ExecBuilder, type ExecTarget } from "../../src/vm/exec-builder.ts";
+import { type ExecTarget, execBuilder } from "../../src/vm/index.ts";
 import { connectAgent } from "../helpers/agent-binary.ts";
 import { connected, type FakeAgent, failOnUnhandledRejections, isCode } from "./fake-agent.ts";
 
@@ -175,10 +175,10 @@ describe("rehello against the real agent (host mode)", () => {
       onExecTimedOut: () => {},
     };
     const run = async (argv: string[]) =>
-      new TextDecoder().decode((await new ExecBuilder(target).argv(argv).output()).stdout);
+      new TextDecoder().decode((await execBuilder(target).argv(argv).output()).stdout);
     assert.equal(await run(["echo", "one"]), "one\n");
     const first = client.epoch;
-    const spawned = await new ExecBuilder(target).argv(["sleep", "100"]).spawn();
+    const spawned = await execBuilder(target).argv(["sleep", "100"]).spawn();
     await assert.rejects(client.rehello({ timeoutMs: 10_000 }), isCode("INVALID_ARGUMENT"));
     spawned.kill("SIGKILL");
     await spawned.wait().catch(() => {});

@@ -17,15 +17,15 @@ export async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: num
 }
 
 /** Two clones of one snapshot read different random bytes, and each sees the host's time (±1 s). */
-export async function assertClonesDiffer(a: Vm, b: Vm): Promise<void> {
+export async function assertClonesDiffer(a: Vm, b: Vm, hostOffsetSeconds = 0): Promise<void> {
   const read = async (vm: Vm) => {
-    const before = Date.now() / 1000;
+    const before = Date.now() / 1000 + hostOffsetSeconds;
     const out = await vm.exec([
       "sh",
       "-c",
       "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
     ]);
-    const after = Date.now() / 1000;
+    const after = Date.now() / 1000 + hostOffsetSeconds;
     const [random, seconds] = out.stdoutText.trim().split("\n");
     return { random: random!, seconds: Number(seconds), before, after };
   };

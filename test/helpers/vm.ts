@@ -31,6 +31,16 @@ export function missingVmPrerequisite(): Promise<string | undefined> {
   return prerequisites;
 }
 
+/**
+ * Why VM tests must be skipped here, or undefined when they can run. With `CI=true` a missing
+ * prerequisite is a failure instead (it throws): CI never skips a VM test.
+ */
+export async function vmSkipReason(): Promise<string | undefined> {
+  const missing = await missingVmPrerequisite();
+  if (missing !== undefined && process.env.CI === "true") throw new Error(`VM tests cannot run: ${missing}`);
+  return missing;
+}
+
 let busybox: Promise<string> | undefined;
 
 /** The bundled busybox root filesystem directory (built by scripts/build-busybox-rootfs.sh). */
@@ -57,9 +67,8 @@ export function vmTest(
   options: { timeout?: number } = {},
 ) {
   test(name, { timeout: options.timeout ?? 120_000 }, async (t) => {
-    const missing = await missingVmPrerequisite();
+    const missing = await vmSkipReason();
     if (missing !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${missing}`);
       t.skip(missing);
       return;
     }
@@ -97,11 +106,8 @@ export function sharedVm(start: () => Promise<Vm>): {
   let vm: Vm | undefined;
   let skipReason: string | undefined;
   before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
+    skipReason = await vmSkipReason();
+    if (skipReason !== undefined) return;
     vm = await start();
   });
   after(async () => {

@@ -9,7 +9,7 @@ import { runCli } from "../helpers/cli.ts";
 import { type FixtureImages, fixtureImages } from "../helpers/fixtures.ts";
 import { startRegistry } from "../helpers/registry.ts";
 import { scratchDir } from "../helpers/scratch.ts";
-import { missingVmPrerequisite, sharedVm } from "../helpers/vm.ts";
+import { sharedVm, vmSkipReason } from "../helpers/vm.ts";
 
 describe("the Debian fixture image in a VM", { timeout: 900_000 }, () => {
   let fx: FixtureImages;
@@ -80,11 +80,8 @@ describe("the Debian fixture image in a VM", { timeout: 900_000 }, () => {
 
 describe("images from a registry", { timeout: 900_000 }, () => {
   it("pulls from a registry on loopback and runs the image with docker's rules", async (t) => {
-    const skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return t.skip(skipReason);
-    }
+    const skipReason = await vmSkipReason();
+    if (skipReason !== undefined) return t.skip(skipReason);
     const fx = await fixtureImages();
     await using registry = await startRegistry({ auth: "basic" });
     await registry.push(fx.busybox, "tools/busybox:1");

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -195,8 +195,12 @@ describe("builtin ext4 writer: sizes", () => {
     assert.ok(r.freeInodes >= 16384);
   });
 
-  it("refuses xattrs that do not fit in one block", async () => {
-    const tree = await treeOf([{ ...file("f"), pax: { "SCHILY.xattr.user.huge": "h".repeat(5000) } }]);
+  it("refuses xattrs that do not fit in one block (when the layer is read, and in the writer)", async () => {
+    await assert.rejects(treeOf([{ ...file("f"), pax: { "SCHILY.xattr.user.huge": "h".repeat(5000) } }]), {
+      code: "UNSAFE_LAYER",
+    });
+    const tree = await treeOf([file("f")]);
+    tree.root.children.get("f")!.xattrs = new Map([["user.huge", Buffer.alloc(5000, 0x68)]]);
     await assert.rejects(write(tree), { code: "ROOTFS_BUILD" });
   });
 
@@ -220,6 +224,18 @@ describe("the kernel", { skip: !canMount && "needs root and loop devices" }, () 
       file("etc/hostname", "box\n"),
       file("data", noise(2 * 1024 * 1024, 5)),
       { ...file("xa"), pax: { "SCHILY.xattr.user.k": "v" } },
+      {
+        ...file("acl", "a", { mode: 0o640 }),
+        pax: { "SCHILY.acl.access": "user::rw-,user:4242:r--,group::r--,mask::r--,other::---" },
+      },
+      {
+        ...dir("sparse-dir/"),
+        pax: { "SCHILY.acl.default": "user::rwx,user:7:r-x,group::r-x,mask::r-x,other::---" },
+      },
+      {
+        ...file("sparse-dir/holes", "abc"),
+        pax: { "GNU.sparse.map": "1000000,3", "GNU.sparse.size": "3000000", "GNU.sparse.numblocks": "1" },
+      },
     ]);
     const { imagePath } = await write(tree, { freeBytes: 64 * 1024 * 1024 });
     const copy = join(work, "mounted.ext4");
@@ -229,6 +245,17 @@ describe("the kernel", { skip: !canMount && "needs root and loop devices" }, () 
     execFileSync("mount", ["-o", "loop", copy, mnt]);
     try {
       assert.equal(execFileSync("cat", [join(mnt, "etc/hostname")], { encoding: "utf8" }), "box\n");
+      // The kernel reads our ext4 ACLs as the ACLs the layer gave, and the sparse file's holes.
+      const acl = execFileSync("getfacl", ["-n", "-c", join(mnt, "acl")], { encoding: "utf8" });
+      assert.match(acl, /^user::rw-\nuser:4242:r--\ngroup::r--\nmask::r--\nother::---\n/);
+      const defaults = execFileSync("getfacl", ["-n", "-c", "-d", join(mnt, "sparse-dir")], {
+        encoding: "utf8",
+      });
+      assert.match(defaults, /^user::rwx\nuser:7:r-x\ngroup::r-x\nmask::r-x\nother::---\n/);
+      const holes = readFileSync(join(mnt, "sparse-dir/holes"));
+      assert.equal(holes.length, 3_000_000);
+      assert.equal(holes.subarray(1_000_000, 1_000_003).toString(), "abc");
+      assert.ok(statSync(join(mnt, "sparse-dir/holes")).blocks <= 8, "the holes are allocated");
       mkdirSync(join(mnt, "new"));
       for (let i = 0; i < 2000; i++) writeFileSync(join(mnt, "new", String(i)), `${i}\n`);
       writeFileSync(join(mnt, "big"), noise(20 * 1024 * 1024, 11));

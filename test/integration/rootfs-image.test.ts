@@ -158,214 +158,205 @@ function layers(dirPath: string): LayerSource[] {
 
 const sha = (p: string): string => createHash("sha256").update(readFileSync(p)).digest("hex");
 
-const WRITERS = ["builtin", "mke2fs"] as const;
-const PHASES = {
-  builtin: ["layer", "write", "done"],
-  mke2fs: ["layer", "stage", "mkfs", "fixup", "done"],
-} as const;
+const PHASES = ["layer", "write", "done"] as const;
 
-for (const writer of WRITERS)
-  describe(`flattenLayers: a three-layer image (${writer} writer)`, () => {
-    let image: string;
-    let result: Awaited<ReturnType<typeof flattenLayers>>;
-    const events: string[] = [];
+describe("flattenLayers: a three-layer image", () => {
+  let image: string;
+  let result: Awaited<ReturnType<typeof flattenLayers>>;
+  const events: string[] = [];
 
-    before(async () => {
-      image = join(work, writer, "out", "image.ext4");
-      result = await flattenLayers({
-        layers: layers(join(work, writer, "layers")),
-        output: image,
-        freeBytes: 64 * 1024 * 1024,
-        writer,
-        onProgress: (e) => events.push(e.phase),
-      });
+  before(async () => {
+    image = join(work, "out", "image.ext4");
+    result = await flattenLayers({
+      layers: layers(join(work, "layers")),
+      output: image,
+      freeBytes: 64 * 1024 * 1024,
+      onProgress: (e) => events.push(e.phase),
     });
+  });
 
-    it("is a clean ext4 file system", () => {
-      const f = fsck(image);
-      assert.equal(f.status, 0, f.output);
-    });
+  it("is a clean ext4 file system", () => {
+    const f = fsck(image);
+    assert.equal(f.status, 0, f.output);
+  });
 
-    it("reports the build", () => {
-      assert.equal(result.imagePath, image);
-      assert.equal(result.formatVersion, ROOTFS_FORMAT_VERSION);
-      assert.equal(result.label, "supermachine");
-      assert.match(result.uuid, /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
-      assert.ok(result.freeBytes >= 64 * 1024 * 1024, `free ${result.freeBytes}`);
-      assert.ok(result.freeInodes >= 16384);
-      assert.deepEqual(result.skippedXattrs, [{ path: "/etc/xa", name: "bogus.ns" }]);
-      assert.deepEqual([...new Set(events)], PHASES[writer]);
-      const dump = dumpe2fs(image, true);
-      assert.match(dump, new RegExp(`Filesystem UUID:\\s+${result.uuid}`));
-      assert.match(dump, /Filesystem volume name:\s+supermachine/);
-      assert.match(dump, /Filesystem features:.*has_journal.*extent.*metadata_csum/);
-      assert.match(dump, /Journal start:\s+0/);
-      assert.match(dump, /Filesystem state:\s+clean/);
-      assert.match(dump, /Inode size:\s+256/);
-    });
+  it("reports the build", () => {
+    assert.equal(result.imagePath, image);
+    assert.equal(result.formatVersion, ROOTFS_FORMAT_VERSION);
+    assert.equal(result.label, "supermachine");
+    assert.match(result.uuid, /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    assert.ok(result.freeBytes >= 64 * 1024 * 1024, `free ${result.freeBytes}`);
+    assert.ok(result.freeInodes >= 16384);
+    assert.deepEqual(result.skippedXattrs, [{ path: "/etc/xa", name: "bogus.ns" }]);
+    assert.deepEqual([...new Set(events)], PHASES);
+    const dump = dumpe2fs(image, true);
+    assert.match(dump, new RegExp(`Filesystem UUID:\\s+${result.uuid}`));
+    assert.match(dump, /Filesystem volume name:\s+supermachine/);
+    assert.match(dump, /Filesystem features:.*has_journal.*extent.*metadata_csum/);
+    assert.match(dump, /Journal start:\s+0/);
+    assert.match(dump, /Filesystem state:\s+clean/);
+    assert.match(dump, /Inode size:\s+256/);
+  });
 
-    it("keeps owners and every mode bit (setuid, setgid, sticky)", () => {
-      const s = stat(image, [
-        "/",
-        "/usr/bin/su",
-        "/usr/bin/wall",
-        "/tmp",
-        "/etc/shadow",
-        "/home/user",
-        "/home/user/.profile",
-      ]);
-      assert.equal(s.get("/")?.mode, 0o755);
-      assert.deepEqual([s.get("/usr/bin/su")?.mode, s.get("/usr/bin/su")?.uid], [0o4755, 0]);
-      assert.deepEqual([s.get("/usr/bin/wall")?.mode, s.get("/usr/bin/wall")?.gid], [0o2755, 5]);
-      assert.deepEqual([s.get("/tmp")?.type, s.get("/tmp")?.mode], ["directory", 0o1777]);
-      assert.deepEqual(
-        [s.get("/etc/shadow")?.mode, s.get("/etc/shadow")?.uid, s.get("/etc/shadow")?.gid],
-        [0o640, 0, 42],
-      );
-      assert.deepEqual(
-        [s.get("/home/user")?.mode, s.get("/home/user")?.uid, s.get("/home/user")?.gid],
-        [0o700, 1000, 1000],
-      );
-      assert.deepEqual([s.get("/home/user/.profile")?.uid, s.get("/home/user/.profile")?.gid], [1000, 1000]);
-    });
+  it("keeps owners and every mode bit (setuid, setgid, sticky)", () => {
+    const s = stat(image, [
+      "/",
+      "/usr/bin/su",
+      "/usr/bin/wall",
+      "/tmp",
+      "/etc/shadow",
+      "/home/user",
+      "/home/user/.profile",
+    ]);
+    assert.equal(s.get("/")?.mode, 0o755);
+    assert.deepEqual([s.get("/usr/bin/su")?.mode, s.get("/usr/bin/su")?.uid], [0o4755, 0]);
+    assert.deepEqual([s.get("/usr/bin/wall")?.mode, s.get("/usr/bin/wall")?.gid], [0o2755, 5]);
+    assert.deepEqual([s.get("/tmp")?.type, s.get("/tmp")?.mode], ["directory", 0o1777]);
+    assert.deepEqual(
+      [s.get("/etc/shadow")?.mode, s.get("/etc/shadow")?.uid, s.get("/etc/shadow")?.gid],
+      [0o640, 0, 42],
+    );
+    assert.deepEqual(
+      [s.get("/home/user")?.mode, s.get("/home/user")?.uid, s.get("/home/user")?.gid],
+      [0o700, 1000, 1000],
+    );
+    assert.deepEqual([s.get("/home/user/.profile")?.uid, s.get("/home/user/.profile")?.gid], [1000, 1000]);
+  });
 
-    it("keeps 32-bit owners (high 16 bits included)", () => {
-      const out = debugfs(image, ["stat /big-ids", "stat /max-ids", "ls -p /"]);
-      assert.match(out[0]!, /User:\s+100000\s+Group:\s+200000/);
-      // debugfs prints ids as signed ints; -2 / -3 are 4294967294 / 4294967293.
-      assert.match(out[1]!, /User:\s+(4294967294|-2)\s+Group:\s+(4294967293|-3)/);
-      assert.match(out[2]!, /\/max-ids\//);
-    });
+  it("keeps 32-bit owners (high 16 bits included)", () => {
+    const out = debugfs(image, ["stat /big-ids", "stat /max-ids", "ls -p /"]);
+    assert.match(out[0]!, /User:\s+100000\s+Group:\s+200000/);
+    // debugfs prints ids as signed ints; -2 / -3 are 4294967294 / 4294967293.
+    assert.match(out[1]!, /User:\s+(4294967294|-2)\s+Group:\s+(4294967293|-3)/);
+    assert.match(out[2]!, /\/max-ids\//);
+  });
 
-    it("makes device nodes and FIFOs", () => {
-      const s = stat(image, ["/dev/null", "/dev/sda", "/dev/bigminor", "/dev/hugeminor", "/run/initctl"]);
-      assert.deepEqual(
-        [s.get("/dev/null")?.type, s.get("/dev/null")?.device, s.get("/dev/null")?.mode],
-        ["character special", "1:3", 0o666],
-      );
-      assert.deepEqual(
-        [s.get("/dev/sda")?.type, s.get("/dev/sda")?.device, s.get("/dev/sda")?.gid],
-        ["block special", "8:0", 6],
-      );
-      assert.equal(s.get("/dev/bigminor")?.device, "10:300");
-      assert.equal(s.get("/dev/hugeminor")?.device, "240:70000");
-      assert.deepEqual([s.get("/run/initctl")?.type, s.get("/run/initctl")?.mode], ["FIFO", 0o600]);
-    });
+  it("makes device nodes and FIFOs", () => {
+    const s = stat(image, ["/dev/null", "/dev/sda", "/dev/bigminor", "/dev/hugeminor", "/run/initctl"]);
+    assert.deepEqual(
+      [s.get("/dev/null")?.type, s.get("/dev/null")?.device, s.get("/dev/null")?.mode],
+      ["character special", "1:3", 0o666],
+    );
+    assert.deepEqual(
+      [s.get("/dev/sda")?.type, s.get("/dev/sda")?.device, s.get("/dev/sda")?.gid],
+      ["block special", "8:0", 6],
+    );
+    assert.equal(s.get("/dev/bigminor")?.device, "10:300");
+    assert.equal(s.get("/dev/hugeminor")?.device, "240:70000");
+    assert.deepEqual([s.get("/run/initctl")?.type, s.get("/run/initctl")?.mode], ["FIFO", 0o600]);
+  });
 
-    it("keeps hardlinks as one inode", () => {
-      const s = stat(image, [
-        "/usr/bin/gzip",
-        "/usr/bin/gunzip",
-        "/usr/bin/uncompress",
-        "/usr/bin/perl",
-        "/usr/bin/perl5.36.0",
-      ]);
-      const gz = s.get("/usr/bin/gzip")!;
-      assert.equal(s.get("/usr/bin/gunzip")?.inode, gz.inode);
-      assert.equal(s.get("/usr/bin/uncompress")?.inode, gz.inode);
-      assert.equal(gz.links, 3);
-      assert.equal(s.get("/usr/bin/perl5.36.0")?.inode, s.get("/usr/bin/perl")?.inode);
-      assert.equal(s.get("/usr/bin/perl")?.links, 2);
-      assert.equal(cat(image, "/usr/bin/perl5.36.0").toString(), "perl-upgraded");
-    });
+  it("keeps hardlinks as one inode", () => {
+    const s = stat(image, [
+      "/usr/bin/gzip",
+      "/usr/bin/gunzip",
+      "/usr/bin/uncompress",
+      "/usr/bin/perl",
+      "/usr/bin/perl5.36.0",
+    ]);
+    const gz = s.get("/usr/bin/gzip")!;
+    assert.equal(s.get("/usr/bin/gunzip")?.inode, gz.inode);
+    assert.equal(s.get("/usr/bin/uncompress")?.inode, gz.inode);
+    assert.equal(gz.links, 3);
+    assert.equal(s.get("/usr/bin/perl5.36.0")?.inode, s.get("/usr/bin/perl")?.inode);
+    assert.equal(s.get("/usr/bin/perl")?.links, 2);
+    assert.equal(cat(image, "/usr/bin/perl5.36.0").toString(), "perl-upgraded");
+  });
 
-    it("stores symlinks as symlinks, short and long", () => {
-      const s = stat(image, ["/bin", "/lib", "/long-link"]);
-      assert.deepEqual([s.get("/bin")?.type, s.get("/bin")?.fastLink], ["symlink", "usr/bin"]);
-      assert.equal(s.get("/lib")?.fastLink, "usr/lib");
-      assert.equal(s.get("/long-link")?.type, "symlink");
-      assert.equal(s.get("/long-link")?.size, LONG_TARGET.length);
-      assert.equal(cat(image, "/usr/lib/x.so").toString(), "via merged usr");
-    });
+  it("stores symlinks as symlinks, short and long", () => {
+    const s = stat(image, ["/bin", "/lib", "/long-link"]);
+    assert.deepEqual([s.get("/bin")?.type, s.get("/bin")?.fastLink], ["symlink", "usr/bin"]);
+    assert.equal(s.get("/lib")?.fastLink, "usr/lib");
+    assert.equal(s.get("/long-link")?.type, "symlink");
+    assert.equal(s.get("/long-link")?.size, LONG_TARGET.length);
+    assert.equal(cat(image, "/usr/lib/x.so").toString(), "via merged usr");
+  });
 
-    it("stores xattrs (security.capability, user.*, trusted.*)", () => {
-      const s = stat(image, ["/usr/bin/ping", "/etc/xa"]);
-      assert.ok(s.get("/usr/bin/ping")?.xattrs.has("security.capability"));
-      assert.equal(s.get("/etc/xa")?.xattrs.get("user.comment"), '"hello"');
-      assert.equal(s.get("/etc/xa")?.xattrs.get("trusted.note"), '"t"');
-      assert.equal(s.get("/etc/xa")?.xattrs.has("bogus.ns"), false);
-      const raw = debugfs(image, ["ea_get -x /usr/bin/ping security.capability"])[0]!;
-      assert.match(raw.replace(/\s/g, ""), /0100000200200000/);
-    });
+  it("stores xattrs (security.capability, user.*, trusted.*)", () => {
+    const s = stat(image, ["/usr/bin/ping", "/etc/xa"]);
+    assert.ok(s.get("/usr/bin/ping")?.xattrs.has("security.capability"));
+    assert.equal(s.get("/etc/xa")?.xattrs.get("user.comment"), '"hello"');
+    assert.equal(s.get("/etc/xa")?.xattrs.get("trusted.note"), '"t"');
+    assert.equal(s.get("/etc/xa")?.xattrs.has("bogus.ns"), false);
+    const raw = debugfs(image, ["ea_get -x /usr/bin/ping security.capability"])[0]!;
+    assert.match(raw.replace(/\s/g, ""), /0100000200200000/);
+  });
 
-    it("sets mtime, atime and ctime from the layer (before 1970 and after 2038 too)", () => {
-      const s = stat(image, ["/t0", "/t3e9", "/tneg", "/etc/motd", "/tmp", "/usr/bin/su"]);
-      for (const [p, t] of [
-        ["/t0", 0],
-        ["/t3e9", 3_000_000_000],
-        ["/tneg", -1000],
-        ["/usr/bin/su", 1_700_000_000],
-        ["/tmp", T + 5],
-      ] as const) {
-        const st = s.get(p)!;
-        assert.deepEqual([st.mtime, st.atime, st.ctime], [t, t, t], p);
-      }
-    });
-
-    it("applies whiteouts and opaque directories", () => {
-      assert.deepEqual(ls(image, "/opt"), []);
-      assert.deepEqual(ls(image, "/var/cache"), ["new"]);
-      assert.deepEqual(ls(image, "/usr").sort(), ["bin", "lib"]);
-      assert.equal(cat(image, "/var/cache/new").toString(), "upper");
-    });
-
-    it("writes contents, large directories and empty / all-zero files", () => {
-      assert.equal(ls(image, "/etc/many").length, 300);
-      assert.equal(cat(image, "/etc/many/entry-with-a-rather-long-name-0299").toString(), "299");
-      assert.equal(stat(image, ["/empty"]).get("/empty")?.size, 0);
-      const zeros = cat(image, "/zeros");
-      assert.equal(zeros.length, 1024 * 1024);
-      assert.ok(zeros.every((b) => b === 0));
-    });
-
-    it("is byte-identical when built again (other output path, other scratch dir)", async () => {
-      const other = join(work, writer, "again", "second.ext4");
-      const scratch = mkdtempSync(join(work, "scratch-"));
-      const again = await flattenLayers({
-        layers: layers(join(work, writer, "layers-copy")),
-        output: other,
-        freeBytes: 64 * 1024 * 1024,
-        tmpDir: scratch,
-        writer,
-      });
-      assert.equal(again.uuid, result.uuid);
-      assert.equal(sha(other), sha(image));
-    });
-
-    it("writes atomically and replaces an existing output", async () => {
-      writeFileSync(join(work, writer, "out", "replace.ext4"), "old contents");
-      const r = await flattenLayers({
-        layers: layers(join(work, writer, "layers")).slice(2),
-        output: join(work, writer, "out", "replace.ext4"),
-        sizeBytes: 32 * 1024 * 1024,
-        writer,
-      });
-      assert.equal(r.sizeBytes, 32 * 1024 * 1024);
-      assert.equal(fsck(r.imagePath).status, 0);
-    });
-
-    for (const phase of PHASES[writer].slice(0, -1)) {
-      it(`stops on abort during "${phase}" and leaves nothing behind`, async () => {
-        const controller = new AbortController();
-        const output = join(work, writer, `aborted-${phase}`, "image.ext4");
-        const pending = flattenLayers({
-          layers: layers(join(work, writer, "layers")),
-          output,
-          writer,
-          signal: controller.signal,
-          onProgress: (e) => {
-            if (e.phase === phase) controller.abort(new Error("stop"));
-          },
-        });
-        await assert.rejects(pending, (err: unknown) => {
-          assert.equal((err as { code?: string }).code, "ABORTED");
-          assert.equal(((err as Error).cause as Error).message, "stop");
-          return true;
-        });
-        assert.deepEqual(fingerprint(join(work, writer, `aborted-${phase}`)).size, 0);
-      });
+  it("sets mtime, atime and ctime from the layer (before 1970 and after 2038 too)", () => {
+    const s = stat(image, ["/t0", "/t3e9", "/tneg", "/etc/motd", "/tmp", "/usr/bin/su"]);
+    for (const [p, t] of [
+      ["/t0", 0],
+      ["/t3e9", 3_000_000_000],
+      ["/tneg", -1000],
+      ["/usr/bin/su", 1_700_000_000],
+      ["/tmp", T + 5],
+    ] as const) {
+      const st = s.get(p)!;
+      assert.deepEqual([st.mtime, st.atime, st.ctime], [t, t, t], p);
     }
   });
+
+  it("applies whiteouts and opaque directories", () => {
+    assert.deepEqual(ls(image, "/opt"), []);
+    assert.deepEqual(ls(image, "/var/cache"), ["new"]);
+    assert.deepEqual(ls(image, "/usr").sort(), ["bin", "lib"]);
+    assert.equal(cat(image, "/var/cache/new").toString(), "upper");
+  });
+
+  it("writes contents, large directories and empty / all-zero files", () => {
+    assert.equal(ls(image, "/etc/many").length, 300);
+    assert.equal(cat(image, "/etc/many/entry-with-a-rather-long-name-0299").toString(), "299");
+    assert.equal(stat(image, ["/empty"]).get("/empty")?.size, 0);
+    const zeros = cat(image, "/zeros");
+    assert.equal(zeros.length, 1024 * 1024);
+    assert.ok(zeros.every((b) => b === 0));
+  });
+
+  it("is byte-identical when built again (other output path, other scratch dir)", async () => {
+    const other = join(work, "again", "second.ext4");
+    const scratch = mkdtempSync(join(work, "scratch-"));
+    const again = await flattenLayers({
+      layers: layers(join(work, "layers-copy")),
+      output: other,
+      freeBytes: 64 * 1024 * 1024,
+      tmpDir: scratch,
+    });
+    assert.equal(again.uuid, result.uuid);
+    assert.equal(sha(other), sha(image));
+  });
+
+  it("writes atomically and replaces an existing output", async () => {
+    writeFileSync(join(work, "out", "replace.ext4"), "old contents");
+    const r = await flattenLayers({
+      layers: layers(join(work, "layers")).slice(2),
+      output: join(work, "out", "replace.ext4"),
+      sizeBytes: 32 * 1024 * 1024,
+    });
+    assert.equal(r.sizeBytes, 32 * 1024 * 1024);
+    assert.equal(fsck(r.imagePath).status, 0);
+  });
+
+  for (const phase of PHASES.slice(0, -1)) {
+    it(`stops on abort during "${phase}" and leaves nothing behind`, async () => {
+      const controller = new AbortController();
+      const output = join(work, `aborted-${phase}`, "image.ext4");
+      const pending = flattenLayers({
+        layers: layers(join(work, "layers")),
+        output,
+        signal: controller.signal,
+        onProgress: (e) => {
+          if (e.phase === phase) controller.abort(new Error("stop"));
+        },
+      });
+      await assert.rejects(pending, (err: unknown) => {
+        assert.equal((err as { code?: string }).code, "ABORTED");
+        assert.equal(((err as Error).cause as Error).message, "stop");
+        return true;
+      });
+      assert.deepEqual(fingerprint(join(work, `aborted-${phase}`)).size, 0);
+    });
+  }
+});
 
 describe("errors", () => {
   it("reports a host I/O failure as ROOTFS_BUILD with its cause", async () => {
@@ -400,29 +391,6 @@ describe("errors", () => {
     ]) {
       await assert.rejects(flattenLayers({ layers: [lay], output, ...bad }), { code: "INVALID_ARGUMENT" });
     }
-  });
-});
-
-describe("both writers", () => {
-  it("write the same files, owners, modes, times, links, devices and xattrs", async () => {
-    const lay = layers(join(work, "cmp-layers"));
-    const a = await flattenLayers({
-      layers: lay,
-      output: join(work, "cmp", "builtin.ext4"),
-      freeBytes: 16 << 20,
-    });
-    const b = await flattenLayers({
-      layers: lay,
-      output: join(work, "cmp", "mke2fs.ext4"),
-      freeBytes: 16 << 20,
-      writer: "mke2fs",
-    });
-    const la = listImage(a.imagePath);
-    const lb = listImage(b.imagePath);
-    assert.ok(la.entries.size > 300, `only ${la.entries.size} entries listed`);
-    assert.deepEqual([...la.entries].sort(), [...lb.entries].sort());
-    assert.deepEqual(la.hardlinks, lb.hardlinks);
-    assert.equal(la.hardlinks.length, 2);
   });
 });
 
@@ -501,6 +469,59 @@ describe("buildImageFromDirectory", () => {
     assert.equal(sha(a.imagePath), sha(b.imagePath));
   });
 
+  it("writes the same files as mke2fs -d of the same directory (e2fsprogs as the reference writer)", async () => {
+    const ours = join(work, "dir-ours.ext4");
+    await buildImageFromDirectory({ dir: src, output: ours, freeBytes: 16 << 20, mapOwner: null });
+    const reference = join(work, "dir-mke2fs.ext4");
+    const r = spawnSync(
+      "mke2fs",
+      ["-q", "-F", "-t", "ext4", "-b", "4096", "-E", "no_copy_xattrs", "-d", src, reference, "32M"],
+      { encoding: "utf8", env: { ...process.env, PATH: `${process.env.PATH}:/usr/sbin:/sbin` } },
+    );
+    assert.equal(r.status, 0, r.stderr);
+    // mke2fs copies the host's atime and ctime (the time of the test run); we write the mtime.
+    const withoutAc = (l: ReturnType<typeof listImage>) =>
+      [...l.entries].map(([p, e]) => [p, e.replace(/ a=\S+ c=\S+/, "")]).sort();
+    const a = listImage(ours);
+    const b = listImage(reference);
+    assert.ok(a.entries.size >= 6, `only ${a.entries.size} entries listed`);
+    assert.deepEqual(withoutAc(a), withoutAc(b));
+    assert.deepEqual(a.hardlinks, b.hardlinks);
+    assert.equal(a.hardlinks.length, 1);
+  });
+
+  for (const swap of ["a file for a symlink", "a directory on its path for a symlink"] as const) {
+    it(`refuses a tree whose ${swap.split(" ")[1]} is swapped between scan and write (${swap})`, async () => {
+      const tree = mkdtempSync(join(work, "racy-"));
+      const outside = mkdtempSync(join(work, "outside-"));
+      mkdirSync(join(tree, "etc"));
+      writeFileSync(join(tree, "etc", "hostname"), "box\n");
+      writeFileSync(join(outside, "hostname"), "SECRET OF THE HOST\n");
+      const output = join(tree, "..", `${tree.split("/").pop()}.ext4`);
+      await assert.rejects(
+        buildImageFromDirectory({
+          dir: tree,
+          output,
+          freeBytes: 16 << 20,
+          onProgress: (e) => {
+            if (e.phase !== "write") return;
+            // Scanned already; now the tree changes under the build.
+            if (swap === "a file for a symlink") {
+              rmSync(join(tree, "etc", "hostname"));
+              symlinkSync(join(outside, "hostname"), join(tree, "etc", "hostname"));
+            } else {
+              cpSync(join(tree, "etc"), join(tree, "etc-old"), { recursive: true });
+              rmSync(join(tree, "etc"), { recursive: true });
+              symlinkSync(outside, join(tree, "etc"));
+            }
+          },
+        }),
+        { code: "ROOTFS_BUILD", message: /changed while the image was built/ },
+      );
+      assert.throws(() => readFileSync(output), { code: "ENOENT" });
+    });
+  }
+
   it("refuses a path that is not a directory", async () => {
     await assert.rejects(
       buildImageFromDirectory({ dir: join(src, "etc", "hostname"), output: join(work, "x.ext4") }),
@@ -515,48 +536,47 @@ describe("as an unprivileged user", {
   skip: !isRoot && "already unprivileged: every other test covers it",
 }, () => {
   // Run the same layer build as uid/gid 65534 and compare with the root build byte for byte.
-  for (const writer of WRITERS)
-    it(`builds the same image without root (${writer} writer)`, async () => {
-      const home = mkdtempSync(join(tmpdir(), "rootfs-nobody-"));
-      try {
-        chmodSync(home, 0o755);
-        const node = join(home, "node");
-        copyFileSync(process.execPath, node);
-        chmodSync(node, 0o755);
-        const lay = layers(join(home, "layers"));
-        const outDir = join(home, "out");
-        mkdirSync(outDir);
-        chownSync(outDir, 65534, 65534);
-        const script = join(home, "build.ts");
-        // A copy of the sources the unprivileged user can read, wherever the checkout lives.
-        cpSync(new URL("../../src", import.meta.url).pathname, join(home, "src"), { recursive: true });
-        const index = join(home, "src", "rootfs", "index.ts");
-        writeFileSync(
-          script,
-          `import { flattenLayers } from ${JSON.stringify(index)};
+  it("builds the same image without root", async () => {
+    const home = mkdtempSync(join(tmpdir(), "rootfs-nobody-"));
+    try {
+      chmodSync(home, 0o755);
+      const node = join(home, "node");
+      copyFileSync(process.execPath, node);
+      chmodSync(node, 0o755);
+      const lay = layers(join(home, "layers"));
+      const outDir = join(home, "out");
+      mkdirSync(outDir);
+      chownSync(outDir, 65534, 65534);
+      const script = join(home, "build.ts");
+      // A copy of the sources the unprivileged user can read, wherever the checkout lives.
+      cpSync(new URL("../../src", import.meta.url).pathname, join(home, "src"), { recursive: true });
+      const index = join(home, "src", "rootfs", "index.ts");
+      writeFileSync(
+        script,
+        `import { flattenLayers } from ${JSON.stringify(index)};
 const layers = ${JSON.stringify(lay)};
-const r = await flattenLayers({ layers, output: ${JSON.stringify(join(outDir, "image.ext4"))}, freeBytes: 64 * 1024 * 1024, writer: ${JSON.stringify(writer)} });
+const r = await flattenLayers({ layers, output: ${JSON.stringify(join(outDir, "image.ext4"))}, freeBytes: 64 * 1024 * 1024 });
 console.log(JSON.stringify({ uid: process.getuid(), uuid: r.uuid }));
 `,
-        );
-        const r = spawnSync("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", node, script], {
-          encoding: "utf8",
-          env: { PATH: "/usr/bin:/bin", HOME: home },
-          cwd: home,
-        });
-        assert.equal(r.status, 0, r.stderr);
-        assert.equal(JSON.parse(r.stdout).uid, 65534);
-        const unprivileged = join(outDir, "image.ext4");
-        const privileged = join(home, "root.ext4");
-        await flattenLayers({ layers: lay, output: privileged, freeBytes: 64 * 1024 * 1024, writer });
-        assert.equal(sha(unprivileged), sha(privileged), "the image depends on who built it");
-        const s = stat(unprivileged, ["/usr/bin/su", "/dev/null", "/etc/shadow"]);
-        assert.deepEqual([s.get("/usr/bin/su")?.uid, s.get("/usr/bin/su")?.mode], [0, 0o4755]);
-        assert.equal(s.get("/dev/null")?.device, "1:3");
-        assert.equal(s.get("/etc/shadow")?.gid, 42);
-        assert.equal(q("a"), '"a"');
-      } finally {
-        rmSync(home, { recursive: true, force: true });
-      }
-    });
+      );
+      const r = spawnSync("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", node, script], {
+        encoding: "utf8",
+        env: { PATH: "/usr/bin:/bin", HOME: home },
+        cwd: home,
+      });
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(JSON.parse(r.stdout).uid, 65534);
+      const unprivileged = join(outDir, "image.ext4");
+      const privileged = join(home, "root.ext4");
+      await flattenLayers({ layers: lay, output: privileged, freeBytes: 64 * 1024 * 1024 });
+      assert.equal(sha(unprivileged), sha(privileged), "the image depends on who built it");
+      const s = stat(unprivileged, ["/usr/bin/su", "/dev/null", "/etc/shadow"]);
+      assert.deepEqual([s.get("/usr/bin/su")?.uid, s.get("/usr/bin/su")?.mode], [0, 0o4755]);
+      assert.equal(s.get("/dev/null")?.device, "1:3");
+      assert.equal(s.get("/etc/shadow")?.gid, 42);
+      assert.equal(q("a"), '"a"');
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
 });

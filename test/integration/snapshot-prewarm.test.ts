@@ -8,17 +8,11 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it, type TestContext } from "node:test";
-import { setTimeout as sleep } from "node:timers/promises";
-import { Image, Vm } from "../../src/index.ts";
-import { assertClonesDiffer, firstExecByte } from "../helpers/clones.ts";
+import { hostClock } from "../../src/agent/index.ts";
+import { Image, type Vm } from "../../src/index.ts";
+import { assertClonesDiffer } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
-import { missingVmPrerequisite } from "../helpers/vm.ts";
-
-function stats(values: number[]): string {
-  const sorted = [...values].sort((a, b) => a - b);
-  const median = sorted[Math.floor(sorted.length / 2)]!;
-  return `min ${sorted[0]!.toFixed(1)}, median ${median.toFixed(1)}, max ${sorted.at(-1)!.toFixed(1)} ms`;
-}
+import { vmSkipReason } from "../helpers/vm.ts";
 
 describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
   let skipReason: string | undefined;
@@ -28,11 +22,8 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
   const vms: Vm[] = [];
 
   before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
+    skipReason = await vmSkipReason();
+    if (skipReason !== undefined) return;
     dataDir = await mkdtemp(join(tmpdir(), "sm-prewarm-data-"));
     runtimeDir = await mkdtemp(join(tmpdir(), "sm-prewarm-run-"));
     process.env.SUPERMACHINE_DATA_DIR = dataDir;
@@ -68,64 +59,46 @@ describe("pre-warmed prestarted VMs", { timeout: 600_000 }, () => {
       }
     });
 
-  vmIt(
-    "prestart() pre-warms by default; activate() gives a working clone; dispose() kills QEMU",
-    async () => {
-      const prestarted = await image.prestart();
-      assert.equal(prestarted.warm, true);
-      assert.ok(prestarted.ready);
-      const vm = await prestarted.activate();
-      vms.push(vm);
-      assert.equal(prestarted.ready, false);
-      assert.equal(vm.timings.kind, "prestarted");
-      assert.equal(vm.timings.prestartMs, prestarted.prestartMs);
-      assert.ok(vm.timings.agentReadyMs <= vm.timings.totalMs);
-      assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
-      await assert.rejects(prestarted.activate(), /already used/);
-      await vm.stop();
+  vmIt("prestart() pre-warms by default; activate() gives a working clone; kill() kills QEMU", async () => {
+    const prestarted = await image.prestart();
+    assert.equal(prestarted.warm, true);
+    assert.ok(prestarted.ready);
+    const vm = await prestarted.activate();
+    vms.push(vm);
+    assert.equal(prestarted.ready, false);
+    assert.equal(vm.timings.kind, "prestarted");
+    assert.equal(vm.timings.prestartMs, prestarted.prestartMs);
+    assert.ok(vm.timings.agentReadyMs <= vm.timings.totalMs);
+    assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
+    await assert.rejects(prestarted.activate(), /already used/);
+    await vm.stop();
 
-      const unused = await image.prestart();
-      assert.ok(unused.ready);
-      await unused.dispose();
-      assert.equal(unused.ready, false);
-      await unused.exited; // QEMU is gone
-      await unused.dispose(); // idempotent
-    },
-  );
+    const unused = await image.prestart();
+    assert.ok(unused.ready);
+    await unused.kill();
+    assert.equal(unused.ready, false);
+    await unused.exited; // QEMU is gone
+    await unused.kill(); // idempotent
+  });
 
   vmIt("two clones from pre-warmed VMs: different random bytes, host time, separate disks", async () => {
     const [pa, pb] = await Promise.all([image.prestart(), image.prestart()]);
-    // Paused guests' clocks stand still: without the step at activation they would lag by this.
-    await sleep(3000);
-    const [a, b] = await Promise.all([pa.activate(), pb.activate()]);
+    // The host says it is an hour later: the clones' clocks must follow the host, not the snapshot.
+    const realNowNs = hostClock.nowNs;
+    hostClock.nowNs = () => realNowNs() + 3600n * 1_000_000_000n;
+    let a: Vm;
+    let b: Vm;
+    try {
+      [a, b] = await Promise.all([pa.activate(), pb.activate()]);
+    } finally {
+      hostClock.nowNs = realNowNs;
+    }
     vms.push(a, b);
-    await assertClonesDiffer(a, b);
+    await assertClonesDiffer(a, b, 3600);
     await a.exec(["sh", "-c", "echo only-a > /only-a && sync"]);
     assert.equal((await a.exec(["cat", "/only-a"])).stdoutText, "only-a\n");
     const inB = await b.execBuilder().argv(["test", "-e", "/only-a"]).reject(false).output();
     assert.notEqual(inB.exitCode, 0, "a file written in one clone is visible in the other");
     await Promise.all([a.stop(), b.stop()]);
-  });
-
-  vmIt("activation → first exec byte (diagnostic): pre-warmed against waiting for the state", async (t) => {
-    const snapshot = image.snapshot!;
-    const runs = Number(process.env.PREWARM_RUNS ?? 10);
-    const warm: number[] = [];
-    const deferred: number[] = [];
-    for (let i = 0; i < runs; i++) {
-      const pw = await Vm.prestart(snapshot);
-      const pd = await Vm.prestart(snapshot, { warm: false });
-      assert.equal(pd.warm, false);
-      for (const [prestarted, into] of [
-        [pw, warm],
-        [pd, deferred],
-      ] as const) {
-        const { ms, vm } = await firstExecByte(() => prestarted.activate());
-        into.push(ms);
-        await vm.kill();
-      }
-    }
-    t.diagnostic(`pre-warmed: activate → first byte of echo x, ${runs} runs: ${stats(warm)}`);
-    t.diagnostic(`waiting for its state: activate → first byte of echo x, ${runs} runs: ${stats(deferred)}`);
   });
 });

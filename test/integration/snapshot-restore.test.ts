@@ -10,10 +10,10 @@ import { link, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { Image, SnapshotError, Vm } from "../../src/index.ts";
+import { Image, SnapshotError, Store, Vm } from "../../src/index.ts";
 import { assertClonesDiffer } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
-import { busyboxRootfs, missingVmPrerequisite } from "../helpers/vm.ts";
+import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
 
 /**
  * Restore → exec → stop cycles, run at 1 and again at 2 vCPUs. Under TCG a 2-vCPU cycle costs about
@@ -60,11 +60,8 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
       });
 
   before(async () => {
-    skipReason = await missingVmPrerequisite();
-    if (skipReason !== undefined) {
-      if (process.env.CI === "true") throw new Error(`VM tests cannot run: ${skipReason}`);
-      return;
-    }
+    skipReason = await vmSkipReason();
+    if (skipReason !== undefined) return;
     dataDir = await mkdtemp(join(tmpdir(), "sm-snap-data-"));
     runtimeDir = await mkdtemp(join(tmpdir(), "sm-snap-run-"));
     process.env.SUPERMACHINE_DATA_DIR = dataDir;
@@ -119,7 +116,7 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
       m.files.state.sizeBytes < 1024 * 1024,
       `device state is small (${m.files.state.sizeBytes} bytes)`,
     );
-    const listed = await Image.snapshots();
+    const listed = await new Store().snapshots();
     assert.deepEqual(listed.map((s) => s.name).sort(), ["busybox-test", "busybox-test-2vcpus"]);
     assert.equal(image2.snapshot!.manifest.vcpus, 2);
   });
@@ -231,7 +228,7 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
     assert.equal((await vm.exec(["cat", "/warm.txt"])).stdoutText, "warmed\n");
     await vm.stop();
     const unused = await image.prestart();
-    await unused.dispose();
+    await unused.kill();
     assert.equal(unused.ready, false);
   });
 
@@ -259,8 +256,8 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
         "in-ram\non-disk\nwarmed\n",
       );
       await Promise.all([a.stop(), b.stop()]);
-      await assert.rejects(Image.removeSnapshot(image.snapshot!.name), { code: "INVALID_ARGUMENT" });
-      await Image.removeSnapshot("second-level");
+      await assert.rejects(new Store().removeSnapshot(image.snapshot!.name), { code: "INVALID_ARGUMENT" });
+      await new Store().removeSnapshot("second-level");
     },
   );
 

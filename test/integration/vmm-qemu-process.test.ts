@@ -24,13 +24,11 @@ import {
   sweepStaleVms,
 } from "../../src/vmm/index.ts";
 import { procStartTime } from "../../src/vmm/state-dir.ts";
+import { vmSkipReason } from "../helpers/vm.ts";
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const qemuPath = await findQemu().catch((error: unknown) => {
-  if (process.env.CI === "true") throw error;
-  return undefined;
-});
-const skip = qemuPath === undefined && "QEMU is not installed (CI=true makes this a failure)";
+const skip = await vmSkipReason();
+const qemuPath = skip === undefined ? await findQemu() : undefined;
 
 let tmp: string;
 let counter = 0;
@@ -413,19 +411,14 @@ describe("QemuProcess", { skip }, () => {
     assert.deepEqual(left, [], "an abort removes the dir");
   });
 
-  it("passes extra file descriptors to QEMU", async (t) => {
+  it("gives QEMU the incoming state file as its fd 3, waiting for it with the vCPUs stopped", async (t) => {
     const file = path.join(tmp, "fd-test");
     await writeFile(file, "");
-    const { open } = await import("node:fs/promises");
-    const handle = await open(file, "r");
-    try {
-      await withVm(t, { extraFds: [handle.fd] }, async (vm) => {
-        const { readlink } = await import("node:fs/promises");
-        assert.equal(await readlink(`/proc/${vm.pid}/fd/3`), file);
-      });
-    } finally {
-      await handle.close();
-    }
+    await withVm(t, { incomingStatePath: file }, async (vm) => {
+      const { readlink } = await import("node:fs/promises");
+      assert.equal(await readlink(`/proc/${vm.pid}/fd/3`), file);
+      assert.ok(vm.args.includes("-incoming") && vm.args.includes("-S"));
+    });
   });
 });
 
@@ -433,17 +426,7 @@ describe("with the guest kernel", { skip }, () => {
   it("boots it (no initramfs: the kernel panics, and panic=-1 ends QEMU)", async (t) => {
     const placeholder = path.join(tmp, "no-initramfs");
     await writeFile(placeholder, "");
-    const kernel = await resolveAssetPaths({ initramfs: placeholder }).then(
-      (assets) => assets.kernel,
-      (error: unknown) => {
-        if (process.env.CI === "true") throw error;
-        return undefined;
-      },
-    );
-    if (kernel === undefined) {
-      t.skip("no guest kernel built (npm run assets); CI=true makes this a failure");
-      return;
-    }
+    const kernel = (await resolveAssetPaths({ initramfs: placeholder })).kernel;
     const vm = await QemuProcess.launch({
       machine: { ...tiny, memoryMiB: 128, kernelPath: kernel, kernelArgs: ["quiet"] },
       runtimeDir: await freshRoot(),

@@ -6,7 +6,8 @@ import assert from "node:assert/strict";
 import { subscribe, unsubscribe } from "node:diagnostics_channel";
 import { describe, it } from "node:test";
 import { SupermachineError } from "../../src/errors.ts";
-import { ManualClock, type Pool, type PoolableVm, PoolBuilder, type VmSource } from "../../src/pool/index.ts";
+import type { Pool, PoolBuilder } from "../../src/pool/index.ts";
+import { ManualClock, type PoolableVm, poolBuilder, type VmSource } from "../../src/testing.ts";
 
 class FakeVm implements PoolableVm {
   readonly id: string;
@@ -97,7 +98,7 @@ class FakeSource implements VmSource<FakeVm> {
     });
   }
 
-  prestart?: () => Promise<{ activate(): Promise<FakeVm>; dispose(): Promise<void> }> = async () => {
+  prestart?: () => Promise<{ activate(): Promise<FakeVm>; kill(): Promise<void> }> = async () => {
     this.prestarts++;
     const n = this.prestarts;
     let used = false;
@@ -110,7 +111,7 @@ class FakeSource implements VmSource<FakeVm> {
         this.vms.push(vm);
         return vm;
       },
-      dispose: async () => {
+      kill: async () => {
         used = true;
         this.disposed++;
       },
@@ -128,13 +129,8 @@ class FakeSource implements VmSource<FakeVm> {
   }
 }
 
-/** Let promise callbacks and the pool's background work run. */
-async function settle(): Promise<void> {
-  for (let i = 0; i < 5; i++) await new Promise((resolve) => setImmediate(resolve));
-}
-
 function builder(source: FakeSource, clock = new ManualClock()): PoolBuilder<FakeVm> {
-  return new PoolBuilder(source).clock(clock);
+  return poolBuilder(source, { clock });
 }
 
 async function closeAndCheck(pool: Pool<FakeVm>, source: FakeSource, clock: ManualClock): Promise<void> {
@@ -180,13 +176,13 @@ describe("pool policy", () => {
     const pool = await builder(source, clock).min(2).max(4).build();
     assert.equal(pool.stats().idle, 2);
     const a = await pool.acquire();
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().idle, 2, "refilled to min");
     assert.equal(pool.stats().busy, 1);
     assert.equal(pool.stats().totalSpawned, 3);
     const b = await pool.acquire();
     const c = await pool.acquire();
-    await settle();
+    await pool.settled();
     // 3 busy + at most 1 more under max 4.
     assert.equal(pool.stats().busy, 3);
     assert.equal(pool.stats().idle, 1);
@@ -206,7 +202,7 @@ describe("pool policy", () => {
       third = lease.id;
       return lease;
     });
-    await settle();
+    await pool.settled();
     assert.equal(third, undefined);
     assert.equal(source.creates, 2);
     assert.equal(pool.stats().waiters, 1);
@@ -228,11 +224,11 @@ describe("pool policy", () => {
     const waiters = ["B", "C", "D"].map((name) =>
       pool.acquire().then(async (lease) => {
         order.push(name);
-        await settle();
+        await pool.settled();
         await lease.release();
       }),
     );
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().waiters, 3);
     await first.release();
     await Promise.all(waiters);
@@ -255,7 +251,7 @@ describe("pool policy", () => {
       return true;
     });
     clock.advance(499);
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().waiters, 1);
     clock.advance(1);
     await rejected;
@@ -277,15 +273,15 @@ describe("pool policy", () => {
       .restoreOnRelease(false)
       .build();
     const leases = [await pool.acquire(), await pool.acquire(), await pool.acquire()];
-    await settle();
+    await pool.settled();
     clock.advance(5_000); // busy VMs are never evicted
     for (const lease of leases) await lease.release();
     assert.equal(pool.stats().idle, 3);
     clock.advance(999);
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().idle, 3);
     clock.advance(1);
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().idle, 1);
     assert.equal(pool.stats().totalEvicted, 2);
     assert.equal(source.alive().length, 1);
@@ -296,7 +292,7 @@ describe("pool policy", () => {
       ["stopped", "stopped"],
     );
     clock.advance(10_000);
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().idle, 1, "min is never evicted");
     await closeAndCheck(pool, source, clock);
   });
@@ -306,14 +302,14 @@ describe("pool policy", () => {
     const clock = new ManualClock();
     const pool = await builder(source, clock).min(1).max(2).build();
     const a = await pool.acquire();
-    await settle();
+    await pool.settled();
     await a.release();
-    await settle();
+    await pool.settled();
     assert.equal(source.vms.find((vm) => vm.id === a.id)?.ended, "killed");
     const b = await pool.acquire();
     assert.notEqual(b.id, a.id);
     await b.release();
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().idle, 1);
     assert.equal(pool.stats().totalAcquired, 2);
     await closeAndCheck(pool, source, clock);
@@ -362,7 +358,7 @@ describe("pool policy", () => {
     const pool = await builder(source, clock).min(1).max(2).build();
     const first = source.vms[0] as FakeVm;
     first.die();
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().totalDiscarded, 1);
     assert.equal(pool.stats().idle, 1);
     const lease = await pool.acquire();
@@ -396,7 +392,7 @@ describe("pool policy", () => {
     });
     await assert.rejects(waiter, { code: "POOL_CLOSED" });
     await assert.rejects(pool.acquire(), { code: "POOL_CLOSED" });
-    await settle();
+    await pool.settled();
     assert.equal(closed, false, "close waits for the busy VM");
     assert.equal(busy.vm.ended, undefined);
     await busy.release();
@@ -428,7 +424,7 @@ describe("pool policy", () => {
     const pool = await builder(source, clock).max(1).build();
     const busy = await pool.acquire();
     const graceful = pool.close();
-    await settle();
+    await pool.settled();
     await pool.close({ force: true });
     await graceful;
     assert.equal(busy.released, true);
@@ -441,7 +437,6 @@ describe("pool policy", () => {
     const clock = new ManualClock();
     const pool = await builder(source, clock).max(2).build();
     const waiter = pool.acquire();
-    await settle();
     assert.equal(pool.stats().spawning, 1);
     const closing = pool.close();
     await assert.rejects(waiter, { code: "POOL_CLOSED" });
@@ -459,7 +454,6 @@ describe("pool policy", () => {
     const leases = [];
     for (const ms of [100, 200, 300, 400, 1_000]) {
       const pending = pool.acquire();
-      await settle();
       clock.advance(ms);
       source.releaseHeld();
       leases.push(await pending);
@@ -482,7 +476,7 @@ describe("pool policy", () => {
     const controller = new AbortController();
     const aborted = pool.acquire({ signal: controller.signal });
     const next = pool.acquire();
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().waiters, 2);
     controller.abort();
     await assert.rejects(aborted, { code: "ABORTED" });
@@ -504,7 +498,7 @@ describe("pool policy", () => {
     assert.equal(pool.stats().totalSpawnFailures, 1);
     // During the back-off the next acquire waits; then it gets a VM.
     const next = pool.acquire();
-    await settle();
+    await pool.settled();
     assert.equal(source.creates, 1);
     clock.advance(100);
     const lease = await next;
@@ -526,11 +520,11 @@ describe("pool policy", () => {
         (error: SupermachineError) => error.code,
       ),
     );
-    await settle();
+    await pool.settled();
     assert.equal(source.creates, 1);
     for (let ms = 0; ms < 1_000; ms += 50) {
       clock.advance(50);
-      await settle();
+      await pool.settled();
     }
     // Probes after 100, 200 and 400 ms of back-off (at 100, 300 and 700 ms), each failing one waiter.
     assert.equal(source.creates, 4);
@@ -555,7 +549,7 @@ describe("pool policy", () => {
     const lease = await pool.acquire();
     assert.equal(lease.id, "pre1");
     assert.equal(source.creates, 0);
-    await settle();
+    await pool.settled();
     assert.equal(pool.stats().prestarted, 2, "refilled");
     await lease.release();
     await pool.close();
@@ -578,7 +572,7 @@ describe("pool policy", () => {
     // The handle made at build() activates; replace it with a broken one.
     const first = await pool.acquire();
     assert.equal(first.id, "pre1");
-    await settle();
+    await pool.settled();
     const second = await pool.acquire();
     assert.equal(second.id, "vm1", "created instead");
     assert.ok(source.disposed >= 1, "the broken handle was disposed of");
@@ -597,16 +591,16 @@ describe("pool policy", () => {
       return Promise.reject(new SupermachineError("VMM_FAILED", "no QEMU"));
     };
     const lease = await pool.acquire(); // uses the handle made at build()
-    await settle();
+    await pool.settled();
     assert.equal(attempts, 1);
     clock.advance(99);
-    await settle();
+    await pool.settled();
     assert.equal(attempts, 1);
     clock.advance(1);
-    await settle();
+    await pool.settled();
     assert.equal(attempts, 2);
     clock.advance(200);
-    await settle();
+    await pool.settled();
     assert.equal(attempts, 3);
     const other = await pool.acquire();
     assert.equal(other.id, "vm1");
@@ -628,9 +622,9 @@ describe("pool policy", () => {
 
   it("rejects impossible settings", async () => {
     const source = new FakeSource();
-    await assert.rejects(new PoolBuilder(source).min(3).max(2).build(), { code: "INVALID_ARGUMENT" });
-    await assert.rejects(new PoolBuilder(source).max(0).build(), { code: "INVALID_ARGUMENT" });
-    await assert.rejects(new PoolBuilder(source).acquireTimeout(-1).build(), { code: "INVALID_ARGUMENT" });
+    await assert.rejects(poolBuilder(source).min(3).max(2).build(), { code: "INVALID_ARGUMENT" });
+    await assert.rejects(poolBuilder(source).max(0).build(), { code: "INVALID_ARGUMENT" });
+    await assert.rejects(poolBuilder(source).acquireTimeout(-1).build(), { code: "INVALID_ARGUMENT" });
     assert.equal(source.creates, 0);
   });
 
@@ -660,12 +654,7 @@ describe("pool policy", () => {
     const source = new FakeSource();
     const timers = () => process.getActiveResourcesInfo().filter((kind) => kind === "Timeout").length;
     const before = timers();
-    const pool = await new PoolBuilder(source)
-      .min(1)
-      .max(1)
-      .idleTimeout(60_000)
-      .acquireTimeout(60_000)
-      .build();
+    const pool = await poolBuilder(source).min(1).max(1).idleTimeout(60_000).acquireTimeout(60_000).build();
     const held = await pool.acquire();
     const waiter = pool.acquire();
     assert.ok(timers() > before);

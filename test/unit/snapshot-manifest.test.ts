@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.ts";
-import { bakeCacheKey } from "../../src/snapshot/bake.ts";
+import { bakeCacheKey } from "../../src/image/index.ts";
 import { parseManifest, SNAPSHOT_FORMAT_VERSION } from "../../src/snapshot/manifest.ts";
 import { qcow2BackingFile } from "../../src/snapshot/snapshot.ts";
 import { assertSnapshotName, defaultSnapshotName, snapshotDirOf } from "../../src/snapshot/store.ts";

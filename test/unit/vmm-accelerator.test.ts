@@ -8,6 +8,7 @@ import {
   detectAccelerator,
   findQemu,
   hostTscKHz,
+  kvmOpenFailure,
   parseQemuVersion,
   tscKHzFrom,
 } from "../../src/vmm/accelerator.ts";
@@ -31,18 +32,24 @@ describe("detectAccelerator", () => {
   it("uses KVM when the device opens read-write", async () => {
     const device = path.join(dir, "kvm");
     await writeFile(device, "");
-    assert.deepEqual(await detectAccelerator({ devicePath: device, env: {} }), { accel: "kvm" });
+    const probe = async () => undefined;
+    assert.deepEqual(await detectAccelerator({ devicePath: device, env: {}, probe }), { accel: "kvm" });
   });
 
-  it("explains the kvm group when permission is denied", {
-    skip: process.getuid?.() === 0 && "root can open anything",
-  }, async () => {
-    const device = path.join(dir, "kvm-locked");
+  it("falls back to TCG, saying why, when the device opens but QEMU cannot use it", async () => {
+    const device = path.join(dir, "kvm-broken");
     await writeFile(device, "");
-    await chmod(device, 0o400);
-    const choice = await detectAccelerator({ devicePath: device, env: {} });
+    const probe = async () => "error: failed to set MSR 0x10a to 0x69";
+    const choice = await detectAccelerator({ devicePath: device, env: {}, probe });
     assert.equal(choice.accel, "tcg");
-    assert.match(choice.reason!, /usermod -aG kvm \$USER/);
+    assert.match(choice.reason!, /opens, but QEMU cannot run a VM with it \(error: failed to set MSR/);
+    assert.match(choice.reason!, /SUPERMACHINE_ACCEL=tcg/);
+  });
+
+  it("explains the kvm group when permission is denied", () => {
+    assert.match(kvmOpenFailure("EACCES"), /no permission to open \/dev\/kvm: .*usermod -aG kvm \$USER/);
+    assert.match(kvmOpenFailure("EPERM", "/x/kvm"), /no permission to open \/x\/kvm/);
+    assert.match(kvmOpenFailure("EIO"), /cannot open \/dev\/kvm \(EIO\)/);
   });
 
   it("SUPERMACHINE_ACCEL=tcg forces TCG", async () => {

@@ -148,7 +148,6 @@ describe("buildQemuArgs", () => {
       spec: { incoming: "defer", paused: true },
       has: [["-incoming", "defer", "-S"]],
     },
-    { name: "incoming from an inherited fd", spec: { incoming: { fd: 3 } }, has: [["-incoming", "fd:3"]] },
     {
       name: "extra args come last",
       spec: { extraArgs: ["-global", "virtio-mmio.force-legacy=false"], paused: true },
@@ -244,7 +243,7 @@ describe("buildQemuArgs", () => {
       name: "hostname as forward address",
       spec: { network: { hostForwards: [{ hostAddress: "a,b", hostPort: 1, guestPort: 2 }] } },
     },
-    { name: "incoming on stdio fd", spec: { incoming: { fd: 1 } } },
+    { name: "incoming other than defer", spec: { incoming: "tcp:0:4444" as never } },
     { name: "kernel arg with a space", spec: { kernelPath: "/k", kernelArgs: ["a b"] } },
     { name: "tsc of zero", spec: { kernelPath: "/k", tscKHz: 0 } },
   ];

@@ -5,39 +5,35 @@
  */
 
 import { createHash } from "node:crypto";
-import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
-import { basename, dirname, join } from "node:path";
-import { ExecStartError, SnapshotError, SupermachineError } from "../errors.ts";
-import { throwIfAborted } from "../internal/abort.ts";
-import { debug, publish } from "../internal/diagnostics.ts";
-import { dataDir } from "../internal/paths.ts";
-import type { ImageConfig } from "../oci/image-config.ts";
+import { mkdir, rm, stat } from "node:fs/promises";
+import { join } from "node:path";
+import { ExecStartError, SnapshotError } from "../errors.ts";
+import { dataDir, debug, publish, throwIfAborted } from "../internal/index.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
-import { Vm } from "../vm/vm.ts";
-import type { AssetPaths } from "../vmm/asset-paths.ts";
-import { hostFacts } from "./host-facts.ts";
-import { SNAPSHOT_FILES, SNAPSHOT_FORMAT_VERSION, type SnapshotManifest } from "./manifest.ts";
-import { Snapshot, sha256File } from "./snapshot.ts";
 import {
   assertSnapshotName,
+  buildManifest,
   defaultSnapshotName,
+  hostFacts,
+  type ImageIdentity,
+  moveSnapshotIntoPlace,
+  SNAPSHOT_FILES,
+  SNAPSHOT_FORMAT_VERSION,
+  Snapshot,
   snapshotsRoot,
   snapshotTempName,
   sweepSnapshotTemps,
-} from "./store.ts";
+  writeManifest,
+} from "../snapshot/index.ts";
+import { bootForBake, saveBakedVm, type Vm, vmMachine } from "../vm/index.ts";
+import type { AssetPaths } from "../vmm/index.ts";
 
 /** Where a baked workload's output goes in the guest (tmpfs). */
 export const WORKLOAD_LOG = "/run/supermachine-workload.log";
 
 export interface BakeInput {
-  /** The image: reference, manifest digest, platform, config, flattened root filesystem. */
-  image: {
-    reference: string;
-    digest: string;
-    platform: string;
-    config: ImageConfig;
-    rootfsPath: string;
-  };
+  /** The image and its flattened root filesystem. */
+  image: ImageIdentity & { rootfsPath: string };
   /** Exec defaults of the VM (and of every restore). */
   execDefaults: { env: Record<string, string>; cwd: string; user: string };
   /** Argv of the image's workload, started in the background before the warm-up; none: nothing. */
@@ -113,14 +109,14 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
   }
 
   throwIfAborted(signal, "bake");
-  await mkdir(root, { recursive: true });
+  await mkdir(root, { recursive: true, mode: 0o700 });
   await sweepSnapshotTemps(root);
   const tmp = join(root, snapshotTempName("bake", name));
-  await mkdir(tmp);
+  await mkdir(tmp, { mode: 0o700 });
   const started = performance.now();
   let vm: Vm | undefined;
   try {
-    vm = await Vm.bootForSnapshot(
+    vm = await bootForBake(
       {
         rootfs: input.image.rootfsPath,
         memoryMiB: input.memoryMiB,
@@ -132,65 +128,47 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
         ...(input.bootTimeoutMs === undefined ? {} : { bootTimeoutMs: input.bootTimeoutMs }),
         ...(signal === undefined ? {} : { signal }),
       },
-      { memoryPath: join(tmp, SNAPSHOT_FILES.memory), overlayPath: join(tmp, SNAPSHOT_FILES.disk) },
+      {
+        image: input.image,
+        bake: { memoryPath: join(tmp, SNAPSHOT_FILES.memory), overlayPath: join(tmp, SNAPSHOT_FILES.disk) },
+      },
     );
     const bootMs = performance.now() - started;
     if (input.workload !== undefined && input.workload.length > 0) await startWorkload(vm, input.workload);
     throwIfAborted(signal, "bake");
     if (input.warmup !== undefined) await input.warmup(vm);
     throwIfAborted(signal, "bake");
-    const bootArgs = vm.bootArgs;
+    const machine = vmMachine(vm);
     const savedAt = performance.now();
-    await vm.saveStateAndQuit(join(tmp, SNAPSHOT_FILES.state), signal === undefined ? {} : { signal });
+    await saveBakedVm(vm, join(tmp, SNAPSHOT_FILES.state), signal);
     const saveMs = performance.now() - savedAt;
     vm = undefined;
 
-    const memoryPath = join(tmp, SNAPSHOT_FILES.memory);
-    const statePath = join(tmp, SNAPSHOT_FILES.state);
-    const diskPath = join(tmp, SNAPSHOT_FILES.disk);
-    const [memorySize, stateSize, diskSize, rootfsSize, memorySha, stateSha] = await Promise.all([
-      stat(memoryPath).then((s) => s.size),
-      stat(statePath).then((s) => s.size),
-      stat(diskPath).then((s) => s.size),
-      stat(input.image.rootfsPath).then((s) => s.size),
-      sha256File(memoryPath),
-      sha256File(statePath),
-    ]);
-    const manifest: SnapshotManifest = {
-      formatVersion: SNAPSHOT_FORMAT_VERSION,
+    const rootfsSize = (await stat(input.image.rootfsPath)).size;
+    const manifest = await buildManifest({
+      dir: tmp,
       name,
-      reference: input.image.reference,
-      platform: input.image.platform,
-      imageDigest: input.image.digest,
-      rootfsFormatVersion: ROOTFS_FORMAT_VERSION,
-      imageConfig: input.image.config,
-      qemuVersion: host.qemuVersion,
-      machine: "microvm",
-      accelerator: host.accelerator,
-      cpuModel: host.cpuModel,
-      kernelDigest: host.kernelDigest,
-      initramfsDigest: host.initramfsDigest,
-      kernelArgs: [...bootArgs.kernelArgs],
-      tscKHz: bootArgs.tscKHz,
-      memoryMiB: input.memoryMiB,
-      vcpus: input.vcpus,
+      image: {
+        reference: input.image.reference,
+        digest: input.image.digest,
+        platform: input.image.platform,
+        config: input.image.config,
+      },
+      host,
+      machine: {
+        kernelArgs: machine.kernelArgs ?? [],
+        tscKHz: machine.tscKHz,
+        memoryMiB: input.memoryMiB,
+        vcpus: input.vcpus,
+      },
       execDefaults: input.execDefaults,
       warmupTag: input.warmupTag,
       cacheKey,
       parent: undefined,
-      createdAt: new Date().toISOString(),
-      files: {
-        memory: { path: SNAPSHOT_FILES.memory, sizeBytes: memorySize, sha256: memorySha },
-        state: { path: SNAPSHOT_FILES.state, sizeBytes: stateSize, sha256: stateSha },
-        disk: {
-          path: SNAPSHOT_FILES.disk,
-          sizeBytes: diskSize,
-          backingChain: [{ path: input.image.rootfsPath, format: "raw", sizeBytes: rootfsSize }],
-        },
-      },
-    };
-    await writeFile(join(tmp, SNAPSHOT_FILES.manifest), `${JSON.stringify(manifest, null, 2)}\n`);
-    await moveIntoPlace(tmp, dir);
+      backingChain: [{ path: input.image.rootfsPath, format: "raw", sizeBytes: rootfsSize }],
+    });
+    await writeManifest(tmp, manifest);
+    await moveSnapshotIntoPlace(tmp, dir);
     publish("snapshot:bake", { name, dir, bootMs, saveMs, totalMs: performance.now() - started });
     return { snapshot: await Snapshot.open(dir, { assets: host.assets }), reused: false };
   } catch (error) {
@@ -207,32 +185,15 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
  */
 async function startWorkload(vm: Vm, argv: readonly string[]): Promise<void> {
   try {
-    await vm
-      .execBuilder()
-      .argv(["/bin/sh", "-c", `"$@" </dev/null >>${WORKLOAD_LOG} 2>&1 &`, "sh", ...argv])
-      .output();
+    await vm.exec(["/bin/sh", "-c", `"$@" </dev/null >>${WORKLOAD_LOG} 2>&1 &`, "sh", ...argv]);
   } catch (error) {
     if (error instanceof ExecStartError) {
-      throw new SupermachineError(
+      throw new ExecStartError(
         "EXEC_START",
         `cannot start the image's workload in the background (${argv.join(" ")}): the image needs /bin/sh for that; bake without the workload instead`,
-        { cause: error },
+        { argv: [...argv], errno: error.errno },
       );
     }
     throw error;
   }
-}
-
-/** Replace `dir` with `tmp` (same filesystem): the old snapshot, if any, goes only after. */
-async function moveIntoPlace(tmp: string, dir: string): Promise<void> {
-  const old = join(dirname(dir), snapshotTempName("old", basename(dir)));
-  const hadOld = await rename(dir, old).then(
-    () => true,
-    (error: NodeJS.ErrnoException) => {
-      if (error.code === "ENOENT") return false;
-      throw error;
-    },
-  );
-  await rename(tmp, dir);
-  if (hadOld) await rm(old, { recursive: true, force: true });
 }

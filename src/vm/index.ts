@@ -1,0 +1,48 @@
+/**
+ * A VM's life cycle: boot, restore and pre-started VMs, the state machine, exec, files and
+ * snapshots of a running VM.
+ */
+
+export type { BootOptions } from "./boot.ts";
+export {
+  checkArgv,
+  checkExecOptions,
+  DEFAULT_PATH,
+  type ExecInput,
+  type ExecOptions,
+  type StageFile,
+} from "./exec.ts";
+export { ExecBuilder, execBuilder } from "./exec-builder.ts";
+export {
+  type ExecDefaults,
+  type ExecEvent,
+  ExecHandle,
+  type ExecStdin,
+  type ExecTarget,
+} from "./exec-handle.ts";
+export { restoreMachineSpec } from "./restore.ts";
+export {
+  flattenedImageRootfs,
+  imageRootfsPath,
+  pruneRootfsCache,
+  type RootfsImage,
+  resolveRootfs,
+} from "./rootfs-cache.ts";
+export {
+  bootForBake,
+  type GuestFileStream,
+  PrestartedVm,
+  saveBakedVm,
+  Vm,
+  type VmState,
+  vmMachine,
+} from "./vm.ts";
+export {
+  DEFAULT_BOOT_TIMEOUT_MS,
+  DEFAULT_MEMORY_MIB,
+  DEFAULT_VCPUS,
+  type PrestartConfig,
+  type RestoreConfig,
+  type VmConfig,
+  type VmTimings,
+} from "./vm-config.ts";
