@@ -1,8 +1,9 @@
 /**
  * The host side of the mounts channel (docs/protocol.md, "Mounts channel"; docs/mounts.md): one
  * connection to the guest's mount relay on the `sm.mounts` port. Each mount is a stream whose
- * `MOUNT_DATA` carries the guest kernel's 9P connection to a {@link serve9p} server on the host,
- * with credit both ways so neither side buffers without bound.
+ * `MOUNT_DATA` carries the guest kernel's 9P connection to a file server on the host (the caller
+ * starts it: `serve9p` of src/ninep, a sibling leaf this module does not import), with credit both
+ * ways so neither side buffers without bound.
  *
  * The relay is guest code and untrusted: every frame is bounded and checked, and anything
  * malformed closes the channel with `AGENT_PROTOCOL` ({@link MountChannel.closed}); a malformed 9P
@@ -13,14 +14,7 @@
 import { randomBytes } from "node:crypto";
 import { Duplex } from "node:stream";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../errors.ts";
-import { debug, publish } from "../internal/diagnostics.ts";
-import {
-  type MountOwner,
-  type NinepServer,
-  type NinepServerStats,
-  type SymlinkPolicy,
-  serve9p,
-} from "../ninep/index.ts";
+import { debug, publish } from "../internal/index.ts";
 import {
   describeType,
   encodeFrameHeader,
@@ -58,24 +52,30 @@ export interface MountChannelConnectOptions {
   signal?: AbortSignal;
 }
 
-/** One live mount of a host directory into the guest. */
-export interface MountOptions {
-  /** The host directory (symlinks in this path are resolved once, at mount time). */
-  hostPath: string;
+/** The file server behind one mount (e.g. `NinepServer` of src/ninep). */
+export interface MountServer {
+  /** Settles when the server stops: `undefined` when its stream ended, else why. Never rejects. */
+  readonly closed: Promise<Error | undefined>;
+  /** Stops serving and destroys the stream. Idempotent. */
+  close(reason?: Error): void;
+}
+
+/** What the guest mounts, and who serves it. */
+export interface MountRequest<S extends MountServer = MountServer> {
   /** Absolute guest path; created (`mkdir -p`) if missing. */
   guestPath: string;
-  /** Every write, create, rename, chmod, truncate and xattr set fails with `EROFS`. */
+  /**
+   * Starts the file server on `stream`, the guest kernel's 9P connection (it may reject, e.g. with
+   * `INVALID_ARGUMENT` for a bad host directory: nothing reaches the guest then). Serve at most
+   * `msizeBytes` per message.
+   */
+  serve: (stream: Duplex, context: { guestPath: string; msizeBytes: number }) => Promise<S>;
+  /** Mount read-only in the guest too (`MS_RDONLY`); the server must refuse writes regardless. */
   readOnly?: boolean;
-  /** Default `"opaque"`; see {@link SymlinkPolicy}. */
-  symlinks?: SymlinkPolicy;
-  /** Owner of files the guest creates when the host runs as root (see `NinepServerOptions.owner`). */
-  owner?: MountOwner;
   /** 9P message size (4 KiB–1 MiB). Default 512 KiB. */
   msizeBytes?: number;
   /** The guest kernel's 9p `cache=` mode. Default `"mmap"` (coherent with host edits; shared mmap works). */
   cache?: MountCacheMode;
-  /** Most fids the guest may hold on this mount. Default 8192. */
-  maxFids?: number;
   /** How long the guest may take to mount. Default 30 000 ms. */
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -106,11 +106,11 @@ function invalid(message: string): SupermachineError {
 }
 
 /** A mount made by {@link MountChannel.mount}. */
-export class MountHandle {
+export class MountHandle<S extends MountServer = MountServer> {
   readonly guestPath: string;
-  readonly hostPath: string;
   readonly readOnly: boolean;
-  readonly symlinks: SymlinkPolicy;
+  /** The file server behind the mount. */
+  readonly server: S;
   /**
    * Settles when the mount is over: `undefined` once unmounted (by {@link unmount}, or in the
    * guest), else the error that ended it (a 9P protocol violation, the channel closing). Never
@@ -120,22 +120,16 @@ export class MountHandle {
   readonly #stream: MountStream;
 
   /** @internal */
-  constructor(stream: MountStream, options: MountOptions) {
+  constructor(stream: MountStream, server: S, readOnly: boolean) {
     this.#stream = stream;
-    this.guestPath = options.guestPath;
-    this.hostPath = options.hostPath;
-    this.readOnly = options.readOnly === true;
-    this.symlinks = options.symlinks ?? "opaque";
+    this.guestPath = stream.guestPath;
+    this.readOnly = readOnly;
+    this.server = server;
     this.closed = stream.closed;
   }
 
   get state(): MountState {
     return this.#stream.state === "mounting" ? "mounted" : this.#stream.state;
-  }
-
-  /** Counters of the 9P server behind the mount. */
-  get stats(): NinepServerStats {
-    return this.#stream.server.stats;
   }
 
   /**
@@ -158,7 +152,7 @@ class MountStream {
   id = 0;
   readonly guestPath: string;
   readonly pipe: Duplex;
-  server!: NinepServer;
+  server!: MountServer;
   state: "mounting" | MountState = "mounting";
   readonly mounted = deferred<void>();
   readonly closed: Promise<Error | undefined>;
@@ -444,39 +438,33 @@ export class MountChannel {
   }
 
   /**
-   * Mounts `hostPath` at `guestPath` in the guest, served by a 9P server on this host that
-   * enforces the mount's policy. Resolves once the guest kernel has mounted it. Rejects with
-   * `INVALID_ARGUMENT` (bad options, `hostPath` not a directory), `GUEST_IO` (the guest could not
-   * mount: `errno` says why, `ETIMEDOUT` after `timeoutMs`), `ABORTED`, or the channel's error.
+   * Mounts in the guest at `request.guestPath`, served by the server `request.serve` starts.
+   * Resolves once the guest kernel has mounted it. Rejects with `INVALID_ARGUMENT` (bad options,
+   * or whatever `serve` rejects with), `GUEST_IO` (the guest could not mount: `errno` says why,
+   * `ETIMEDOUT` after `timeoutMs`), `ABORTED`, or the channel's error.
    */
-  async mount(options: MountOptions): Promise<MountHandle> {
+  async mount<S extends MountServer>(request: MountRequest<S>): Promise<MountHandle<S>> {
     this.#checkOpen();
-    checkGuestPath(options.guestPath);
-    const msize = options.msizeBytes ?? DEFAULT_MSIZE;
-    if (!Number.isSafeInteger(msize) || msize < 4096 || msize > 1024 * 1024) {
-      throw invalid(`msizeBytes must be an integer from 4096 to 1048576, got ${msize}`);
+    const guestPath = request.guestPath;
+    checkGuestPath(guestPath);
+    const msizeBytes = request.msizeBytes ?? DEFAULT_MSIZE;
+    if (!Number.isSafeInteger(msizeBytes) || msizeBytes < 4096 || msizeBytes > 1024 * 1024) {
+      throw invalid(`msizeBytes must be an integer from 4096 to 1048576, got ${msizeBytes}`);
     }
-    const cache = options.cache ?? "mmap";
+    const cache = request.cache ?? "mmap";
     if (!(MOUNT_CACHE_MODES as readonly string[]).includes(cache)) {
       throw invalid(`cache must be one of ${MOUNT_CACHE_MODES.join(", ")}, got ${JSON.stringify(cache)}`);
     }
-    const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    const signal = options.signal;
-    if (signal?.aborted) throw new AbortError(`mount ${options.guestPath} aborted`, { cause: signal.reason });
+    const timeoutMs = request.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const signal = request.signal;
+    if (signal?.aborted) throw new AbortError(`mount ${guestPath} aborted`, { cause: signal.reason });
     if (this.#nextStream > MAX_STREAM_ID) throw new VmError("VM_STOPPED", "mount stream ids exhausted");
 
-    const stream = new MountStream(this.#link, options.guestPath);
-    stream.server = await serve9p(stream.pipe, {
-      root: options.hostPath,
-      label: options.guestPath,
-      maxMsize: msize,
-      ...(options.readOnly === undefined ? {} : { readOnly: options.readOnly }),
-      ...(options.symlinks === undefined ? {} : { symlinks: options.symlinks }),
-      ...(options.owner === undefined ? {} : { owner: options.owner }),
-      ...(options.maxFids === undefined ? {} : { maxFids: options.maxFids }),
-    });
+    const stream = new MountStream(this.#link, guestPath);
+    const server = await request.serve(stream.pipe, { guestPath, msizeBytes });
+    stream.server = server;
     if (this.#closedError) {
-      stream.server.close();
+      server.close();
       throw this.#closedError;
     }
     // Allocated only now, and the MOUNT written at once: opening frames go out in id order.
@@ -488,9 +476,9 @@ export class MountChannel {
       id,
       MessageType.MOUNT,
       encodeMount({
-        path: options.guestPath,
-        msize,
-        readOnly: options.readOnly,
+        path: guestPath,
+        msize: msizeBytes,
+        readOnly: request.readOnly,
         window: GUEST_WINDOW,
         cache,
       }),
@@ -498,15 +486,15 @@ export class MountChannel {
     const timer = setTimeout(
       () =>
         stream.abandon(
-          new GuestIoError(`mount ${options.guestPath} did not complete within ${timeoutMs} ms`, {
-            path: options.guestPath,
+          new GuestIoError(`mount ${guestPath} did not complete within ${timeoutMs} ms`, {
+            path: guestPath,
             errno: 110, // ETIMEDOUT
           }),
         ),
       timeoutMs,
     );
     const onAbort = () =>
-      stream.abandon(new AbortError(`mount ${options.guestPath} aborted`, { cause: signal?.reason }));
+      stream.abandon(new AbortError(`mount ${guestPath} aborted`, { cause: signal?.reason }));
     signal?.addEventListener("abort", onAbort, { once: true });
     try {
       await stream.mounted.promise;
@@ -514,15 +502,10 @@ export class MountChannel {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
     }
-    const handle = new MountHandle(stream, options);
+    const handle = new MountHandle(stream, server, request.readOnly === true);
     this.#handles.add(handle);
     void handle.closed.then(() => this.#handles.delete(handle));
-    publish("mount:attach", {
-      guestPath: options.guestPath,
-      hostPath: options.hostPath,
-      readOnly: handle.readOnly,
-      symlinks: handle.symlinks,
-    });
+    publish("mount:attach", { guestPath, readOnly: handle.readOnly });
     return handle;
   }
 

@@ -16,7 +16,7 @@ import type { BigIntStats, Dir } from "node:fs";
 import { constants as os } from "node:os";
 import type { Duplex } from "node:stream";
 import { SupermachineError } from "../errors.ts";
-import { debug } from "../internal/diagnostics.ts";
+import { debug } from "../internal/index.ts";
 import * as b from "./beneath.ts";
 import {
   type Dirent,

@@ -21,6 +21,7 @@ import { encodeMount, MOUNT_WINDOW } from "../../src/agent/mount-messages.ts";
 import { GuestIoError } from "../../src/errors.ts";
 import { agentBinary } from "../helpers/agent-binary.ts";
 import { pattern } from "../helpers/fake-9p-kernel.ts";
+import { mountDir } from "../helpers/mounts.ts";
 
 const ROOT = process.geteuid?.() === 0;
 const OWNER = ROOT ? { owner: { uid: 4242, gid: 4243 } } : {};
@@ -148,7 +149,7 @@ describe("mount relay (host mode)", { timeout: 120_000 }, () => {
       const root = await hostDir("transfer-root");
       const big = randomBytes(5 * MOUNT_WINDOW + 123);
       await writeFile(join(root, "big"), big);
-      const handle = await channel.mount({
+      const handle = await mountDir(channel, {
         hostPath: root,
         guestPath: join(dir, "transfer"),
         msizeBytes: 128 * 1024,
@@ -160,7 +161,7 @@ describe("mount relay (host mode)", { timeout: 120_000 }, () => {
       assert.equal(r.read, big.length);
       assert.deepEqual(await readFile(join(root, "upload")), pattern(6 * 1024 * 1024 + 5));
       // Each Tread/Twrite moves at most msize - 24 bytes: ~90 of them.
-      assert.ok(handle.stats.requests > 90, `requests: ${handle.stats.requests}`);
+      assert.ok(handle.server.stats.requests > 90, `requests: ${handle.server.stats.requests}`);
       await handle.unmount();
       assert.equal(await handle.closed, undefined);
       assert.equal(handle.state, "unmounted");
@@ -179,10 +180,10 @@ describe("mount relay (host mode)", { timeout: 120_000 }, () => {
       const channel = await MountChannel.connect(relay.socket, { timeoutMs: 10_000 });
       const root = await hostDir("fail-root");
       await assert.rejects(
-        channel.mount({ hostPath: root, guestPath: join(dir, "fail-13"), ...OWNER }),
+        mountDir(channel, { hostPath: root, guestPath: join(dir, "fail-13"), ...OWNER }),
         (e: unknown) => e instanceof GuestIoError && e.errno === 13 && e.path === join(dir, "fail-13"),
       );
-      const ok = await channel.mount({ hostPath: root, guestPath: join(dir, "after-fail"), ...OWNER });
+      const ok = await mountDir(channel, { hostPath: root, guestPath: join(dir, "after-fail"), ...OWNER });
       await nextReport("after-fail", "attached");
       await ok.unmount();
       channel.close();
@@ -197,10 +198,10 @@ describe("mount relay (host mode)", { timeout: 120_000 }, () => {
       const channel = await MountChannel.connect(relay.socket, { timeoutMs: 10_000 });
       const root = await hostDir("hang-root");
       await assert.rejects(
-        channel.mount({ hostPath: root, guestPath: join(dir, "hang"), timeoutMs: 300, ...OWNER }),
+        mountDir(channel, { hostPath: root, guestPath: join(dir, "hang"), timeoutMs: 300, ...OWNER }),
         (e: unknown) => e instanceof GuestIoError && e.errno === 110,
       );
-      const ok = await channel.mount({ hostPath: root, guestPath: join(dir, "after-hang"), ...OWNER });
+      const ok = await mountDir(channel, { hostPath: root, guestPath: join(dir, "after-hang"), ...OWNER });
       await nextReport("after-hang", "attached");
       await channel.unmountAll();
       assert.equal(ok.state, "unmounted");

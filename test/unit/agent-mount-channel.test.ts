@@ -15,6 +15,7 @@ import { MountChannel } from "../../src/agent/mount-channel.ts";
 import { decodeMount, encodeMount } from "../../src/agent/mount-messages.ts";
 import { GuestIoError, SupermachineError, VmError } from "../../src/errors.ts";
 import { encodeMessage, NOTAG } from "../../src/ninep/index.ts";
+import { mountDir } from "../helpers/mounts.ts";
 
 const OWNER = process.geteuid?.() === 0 ? { owner: { uid: 4242, gid: 4243 } } : {};
 const isCode = (code: string) => (e: unknown) => e instanceof SupermachineError && e.code === code;
@@ -71,7 +72,7 @@ async function mounted(
   guestPath = "/mnt/x",
   msizeBytes?: number,
 ) {
-  const pending = channel.mount({
+  const pending = mountDir(channel, {
     hostPath: root,
     guestPath,
     ...OWNER,
@@ -165,7 +166,7 @@ describe("MountChannel", () => {
 
   test("a mount the guest refuses is GUEST_IO with the errno", async (t) => {
     const { channel, relay, root } = await setup(t);
-    const pending = channel.mount({ hostPath: root, guestPath: "/mnt/y", ...OWNER });
+    const pending = mountDir(channel, { hostPath: root, guestPath: "/mnt/y", ...OWNER });
     const open = await relay.next((f) => f.type === MessageType.MOUNT);
     relay.send(
       open.stream,
@@ -181,15 +182,15 @@ describe("MountChannel", () => {
   test("a bad host path is INVALID_ARGUMENT before anything reaches the guest", async (t) => {
     const { channel, relay, root } = await setup(t);
     await assert.rejects(
-      channel.mount({ hostPath: join(root, "missing"), guestPath: "/m", ...OWNER }),
+      mountDir(channel, { hostPath: join(root, "missing"), guestPath: "/m", ...OWNER }),
       isCode("INVALID_ARGUMENT"),
     );
     await assert.rejects(
-      channel.mount({ hostPath: root, guestPath: "m", ...OWNER }),
+      mountDir(channel, { hostPath: root, guestPath: "m", ...OWNER }),
       isCode("INVALID_ARGUMENT"),
     );
     await assert.rejects(
-      channel.mount({ hostPath: root, guestPath: "/m", msizeBytes: 10, ...OWNER }),
+      mountDir(channel, { hostPath: root, guestPath: "/m", msizeBytes: 10, ...OWNER }),
       isCode("INVALID_ARGUMENT"),
     );
     assert.equal(relay.frames.length, 0);
