@@ -41,6 +41,9 @@
 #define OUTQ_HARD (8u << 20)  /* stop reading the channel: the host is not reading */
 #define WAIT_PORT_MS 30000
 #define MAX_WINDOW (64u << 20) /* credit the host may give us beyond what we sent */
+/* A new session's HELLO is answered once the previous session's mounts are detached, or after
+ * this long (a detach child that hangs must not keep the host out). */
+#define DETACH_WAIT_MS 2000
 
 enum mstate { M_MOUNTING = 1, M_MOUNTED, M_UNMOUNTING };
 
@@ -70,6 +73,13 @@ static struct {
 	uint32_t max_stream;
 	unsigned nmounts;
 	struct mnt *mounts;
+	/* Children detaching the mounts of an abandoned session. */
+	pid_t detaching[SM_MOUNT_MAX];
+	unsigned ndetaching;
+	/* A HELLO waiting for them: its epoch and deadline. */
+	int hello_pending;
+	uint64_t hello_epoch;
+	int64_t hello_deadline_ns;
 } R = { .chan = -1, .sigfd = -1 };
 
 /* ------------------------------------------------------------------------------------------------
@@ -304,6 +314,8 @@ static void abandon(struct mnt *m)
 		pid_t pid = fork_unmount(m->path);
 		if (pid < 0)
 			sm_log("mounts: cannot fork to unmount %s: %s", m->path, strerror(errno));
+		else if (R.ndetaching < SM_MOUNT_MAX)
+			R.detaching[R.ndetaching++] = pid;
 	}
 	forget(m);
 }
@@ -384,8 +396,18 @@ static void sock_ended(struct mnt *m)
 	forget(m);
 }
 
+static void answer_hello(void);
+
 static void reaped(pid_t pid, int status)
 {
+	for (unsigned i = 0; i < R.ndetaching; i++) {
+		if (R.detaching[i] != pid)
+			continue;
+		R.detaching[i] = R.detaching[--R.ndetaching];
+		if (R.ndetaching == 0 && R.hello_pending)
+			answer_hello();
+		return;
+	}
 	for (struct mnt *m = R.mounts; m; m = m->next) {
 		if (m->child != pid)
 			continue;
@@ -581,16 +603,28 @@ static void on_hello(const uint8_t *p, size_t n)
 	abandon_all();
 	q_drop(1);
 	R.in_session = 0;
+	R.hello_pending = 0;
 	R.max_stream = 0;
 	if (version != SM_MOUNT_PROTO_VERSION) {
 		send_error(0, SM_E_VERSION, 0, "the mount relay speaks version %u, the host %u", SM_MOUNT_PROTO_VERSION,
 			   version);
 		return;
 	}
+	/* Answer once they are detached: the new session starts without them. */
+	R.hello_epoch = epoch;
+	R.hello_pending = 1;
+	R.hello_deadline_ns = sm_now_ns() + (int64_t)DETACH_WAIT_MS * 1000000;
+	if (R.ndetaching == 0)
+		answer_hello();
+}
+
+static void answer_hello(void)
+{
+	R.hello_pending = 0;
 	R.in_session = 1;
 	sm_frame_begin(&fbuf);
 	sm_put_u32(&fbuf, 1, SM_MOUNT_PROTO_VERSION);
-	sm_put_u64(&fbuf, 2, epoch);
+	sm_put_u64(&fbuf, 2, R.hello_epoch);
 	sm_put_str(&fbuf, 5, SM_AGENT_NAME " mounts");
 	send_fields(0, SM_HELLO);
 }
@@ -711,6 +745,7 @@ static void chan_disconnected(void)
 	R.connected = 0;
 	R.reading = 1;
 	R.in_session = 0;
+	R.hello_pending = 0;
 	in_start = in_end = 0;
 	abandon_all();
 	q_drop(0);
@@ -921,6 +956,10 @@ int sm_mount_relay_run(int chan_fd, int host_mode, const char *mount_exec, int d
 			tag[n++] = m;
 		}
 		int timeout = (!R.connected && !R.host_mode) ? 1000 : -1;
+		if (R.hello_pending) {
+			int64_t left = (R.hello_deadline_ns - sm_now_ns() + 999999) / 1000000;
+			timeout = left < 0 ? 0 : (int)left;
+		}
 		if (poll(pfd, n, timeout) < 0 && errno != EINTR) {
 			sm_log("mounts: poll: %s", strerror(errno));
 			return 1;
@@ -958,6 +997,10 @@ int sm_mount_relay_run(int chan_fd, int host_mode, const char *mount_exec, int d
 				if (k == 0 || (k < 0 && errno != EAGAIN && errno != EINTR))
 					chan_disconnected();
 			}
+		}
+		if (R.hello_pending && sm_now_ns() >= R.hello_deadline_ns) {
+			sm_log("mounts: the previous session's mounts are not detached yet; starting the new one");
+			answer_hello();
 		}
 		if (!R.connected && !R.host_mode)
 			chan_check_connected();

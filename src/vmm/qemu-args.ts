@@ -126,6 +126,12 @@ export interface MachineSpec {
    * (`/dev/virtio-ports/sm.agent`) to it. Absent: no agent channel.
    */
   agentSocketPath?: string;
+  /**
+   * Unix socket the HOST listens on; QEMU connects the guest's virtio-serial port `sm.mounts` (the
+   * mount relay's; live host-directory mounts) to it. It sits on the agent's virtio-serial device,
+   * after the agent's port, so it needs `agentSocketPath`. Absent: no mounts port.
+   */
+  mountSocketPath?: string;
   /** Start as the target of an incoming migration (restore). */
   incoming?: IncomingMigration;
   /** Start with the vCPUs stopped (`-S`); QMP `cont` starts them. */
@@ -143,6 +149,8 @@ export interface MachineSpec {
 
 /** Name of the virtio-serial port that carries the agent protocol. */
 export const AGENT_PORT_NAME = "sm.agent";
+/** Name of the virtio-serial port that carries the mounts channel (docs/protocol.md, "Mounts channel"). */
+export const MOUNTS_PORT_NAME = "sm.mounts";
 
 /** Kernel arguments supermachine always sets, before `kernelArgs`. */
 export const BASE_KERNEL_ARGS: readonly string[] = [
@@ -231,6 +239,14 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
       "-device",
       `virtserialport,bus=vser0.0,chardev=agent,name=${AGENT_PORT_NAME},id=agent0`,
     );
+    if (spec.mountSocketPath !== undefined) {
+      push(
+        "-chardev",
+        `socket,id=mounts,path=${opt(spec.mountSocketPath)},server=off`,
+        "-device",
+        `virtserialport,bus=vser0.0,chardev=mounts,name=${MOUNTS_PORT_NAME},id=mounts0`,
+      );
+    }
   }
   for (const [index, disk] of (spec.disks ?? []).entries()) {
     const name = disk.name ?? `disk${index}`;
@@ -317,7 +333,18 @@ function validate(spec: MachineSpec): void {
   if (spec.sandbox !== undefined && !["strict", "allow-spawn", "off"].includes(spec.sandbox)) {
     throw invalid(`unknown sandbox mode ${spec.sandbox}`);
   }
-  for (const path of [spec.qmpSocketPath, spec.agentSocketPath, spec.kernelPath, spec.initramfsPath]) {
+  if (spec.mountSocketPath !== undefined && spec.agentSocketPath === undefined) {
+    throw invalid(
+      "mountSocketPath needs agentSocketPath: the mounts port sits on the agent's virtio-serial device",
+    );
+  }
+  for (const path of [
+    spec.qmpSocketPath,
+    spec.agentSocketPath,
+    spec.mountSocketPath,
+    spec.kernelPath,
+    spec.initramfsPath,
+  ]) {
     if (path !== undefined && (path === "" || path.includes("\0")))
       throw invalid(`invalid path ${JSON.stringify(path)}`);
   }

@@ -42,7 +42,10 @@ const STDIO_DRAIN_MS = 2_000;
 const STDERR_TAIL_CHARS = 8 * 1024;
 
 /** The part of a {@link MachineSpec} the caller decides; the process fills in sockets and name. */
-export type LaunchMachineSpec = Omit<MachineSpec, "qmpSocketPath" | "agentSocketPath" | "name">;
+export type LaunchMachineSpec = Omit<
+  MachineSpec,
+  "qmpSocketPath" | "agentSocketPath" | "mountSocketPath" | "name"
+>;
 
 export interface LaunchOptions {
   /** The machine. `tscKHz` defaults to `hostTscKHz()` under TCG; `sandbox` to `"strict"` when QEMU supports it. */
@@ -55,6 +58,12 @@ export interface LaunchOptions {
   runtimeDir?: string;
   /** Listen for the guest agent's virtio-serial port. Default true. */
   agent?: boolean;
+  /**
+   * Listen for the mount relay's virtio-serial port `sm.mounts` (live host-directory mounts), on
+   * the agent's device after its port. Default: as `agent`. A snapshot restores only into a QEMU
+   * with the same ports.
+   */
+  mounts?: boolean;
   /**
    * Start as the target of an incoming migration from this state file (a snapshot's device
    * state): QEMU waits (`-incoming defer`, vCPUs stopped) with the file as its fd
@@ -117,6 +126,12 @@ export class QemuProcess {
    * `VM_EXITED` if QEMU exits before connecting, `INVALID_ARGUMENT` when launched with `agent: false`.
    */
   readonly agentSocket: Promise<Socket>;
+  /**
+   * The connection QEMU makes to the mounts listener (the guest's `sm.mounts` port), for a
+   * `MountChannel`. Rejects with `VM_EXITED` if QEMU exits before connecting, `INVALID_ARGUMENT`
+   * when launched without it.
+   */
+  readonly mountSocket: Promise<Socket>;
   /** Resolves when QEMU has exited and its console output is in the log. Never rejects. */
   readonly exited: Promise<QemuExit>;
 
@@ -126,6 +141,7 @@ export class QemuProcess {
   readonly #finished: Promise<void>;
   #qmp: QmpClient | undefined;
   #agent: Socket | undefined;
+  #mounts: Socket | undefined;
   #exit: QemuExit | undefined;
   #stderr = "";
   #state: QemuState = "starting";
@@ -143,6 +159,7 @@ export class QemuProcess {
     console: ConsoleLog;
     listeners: Listener[];
     agentListener: Listener | undefined;
+    mountListener: Listener | undefined;
   }) {
     const { child, dir } = init;
     this.#child = child;
@@ -204,6 +221,23 @@ export class QemuProcess {
       },
       () => {},
     );
+    const mountListener = init.mountListener;
+    this.mountSocket = mountListener
+      ? Promise.race([
+          mountListener.connection,
+          this.exited.then(() => {
+            throw this.#error("VM_EXITED", "QEMU exited before it connected the mounts channel");
+          }),
+        ])
+      : Promise.reject(
+          new SupermachineError("INVALID_ARGUMENT", "this VM was launched without a mounts channel"),
+        );
+    this.mountSocket.then(
+      (socket) => {
+        this.#mounts = socket;
+      },
+      () => {},
+    );
   }
 
   /**
@@ -243,6 +277,7 @@ export class QemuProcess {
     let child: ChildProcess;
     let args: string[];
     let agentListener: Listener | undefined;
+    let mountListener: Listener | undefined;
     try {
       const prepared =
         options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal });
@@ -253,12 +288,14 @@ export class QemuProcess {
       };
       const tscKHz = machine.tscKHz ?? (machine.accel === "tcg" ? hostTscKHz() : undefined);
       throwIfAborted(signal);
-      const [qmpListening, agentListening, consoleOpened] = await Promise.allSettled([
+      const withMounts = options.agent !== false && options.mounts !== false;
+      const [qmpListening, agentListening, consoleOpened, mountListening] = await Promise.allSettled([
         listenUnix(dir.qmpSocketPath),
         options.agent === false ? undefined : listenUnix(dir.agentSocketPath),
         ConsoleLog.open(dir.consoleLogPath, {
           ...(options.consoleLogMaxBytes === undefined ? {} : { maxBytes: options.consoleLogMaxBytes }),
         }),
+        withMounts ? listenUnix(dir.mountSocketPath) : undefined,
       ]);
       // Record what succeeded first, so that the catch below releases it.
       if (qmpListening.status === "fulfilled") listeners.push(qmpListening.value);
@@ -267,7 +304,11 @@ export class QemuProcess {
         listeners.push(agentListener);
       }
       if (consoleOpened.status === "fulfilled") consoleLog = consoleOpened.value;
-      for (const result of [qmpListening, agentListening, consoleOpened]) {
+      if (mountListening.status === "fulfilled" && mountListening.value !== undefined) {
+        mountListener = mountListening.value;
+        listeners.push(mountListener);
+      }
+      for (const result of [qmpListening, agentListening, consoleOpened, mountListening]) {
         if (result.status === "rejected") throw result.reason;
       }
       args = buildQemuArgs({
@@ -277,6 +318,7 @@ export class QemuProcess {
         name: `supermachine-${dir.id}`,
         qmpSocketPath: dir.qmpSocketPath,
         ...(agentListener === undefined ? {} : { agentSocketPath: dir.agentSocketPath }),
+        ...(mountListener === undefined ? {} : { mountSocketPath: dir.mountSocketPath }),
       });
       throwIfAborted(signal);
       child = await spawnQemu(qemuPath, args, setpriv, options.incomingStatePath);
@@ -290,7 +332,15 @@ export class QemuProcess {
     live.add(child);
     installExitHook();
 
-    const qemu = new QemuProcess({ child, dir, args, console: consoleLog!, listeners, agentListener });
+    const qemu = new QemuProcess({
+      child,
+      dir,
+      args,
+      console: consoleLog!,
+      listeners,
+      agentListener,
+      mountListener,
+    });
     try {
       await qemu.#connectQmp(listeners[0]!.connection, {
         timeoutMs: options.timeoutMs ?? DEFAULT_LAUNCH_TIMEOUT_MS,
@@ -470,6 +520,7 @@ export class QemuProcess {
   async #finish(): Promise<void> {
     this.#qmp?.close(this.#error("VM_EXITED", "QEMU has exited"));
     this.#agent?.destroy();
+    this.#mounts?.destroy();
     for (const listener of this.#listeners) listener.server.close();
     const failed = this.#failed || !this.#requested;
     const keep = failed || this.#keepStateDir;
