@@ -743,7 +743,8 @@ export class NinepServer {
   async #walk(m: Message<"Twalk">): Promise<Qid[]> {
     const fid = this.#fid(m.fid);
     if (m.names.length === 0) {
-      this.#newFid(m.newfid, { ...fid.node, ref: fid.node.ref.hold() }, m.fid);
+      // A clone (onto itself: nothing to do).
+      if (m.newfid !== m.fid) this.#newFid(m.newfid, { ...fid.node, ref: fid.node.ref.hold() });
       return [];
     }
     if (m.newfid !== m.fid && this.#fids.has(m.newfid)) fail(E.EBADF, `fid ${m.newfid} is already in use`);

@@ -26,6 +26,7 @@ import { describe, type TestContext, test } from "node:test";
 import { SupermachineError, VmError } from "../../src/errors.ts";
 import {
   encodeMessage,
+  leavesRoot,
   type Message,
   type NinepServer,
   type NinepServerOptions,
@@ -320,6 +321,23 @@ describe("9P server operations", () => {
 });
 
 describe("9P server symlink policies", () => {
+  test("which symlink targets leave the root (lexically, from the link's directory)", () => {
+    const cases: [string, number, boolean][] = [
+      ["/etc/passwd", 3, true],
+      ["x", 0, false],
+      ["../x", 0, true],
+      ["../x", 1, false],
+      ["a/../../x", 0, true],
+      ["a/b/../../../x", 1, false],
+      ["./../..", 1, true],
+      ["a//b/./c/../..", 0, false],
+      ["..", 1, false],
+    ];
+    for (const [target, depth, leaves] of cases) {
+      assert.equal(leavesRoot(Buffer.from(target), depth), leaves, `${target} at depth ${depth}`);
+    }
+  });
+
   test("opaque: guest symlinks are stored verbatim; the host never follows one out of the root", async (t) => {
     const { client, root } = await fixture(t, { symlinks: "opaque" });
     await client.symlink("", "escape", "/etc/passwd");
