@@ -262,6 +262,26 @@ describe("mounts in a VM", { timeout: 600_000 }, () => {
     });
   }
 
+  vmIt("follow: the host follows symlinks wherever they point (trusted guests only)", async () => {
+    const base = await tempDir();
+    const root = await hostRoot(base);
+    await mkdir(join(base, "shared"));
+    await writeFile(join(base, "shared", "data"), "outside, on purpose\n");
+    await symlink(join(base, "shared"), join(root, "shared"));
+    await symlink("../shared/data", join(root, "data"));
+    const m = await mount({ hostPath: root, guestPath: "/mnt/follow", symlinks: "follow" });
+    try {
+      assert.equal(
+        await sh(
+          "cat /mnt/follow/data /mnt/follow/shared/data; stat -c %F /mnt/follow/shared /mnt/follow/data",
+        ),
+        "outside, on purpose\noutside, on purpose\ndirectory\nregular file\n",
+      );
+    } finally {
+      await m.unmount();
+    }
+  });
+
   vmIt("read-only refuses every kind of write with EROFS, even after a remount rw in the guest", async () => {
     const root = await hostRoot(await tempDir());
     await writeFile(join(root, "hello"), "hello\n");
