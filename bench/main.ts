@@ -11,6 +11,7 @@ import { hostAccelerator, resolveAssetPaths, Vm } from "../src/index.ts";
 import { QemuProcess } from "../src/vmm/qemu-process.ts";
 import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
+import { mountBench } from "./mounts.ts";
 import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
@@ -116,4 +117,5 @@ async function spine(): Promise<void> {
 await spine();
 await restoreBench(table, quick);
 await pullBench(table, quick);
+await mountBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);

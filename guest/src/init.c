@@ -2,6 +2,7 @@
  * root filesystem, then serve the protocol. Also shutdown and power-off. */
 #define _GNU_SOURCE
 #include "agent.h"
+#include "mount.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -325,6 +326,10 @@ int sm_init_main(void)
 	lo_up();
 	A.urandom = open("/dev/urandom", O_RDWR | O_CLOEXEC);
 	setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+
+	/* Mounts are served by a process of their own (mount.c): it must never wait on this loop. */
+	const int relay_closes[] = { port, A.urandom, -1 };
+	sm_mount_relay_start(relay_closes, P.debug);
 
 	sm_dbg("serving the host from boot time %ld ms", boot_ms());
 	sm_agent_run(port, 0, P.debug);

@@ -4,8 +4,11 @@
  *   sm-init --channel-fd N        serve an inherited socket (host mode: no mounts, no chroot)
  *   sm-init --channel PATH        serve a device or socket opened by path (host mode)
  *   --debug                       log every frame to stderr
+ *   --mount-relay                 serve the mounts protocol instead of the agent's (host mode; with
+ *   --mount-exec PROG             MOUNT runs PROG path msize readOnly with the 9P socket as fd 3)
  */
 #include "agent.h"
+#include "mount.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -18,7 +21,7 @@
 
 static int usage(void)
 {
-	static const char text[] = "usage: sm-init [--debug] (--channel-fd N | --channel PATH)\n"
+	static const char text[] = "usage: sm-init [--debug] [--mount-relay [--mount-exec PROG]] (--channel-fd N | --channel PATH)\n"
 				   "       (as PID 1 it boots the VM and serves the sm.port virtio-serial port)\n";
 	ssize_t w = write(2, text, sizeof text - 1);
 	(void)w;
@@ -47,11 +50,15 @@ static int open_path(const char *path)
 
 int main(int argc, char **argv)
 {
-	int fd = -1, debug = 0;
-	const char *path = NULL;
+	int fd = -1, debug = 0, relay = 0;
+	const char *path = NULL, *mount_exec = NULL;
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--debug")) {
 			debug = 1;
+		} else if (!strcmp(argv[i], "--mount-relay")) {
+			relay = 1;
+		} else if (!strcmp(argv[i], "--mount-exec") && i + 1 < argc) {
+			mount_exec = argv[++i];
 		} else if (!strcmp(argv[i], "--channel-fd") && i + 1 < argc) {
 			char *end;
 			long v = strtol(argv[++i], &end, 10);
@@ -89,5 +96,7 @@ int main(int argc, char **argv)
 		sm_log("--channel-fd %d: %s", fd, strerror(errno));
 		return 1;
 	}
+	if (relay)
+		return sm_mount_relay_run(fd, 1, mount_exec, debug);
 	return sm_agent_run(fd, 1, debug);
 }

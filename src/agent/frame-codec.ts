@@ -58,6 +58,11 @@ export const MessageType = {
   TCP_CONNECT: 0x30,
   TCP_CONNECTED: 0x31,
   TCP_DATA: 0x32,
+  // The mounts channel (the `sm.mounts` port; docs/protocol.md, "Mounts channel").
+  MOUNT: 0x40,
+  MOUNTED: 0x41,
+  MOUNT_DATA: 0x42,
+  UNMOUNT: 0x43,
 } as const;
 
 export type MessageTypeName = keyof typeof MessageType;
@@ -88,10 +93,15 @@ export const DATA_TYPES: ReadonlySet<number> = new Set([
   MessageType.WINDOW,
   MessageType.FILE_DATA,
   MessageType.TCP_DATA,
+  MessageType.MOUNT_DATA,
 ]);
 
 /** Message types that carry an empty payload. */
-export const EMPTY_TYPES: ReadonlySet<number> = new Set([MessageType.SHUTDOWN, MessageType.RESET]);
+export const EMPTY_TYPES: ReadonlySet<number> = new Set([
+  MessageType.SHUTDOWN,
+  MessageType.RESET,
+  MessageType.UNMOUNT,
+]);
 
 /**
  * One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy) when it

@@ -31,6 +31,7 @@ export {
   type IncomingMigration,
   kernelCommandLine,
   type MachineSpec,
+  MOUNTS_PORT_NAME,
   type NetworkSpec,
   type SandboxMode,
 } from "./qemu-args.ts";

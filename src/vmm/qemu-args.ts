@@ -138,6 +138,13 @@ export interface MachineSpec {
   agentSocketPath?: string;
   /** The agent's port on an inherited, connected socket instead of `agentSocketPath`. */
   agentFd?: number;
+  /**
+   * The guest's virtio-serial port `sm.mounts` (the mount relay's; live host-directory mounts): a
+   * unix socket the host listens on, or an inherited connected socket (`mountFd`). It sits on the
+   * agent's virtio-serial device, after the agent's port. Absent: no mounts port.
+   */
+  mountSocketPath?: string;
+  mountFd?: number;
   /** Start as the target of an incoming migration (restore). */
   incoming?: IncomingMigration;
   /** Start with the vCPUs stopped (`-S`); QMP `cont` starts them. */
@@ -157,6 +164,8 @@ export interface MachineSpec {
 
 /** Name of the virtio-serial port that carries the agent protocol. */
 export const AGENT_PORT_NAME = "sm.agent";
+/** Name of the virtio-serial port that carries the mounts channel (docs/protocol.md, "Mounts channel"). */
+export const MOUNTS_PORT_NAME = "sm.mounts";
 
 /** Kernel arguments supermachine always sets, before `kernelArgs`. */
 export const BASE_KERNEL_ARGS: readonly string[] = [
@@ -246,6 +255,14 @@ export function buildQemuArgs(spec: MachineSpec): string[] {
       "-device",
       `virtserialport,bus=vser0.0,chardev=agent,name=${AGENT_PORT_NAME},id=agent0`,
     );
+    if (spec.mountSocketPath !== undefined || spec.mountFd !== undefined) {
+      push(
+        "-chardev",
+        `socket,id=mounts,${socketTarget(spec.mountFd, spec.mountSocketPath)}`,
+        "-device",
+        `virtserialport,bus=vser0.0,chardev=mounts,name=${MOUNTS_PORT_NAME},id=mounts0`,
+      );
+    }
   }
   for (const [index, disk] of (spec.disks ?? []).entries()) {
     const name = disk.name ?? `disk${index}`;
@@ -367,11 +384,21 @@ function validate(spec: MachineSpec): void {
   if ((spec.qmpFd === undefined) === (spec.qmpSocketPath === undefined)) {
     throw invalid("give QMP either a socket path or an inherited descriptor (qmpSocketPath or qmpFd)");
   }
-  for (const fd of [spec.qmpFd, spec.agentFd]) {
+  for (const fd of [spec.qmpFd, spec.agentFd, spec.mountFd]) {
     if (fd !== undefined && (!Number.isSafeInteger(fd) || fd < 3))
       throw invalid(`socket fd ${fd} must be >= 3`);
   }
-  for (const path of [spec.qmpSocketPath, spec.agentSocketPath, spec.kernelPath, spec.initramfsPath]) {
+  const hasMounts = spec.mountSocketPath !== undefined || spec.mountFd !== undefined;
+  if (hasMounts && spec.agentSocketPath === undefined && spec.agentFd === undefined) {
+    throw invalid("the mounts port needs the agent's: it sits on the agent's virtio-serial device");
+  }
+  for (const path of [
+    spec.qmpSocketPath,
+    spec.agentSocketPath,
+    spec.mountSocketPath,
+    spec.kernelPath,
+    spec.initramfsPath,
+  ]) {
     if (path !== undefined && (path === "" || path.includes("\0")))
       throw invalid(`invalid path ${JSON.stringify(path)}`);
   }

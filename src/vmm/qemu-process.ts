@@ -46,7 +46,7 @@ const STDERR_TAIL_CHARS = 8 * 1024;
 /** The part of a {@link MachineSpec} the caller decides; the process fills in sockets and name. */
 export type LaunchMachineSpec = Omit<
   MachineSpec,
-  "qmpSocketPath" | "qmpFd" | "agentSocketPath" | "agentFd" | "name"
+  "qmpSocketPath" | "qmpFd" | "agentSocketPath" | "agentFd" | "mountSocketPath" | "mountFd" | "name"
 >;
 
 export interface LaunchOptions {
@@ -60,6 +60,12 @@ export interface LaunchOptions {
   runtimeDir?: string;
   /** Listen for the guest agent's virtio-serial port. Default true. */
   agent?: boolean;
+  /**
+   * Listen for the mount relay's virtio-serial port `sm.mounts` (live host-directory mounts), on
+   * the agent's device after its port. Default: as `agent`. A snapshot restores only into a QEMU
+   * with the same ports.
+   */
+  mounts?: boolean;
   /**
    * Start as the target of an incoming migration from this state file (a snapshot's device
    * state): QEMU waits (`-incoming defer`, vCPUs stopped) with the file as its fd
@@ -122,6 +128,12 @@ export class QemuProcess {
    * `VM_EXITED` if QEMU exits before connecting, `INVALID_ARGUMENT` when launched with `agent: false`.
    */
   readonly agentSocket: Promise<Socket>;
+  /**
+   * The connection QEMU makes to the mounts listener (the guest's `sm.mounts` port), for a
+   * `MountChannel`. Rejects with `VM_EXITED` if QEMU exits before connecting, `INVALID_ARGUMENT`
+   * when launched without it.
+   */
+  readonly mountSocket: Promise<Socket>;
   /** Resolves when QEMU has exited and its console output is in the log. Never rejects. */
   readonly exited: Promise<QemuExit>;
 
@@ -132,6 +144,7 @@ export class QemuProcess {
   readonly #finished: Promise<void>;
   #qmp: QmpClient | undefined;
   #agent: Socket | undefined;
+  #mounts: Socket | undefined;
   #exit: QemuExit | undefined;
   #stderr = "";
   #state: QemuState = "starting";
@@ -150,6 +163,7 @@ export class QemuProcess {
     listeners: Listener[];
     agentListener: Listener | undefined;
     identity: QemuIdentity;
+    mountListener: Listener | undefined;
   }) {
     this.#identity = init.identity;
     const { child, dir } = init;
@@ -212,6 +226,23 @@ export class QemuProcess {
       },
       () => {},
     );
+    const mountListener = init.mountListener;
+    this.mountSocket = mountListener
+      ? Promise.race([
+          mountListener.connection,
+          this.exited.then(() => {
+            throw this.#error("VM_EXITED", "QEMU exited before it connected the mounts channel");
+          }),
+        ])
+      : Promise.reject(
+          new SupermachineError("INVALID_ARGUMENT", "this VM was launched without a mounts channel"),
+        );
+    this.mountSocket.then(
+      (socket) => {
+        this.#mounts = socket;
+      },
+      () => {},
+    );
   }
 
   /**
@@ -248,6 +279,7 @@ export class QemuProcess {
     let child: ChildProcess;
     let args: string[];
     let agentListener: Listener | undefined;
+    let mountListener: Listener | undefined;
     try {
       const prepared =
         options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal });
@@ -261,12 +293,14 @@ export class QemuProcess {
       files = await openQemuFiles(machine, options.incomingStatePath);
       if (machine.memory?.kind === "file") await grantMemoryFile(machine.memory.path, identity, selfUid);
       throwIfAborted(signal);
-      const [qmpListening, agentListening, consoleOpened] = await Promise.allSettled([
+      const withMounts = options.agent !== false && options.mounts !== false;
+      const [qmpListening, agentListening, consoleOpened, mountListening] = await Promise.allSettled([
         listenUnix(dir.qmpSocketPath),
         options.agent === false ? undefined : listenUnix(dir.agentSocketPath),
         ConsoleLog.open(dir.consoleLogPath, {
           ...(options.consoleLogMaxBytes === undefined ? {} : { maxBytes: options.consoleLogMaxBytes }),
         }),
+        withMounts ? listenUnix(dir.mountSocketPath) : undefined,
       ]);
       // Record what succeeded first, so that the catch below releases it.
       if (qmpListening.status === "fulfilled") listeners.push(qmpListening.value);
@@ -275,7 +309,11 @@ export class QemuProcess {
         listeners.push(agentListener);
       }
       if (consoleOpened.status === "fulfilled") consoleLog = consoleOpened.value;
-      for (const result of [qmpListening, agentListening, consoleOpened]) {
+      if (mountListening.status === "fulfilled" && mountListening.value !== undefined) {
+        mountListener = mountListening.value;
+        listeners.push(mountListener);
+      }
+      for (const result of [qmpListening, agentListening, consoleOpened, mountListening]) {
         if (result.status === "rejected") throw result.reason;
       }
       // The channels are sockets already connected to the host, inherited after the files.
@@ -288,6 +326,7 @@ export class QemuProcess {
         name: `supermachine-${dir.id}`,
         qmpFd: socketFd(listeners[0]!),
         ...(agentListener === undefined ? {} : { agentFd: socketFd(agentListener) }),
+        ...(mountListener === undefined ? {} : { mountFd: socketFd(mountListener) }),
       });
       throwIfAborted(signal);
       child = await spawnQemu(
@@ -316,6 +355,7 @@ export class QemuProcess {
       listeners,
       agentListener,
       identity,
+      mountListener,
     });
     try {
       await qemu.#connectQmp(listeners[0]!.connection, {
@@ -496,6 +536,7 @@ export class QemuProcess {
   async #finish(): Promise<void> {
     this.#qmp?.close(this.#error("VM_EXITED", "QEMU has exited"));
     this.#agent?.destroy();
+    this.#mounts?.destroy();
     for (const listener of this.#listeners) listener.server.close();
     const failed = this.#failed || !this.#requested;
     const keep = failed || this.#keepStateDir;

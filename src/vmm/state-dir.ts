@@ -119,7 +119,7 @@ export class VmStateDir {
     await ensurePrivateDir(path.join(root, "vms"));
     const owner: OwnerRecord = { ...hostRecord(), createdAt: new Date().toISOString() };
     const dir = new VmStateDir(root, id, owner);
-    const longest = Buffer.byteLength(dir.agentSocketPath);
+    const longest = Math.max(Buffer.byteLength(dir.agentSocketPath), Buffer.byteLength(dir.mountSocketPath));
     if (longest > MAX_SOCKET_PATH_BYTES) {
       throw new SupermachineError(
         "HOST_UNSUPPORTED",
@@ -147,6 +147,10 @@ export class VmStateDir {
 
   get agentSocketPath(): string {
     return path.join(this.path, "agent.sock");
+  }
+
+  get mountSocketPath(): string {
+    return path.join(this.path, "mounts.sock");
   }
 
   get consoleLogPath(): string {

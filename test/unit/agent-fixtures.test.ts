@@ -12,6 +12,7 @@ import {
 } from "../../src/agent/fields.ts";
 import { encodeFrame, FrameDecoder, MessageType, messageTypeName } from "../../src/agent/frame-codec.ts";
 import * as m from "../../src/agent/messages.ts";
+import * as mounts from "../../src/agent/mount-messages.ts";
 import { VmError } from "../../src/errors.ts";
 
 const DIR = join(import.meta.dirname, "..", "fixtures", "protocol");
@@ -100,6 +101,9 @@ const TYPED: Record<string, { decode: (p: Uint8Array) => unknown; encode: (v: ne
   "guest:TCP_CONNECTED": { decode: m.decodeTcpConnected, encode: () => m.encodeTcpConnected() },
   "host:PING": { decode: (p) => m.checkPingPayload(p, "PING"), encode: (v: Uint8Array) => v },
   "guest:PONG": { decode: (p) => m.checkPingPayload(p, "PONG"), encode: (v: Uint8Array) => v },
+  // The mounts channel.
+  "host:MOUNT": { decode: mounts.decodeMount, encode: mounts.encodeMount },
+  "guest:MOUNTED": { decode: mounts.decodeMounted, encode: () => mounts.encodeMounted() },
 };
 
 /** Tags a fixture carries that its message does not define (decoders skip them). */

@@ -93,6 +93,20 @@ describe("buildQemuArgs", () => {
       ],
     },
     {
+      name: "mounts channel: a second port on the agent's device, after the agent's",
+      spec: { agentSocketPath: "/run/vm/agent.sock", mountSocketPath: "/run/vm/mounts.sock" },
+      has: [
+        [
+          "-device",
+          "virtserialport,bus=vser0.0,chardev=agent,name=sm.agent,id=agent0",
+          "-chardev",
+          "socket,id=mounts,path=/run/vm/mounts.sock,server=off",
+          "-device",
+          "virtserialport,bus=vser0.0,chardev=mounts,name=sm.mounts,id=mounts0",
+        ],
+      ],
+    },
+    {
       name: "raw read-only and qcow2 writable disks",
       spec: {
         disks: [
@@ -246,6 +260,7 @@ describe("buildQemuArgs", () => {
     { name: "incoming other than defer", spec: { incoming: "tcp:0:4444" as never } },
     { name: "kernel arg with a space", spec: { kernelPath: "/k", kernelArgs: ["a b"] } },
     { name: "tsc of zero", spec: { kernelPath: "/k", tscKHz: 0 } },
+    { name: "a mounts port without the agent's device", spec: { mountSocketPath: "/run/vm/mounts.sock" } },
   ];
   for (const { name, spec } of invalid) {
     it(`rejects ${name}`, () => {
