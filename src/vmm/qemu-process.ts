@@ -560,7 +560,7 @@ async function spawnQemu(
 }
 
 /** `setpriv` from util-linux if it supports `--pdeathsig`. Found out once per process. */
-const findSetpriv: () => Promise<string | undefined> = once(async () => {
+export const findSetpriv: () => Promise<string | undefined> = once(async () => {
   const found = await findOnPath("setpriv");
   if (found === undefined) return undefined;
   const works = await new Promise<boolean>((resolve) => {
