@@ -15,7 +15,7 @@
  *              checks the installed guest package against. `npm pack` runs this (prepack).
  */
 import { execFileSync } from "node:child_process";
-import { copyFile, readFile, rm, writeFile } from "node:fs/promises";
+import { copyFile, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
@@ -64,9 +64,9 @@ for (const name of [...packages].sort()) {
     version: string;
     license?: string;
   };
-  const license = await readFile(join(dir, "LICENSE"), "utf8").catch(() =>
-    readFile(join(dir, "license"), "utf8"),
-  );
+  const file = (await readdir(dir)).find((name) => /^(licen[cs]e|copying)/i.test(name));
+  if (file === undefined) throw new Error(`build: ${name} has no license file to ship with the bundle`);
+  const license = await readFile(join(dir, file), "utf8");
   notices += `\n## ${name} ${manifest.version} (${manifest.license ?? "see below"})\n\n${license.trim()}\n`;
 }
 await writeFile(join(dist, "THIRD-PARTY-LICENSES.txt"), notices);
