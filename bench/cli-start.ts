@@ -27,7 +27,9 @@ export async function cliStartBench(table: Table, quick: boolean): Promise<void>
       "supermachine --help": [bin, "--help"],
       "supermachine images": [bin, "images"],
     };
-    const samples: Record<string, number[]> = {};
+    const samples: Record<string, number[]> = Object.fromEntries(
+      Object.keys(commands).map((name) => [name, []]),
+    );
     const runs = quick ? 10 : 30;
     for (let i = 0; i < runs + 1; i++) {
       for (const [name, [command, ...args]] of Object.entries(commands)) {
@@ -36,7 +38,7 @@ export async function cliStartBench(table: Table, quick: boolean): Promise<void>
         const ms = performance.now() - t0;
         if (result.status !== 0) throw new Error(`${name} failed: ${result.stderr}`);
         // The first round fills Node's compile cache, as a user's first run does.
-        if (i > 0) (samples[name] ??= []).push(ms);
+        if (i > 0) samples[name]!.push(ms);
       }
     }
     table.add({ name: "node -e 0", unit: "ms", summary: summarize(samples["node -e 0"]!) });
