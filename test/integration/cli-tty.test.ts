@@ -4,7 +4,7 @@
  * resizes the window, presses Ctrl-C, and reads the exit code the shell prints afterwards.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, spawnSync } from "node:child_process";
 import { createReadStream } from "node:fs";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -64,9 +64,15 @@ vmTest(
     const tmux = (...args: string[]) => run("tmux", ["-S", socket, ...args]);
     await run("mkfifo", [fifo]);
 
-    const command = `${cliPath} run -it --rootfs ${rootfs} sh; echo "EXIT=$?"; sleep 600`;
+    const command = `${cliPath} run -it --rootfs ${rootfs} sh; echo "EXIT=$?"; sleep 120`;
     await tmux("new-session", "-d", "-s", "sm", "-x", "80", "-y", "24", command);
-    t.after(() => tmux("kill-server").catch(() => {}));
+    // The tmux server is a daemon: end it after the test, and also if this process ends first.
+    const killServer = () => spawnSync("tmux", ["-S", socket, "kill-server"], { stdio: "ignore" });
+    process.once("exit", killServer);
+    t.after(() => {
+      killServer();
+      process.off("exit", killServer);
+    });
     await tmux("pipe-pane", "-t", "sm", "-o", `cat > ${fifo}`);
     const out = new TerminalOutput(createReadStream(fifo));
     const type = (text: string) =>
