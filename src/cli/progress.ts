@@ -106,6 +106,8 @@ export class Progress {
   }
 
   #stopBars(): void {
+    // Draw once more: status lines logged since the last frame are written by a redraw.
+    this.#bars?.update();
     this.#bars?.stop();
     this.#bars = undefined;
     this.#blobs.clear();
