@@ -59,6 +59,7 @@ export interface DetachedState {
   readonly vmId?: string;
   /** The image reference, snapshot name or `rootfs:PATH`. */
   readonly image: string;
+  /** The command; empty for a snapshot's baked workload (started by its bake, not by us). */
   readonly command: readonly string[];
   readonly status: DetachedStatus;
   readonly supervisorPid: number;

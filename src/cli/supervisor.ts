@@ -77,7 +77,7 @@ export async function supervise(path: string): Promise<number> {
     state = {
       ...state,
       vmId: vm.id,
-      command: started.argv ?? ["(the snapshot's baked workload)"],
+      command: started.argv ?? [],
       status: "running",
       ...(workload === undefined ? { guestLog: BAKED_WORKLOAD_LOG } : {}),
     };

@@ -74,6 +74,7 @@ export async function psCommand(cli: Cli, flags: { all?: boolean; json?: boolean
 }
 
 function commandText(argv: readonly string[]): string {
+  if (argv.length === 0) return "(baked workload)";
   const text = argv.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : JSON.stringify(a))).join(" ");
   return text.length > 40 ? `${text.slice(0, 39)}…` : text;
 }
