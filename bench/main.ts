@@ -11,12 +11,15 @@ import { hostAccelerator, resolveAssetPaths, Vm } from "../src/index.ts";
 import { QemuProcess } from "../src/vmm/qemu-process.ts";
 import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
+import { cliStartBench } from "./cli-start.ts";
 import { mountBench } from "./mounts.ts";
 import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
 
 const quick = process.argv.includes("--quick");
+/** `--only cli`: just the CLI start-time rows (no VMs). */
+const only = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
 const table = new Table();
 
 async function time(fn: () => Promise<unknown>): Promise<number> {
@@ -114,8 +117,11 @@ async function spine(): Promise<void> {
   }
 }
 
-await spine();
-await restoreBench(table, quick);
-await pullBench(table, quick);
-await mountBench(table, quick);
+if (only === undefined) {
+  await spine();
+  await restoreBench(table, quick);
+  await pullBench(table, quick);
+  await mountBench(table, quick);
+}
+await cliStartBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);

@@ -12,7 +12,7 @@ packages=(
   qemu-system-x86 qemu-utils e2fsprogs util-linux
   musl-tools busybox-static cpio zstd gzip
   linux-source-6.1 build-essential bc flex bison libelf-dev xz-utils
-  docker-registry skopeo debootstrap apache2-utils openssl curl ca-certificates
+  docker-registry skopeo debootstrap apache2-utils openssl curl ca-certificates tmux
   libarchive-tools acl attr python3
 )
 missing=()

@@ -65,8 +65,17 @@ export {
 export {
   type Accelerator,
   type AcceleratorChoice,
+  type AssetLocation,
   type AssetPaths,
   type AssetSearchOptions,
+  type DirReport,
+  type GuestAssets,
+  type HostPaths,
+  type HostReport,
   hostAccelerator,
+  hostPaths,
+  hostReport,
+  type KvmStatus,
+  locateGuestAssets,
   resolveAssetPaths,
 } from "./vmm/index.ts";

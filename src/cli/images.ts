@@ -1,113 +1,67 @@
+/** The store's commands: pull (and bake), images, rmi, prune, snapshot ls / rm. */
 import { Image, type ImagePullOptions, Store } from "../index.ts";
-import { formatOptions, type OptionSpec, parseArgs, usage } from "./args.ts";
-import type { Cli } from "./cli.ts";
-import { bytes, ProgressDisplay } from "./progress.ts";
+import { type Cli, positiveInt, UsageError } from "./cli.ts";
+import { ago, bytes, json, table } from "./output.ts";
+import { Progress, progressMode } from "./progress.ts";
 
-/** Options shared by every command that may pull. */
-export const PULL_OPTIONS: readonly OptionSpec[] = [
-  {
-    name: "platform",
-    kind: "string",
-    value: "OS/ARCH[/VARIANT]",
-    help: "platform to pull (default linux/amd64)",
-  },
-  {
-    name: "insecure-registry",
-    kind: "multi",
-    value: "HOST[:PORT]",
-    help: "registry reachable over plain HTTP (loopback always is; repeatable)",
-  },
-];
+/** Options of every command that may pull. */
+export interface PullFlags {
+  platform?: string;
+  insecureRegistry?: string[];
+  quiet?: boolean;
+}
 
-const QUIET: OptionSpec = { name: "quiet", short: "q", kind: "boolean", help: "no progress display" };
-const JSON_OPTION: OptionSpec = { name: "json", kind: "boolean", help: "print JSON for scripts" };
-const HELP_OPTION: OptionSpec = { name: "help", short: "h", kind: "boolean", help: "show this help" };
-
-/** Pull options from parsed command-line options. */
-export function pullOptions(
-  options: Record<string, unknown>,
-  cli: Cli,
-  display: ProgressDisplay,
-): ImagePullOptions {
+/** Library pull options from the command line's, reporting to `progress`. */
+export function pullOptions(flags: PullFlags, cli: Cli, progress: Progress): ImagePullOptions {
   return {
-    ...(options.platform ? { platform: options.platform as string } : {}),
-    ...(options["insecure-registry"] ? { insecureRegistries: options["insecure-registry"] as string[] } : {}),
+    ...(flags.platform ? { platform: flags.platform } : {}),
+    ...(flags.insecureRegistry?.length ? { insecureRegistries: flags.insecureRegistry } : {}),
     signal: cli.signal,
-    onProgress: display.pull,
-    onRootfsProgress: display.rootfs,
+    onProgress: progress.pull,
+    onRootfsProgress: progress.rootfs,
   };
 }
 
-const PULL_SPECS = [
-  ...PULL_OPTIONS,
-  {
-    name: "name",
-    kind: "string",
-    value: "NAME",
-    help: "also bake a snapshot named NAME (for fast restores)",
-  },
-  {
-    name: "memory",
-    short: "m",
-    kind: "string",
-    value: "MiB",
-    help: "guest memory of the snapshot (default 512)",
-  },
-  { name: "vcpus", kind: "string", value: "N", help: "vCPUs of the snapshot (default 1)" },
-  QUIET,
-  JSON_OPTION,
-  HELP_OPTION,
-] as const satisfies readonly OptionSpec[];
-export const PULL_HELP = `Usage: supermachine pull [OPTIONS] REFERENCE
+export interface PullCommandFlags extends PullFlags {
+  name?: string;
+  memory?: string;
+  vcpus?: string;
+  json?: boolean;
+}
 
-Pull an image into the local store and flatten it into a root filesystem. REFERENCE is a registry
-reference (alpine, localhost:5000/app:1, registry/x@sha256:…), oci:DIR[:TAG] or
-docker-archive:FILE[:NAME:TAG]. With --name, also boot it, start its Entrypoint + Cmd in the
-background and bake a snapshot: 'supermachine run NAME' then restores from it in a fraction of a
-boot. The same inputs reuse the stored snapshot.
-
-${formatOptions(PULL_SPECS)}`;
-
-export async function pullCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, PULL_SPECS);
-  if (options.help) {
-    cli.out(PULL_HELP);
-    return 0;
-  }
-  if (positionals.length !== 1)
-    throw usage("pull needs exactly one REFERENCE (see supermachine pull --help)");
-  const display = new ProgressDisplay(
-    process.stderr,
-    !options.quiet && !options.json && process.stderr.isTTY === true,
-  );
-  const pull = { ...pullOptions(options, cli, display), pullPolicy: "always" as const };
-  const name = options.name as string | undefined;
-  if (name === undefined && (options.memory !== undefined || options.vcpus !== undefined)) {
-    throw usage("--memory and --vcpus describe a snapshot: give --name too");
+export async function pullCommand(cli: Cli, reference: string, flags: PullCommandFlags): Promise<number> {
+  const progress = new Progress(progressMode(flags.quiet === true));
+  const pull = { ...pullOptions(flags, cli, progress), pullPolicy: "always" as const };
+  if (flags.name === undefined && (flags.memory !== undefined || flags.vcpus !== undefined)) {
+    throw new UsageError("--memory and --vcpus describe a snapshot: give --name too");
   }
   let image: Image;
-  if (name === undefined) {
-    image = await Image.pull(positionals[0]!, pull);
-  } else {
-    const builder = Image.builder(positionals[0]!).name(name).pullOptions(pull).signal(cli.signal);
-    const memory = positiveInt(options.memory, "memory");
-    const vcpus = positiveInt(options.vcpus, "vcpus");
-    if (memory !== undefined) builder.memoryMiB(memory);
-    if (vcpus !== undefined) builder.vcpus(vcpus);
-    image = await builder.build();
+  try {
+    if (flags.name === undefined) {
+      image = await Image.pull(reference, pull);
+    } else {
+      const builder = Image.builder(reference).name(flags.name).pullOptions(pull).signal(cli.signal);
+      const memory = positiveInt(flags.memory, "--memory");
+      const vcpus = positiveInt(flags.vcpus, "--vcpus");
+      if (memory !== undefined) builder.memoryMiB(memory);
+      if (vcpus !== undefined) builder.vcpus(vcpus);
+      const started = Date.now();
+      progress.step(`baking snapshot ${flags.name} (boot, workload, snapshot)`);
+      image = await builder.build();
+      progress.step(`snapshot ${flags.name} ready in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    }
+  } finally {
+    progress.finish();
   }
-  display.finish();
   const snapshot = image.snapshot?.manifest.name;
-  if (options.json) {
-    cli.out(
-      JSON.stringify({
-        reference: image.reference,
-        digest: image.digest,
-        platform: image.platform,
-        rootfs: image.rootfsPath,
-        ...(snapshot === undefined ? {} : { snapshot, snapshotDir: image.snapshot?.dir }),
-      }),
-    );
+  if (flags.json) {
+    json(cli, {
+      reference: image.reference,
+      digest: image.digest,
+      platform: image.platform,
+      rootfs: image.rootfsPath,
+      ...(snapshot === undefined ? {} : { snapshot, snapshotDir: image.snapshot?.dir }),
+    });
   } else if (snapshot === undefined) {
     cli.out(`${image.reference}@${image.digest}`);
   } else {
@@ -116,158 +70,83 @@ export async function pullCommand(cli: Cli, argv: readonly string[]): Promise<nu
   return 0;
 }
 
-const IMAGES_SPECS = [JSON_OPTION, HELP_OPTION];
-export const IMAGES_HELP = `Usage: supermachine images [--json]
-
-List the images in the local store.
-
-${formatOptions(IMAGES_SPECS)}`;
-
-export async function imagesCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, IMAGES_SPECS);
-  if (options.help) {
-    cli.out(IMAGES_HELP);
-    return 0;
-  }
-  if (positionals.length > 0) throw usage("images takes no arguments");
+export async function imagesCommand(cli: Cli, flags: { json?: boolean }): Promise<number> {
   const records = await new Store().images();
-  if (options.json) {
-    cli.out(JSON.stringify(records, null, 2));
+  if (flags.json) {
+    json(cli, records);
     return 0;
   }
-  const rows = records.map((r) => [
-    r.reference,
-    r.manifestDigest.replace(/^sha256:/, "").slice(0, 12),
-    r.platform,
-    bytes(r.sizeBytes),
-    r.pulledAt,
-  ]);
-  table(cli, ["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"], rows);
+  table(
+    cli,
+    ["REFERENCE", "DIGEST", "PLATFORM", "SIZE", "PULLED"],
+    records.map((r) => [
+      r.reference,
+      r.manifestDigest.replace(/^sha256:/, "").slice(0, 12),
+      r.platform,
+      bytes(r.sizeBytes),
+      ago(r.pulledAt),
+    ]),
+  );
   return 0;
 }
 
-function table(cli: Cli, header: string[], rows: string[][]): void {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
-  for (const row of [header, ...rows]) {
-    cli.out(
-      row
-        .map((c, i) => c.padEnd(widths[i]!))
-        .join("  ")
-        .trimEnd(),
-    );
-  }
-}
-
-/** A positive integer option, or undefined when absent. */
-export function positiveInt(value: unknown, name: string): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isSafeInteger(n) || n <= 0)
-    throw usage(`--${name} expects a positive integer, got ${String(value)}`);
-  return n;
-}
-
-const RMI_SPECS = [
-  { name: "platform", kind: "string", value: "OS/ARCH", help: "remove only this platform" } as const,
-  HELP_OPTION,
-];
-export const RMI_HELP = `Usage: supermachine rmi REFERENCE...
-
-Remove images from the local store (their blobs go with the next prune).
-
-${formatOptions(RMI_SPECS)}`;
-
-export async function rmiCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, RMI_SPECS);
-  if (options.help) {
-    cli.out(RMI_HELP);
-    return 0;
-  }
-  if (positionals.length === 0) throw usage("rmi needs at least one REFERENCE");
-  for (const reference of positionals) {
-    await new Store().removeImage(
-      reference,
-      options.platform ? { platform: options.platform as string } : {},
-    );
+export async function rmiCommand(
+  cli: Cli,
+  references: readonly string[],
+  flags: { platform?: string },
+): Promise<number> {
+  for (const reference of references) {
+    await new Store().removeImage(reference, flags.platform ? { platform: flags.platform } : {});
     cli.out(`removed ${reference}`);
   }
   return 0;
 }
 
-const SNAPSHOTS_SPECS = [JSON_OPTION, HELP_OPTION];
-export const SNAPSHOTS_HELP = `Usage: supermachine snapshots [--json]
-
-List the baked snapshots.
-
-${formatOptions(SNAPSHOTS_SPECS)}`;
-
-export async function snapshotsCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, SNAPSHOTS_SPECS);
-  if (options.help) {
-    cli.out(SNAPSHOTS_HELP);
-    return 0;
-  }
-  if (positionals.length > 0) throw usage("snapshots takes no arguments");
-  const list = await new Store().snapshots();
-  if (options.json) {
-    cli.out(JSON.stringify(list, null, 2));
-    return 0;
-  }
-  const rows = list.map((s) => [
-    s.name,
-    s.manifest?.reference || "-",
-    s.manifest ? `${s.manifest.memoryMiB} MiB` : "-",
-    s.manifest ? String(s.manifest.vcpus) : "-",
-    bytes(s.sizeBytes),
-    s.manifest?.createdAt ?? `unusable: ${s.error ?? "?"}`,
-  ]);
-  table(cli, ["NAME", "IMAGE", "MEMORY", "VCPUS", "SIZE", "CREATED"], rows);
-  return 0;
-}
-
-const RM_SPECS = [
-  { name: "force", short: "f", kind: "boolean", help: "remove even when other snapshots are layered on it" },
-  HELP_OPTION,
-] as const satisfies readonly OptionSpec[];
-export const RM_HELP = `Usage: supermachine rm [--force] NAME...
-
-Remove baked snapshots. Running VMs restored from them are not affected.
-
-${formatOptions(RM_SPECS)}`;
-
-export async function rmCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, RM_SPECS);
-  if (options.help) {
-    cli.out(RM_HELP);
-    return 0;
-  }
-  if (positionals.length === 0) throw usage("rm needs at least one snapshot NAME");
-  for (const name of positionals) {
-    await new Store().removeSnapshot(name, { force: options.force === true });
-    cli.out(`removed ${name}`);
-  }
-  return 0;
-}
-
-const PRUNE_SPECS = [JSON_OPTION, HELP_OPTION];
-export const PRUNE_HELP = `Usage: supermachine prune [--json]
-
-Delete blobs and root filesystems that no stored image uses.
-
-${formatOptions(PRUNE_SPECS)}`;
-
-export async function pruneCommand(cli: Cli, argv: readonly string[]): Promise<number> {
-  const { options, positionals } = parseArgs(argv, PRUNE_SPECS);
-  if (options.help) {
-    cli.out(PRUNE_HELP);
-    return 0;
-  }
-  if (positionals.length > 0) throw usage("prune takes no arguments");
+export async function pruneCommand(cli: Cli, flags: { json?: boolean }): Promise<number> {
   const result = await new Store().prune({ signal: cli.signal });
-  if (options.json) cli.out(JSON.stringify(result));
+  if (flags.json) json(cli, result);
   else
     cli.out(
       `removed ${result.removedBlobs.length} blobs and ${result.removedRootfs} root filesystems, freed ${bytes(result.freedBytes)}`,
     );
   return 0;
+}
+
+export async function snapshotsCommand(cli: Cli, flags: { json?: boolean }): Promise<number> {
+  const list = await new Store().snapshots();
+  if (flags.json) {
+    json(cli, list);
+    return 0;
+  }
+  table(
+    cli,
+    ["NAME", "IMAGE", "MEMORY", "VCPUS", "SIZE", "CREATED"],
+    list.map((s) => [
+      s.name,
+      s.manifest?.reference || "-",
+      s.manifest ? `${s.manifest.memoryMiB} MiB` : "-",
+      s.manifest ? String(s.manifest.vcpus) : "-",
+      bytes(s.sizeBytes),
+      s.manifest ? ago(s.manifest.createdAt) : `unusable: ${s.error ?? "?"}`,
+    ]),
+  );
+  return 0;
+}
+
+export async function snapshotRmCommand(
+  cli: Cli,
+  names: readonly string[],
+  flags: { force?: boolean },
+): Promise<number> {
+  for (const name of names) {
+    await new Store().removeSnapshot(name, { force: flags.force === true });
+    cli.out(`removed ${name}`);
+  }
+  return 0;
+}
+
+/** True when a baked snapshot of that name is in the store. */
+export async function snapshotExists(name: string): Promise<boolean> {
+  if (!/^[A-Za-z0-9][A-Za-z0-9_.-]*$/.test(name)) return false;
+  return (await new Store().snapshots()).some((s) => s.name === name);
 }

@@ -1,53 +1,25 @@
 #!/usr/bin/env node
+/**
+ * The `supermachine` command. Kept small: it loads commander and the grammar; each command loads
+ * the library when it runs (start time: docs/cli.md). Exit codes: the command's for run and exec,
+ * 125 for supermachine's own errors (one line on stderr), 126/127 when a command cannot run / is
+ * not found, as docker's.
+ */
 import { subscribe } from "node:diagnostics_channel";
-import { SupermachineError } from "../index.ts";
-import type { Cli } from "./cli.ts";
-import {
-  IMAGES_HELP,
-  imagesCommand,
-  PRUNE_HELP,
-  PULL_HELP,
-  pruneCommand,
-  pullCommand,
-  RM_HELP,
-  RMI_HELP,
-  rmCommand,
-  rmiCommand,
-  SNAPSHOTS_HELP,
-  snapshotsCommand,
-} from "./images.ts";
-import { RUN_HELP, runCommand } from "./run.ts";
+import { readFileSync } from "node:fs";
+import module from "node:module";
+import { CommanderError } from "commander";
+import { type Cli, CliError, exitCodeFor } from "./cli.ts";
+import { buildProgram } from "./program.ts";
 
-const HELP = `Usage: supermachine COMMAND [OPTIONS]
-
-Run OCI/Docker images and root filesystems as isolated microVMs.
-
-Commands:
-  run       boot a microVM from an image or root filesystem and run a command in it
-  pull      pull an image into the local store
-  images    list stored images
-  rmi       remove stored images
-  prune     delete blobs and root filesystems no image uses
-  snapshots list baked snapshots ('pull --name NAME' bakes one)
-  rm        remove baked snapshots
-  help      show this help
-
-Run 'supermachine COMMAND --help' for a command's options.`;
-
-const commands: Record<
-  string,
-  { run: (cli: Cli, argv: readonly string[]) => Promise<number>; help: string }
-> = {
-  run: { run: runCommand, help: RUN_HELP },
-  pull: { run: pullCommand, help: PULL_HELP },
-  images: { run: imagesCommand, help: IMAGES_HELP },
-  rmi: { run: rmiCommand, help: RMI_HELP },
-  prune: { run: pruneCommand, help: PRUNE_HELP },
-  snapshots: { run: snapshotsCommand, help: SNAPSHOTS_HELP },
-  rm: { run: rmCommand, help: RM_HELP },
-};
+// Node keeps the compiled code of our modules between runs (Node >= 22.1).
+module.enableCompileCache?.();
 
 async function main(argv: readonly string[]): Promise<number> {
+  if (argv[0] === "__supervise") {
+    const { supervise } = await import("./supervisor.ts");
+    return supervise(argv[1]!);
+  }
   const controller = new AbortController();
   let interrupted = 0;
   const onSignal = (signal: NodeJS.Signals) => {
@@ -69,25 +41,45 @@ async function main(argv: readonly string[]): Promise<number> {
       cli.err(`note: ${choice.reason ?? "running under TCG"}`);
   });
 
-  const [name, ...rest] = argv;
-  if (name === undefined || name === "help" || name === "--help" || name === "-h") {
-    cli.out(HELP);
-    return name === undefined ? 125 : 0;
-  }
-  const command = commands[name];
-  if (!command) {
-    cli.err(`unknown command ${JSON.stringify(name)}\n\n${HELP}`);
-    return 125;
+  let exitCode = 0;
+  const program = buildProgram(cli, packageVersion(), (code) => {
+    exitCode = code;
+  });
+  if (argv.length === 0) {
+    program.outputHelp();
+    return 0;
   }
   try {
-    return await command.run(cli, rest);
+    await program.parseAsync(argv, { from: "user" });
+    return exitCode;
   } catch (error) {
-    if (SupermachineError.is(error)) {
+    if (error instanceof CommanderError) return error.exitCode === 0 ? 0 : 125;
+    if (error instanceof CliError) {
       cli.err(error.message);
-      return 125;
+      return error.exitCode;
+    }
+    const { SupermachineError } = await import("../index.ts");
+    if (SupermachineError.is(error)) {
+      cli.err(firstLine(error.message));
+      return exitCodeFor(error.code);
     }
     cli.err(`unexpected error: ${(error as Error)?.stack ?? String(error)}`);
     return 125;
+  }
+}
+
+function firstLine(text: string): string {
+  return text.split("\n")[0]!;
+}
+
+/** The version in our package.json (two dirs up from src/cli/ and from dist/cli/). */
+function packageVersion(): string {
+  try {
+    return (
+      JSON.parse(readFileSync(new URL("../../package.json", import.meta.url), "utf8")) as { version: string }
+    ).version;
+  } catch {
+    return "unknown";
   }
 }
 

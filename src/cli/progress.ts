@@ -1,98 +1,120 @@
+/**
+ * Pull, flatten and bake progress for people. On a terminal: cli-progress draws one bar per layer
+ * (bytes, percentage, ETA) and a bar while layers are flattened, with status lines printed above them.
+ * Elsewhere (a pipe, a log file, CI): one plain line per step. With `--quiet`: nothing.
+ */
+import { MultiBar, type SingleBar } from "cli-progress";
 import type { PullProgress, RootfsProgress } from "../index.ts";
+import { bytes } from "./output.ts";
 
-interface BlobLine {
-  digest: string;
-  kind: string;
-  done: number;
-  total: number;
-  state: string;
-  startedAt: number;
+export type ProgressMode = "tty" | "lines" | "quiet";
+
+/** The mode for standard error, given `--quiet` (and `--json`, which keeps stderr for errors). */
+export function progressMode(quiet: boolean): ProgressMode {
+  if (quiet) return "quiet";
+  return process.stderr.isTTY ? "tty" : "lines";
 }
 
-/**
- * Renders pull and flatten progress on a terminal: one line per layer (bytes, speed, ETA), redrawn
- * in place at most every 100 ms. Prints nothing when the stream is not a terminal.
- */
-export class ProgressDisplay {
+export class Progress {
+  readonly #mode: ProgressMode;
   readonly #stream: NodeJS.WriteStream;
-  readonly #enabled: boolean;
-  readonly #blobs = new Map<string, BlobLine>();
-  #status = "";
-  #drawnLines = 0;
-  #lastDraw = 0;
+  #bars: MultiBar | undefined;
+  readonly #blobs = new Map<string, SingleBar>();
+  #flatten: SingleBar | undefined;
 
-  constructor(stream: NodeJS.WriteStream = process.stderr, enabled = stream.isTTY === true) {
+  constructor(mode: ProgressMode, stream: NodeJS.WriteStream = process.stderr) {
+    this.#mode = mode;
     this.#stream = stream;
-    this.#enabled = enabled;
+  }
+
+  /** A status line: above the bars on a terminal, a line of its own elsewhere. */
+  step(text: string): void {
+    if (this.#mode === "quiet") return;
+    if (this.#bars) this.#bars.log(`${text}\n`);
+    else this.#stream.write(`${text}\n`);
   }
 
   pull = (event: PullProgress): void => {
     if (event.type === "resolved") {
-      this.#status = `${event.reference}: ${event.layerCount} layers, ${bytes(event.totalBytes)} (${event.platform})`;
-    } else if (event.type === "blob") {
-      const line = this.#blobs.get(event.digest) ?? {
-        digest: event.digest,
-        kind: event.kind,
-        done: 0,
-        total: event.totalBytes,
-        state: event.state,
-        startedAt: Date.now(),
-      };
-      line.done = event.bytesDone;
-      line.total = event.totalBytes;
-      line.state = event.state;
-      this.#blobs.set(event.digest, line);
-    } else {
-      this.#status = `pulled ${event.reference}: ${bytes(event.downloadedBytes)} in ${(event.durationMs / 1000).toFixed(1)} s`;
+      this.step(
+        `${event.reference}: ${event.layerCount} layers, ${bytes(event.totalBytes)} (${event.platform})`,
+      );
+      return;
     }
-    this.#draw(event.type !== "blob");
+    if (event.type === "done") {
+      this.#stopBars();
+      this.step(`pulled ${event.reference}: ${bytes(event.downloadedBytes)} in ${seconds(event.durationMs)}`);
+      return;
+    }
+    const name = `${event.kind} ${event.digest.replace(/^sha256:/, "").slice(0, 12)}`;
+    if (this.#mode !== "tty") {
+      if (event.state === "cached") this.step(`${name}: already stored`);
+      else if (event.state === "done") this.step(`${name}: ${bytes(event.totalBytes)} done`);
+      return;
+    }
+    let bar = this.#blobs.get(event.digest);
+    if (bar === undefined) {
+      bar = this.#multibar().create(event.totalBytes, 0, { name, state: "" });
+      this.#blobs.set(event.digest, bar);
+    }
+    const state = event.state === "cached" ? "already stored" : event.state === "done" ? "done" : "";
+    bar.setTotal(Math.max(event.totalBytes, 1));
+    bar.update(event.state === "downloading" ? event.bytesDone : event.totalBytes, { name, state });
   };
 
   rootfs = (event: RootfsProgress): void => {
     if (event.phase === "layer") {
-      this.#status = `flattening layer ${event.layerIndex + 1}/${event.layerCount} (${bytes(event.bytesRead)}/${bytes(event.bytesTotal)})`;
+      const name = `flattening layer ${event.layerIndex + 1}/${event.layerCount}`;
+      if (this.#mode !== "tty") {
+        if (event.bytesRead === 0) this.step(name);
+        return;
+      }
+      this.#flatten ??= this.#multibar().create(Math.max(event.bytesTotal, 1), 0, { name, state: "" });
+      this.#flatten.setTotal(Math.max(event.bytesTotal, 1));
+      this.#flatten.update(event.bytesRead, { name, state: "" });
     } else if (event.phase === "done") {
-      this.#status = `root filesystem ready in ${(event.durationMs / 1000).toFixed(1)} s`;
+      this.#stopBars();
+      this.step(`root filesystem ready in ${seconds(event.durationMs)}`);
+    } else if (event.phase === "scan") {
+      this.step(`reading ${event.dir}`);
     } else {
-      this.#status = `building root filesystem: ${event.phase}`;
+      this.step(`root filesystem: ${event.phase}`);
     }
-    this.#draw(event.phase === "done");
   };
 
-  /** Leaves the last frame on screen. */
+  /** Removes the bars (their last state stays on screen). */
   finish(): void {
-    this.#draw(true);
+    this.#stopBars();
   }
 
-  #draw(force: boolean): void {
-    if (!this.#enabled) return;
-    const now = Date.now();
-    if (!force && now - this.#lastDraw < 100) return;
-    this.#lastDraw = now;
-    const lines = [...this.#blobs.values()].map((b) => {
-      const short = b.digest.replace(/^sha256:/, "").slice(0, 12);
-      if (b.state === "cached") return `${short} ${b.kind}: already stored`;
-      if (b.state === "done") return `${short} ${b.kind}: done ${bytes(b.total)}`;
-      const seconds = Math.max((now - b.startedAt) / 1000, 0.001);
-      const speed = b.done / seconds;
-      const eta = speed > 0 ? Math.max(0, (b.total - b.done) / speed) : Number.NaN;
-      return `${short} ${b.kind}: ${bytes(b.done)}/${bytes(b.total)} ${bytes(speed)}/s ETA ${Number.isFinite(eta) ? `${eta.toFixed(0)} s` : "?"}`;
+  #multibar(): MultiBar {
+    this.#bars ??= new MultiBar({
+      stream: this.#stream,
+      format: "{name} {bar} {percentage}% {value}/{total} ETA {eta_formatted} {state}",
+      formatValue: (value, _options, type) =>
+        type === "value" || type === "total"
+          ? bytes(value)
+          : type === "percentage"
+            ? String(value).padStart(3)
+            : String(value),
+      barsize: 24,
+      hideCursor: true,
+      gracefulExit: false,
+      etaBuffer: 20,
     });
-    if (this.#status) lines.push(this.#status);
-    let out = this.#drawnLines > 0 ? `\x1b[${this.#drawnLines}F` : "";
-    for (const line of lines) out += `\x1b[2K${line.slice(0, (this.#stream.columns || 100) - 1)}\n`;
-    this.#stream.write(out);
-    this.#drawnLines = lines.length;
+    return this.#bars;
+  }
+
+  #stopBars(): void {
+    // Draw once more: status lines logged since the last frame are written by a redraw.
+    this.#bars?.update();
+    this.#bars?.stop();
+    this.#bars = undefined;
+    this.#blobs.clear();
+    this.#flatten = undefined;
   }
 }
 
-export function bytes(n: number): string {
-  const units = ["B", "KB", "MB", "GB", "TB"];
-  let i = 0;
-  let v = n;
-  while (v >= 1000 && i < units.length - 1) {
-    v /= 1000;
-    i++;
-  }
-  return `${v >= 100 || i === 0 ? v.toFixed(0) : v.toFixed(1)} ${units[i]}`;
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(1)} s`;
 }

@@ -1,10 +1,11 @@
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import type { Dirent } from "node:fs";
+import { createReadStream, type Dirent, readFileSync } from "node:fs";
 import { access, constants, readdir, readFile, stat } from "node:fs/promises";
+import { createRequire } from "node:module";
 import { dirname, join, relative, sep } from "node:path";
 import { fileURLToPath } from "node:url";
-import { SupermachineError } from "../errors.ts";
+import { DigestMismatchError, SupermachineError } from "../errors.ts";
 import { cacheDir, once } from "../internal/index.ts";
 
 /** Where the guest kernel (an uncompressed, PVH-bootable `vmlinux`) and the initramfs are. */
@@ -15,8 +16,10 @@ export interface AssetPaths {
 
 /** Where {@link resolveAssetPaths} looks; the defaults fit an installed package. */
 export interface AssetSearchOptions {
-  /** Package root holding `kernel/`, `scripts/`, `guest/` and optionally `assets/`. Default: this package. */
+  /** Package root holding `kernel/`, `scripts/`, `guest/` and `dist/guest-assets.json`. Default: this package. */
   packageDir?: string;
+  /** The prebuilt guest package's dir. Default: `@supermachine/guest-<os>-<cpu>` as Node resolves it from `packageDir`. */
+  guestPackageDir?: string;
   /** Environment to read `SUPERMACHINE_*`, `XDG_CACHE_HOME` from. Default: `process.env`. */
   env?: NodeJS.ProcessEnv;
   /**
@@ -26,86 +29,219 @@ export interface AssetSearchOptions {
   linuxSourceVersion?: string | null;
 }
 
+/** Where a guest asset was found. */
+export interface AssetLocation {
+  readonly path: string;
+  /**
+   * `option`: given by the caller; `env`: `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`;
+   * `cache`: built from this package's sources by `scripts/build-assets.sh`; `package`: the
+   * prebuilt guest package, its sha256 checked against the one this package records; `newest`: the
+   * newest kernel in the cache (its key could not be computed on this host).
+   */
+  readonly source: "option" | "env" | "cache" | "package" | "newest";
+  /** `sha256:<hex>` when it was checked (source `package`). */
+  readonly sha256?: string;
+}
+
+/** Both guest assets and where each came from (what `supermachine doctor` shows). */
+export interface GuestAssets {
+  readonly kernel: AssetLocation;
+  readonly initramfs: AssetLocation;
+}
+
 const LINUX_SOURCE_PACKAGE = "linux-source-6.1";
 const BUILD_COMMAND = "npm run assets";
+/** The per-platform package of prebuilt guest assets (an optional dependency of this package). */
+export const GUEST_PACKAGE = `@supermachine/guest-${process.platform}-${process.arch}`;
+/** In a packed package: the guest package's `assets.json`, recorded at pack time (scripts/build.ts). */
+const RECORDED_GUEST_ASSETS = join("dist", "guest-assets.json");
 
-/** The package root: two levels above this file (`src/vmm/` when run from source, `dist/vmm/` when built). */
-const PACKAGE_DIR = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+/**
+ * The package root: the nearest dir above this file whose package.json names `supermachine`
+ * (`src/vmm/` from source; `dist/` or `dist/chunks/` when bundled).
+ */
+const packageRoot: () => string = once(() => {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    try {
+      const manifest = JSON.parse(readFileSync(join(dir, "package.json"), "utf8")) as { name?: unknown };
+      if (manifest.name === "supermachine") return dir;
+    } catch {}
+    const parent = dirname(dir);
+    if (parent === dir) return join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+    dir = parent;
+  }
+});
 
 /**
  * Finds the guest kernel and initramfs. Each is taken from the first of: `overrides`, the env
- * variables `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`, the package's prebuilt
- * `assets/vmlinux` / `assets/initramfs.cpio`, the cache that `scripts/build-assets.sh` installs into
- * (keyed exactly as the scripts key it). Throws `ASSET_MISSING` naming what is missing and how to
- * build it.
+ * variables `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`, the cache that `scripts/build-assets.sh`
+ * installs into (keyed exactly as the scripts key it, so a checkout uses what its sources build),
+ * the prebuilt guest package `@supermachine/guest-linux-x64` (checked against the sha256 this
+ * package recorded when it was packed: a mismatch is `DIGEST_MISMATCH`), and at last, when the
+ * kernel's key cannot be computed here, the newest cached kernel. Throws `ASSET_MISSING` naming
+ * what is missing and how to get it.
  */
 export async function resolveAssetPaths(
   overrides: Partial<AssetPaths> = {},
   options: AssetSearchOptions = {},
 ): Promise<AssetPaths> {
+  const found = await locateGuestAssets(overrides, options);
+  return { kernel: found.kernel.path, initramfs: found.initramfs.path };
+}
+
+/** {@link resolveAssetPaths}, saying where each asset came from. */
+export async function locateGuestAssets(
+  overrides: Partial<AssetPaths> = {},
+  options: AssetSearchOptions = {},
+): Promise<GuestAssets> {
   const env = options.env ?? process.env;
-  const packageDir = options.packageDir ?? PACKAGE_DIR;
+  const packageDir = options.packageDir ?? packageRoot();
   const dir = cacheDir(env);
+  const prebuilt = await prebuiltGuestPackage(packageDir, options.guestPackageDir);
 
   const missing: string[] = [];
   const find = async (
     name: keyof AssetPaths,
     label: string,
     envName: string,
-    packaged: string,
     fromCache: () => Promise<{ path: string | undefined; lookedFor: string }>,
-  ): Promise<string> => {
+    newest?: () => Promise<string | undefined>,
+  ): Promise<AssetLocation> => {
+    const none = { path: "", source: "option" as const };
     const given = overrides[name];
     if (given !== undefined) {
-      if (await isReadableFile(given)) return given;
+      if (await isReadableFile(given)) return { path: given, source: "option" };
       missing.push(`${label} ${given} (given as ${name})`);
-      return "";
+      return none;
     }
     const fromEnv = env[envName];
     if (fromEnv) {
-      if (await isReadableFile(fromEnv)) return fromEnv;
+      if (await isReadableFile(fromEnv)) return { path: fromEnv, source: "env" };
       missing.push(`${label} ${fromEnv} (given by ${envName})`);
-      return "";
+      return none;
     }
-    if (await isReadableFile(packaged)) return packaged;
     const cached = await fromCache();
-    if (cached.path !== undefined) return cached.path;
-    missing.push(`${label} (looked for ${packaged} and ${cached.lookedFor})`);
-    return "";
+    if (cached.path !== undefined) return { path: cached.path, source: "cache" };
+    const lookedFor = [cached.lookedFor];
+    if (prebuilt.kind === "found") {
+      const path = join(prebuilt.dir, prebuilt.record[name].file);
+      return { path, source: "package", sha256: await verify(path, prebuilt.record[name].sha256, label) };
+    }
+    lookedFor.push(prebuilt.why);
+    const last = await newest?.();
+    if (last !== undefined) return { path: last, source: "newest" };
+    missing.push(`${label} (looked for ${lookedFor.join(", ")})`);
+    return none;
   };
 
   const kernel = await find(
     "kernel",
     "guest kernel",
     "SUPERMACHINE_KERNEL",
-    join(packageDir, "assets", "vmlinux"),
     async () => {
       const path = await cachedKernelPath(packageDir, dir, options.linuxSourceVersion);
       if (path !== undefined)
         return { path: (await isReadableFile(path)) ? path : undefined, lookedFor: path };
-      // The key cannot be computed here: take the newest kernel any build left in the cache.
-      return { path: await newestCachedKernel(dir), lookedFor: join(dir, "kernel", "*", "vmlinux") };
+      return { path: undefined, lookedFor: join(dir, "kernel", "*", "vmlinux") };
     },
+    // The key cannot be computed here: take the newest kernel any build left in the cache.
+    async () =>
+      (await cachedKernelPath(packageDir, dir, options.linuxSourceVersion)) === undefined
+        ? newestCachedKernel(dir)
+        : undefined,
   );
-  const initramfs = await find(
-    "initramfs",
-    "guest initramfs",
-    "SUPERMACHINE_INITRAMFS",
-    join(packageDir, "assets", "initramfs.cpio"),
-    async () => {
-      const path = await cachedInitramfsPath(packageDir, dir);
-      return { path: (await isReadableFile(path)) ? path : undefined, lookedFor: path };
-    },
-  );
+  const initramfs = await find("initramfs", "guest initramfs", "SUPERMACHINE_INITRAMFS", async () => {
+    const path = await cachedInitramfsPath(packageDir, dir);
+    return { path: (await isReadableFile(path)) ? path : undefined, lookedFor: path };
+  });
   if (missing.length > 0) {
     throw new SupermachineError(
       "ASSET_MISSING",
-      `guest assets missing: ${missing.join("; ")}. Build them with \`${BUILD_COMMAND}\` in ${packageDir} ` +
-        "(runs scripts/build-assets.sh; the kernel takes ~15 min the first time), " +
+      `guest assets missing: ${missing.join("; ")}. Install the prebuilt ${GUEST_PACKAGE} ` +
+        `(an optional dependency of supermachine), build them from source with \`${BUILD_COMMAND}\` ` +
+        `(bash ${join(packageDir, "scripts", "build-assets.sh")}; the kernel takes ~15 min the first time), ` +
         "or set SUPERMACHINE_KERNEL / SUPERMACHINE_INITRAMFS",
     );
   }
   return { kernel, initramfs };
+}
+
+interface RecordedAsset {
+  file: string;
+  sha256: string;
+}
+
+type PrebuiltGuest =
+  | { kind: "found"; dir: string; record: { kernel: RecordedAsset; initramfs: RecordedAsset } }
+  | { kind: "absent"; why: string };
+
+/**
+ * The guest package, if it is installed and this package recorded its hashes. Without a record
+ * (a checkout, where `dist/guest-assets.json` is written only by packing), an installed guest
+ * package is not used: nothing would vouch for its files.
+ */
+async function prebuiltGuestPackage(packageDir: string, given: string | undefined): Promise<PrebuiltGuest> {
+  let dir = given;
+  if (dir === undefined) {
+    try {
+      dir = dirname(createRequire(join(packageDir, "package.json")).resolve(`${GUEST_PACKAGE}/package.json`));
+    } catch {
+      return { kind: "absent", why: `the package ${GUEST_PACKAGE} (not installed)` };
+    }
+  }
+  const recordPath = join(packageDir, RECORDED_GUEST_ASSETS);
+  let record: { kernel: RecordedAsset; initramfs: RecordedAsset };
+  try {
+    record = JSON.parse(await readFile(recordPath, "utf8"));
+  } catch {
+    return { kind: "absent", why: `${dir} (unused: this package records no hashes for it in ${recordPath})` };
+  }
+  for (const asset of [record.kernel, record.initramfs]) {
+    if (
+      typeof asset?.file !== "string" ||
+      !/^[0-9a-f]{64}$/.test(String(asset?.sha256)) ||
+      asset.file.includes("/")
+    )
+      return { kind: "absent", why: `${dir} (unused: ${recordPath} is malformed)` };
+  }
+  return { kind: "found", dir, record };
+}
+
+/** Checks a prebuilt file against its recorded sha256, once per (path, size, mtime) in a process. */
+async function verify(path: string, expected: string, label: string): Promise<string> {
+  let info: Awaited<ReturnType<typeof stat>>;
+  try {
+    info = await stat(path);
+  } catch (error) {
+    throw new SupermachineError(
+      "ASSET_MISSING",
+      `${label} ${path} is missing from ${GUEST_PACKAGE}: reinstall it (npm install)`,
+      { cause: error },
+    );
+  }
+  const key = `${path}\0${info.size}\0${info.mtimeMs}`;
+  let actual = verified.get(key);
+  if (actual === undefined) {
+    actual = await fileSha256Stream(path);
+    verified.set(key, actual);
+  }
+  if (actual !== expected) {
+    throw new DigestMismatchError(
+      `${label} ${path} does not match the sha256 supermachine recorded for it: the ${GUEST_PACKAGE} ` +
+        "install is damaged or from another version; reinstall it (npm install)",
+      { digest: `sha256:${expected}`, actualDigest: `sha256:${actual}` },
+    );
+  }
+  return `sha256:${actual}`;
+}
+
+const verified = new Map<string, string>();
+
+async function fileSha256Stream(path: string): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest("hex");
 }
 
 /**
@@ -116,7 +252,7 @@ export async function resolveAssetPaths(
 export async function cachedAssetPaths(
   options: AssetSearchOptions = {},
 ): Promise<{ cacheDir: string; kernel: string | undefined; initramfs: string }> {
-  const packageDir = options.packageDir ?? PACKAGE_DIR;
+  const packageDir = options.packageDir ?? packageRoot();
   const dir = cacheDir(options.env ?? process.env);
   return {
     cacheDir: dir,

@@ -20,6 +20,7 @@
 import { readFileSync } from "node:fs";
 import { SupermachineError } from "../errors.ts";
 import { once } from "../internal/index.ts";
+import { findOnPath } from "./accelerator.ts";
 
 /** The user QEMU runs as. */
 export interface QemuIdentity {
@@ -153,4 +154,58 @@ export function confinedCommand(
       ...args,
     ],
   };
+}
+
+/**
+ * `setpriv` and `prlimit` from util-linux (on every Debian and most Linux hosts): QEMU is never
+ * started without them. Found once per process.
+ */
+export const confinementTools: () => Promise<{ setpriv: string; prlimit: string }> = once(async () => {
+  const [setpriv, prlimit] = await Promise.all([findOnPath("setpriv"), findOnPath("prlimit")]);
+  if (setpriv === undefined || prlimit === undefined) {
+    throw new SupermachineError(
+      "HOST_UNSUPPORTED",
+      `${setpriv === undefined ? "setpriv" : "prlimit"} not found: QEMU runs confined by util-linux's setpriv and prlimit; install util-linux (apt-get install util-linux)`,
+    );
+  }
+  return { setpriv, prlimit };
+});
+
+/** The cgroup v2 controllers QEMU would be limited by, and whether that is possible here. */
+export interface CgroupSupport {
+  /** True when cgroup v2 is delegated to this process with the memory and pids controllers. */
+  readonly available: boolean;
+  /** Why not, for reports. */
+  readonly reason: string;
+}
+
+/**
+ * Whether a per-VM cgroup (memory, pids) can be made: the unified hierarchy mounted, this process's
+ * cgroup writable, with the `memory` and `pids` controllers. Not yet used to place VMs (see
+ * docs/security.md); reported by `doctor`.
+ */
+export function cgroupSupport(): CgroupSupport {
+  let own: string;
+  try {
+    own = readFileSync("/proc/self/cgroup", "utf8");
+  } catch {
+    return { available: false, reason: "no /proc/self/cgroup" };
+  }
+  const unified = own.split("\n").find((line) => line.startsWith("0::"));
+  if (unified === undefined) return { available: false, reason: "cgroup v2 is not mounted" };
+  let controllers = "";
+  for (const root of ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]) {
+    try {
+      controllers = readFileSync(`${root}/cgroup.controllers`, "utf8");
+      break;
+    } catch {}
+  }
+  if (!/\bmemory\b/.test(controllers) || !/\bpids\b/.test(controllers)) {
+    return {
+      available: false,
+      reason:
+        "cgroup v2 has no memory and pids controllers here (a hybrid or v1 hierarchy, or not delegated)",
+    };
+  }
+  return { available: true, reason: "cgroup v2 with memory and pids" };
 }

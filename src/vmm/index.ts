@@ -19,6 +19,14 @@ export {
 export * from "./asset-paths.ts";
 export { ConsoleLog, type ConsoleLogOptions, DEFAULT_CONSOLE_LOG_MAX_BYTES } from "./console-log.ts";
 export { createDiskOverlay, OverlayTemplate } from "./disk-overlay.ts";
+export {
+  type DirReport,
+  type HostPaths,
+  type HostReport,
+  hostPaths,
+  hostReport,
+  type KvmStatus,
+} from "./host-report.ts";
 export { INCOMING_STATE_FD, type LoadStateOptions, type SaveStateOptions } from "./migration.ts";
 export {
   type Accelerator,

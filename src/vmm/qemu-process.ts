@@ -20,9 +20,15 @@ import { chmod, chown, mkdtemp, rm } from "node:fs/promises";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
-import { debug, memoize, once, publish } from "../internal/index.ts";
-import { assertHostSupported, findOnPath, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";
-import { confinedCommand, type QemuIdentity, qemuLimits, vmQemuIdentity } from "./confinement.ts";
+import { debug, memoize, publish } from "../internal/index.ts";
+import { assertHostSupported, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";
+import {
+  confinedCommand,
+  confinementTools,
+  type QemuIdentity,
+  qemuLimits,
+  vmQemuIdentity,
+} from "./confinement.ts";
 import { ConsoleLog } from "./console-log.ts";
 import {
   type LoadStateOptions,
@@ -632,21 +638,6 @@ async function spawnQemu(
     });
   });
 }
-
-/**
- * `setpriv` and `prlimit` from util-linux (on every Debian and most Linux hosts): QEMU is never
- * started without them. Found once per process.
- */
-const confinementTools: () => Promise<{ setpriv: string; prlimit: string }> = once(async () => {
-  const [setpriv, prlimit] = await Promise.all([findOnPath("setpriv"), findOnPath("prlimit")]);
-  if (setpriv === undefined || prlimit === undefined) {
-    throw new SupermachineError(
-      "HOST_UNSUPPORTED",
-      `${setpriv === undefined ? "setpriv" : "prlimit"} not found: QEMU runs confined by util-linux's setpriv and prlimit; install util-linux (apt-get install util-linux)`,
-    );
-  }
-  return { setpriv, prlimit };
-});
 
 /** Sweeps a runtime root once per process. */
 const sweepOnce: (root: string) => Promise<SweepResult | undefined> = memoize((root) =>

@@ -1,7 +1,7 @@
 /** Runs the real `bin/supermachine` launcher and collects what it prints. */
 import { spawn } from "node:child_process";
 
-const cli = new URL("../../bin/supermachine", import.meta.url).pathname;
+export const cliPath = new URL("../../bin/supermachine", import.meta.url).pathname;
 
 export interface CliResult {
   code: number | null;
@@ -11,10 +11,13 @@ export interface CliResult {
 
 export function runCli(
   args: string[],
-  options: { env?: NodeJS.ProcessEnv; input?: string } = {},
+  options: { env?: NodeJS.ProcessEnv; input?: string; command?: string } = {},
 ): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cli, args, { env: options.env ?? process.env, stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(options.command ?? cliPath, args, {
+      env: options.env ?? process.env,
+      stdio: ["pipe", "pipe", "pipe"],
+    });
     let stdout = "";
     let stderr = "";
     child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
@@ -23,4 +26,9 @@ export function runCli(
     child.on("close", (code) => resolve({ code, stdout, stderr }));
     child.stdin.end(options.input ?? "");
   });
+}
+
+/** A result's exit code and output, for assertion messages. */
+export function described(result: CliResult): string {
+  return `exit ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`;
 }

@@ -1,6 +1,9 @@
 /** `supermachine run` end to end: the real launcher, a real VM, real pipes. */
 import assert from "node:assert/strict";
-import { runCli } from "../helpers/cli.ts";
+import { test } from "node:test";
+import { described, runCli } from "../helpers/cli.ts";
+import { fixtureImages } from "../helpers/fixtures.ts";
+import { scratchDir } from "../helpers/scratch.ts";
 import { busyboxRootfs, vmTest } from "../helpers/vm.ts";
 
 vmTest("run prints the command's output and exits with its code", async () => {
@@ -39,14 +42,42 @@ vmTest("run passes -e, -w and -u and separates stderr", async () => {
   assert.equal(result.code, 0);
 });
 
-vmTest("run exits 128+N when the command dies of signal N, 125 on its own errors", async () => {
-  const rootfs = await busyboxRootfs();
-  const killed = await runCli(["run", "--rootfs", rootfs, "--", "sh", "-c", "kill -9 $$"]);
-  assert.equal(killed.code, 137);
-  const missing = await runCli(["run", "--rootfs", rootfs, "--", "/no/such/program"]);
-  assert.equal(missing.code, 125);
-  assert.match(missing.stderr, /supermachine: .*no\/such\/program/);
-  const usage = await runCli(["run"]);
-  assert.equal(usage.code, 125);
-  assert.match(usage.stderr, /an IMAGE or --rootfs PATH/);
+vmTest(
+  "run exits 128+N when the command dies of signal N, 127/126 when it is not found / cannot run",
+  async () => {
+    const rootfs = await busyboxRootfs();
+    const killed = await runCli(["run", "--rootfs", rootfs, "--", "sh", "-c", "kill -9 $$"]);
+    assert.equal(killed.code, 137, described(killed));
+    const missing = await runCli(["run", "--rootfs", rootfs, "--", "/no/such/program"]);
+    assert.equal(missing.code, 127, described(missing));
+    assert.match(missing.stderr, /^supermachine: .*no\/such\/program.*\n$/);
+    const notExecutable = await runCli(["run", "--rootfs", rootfs, "--", "/etc/passwd"]);
+    assert.equal(notExecutable.code, 126, described(notExecutable));
+  },
+);
+
+vmTest("run IMAGE: '--' after the IMAGE is consumed, the exit code is the command's", async () => {
+  const fx = await fixtureImages();
+  const env = { ...process.env, SUPERMACHINE_DATA_DIR: await scratchDir("sm-data-") };
+  const image = `oci:${fx.busybox}`;
+  const echoed = await runCli(["run", "--rm", "-q", image, "--", "echo", "--", "ok"], { env });
+  assert.equal(echoed.stdout, "-- ok\n", described(echoed));
+  assert.equal(echoed.code, 0);
+  const failed = await runCli(["run", "--rm", "-q", image, "--", "false"], { env });
+  assert.equal(failed.code, 1, described(failed));
+});
+
+test("supermachine's own errors exit 125 with one line", async () => {
+  const env = { ...process.env, SUPERMACHINE_DATA_DIR: await scratchDir("sm-data-") };
+  for (const args of [
+    ["run"],
+    ["run", "Not//A:Reference"],
+    ["run", "--pull", "sometimes", "alpine"],
+    ["exec", "nobody", "true"],
+  ]) {
+    const result = await runCli(args, { env });
+    assert.equal(result.code, 125, `${args.join(" ")}: ${described(result)}`);
+    assert.match(result.stderr, /^supermachine: [^\n]+\n$/, `${args.join(" ")}: one line`);
+    assert.equal(result.stdout, "");
+  }
 });

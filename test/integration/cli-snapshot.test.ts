@@ -8,7 +8,7 @@ import { vmTest } from "../helpers/vm.ts";
 const runCli = (env: NodeJS.ProcessEnv, args: string[]) => run(args, { env });
 
 vmTest(
-  "pull --name bakes a snapshot that run NAME restores, snapshots lists and rm removes",
+  "pull --name bakes a snapshot that run NAME restores, snapshots lists and snapshot rm removes",
   async () => {
     const fx = await fixtureImages();
     const env = { ...process.env, SUPERMACHINE_DATA_DIR: await scratchDir("sm-data-") };
@@ -56,9 +56,9 @@ vmTest(
     assert.equal(refused.code, 125);
     assert.match(refused.stderr, /fixed when it was baked/);
 
-    assert.equal((await runCli(env, ["rm", "bb"])).code, 0);
-    assert.equal((await runCli(env, ["snapshots", "--json"])).stdout.trim(), "[]");
-    const gone = await runCli(env, ["rm", "bb"]);
+    assert.equal((await runCli(env, ["snapshot", "rm", "bb"])).code, 0);
+    assert.equal((await runCli(env, ["snapshot", "ls", "--json"])).stdout.trim(), "[]");
+    const gone = await runCli(env, ["snapshot", "rm", "bb"]);
     assert.equal(gone.code, 125);
   },
   { timeout: 300_000 },

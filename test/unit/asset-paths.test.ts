@@ -1,13 +1,19 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { copyFile, mkdir, mkdtemp, rm, utimes, writeFile } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { copyFile, cp, mkdir, mkdtemp, rm, utimes, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { SupermachineError } from "../../src/errors.ts";
-import { cachedAssetPaths, resolveAssetPaths } from "../../src/vmm/asset-paths.ts";
+import {
+  cachedAssetPaths,
+  GUEST_PACKAGE,
+  locateGuestAssets,
+  resolveAssetPaths,
+} from "../../src/vmm/asset-paths.ts";
 
 const run = promisify(execFile);
 const repoDir = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -67,7 +73,7 @@ after(async () => {
 });
 
 describe("resolveAssetPaths", () => {
-  test("explicit overrides win over env, package assets and cache", async () => {
+  test("explicit overrides win over env, the guest package and the cache", async () => {
     const kernel = await touch(join(tmp, "o/vmlinux"));
     const initramfs = await touch(join(tmp, "o/initramfs.cpio"));
     const envKernel = await touch(join(tmp, "e/vmlinux"));
@@ -108,7 +114,7 @@ describe("resolveAssetPaths", () => {
     );
   });
 
-  test("missing assets: the message names each missing file and the build command", async () => {
+  test("missing assets: the message names each missing file, the guest package and the build command", async () => {
     const cached = await cachedAssetPaths({ packageDir, env, linuxSourceVersion: "6.1.0-test" });
     assert.ok(cached.kernel !== undefined);
     await assert.rejects(
@@ -118,23 +124,95 @@ describe("resolveAssetPaths", () => {
           error,
           "guest kernel",
           "guest initramfs",
-          join(packageDir, "assets", "vmlinux"),
-          join(packageDir, "assets", "initramfs.cpio"),
           cached.kernel!,
           cached.initramfs,
+          `${GUEST_PACKAGE} (not installed)`,
           "npm run assets",
           "scripts/build-assets.sh",
         ),
     );
   });
 
-  test("prebuilt assets in the package dir come before the cache", async () => {
-    const pkg = join(tmp, "prebuilt");
-    const kernel = await touch(join(pkg, "assets/vmlinux"));
-    const initramfs = await touch(join(pkg, "assets/initramfs.cpio"));
-    assert.deepEqual(await resolveAssetPaths({}, { packageDir: pkg, env, linuxSourceVersion: "1" }), {
-      kernel,
-      initramfs,
+  describe("the prebuilt guest package", () => {
+    const kernelBytes = "kernel bytes";
+    const initramfsBytes = "initramfs bytes";
+    const sha = (text: string) => createHash("sha256").update(text).digest("hex");
+    let guest: string;
+    let packed: string;
+
+    before(async () => {
+      guest = join(tmp, "node_modules", GUEST_PACKAGE);
+      await touch(join(guest, "package.json"), JSON.stringify({ name: GUEST_PACKAGE, version: "0.1.0" }));
+      await touch(join(guest, "vmlinux"), kernelBytes);
+      await touch(join(guest, "initramfs.cpio"), initramfsBytes);
+      // A packed package: its sources, and the hashes recorded by scripts/build.ts --release.
+      packed = join(tmp, "node_modules", "supermachine");
+      await cp(packageDir, packed, { recursive: true });
+      await touch(join(packed, "package.json"), JSON.stringify({ name: "supermachine" }));
+      await touch(
+        join(packed, "dist/guest-assets.json"),
+        JSON.stringify({
+          kernel: { file: "vmlinux", sha256: sha(kernelBytes) },
+          initramfs: { file: "initramfs.cpio", sha256: sha(initramfsBytes) },
+        }),
+      );
+    });
+
+    test("is found next to the package and checked against the recorded hashes", async () => {
+      const found = await locateGuestAssets(
+        {},
+        { packageDir: packed, env, linuxSourceVersion: "6.1.0-test" },
+      );
+      assert.deepEqual(found, {
+        kernel: { path: join(guest, "vmlinux"), source: "package", sha256: `sha256:${sha(kernelBytes)}` },
+        initramfs: {
+          path: join(guest, "initramfs.cpio"),
+          source: "package",
+          sha256: `sha256:${sha(initramfsBytes)}`,
+        },
+      });
+    });
+
+    test("a file that does not match its recorded hash is DIGEST_MISMATCH", async () => {
+      const other = join(tmp, "damaged");
+      await cp(guest, other, { recursive: true });
+      await writeFile(join(other, "initramfs.cpio"), "tampered");
+      await assert.rejects(
+        resolveAssetPaths(
+          {},
+          { packageDir: packed, guestPackageDir: other, env, linuxSourceVersion: "6.1.0-test" },
+        ),
+        (error) => {
+          assert.ok(SupermachineError.is(error, "DIGEST_MISMATCH"));
+          assert.equal(error.digest, `sha256:${sha(initramfsBytes)}`);
+          assert.equal(error.actualDigest, `sha256:${sha("tampered")}`);
+          assert.match(error.message, /reinstall/);
+          return true;
+        },
+      );
+    });
+
+    test("is not used by a package that records no hashes (a checkout)", async () => {
+      await assert.rejects(
+        resolveAssetPaths({}, { packageDir, guestPackageDir: guest, env, linuxSourceVersion: "6.1.0-test" }),
+        (error) => assertAssetMissing(error, "records no hashes"),
+      );
+    });
+
+    test("comes after assets built from the package's own sources", async () => {
+      const cached = await cachedAssetPaths({ packageDir: packed, env, linuxSourceVersion: "6.1.0-test" });
+      await touch(cached.initramfs);
+      try {
+        const found = await locateGuestAssets(
+          {},
+          { packageDir: packed, env, linuxSourceVersion: "6.1.0-test" },
+        );
+        assert.equal(found.initramfs.path, cached.initramfs);
+        assert.equal(found.initramfs.source, "cache");
+        assert.equal(found.kernel.source, "package");
+      } finally {
+        await rm(join(cache, "initramfs"), { recursive: true, force: true });
+      }
     });
   });
 

@@ -1,0 +1,89 @@
+/** The command line's conventions, as a user meets them: the real launcher, no VM. */
+import assert from "node:assert/strict";
+import { readFile } from "node:fs/promises";
+import { before, describe, it } from "node:test";
+import { described, runCli } from "../helpers/cli.ts";
+import { scratchDir } from "../helpers/scratch.ts";
+
+let env: NodeJS.ProcessEnv;
+before(async () => {
+  const dir = await scratchDir("sm-cli-");
+  env = { ...process.env, SUPERMACHINE_DATA_DIR: `${dir}/data`, SUPERMACHINE_RUNTIME_DIR: `${dir}/run` };
+});
+const cli = (...args: string[]) => runCli(args, { env });
+
+describe("supermachine's command line", () => {
+  it("--version, -v and version print the package's version; version --json says more", async () => {
+    const { version } = JSON.parse(await readFile(new URL("../../package.json", import.meta.url), "utf8"));
+    for (const args of [["--version"], ["-v"], ["version"]]) {
+      const result = await cli(...args);
+      assert.equal(result.stdout, `${version}\n`, described(result));
+      assert.equal(result.code, 0);
+    }
+    const json = JSON.parse((await cli("version", "--json")).stdout);
+    assert.equal(json.supermachine, version);
+    assert.equal(json.node, process.versions.node);
+  });
+
+  it("help COMMAND and COMMAND --help print the same help; no arguments prints the overview", async () => {
+    const viaHelp = await cli("help", "run");
+    const viaFlag = await cli("run", "--help");
+    assert.equal(viaHelp.code, 0);
+    assert.equal(viaHelp.stdout, viaFlag.stdout);
+    assert.match(viaHelp.stdout, /Usage: supermachine run \[OPTIONS\] IMAGE\|SNAPSHOT \[--\] \[ARG\.\.\.\]/);
+    const overview = await cli();
+    assert.equal(overview.code, 0);
+    for (const command of ["run", "exec", "ps", "logs", "stop", "rm", "pull", "images", "doctor", "version"])
+      assert.match(overview.stdout, new RegExp(`^  ${command} `, "m"), `${command} is listed`);
+  });
+
+  it("a mistyped flag or command exits 125 with one line suggesting the closest one", async () => {
+    const flag = await cli("images", "--jsno");
+    assert.equal(flag.code, 125);
+    assert.equal(flag.stderr, "supermachine: unknown option '--jsno' (Did you mean --json?)\n");
+    const command = await cli("imagse");
+    assert.equal(command.code, 125);
+    assert.equal(command.stderr, "supermachine: unknown command 'imagse' (Did you mean images?)\n");
+    const missing = await cli("run", "--rootfs");
+    assert.equal(missing.code, 125);
+    assert.match(missing.stderr, /^supermachine: option '--rootfs <PATH>' argument missing\n$/);
+  });
+
+  it("every listing has --json", async () => {
+    for (const args of [["images"], ["snapshots"], ["snapshot", "ls"], ["ps"], ["ps", "-a"]]) {
+      const result = await cli(...args, "--json");
+      assert.equal(result.code, 0, described(result));
+      assert.deepEqual(JSON.parse(result.stdout), [], args.join(" "));
+    }
+    const table = await cli("ps");
+    assert.equal(table.stdout, "NAME  IMAGE  COMMAND  CREATED  STATUS\n");
+  });
+
+  it("doctor says which accelerator and why, and --json parses", async () => {
+    const result = await cli("doctor", "--json");
+    const report = JSON.parse(result.stdout);
+    assert.ok(["kvm", "tcg"].includes(report.accelerator.accel));
+    assert.ok(
+      ["usable", "missing", "no-permission", "unusable", "disabled"].includes(report.accelerator.kvm),
+    );
+    assert.equal(result.code, report.ok ? 0 : 1);
+    assert.equal(report.dirs.data.path, env.SUPERMACHINE_DATA_DIR);
+    const text = await cli("doctor");
+    if (report.accelerator.accel === "tcg") {
+      assert.match(text.stdout, /^accelerator: +TCG will be used: /m);
+      assert.match(text.stdout, /NOT hardware isolation/);
+      assert.match(text.stdout, /To fix, on a machine that has KVM: .*usermod -aG kvm/);
+    } else {
+      assert.match(text.stdout, /^accelerator: +KVM/m);
+    }
+    assert.match(text.stdout, /^qemu: /m);
+    assert.match(text.stdout, /^data dir: +.* free/m);
+  });
+
+  it("doctor without KVM: SUPERMACHINE_ACCEL=tcg is reported as such", async () => {
+    const result = await runCli(["doctor", "--json"], { env: { ...env, SUPERMACHINE_ACCEL: "tcg" } });
+    const report = JSON.parse(result.stdout);
+    assert.equal(report.accelerator.accel, "tcg");
+    assert.equal(report.accelerator.kvm, "disabled");
+  });
+});
