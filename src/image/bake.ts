@@ -93,7 +93,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
 
   if (input.force !== true) {
     try {
-      const existing = await Snapshot.open(dir, { assets: host.assets });
+      const existing = await Snapshot.open(dir, { assets: host.assets, trustedDataDirs: storesOf(input) });
       if (existing.manifest.cacheKey === cacheKey) {
         publish("snapshot:reuse", { name, dir });
         return { snapshot: existing, reused: true };
@@ -167,7 +167,10 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
     await writeManifest(tmp, manifest);
     await moveSnapshotIntoPlace(tmp, dir);
     publish("snapshot:bake", { name, dir, bootMs, saveMs, totalMs: performance.now() - started });
-    return { snapshot: await Snapshot.open(dir, { assets: host.assets }), reused: false };
+    return {
+      snapshot: await Snapshot.open(dir, { assets: host.assets, trustedDataDirs: storesOf(input) }),
+      reused: false,
+    };
   } catch (error) {
     await vm?.kill();
     await rm(tmp, { recursive: true, force: true });
@@ -181,4 +184,10 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
  */
 async function startWorkload(vm: Vm, argv: readonly string[]): Promise<void> {
   await vm.startWorkload(argv);
+}
+
+/** The stores a bake's snapshot may use: its data dir's, and its root filesystem's. */
+function storesOf(input: BakeInput): string[] {
+  const rootfsStore = /^(.*)\/rootfs\//.exec(input.image.rootfsPath)?.[1];
+  return [input.dataDir ?? dataDir(), ...(rootfsStore === undefined ? [] : [rootfsStore])];
 }
