@@ -334,17 +334,26 @@ void sm_kill_all_streams(void)
 #define MAX_PENDING 1024
 static struct {
 	pid_t pgid;
+	uint32_t cgroup;
 	int64_t at;
 } pending[MAX_PENDING];
 static int npending;
 
-void sm_add_pending_kill(pid_t pgid, int64_t at_ns)
+static void kill_pending(int i)
+{
+	sm_kill_tree(pending[i].pgid, pending[i].cgroup, SIGKILL);
+	sm_cgroup_release(pending[i].cgroup);
+}
+
+void sm_add_pending_kill(pid_t pgid, uint32_t cgroup, int64_t at_ns)
 {
 	if (npending == MAX_PENDING) {
-		sm_kill_group(pgid, SIGKILL);
+		sm_kill_tree(pgid, cgroup, SIGKILL);
+		sm_cgroup_release(cgroup);
 		return;
 	}
 	pending[npending].pgid = pgid;
+	pending[npending].cgroup = cgroup;
 	pending[npending].at = at_ns;
 	npending++;
 }
@@ -368,7 +377,7 @@ static void host_exit(int code)
 	for (unsigned i = 0; i < n; i++)
 		kill(-remembered[i], SIGKILL);
 	for (int i = 0; i < npending; i++)
-		kill(-pending[i].pgid, SIGKILL);
+		kill_pending(i);
 	_exit(code);
 }
 
@@ -937,6 +946,7 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 		}
 	}
 
+	sm_cgroup_init();
 	int fl = fcntl(chan_fd, F_GETFL);
 	fcntl(chan_fd, F_SETFL, fl | O_NONBLOCK);
 	fcntl(chan_fd, F_SETFD, FD_CLOEXEC);
@@ -1064,7 +1074,7 @@ int sm_agent_run(int chan_fd, int host_mode, int debug)
 		}
 		for (int i = 0; i < npending;) {
 			if (pending[i].at <= now) {
-				sm_kill_group(pending[i].pgid, SIGKILL);
+				kill_pending(i);
 				pending[i] = pending[--npending];
 			} else {
 				i++;

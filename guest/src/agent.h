@@ -95,6 +95,7 @@ struct sm_stream {
 	int timed_out;
 	int status;
 	uint64_t peak_rss;
+	uint32_t cgroup; /* the cgroup of its processes (cgroup.c), 0 for none */
 };
 
 /* Global agent state. */
@@ -140,7 +141,8 @@ void sm_stream_close(struct sm_stream *s, int abandon);
 int sm_output_blocked(void); /* the output queue is above SM_OUTQ_HIGH */
 struct sm_buf *sm_scratch(void);
 void sm_remember_pgid(pid_t pgid);
-void sm_add_pending_kill(pid_t pgid, int64_t at_ns);
+/* SIGKILL a tree later (the timeout's grace after its stream has ended); its cgroup is released then. */
+void sm_add_pending_kill(pid_t pgid, uint32_t cgroup, int64_t at_ns);
 
 /* exec.c */
 void sm_exec_open(uint32_t id, const uint8_t *p, size_t n);
@@ -153,6 +155,18 @@ int64_t sm_exec_next_timer(struct sm_stream *s);
 /* Which of the stream's fds to poll: roles 0 stdout (or pty), 1 stderr, 2 stdin, 3 exec-error pipe. */
 void sm_exec_poll(struct sm_stream *s, int fd[4], short ev[4]);
 void sm_kill_group(pid_t pgid, int sig);
+
+/* cgroup.c: a cgroup for each process tree the agent starts */
+void sm_cgroup_init(void);
+/* A new cgroup (*id = 0 without cgroups). Returns 0 or -errno. */
+int sm_cgroup_new(uint32_t *id);
+/* Its cgroup.procs opened for writing, for sm_spawn (-1 for id 0 or on failure). */
+int sm_cgroup_procs(uint32_t id);
+void sm_cgroup_kill(uint32_t id);
+/* Remove it now, or once its last process has gone. */
+void sm_cgroup_release(uint32_t id);
+/* Signal a tree: its process group; for SIGKILL also every process of its cgroup. */
+void sm_kill_tree(pid_t pgid, uint32_t cgroup, int sig);
 
 /* file.c */
 int sm_fw_open(struct sm_fwriter *w, const char *path, uint32_t mode, uid_t uid, gid_t gid, int mkdirs, char *msg,
@@ -176,6 +190,7 @@ struct sm_spawn {
 	int in, out, err; /* the child's fds 0, 1, 2; in < 0: /dev/null */
 	int tty;          /* a pty slave to become the controlling terminal and fds 0-2, or -1 */
 	int errw;         /* exec-error pipe: the child reports {kind, errno} on it, or -1 */
+	int cgroup_procs; /* cgroup.procs of the cgroup the child joins, or -1 */
 };
 /* Error kinds reported by a child through the exec-error pipe. */
 enum { CE_EXEC = 1, CE_CWD, CE_USER, CE_SETUP };

@@ -46,7 +46,7 @@ void sm_kill_group(pid_t pgid, int sig)
  * not have called setsid yet). */
 static void signal_step(struct sm_stream *s, int sig)
 {
-	sm_kill_group(s->pgid, sig);
+	sm_kill_tree(s->pgid, s->cgroup, sig);
 	if (s->pid > 0)
 		kill(s->pid, sig);
 }
@@ -434,6 +434,8 @@ static void __attribute__((noreturn)) child(const struct sm_spawn *sp)
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 	if (setsid() < 0)
 		child_fail(errw, "setsid", CE_SETUP, errno);
+	if (sp->cgroup_procs >= 0 && write(sp->cgroup_procs, "0", 1) < 0)
+		child_fail(errw, "joining its cgroup", CE_SETUP, errno);
 	if (sp->tty >= 0) {
 		if (ioctl(sp->tty, TIOCSCTTY, 0) < 0 && ioctl(sp->tty, TIOCSCTTY, 1) < 0)
 			child_fail(errw, "controlling terminal", CE_SETUP, errno);
@@ -498,8 +500,17 @@ static pid_t fork_step(struct sm_stream *s, int errw)
 		.err = s->err_w_keep,
 		.tty = s->tty ? s->pts_keep : -1,
 		.errw = errw,
+		.cgroup_procs = -1,
 	};
+	if (!s->cgroup) {
+		int e = sm_cgroup_new(&s->cgroup);
+		if (e < 0)
+			return e;
+	}
+	sp.cgroup_procs = sm_cgroup_procs(s->cgroup);
 	pid_t pid = sm_spawn(&sp);
+	if (sp.cgroup_procs >= 0)
+		close(sp.cgroup_procs);
 	if (pid < 0)
 		return pid;
 	s->pid = pid;
@@ -680,8 +691,10 @@ static void try_finish(struct sm_stream *s)
 	sm_put_u64(b, 5, s->peak_rss);
 	sm_put_u32(b, 6, s->step);
 	sm_send_buf(b, s->id, SM_EXIT, 0);
-	if (s->kill_ns)
-		sm_add_pending_kill(s->pgid, s->kill_ns);
+	if (s->kill_ns) {
+		sm_add_pending_kill(s->pgid, s->cgroup, s->kill_ns);
+		s->cgroup = 0;
+	}
 	sm_stream_close(s, 0);
 }
 
@@ -1008,8 +1021,10 @@ void sm_exec_release(struct sm_stream *s, int abandon)
 		if (s->state == X_STARTING || s->state == X_RUNNING)
 			signal_step(s, SIGKILL);
 		else
-			sm_kill_group(s->pgid, SIGKILL);
+			sm_kill_tree(s->pgid, s->cgroup, SIGKILL);
 	}
+	sm_cgroup_release(s->cgroup);
+	s->cgroup = 0;
 	s->pid = 0;
 	if (s->stage_open) {
 		sm_fw_abort(&s->w);

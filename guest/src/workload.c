@@ -32,6 +32,7 @@ static struct {
 	int errfd;      /* start-error pipe until the outcome is known */
 	uint32_t start_stream;
 	int out, err;   /* our ends of its stdout and stderr pipes */
+	uint32_t cgroup; /* its processes' cgroup (cgroup.c), 0 for none */
 	uint8_t *ring;
 	uint64_t head, tail; /* absolute positions of the ring's oldest record and of its end */
 } W = { .errfd = -1, .out = -1, .err = -1 };
@@ -228,9 +229,16 @@ static void start(uint32_t id, const uint8_t *p, size_t n)
 		e = ENOMEM;
 		goto sys_fail;
 	}
+	/* A previous workload's cgroup goes once its last process has (background ones may remain). */
+	sm_cgroup_release(W.cgroup);
+	W.cgroup = 0;
+	if ((e = -sm_cgroup_new(&W.cgroup)))
+		goto sys_fail;
 	struct sm_spawn sp = { .argv = argv, .env = env, .cwd = cwd, .user = &u, .in = -1, .out = op[1],
-			       .err = ep[1], .tty = -1, .errw = xp[1] };
+			       .err = ep[1], .tty = -1, .errw = xp[1], .cgroup_procs = sm_cgroup_procs(W.cgroup) };
 	pid_t pid = sm_spawn(&sp);
+	if (sp.cgroup_procs >= 0)
+		close(sp.cgroup_procs);
 	if (pid < 0) {
 		e = -pid;
 		goto sys_fail;
@@ -346,7 +354,7 @@ void sm_workload_kill(void)
 {
 	if (W.state != WL_RUNNING)
 		return;
-	kill(-W.pid, SIGKILL);
+	sm_kill_tree(W.pid, W.cgroup, SIGKILL);
 	kill(W.pid, SIGKILL);
 }
 
@@ -494,7 +502,7 @@ void sm_workload_open(unsigned type, uint32_t id, const uint8_t *p, size_t n)
 			sm_send_error(id, SM_E_NOT_FOUND, ESRCH, "no workload is running");
 			return;
 		}
-		kill(-W.pid, (int)sig);
+		sm_kill_tree(W.pid, W.cgroup, (int)sig);
 		kill(W.pid, (int)sig);
 		sm_send_buf(sm_scratch(), id, SM_OK, 0);
 		return;

@@ -219,6 +219,8 @@ export async function runExec(
     return outcome;
   } catch (error) {
     if (!channel.ended) channel.reset(error as Error);
+    // The host's backstop ended a timed-out exec the agent did not: still an outcome.
+    if (options.reject === false && error instanceof ExecTimeoutError) return error.outcome;
     throw error;
   } finally {
     // Not awaited: a source that never yields again must not hold up the result.
