@@ -88,8 +88,8 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
   let overlayPath = options.bake?.overlayPath ?? "";
   const qemu = await QemuProcess.launch({
     machine,
-    prepare: async (stateDir) => {
-      overlayPath = options.bake?.overlayPath ?? join(stateDir, "rootfs.qcow2");
+    prepare: async (_stateDir, { diskDir }) => {
+      overlayPath = options.bake?.overlayPath ?? join(diskDir, "rootfs.qcow2");
       await createDiskOverlay(rootfs.imagePath, overlayPath, { baseFormat: "raw", signal });
       const disks = [
         {

@@ -75,8 +75,8 @@ export async function launchRestore(snapshot: Snapshot, config: RestoreConfig): 
   const qemu = await QemuProcess.launch({
     machine,
     incomingStatePath: snapshot.statePath,
-    prepare: async (stateDir) => {
-      overlayPath = join(stateDir, "rootfs.qcow2");
+    prepare: async (_stateDir, { diskDir }) => {
+      overlayPath = join(diskDir, "rootfs.qcow2");
       await snapshot.createOverlay(overlayPath);
       rootfsMs = performance.now() - started;
       const disks = [

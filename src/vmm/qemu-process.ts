@@ -40,7 +40,7 @@ import {
 import { buildQemuArgs, type MachineSpec } from "./qemu-args.ts";
 import { FIRST_FD, grantMemoryFile, openQemuFiles, type QemuFiles } from "./qemu-files.ts";
 import { QmpClient } from "./qmp-client.ts";
-import { runtimeRoot, type SweepResult, sweepStaleVms, VmStateDir } from "./state-dir.ts";
+import { qemuName, runtimeRoot, type SweepResult, sweepStaleVms, VmStateDir } from "./state-dir.ts";
 
 const DEFAULT_LAUNCH_TIMEOUT_MS = 30_000;
 const DEFAULT_STOP_TIMEOUT_MS = 10_000;
@@ -79,13 +79,13 @@ export interface LaunchOptions {
    */
   incomingStatePath?: string;
   /**
-   * Called once the VM's dir exists, before QEMU starts: create per-VM files there (a qcow2
-   * overlay, say) and return machine fields to add or override (`disks`, …). What it creates in
-   * the dir is removed with the dir.
+   * Called once the VM's dirs exist, before QEMU starts: create per-VM files there (a qcow2
+   * overlay in `diskDir`, on disk, say) and return machine fields to add or override (`disks`, …).
+   * What it creates in the dirs is removed with them.
    */
   prepare?: (
     stateDir: string,
-    context: { signal: AbortSignal | undefined },
+    context: { signal: AbortSignal | undefined; diskDir: string },
   ) => Promise<Partial<LaunchMachineSpec> | undefined> | Partial<LaunchMachineSpec> | undefined;
   /** Cap of the console log file. Default 1 MiB. */
   consoleLogMaxBytes?: number;
@@ -288,7 +288,7 @@ export class QemuProcess {
     let mountListener: Listener | undefined;
     try {
       const prepared =
-        options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal });
+        options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal, diskDir: dir.diskDir });
       const machine: LaunchMachineSpec = {
         ...options.machine,
         ...prepared,
@@ -329,7 +329,7 @@ export class QemuProcess {
         addFds: files.addFds,
         ...(tscKHz === undefined ? {} : { tscKHz }),
         sandbox,
-        name: `supermachine-${dir.id}`,
+        name: qemuName(dir.id),
         qmpFd: socketFd(listeners[0]!),
         ...(agentListener === undefined ? {} : { agentFd: socketFd(agentListener) }),
         ...(mountListener === undefined ? {} : { mountFd: socketFd(mountListener) }),

@@ -10,10 +10,13 @@
  *     agent.sock    the host listens, QEMU connects (the guest agent's virtio-serial port)
  *     console.log   the guest's serial console, bounded (see console-log.ts)
  *     exit.json     {exitCode, signal, reason, at} once the VM is over and its dir was kept
+ * ${SUPERMACHINE_DATA_DIR:-…/supermachine}/vms/<id>/   its disk dir, on disk (the runtime dir may be
+ *     state         a tmpfs): the VM's disk overlay; `state` links to the runtime dir above
  * ```
  * A VM's dir is removed when it stops, unless it failed (QEMU exited without being asked to, or
  * launch failed) or the caller asked to keep it: then only `console.log` and `exit.json` remain,
- * at the same path, so an error's `consoleLogPath` stays valid. The newest
+ * at the same path, so an error's `consoleLogPath` stays valid. The disk dir always goes with the
+ * VM; a sweep removes disk dirs whose runtime dir is gone. The newest
  * {@link DEFAULT_MAX_KEPT_DIRS} kept dirs survive a sweep; older ones are removed.
  *
  * Start times (field 22 of `/proc/<pid>/stat`, clock ticks since boot) guard every pid against
@@ -22,10 +25,22 @@
 
 import { randomBytes } from "node:crypto";
 import { lstatSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
-import { chmod, lstat, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import {
+  chmod,
+  lstat,
+  mkdir,
+  readdir,
+  readFile,
+  readlink,
+  rename,
+  rm,
+  stat,
+  symlink,
+  writeFile,
+} from "node:fs/promises";
 import path from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { debug, runtimeDir } from "../internal/index.ts";
+import { dataDir, debug, runtimeDir } from "../internal/index.ts";
 
 /** How many kept (failed) VM dirs a sweep leaves. */
 export const DEFAULT_MAX_KEPT_DIRS = 16;
@@ -37,6 +52,11 @@ const VM_ID = /^[A-Za-z0-9_-]{1,40}$/;
 
 /** The runtime root for this user (see `runtimeDir` in src/internal/paths.ts). */
 export const runtimeRoot = runtimeDir;
+
+/** Where VMs' disk dirs live: on disk, under the data dir. */
+export function diskRoot(): string {
+  return path.join(dataDir(), "vms");
+}
 
 /** What owner.json says. */
 export interface OwnerRecord {
@@ -95,12 +115,15 @@ export class VmStateDir {
   readonly root: string;
   /** `<root>/vms/<id>`. */
   readonly path: string;
+  /** `<disk root>/<id>`: the VM's disk overlay, on disk. */
+  readonly diskDir: string;
   #owner: OwnerRecord;
 
-  private constructor(root: string, id: string, owner: OwnerRecord) {
+  private constructor(root: string, id: string, disks: string, owner: OwnerRecord) {
     this.root = root;
     this.id = id;
     this.path = path.join(root, "vms", id);
+    this.diskDir = path.join(disks, id);
     this.#owner = owner;
   }
 
@@ -109,16 +132,18 @@ export class VmStateDir {
    * 10 random hex digits. Fails with `HOST_UNSUPPORTED` when the root is not private to this user
    * or its path is too long for unix sockets.
    */
-  static async create(options: { root?: string; id?: string } = {}): Promise<VmStateDir> {
+  static async create(options: { root?: string; id?: string; diskRoot?: string } = {}): Promise<VmStateDir> {
     const root = options.root ?? runtimeRoot();
+    const disks = options.diskRoot ?? diskRoot();
     const id = options.id ?? randomBytes(5).toString("hex");
     if (!VM_ID.test(id)) {
       throw new SupermachineError("INVALID_ARGUMENT", `VM id ${JSON.stringify(id)} must match ${VM_ID}`);
     }
     await ensurePrivateDir(root);
     await ensurePrivateDir(path.join(root, "vms"));
+    await ensurePrivateDir(disks);
     const owner: OwnerRecord = { ...hostRecord(), createdAt: new Date().toISOString() };
-    const dir = new VmStateDir(root, id, owner);
+    const dir = new VmStateDir(root, id, disks, owner);
     const longest = Math.max(Buffer.byteLength(dir.agentSocketPath), Buffer.byteLength(dir.mountSocketPath));
     if (longest > MAX_SOCKET_PATH_BYTES) {
       throw new SupermachineError(
@@ -138,6 +163,18 @@ export class VmStateDir {
       throw error;
     }
     dir.#writeOwner();
+    try {
+      await mkdir(dir.diskDir, { mode: 0o700 });
+      await symlink(dir.path, path.join(dir.diskDir, "state"));
+    } catch (error) {
+      await rm(dir.path, { recursive: true, force: true });
+      if ((error as NodeJS.ErrnoException).code === "EEXIST") {
+        throw new SupermachineError("INVALID_ARGUMENT", `a VM with id ${id} already exists in ${disks}`, {
+          cause: error,
+        });
+      }
+      throw error;
+    }
     return dir;
   }
 
@@ -177,6 +214,7 @@ export class VmStateDir {
    * exit.json and removes everything else.
    */
   async finish(options: { keep: boolean; exit: Omit<ExitRecord, "at"> }): Promise<void> {
+    await rm(this.diskDir, { recursive: true, force: true });
     if (!options.keep) {
       await rm(this.path, { recursive: true, force: true });
       return;
@@ -214,6 +252,11 @@ async function ensurePrivateDir(dir: string): Promise<void> {
   if ((info.mode & 0o777) !== mode) await chmod(dir, mode);
 }
 
+/** QEMU's `-name` for a VM: how `ps` and a sweep recognise it. */
+export function qemuName(id: string): string {
+  return `supermachine-${id}`;
+}
+
 /** What a sweep did. */
 export interface SweepResult {
   /** QEMU processes killed because their owner is gone. */
@@ -230,9 +273,10 @@ export interface SweepResult {
  * reads per VM.
  */
 export async function sweepStaleVms(
-  options: { root?: string; maxKeptDirs?: number } = {},
+  options: { root?: string; maxKeptDirs?: number; diskRoot?: string } = {},
 ): Promise<SweepResult> {
   const root = options.root ?? runtimeRoot();
+  const disks = options.diskRoot ?? diskRoot();
   const maxKept = options.maxKeptDirs ?? DEFAULT_MAX_KEPT_DIRS;
   const vmsDir = path.join(root, "vms");
   const result: SweepResult = { killedPids: [], removedDirs: [] };
@@ -240,7 +284,7 @@ export async function sweepStaleVms(
   try {
     ids = await readdir(vmsDir);
   } catch {
-    return result;
+    ids = [];
   }
   const kept: { dir: string; at: number }[] = [];
   for (const id of ids) {
@@ -273,13 +317,36 @@ export async function sweepStaleVms(
   }
   kept.sort((a, b) => b.at - a.at);
   for (const { dir } of kept.slice(maxKept)) await removeDir(dir, result);
+  await sweepDiskDirs(disks, result);
   return result;
 }
 
-/** The pid of the QEMU that serves `dir`, if it still runs. */
+/** Disk dirs whose runtime dir is gone (or never came: past the grace period), from any root. */
+async function sweepDiskDirs(disks: string, result: SweepResult): Promise<void> {
+  let ids: string[];
+  try {
+    ids = await readdir(disks);
+  } catch {
+    return;
+  }
+  for (const id of ids) {
+    const dir = path.join(disks, id);
+    const state = await readlink(path.join(dir, "state")).catch(() => undefined);
+    if (state !== undefined) {
+      const owner = await stat(path.join(state, "owner.json")).catch(() => undefined);
+      if (owner !== undefined) continue; // its VM still has an owner record: the runtime sweep decides
+    } else {
+      const info = await lstat(dir).catch(() => undefined);
+      if (info === undefined || Date.now() - info.mtimeMs <= UNOWNED_GRACE_MS) continue;
+    }
+    await removeDir(dir, result);
+  }
+}
+
+/** The pid of the QEMU that serves `dir`, if it still runs (its `-name` names the VM). */
 function findQemu(dir: string, owner: OwnerRecord): number | undefined {
-  const marker = path.join(dir, "qmp.sock");
-  const isOurs = (pid: number) => procCmdline(pid)?.some((arg) => arg.includes(marker)) === true;
+  const marker = qemuName(path.basename(dir));
+  const isOurs = (pid: number) => procCmdline(pid)?.includes(marker) === true;
   if (owner.qemuPid !== undefined) {
     const startTime = procStartTime(owner.qemuPid);
     const sameProcess = owner.qemuStartTime === undefined || startTime === owner.qemuStartTime;

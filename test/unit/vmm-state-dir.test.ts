@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, readFile, rm, stat, utimes, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, utimes, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -36,6 +36,11 @@ async function deadProcess(): Promise<{ pid: number; startTime: string }> {
   const child = spawn("true");
   await once(child, "exit");
   return { pid: child.pid!, startTime: "1" };
+}
+
+/** The disk root that goes with a runtime root in these tests. */
+function disks(base: string): string {
+  return path.join(base, "disks");
 }
 
 async function writeOwner(dir: string, owner: OwnerRecord): Promise<void> {
@@ -72,26 +77,33 @@ describe("/proc helpers", () => {
 describe("VmStateDir", () => {
   it("creates a private dir recording this process as owner", async () => {
     const base = await freshRoot();
-    const dir = await VmStateDir.create({ root: base, id: "vm1" });
+    const dir = await VmStateDir.create({ root: base, diskRoot: disks(base), id: "vm1" });
     assert.equal(dir.path, path.join(base, "vms", "vm1"));
     assert.equal((await stat(dir.path)).mode & 0o777, 0o700);
     assert.equal((await stat(path.join(base, "vms"))).mode & 0o777, 0o700);
     const owner = JSON.parse(await readFile(dir.ownerPath, "utf8")) as OwnerRecord;
     assert.equal(owner.hostPid, process.pid);
     assert.equal(owner.hostStartTime, procStartTime(process.pid));
-    await assert.rejects(VmStateDir.create({ root: base, id: "vm1" }), { code: "INVALID_ARGUMENT" });
-    await assert.rejects(VmStateDir.create({ root: base, id: "../x" }), { code: "INVALID_ARGUMENT" });
+    await assert.rejects(VmStateDir.create({ root: base, diskRoot: disks(base), id: "vm1" }), {
+      code: "INVALID_ARGUMENT",
+    });
+    await assert.rejects(VmStateDir.create({ root: base, diskRoot: disks(base), id: "../x" }), {
+      code: "INVALID_ARGUMENT",
+    });
   });
 
   it("refuses a root whose socket paths would be too long", async () => {
-    await assert.rejects(VmStateDir.create({ root: path.join(root, "x".repeat(100)) }), {
-      code: "HOST_UNSUPPORTED",
-    });
+    await assert.rejects(
+      VmStateDir.create({ root: path.join(root, "x".repeat(100)), diskRoot: disks(root) }),
+      {
+        code: "HOST_UNSUPPORTED",
+      },
+    );
   });
 
   it("records QEMU and removes or keeps the dir when finished", async () => {
     const base = await freshRoot();
-    const removed = await VmStateDir.create({ root: base });
+    const removed = await VmStateDir.create({ root: base, diskRoot: disks(base) });
     removed.recordQemu(process.pid);
     const owner = JSON.parse(await readFile(removed.ownerPath, "utf8")) as OwnerRecord;
     assert.equal(owner.qemuPid, process.pid);
@@ -99,20 +111,31 @@ describe("VmStateDir", () => {
     await removed.finish({ keep: false, exit: { exitCode: 0, signal: null, reason: "kept" } });
     assert.equal(existsSync(removed.path), false);
 
-    const kept = await VmStateDir.create({ root: base });
+    const kept = await VmStateDir.create({ root: base, diskRoot: disks(base) });
     await writeFile(kept.consoleLogPath, "boot\n");
     await writeFile(kept.qmpSocketPath, "");
     await kept.finish({ keep: true, exit: { exitCode: 1, signal: null, reason: "failed" } });
     assert.deepEqual((await readdir(kept.path)).sort(), ["console.log", "exit.json"]);
     assert.equal(await readFile(kept.consoleLogPath, "utf8"), "boot\n");
   });
+
+  it("gives each VM a private disk dir on disk that links to its runtime dir and goes with it", async () => {
+    const base = await freshRoot();
+    const dir = await VmStateDir.create({ root: base, diskRoot: disks(base), id: "d1" });
+    assert.equal(dir.diskDir, path.join(disks(base), "d1"));
+    assert.equal((await stat(dir.diskDir)).mode & 0o777, 0o700);
+    assert.equal(await readlink(path.join(dir.diskDir, "state")), dir.path);
+    await writeFile(path.join(dir.diskDir, "rootfs.qcow2"), "overlay");
+    await dir.finish({ keep: true, exit: { exitCode: 1, signal: null, reason: "failed" } });
+    assert.equal(existsSync(dir.diskDir), false, "a kept dir keeps its log, not its disk");
+  });
 });
 
 describe("sweepStaleVms", () => {
   it("leaves VMs whose owner is alive", async () => {
     const base = await freshRoot();
-    const dir = await VmStateDir.create({ root: base });
-    const result = await sweepStaleVms({ root: base });
+    const dir = await VmStateDir.create({ root: base, diskRoot: disks(base) });
+    const result = await sweepStaleVms({ root: base, diskRoot: disks(base) });
     assert.deepEqual(result, { killedPids: [], removedDirs: [] });
     assert.ok(existsSync(dir.path));
   });
@@ -133,7 +156,7 @@ describe("sweepStaleVms", () => {
         qemuStartTime: startTime,
         createdAt: new Date().toISOString(),
       });
-      const result = await sweepStaleVms({ root: base });
+      const result = await sweepStaleVms({ root: base, diskRoot: disks(base) });
       assert.deepEqual(result.killedPids, []);
       assert.deepEqual(result.removedDirs, [dir]);
       assert.equal(existsSync(dir), false);
@@ -152,7 +175,7 @@ describe("sweepStaleVms", () => {
       hostStartTime: "12345",
       createdAt: new Date().toISOString(),
     });
-    const result = await sweepStaleVms({ root: base });
+    const result = await sweepStaleVms({ root: base, diskRoot: disks(base) });
     assert.deepEqual(result.removedDirs, [dir]);
   });
 
@@ -172,7 +195,7 @@ describe("sweepStaleVms", () => {
     const old = new Date(Date.now() - 3600_000);
     await utimes(path.join(vms, "old-unowned"), old, old);
 
-    const result = await sweepStaleVms({ root: base, maxKeptDirs: 2 });
+    const result = await sweepStaleVms({ root: base, diskRoot: disks(base), maxKeptDirs: 2 });
     assert.deepEqual(result.removedDirs.map((dir) => path.basename(dir)).sort(), [
       "failed0",
       "failed1",
@@ -182,10 +205,33 @@ describe("sweepStaleVms", () => {
     assert.deepEqual((await readdir(vms)).sort(), ["failed3", "failed4", "fresh-unowned"]);
   });
 
+  it("removes disk dirs whose runtime dir is gone, from any runtime root", async () => {
+    const base = await freshRoot();
+    const live = await VmStateDir.create({ root: base, diskRoot: disks(base), id: "live" });
+    const other = await freshRoot();
+    const gone = await VmStateDir.create({ root: other, diskRoot: disks(base), id: "gone" });
+    await rm(other, { recursive: true });
+    await mkdir(path.join(disks(base), "fresh-unlinked"));
+    await mkdir(path.join(disks(base), "old-unlinked"));
+    const old = new Date(Date.now() - 3600_000);
+    await utimes(path.join(disks(base), "old-unlinked"), old, old);
+
+    const result = await sweepStaleVms({ root: base, diskRoot: disks(base) });
+    assert.deepEqual(
+      result.removedDirs.sort(),
+      [gone.diskDir, path.join(disks(base), "old-unlinked")].sort(),
+    );
+    assert.deepEqual((await readdir(disks(base))).sort(), ["fresh-unlinked", "live"]);
+    assert.ok(existsSync(live.diskDir));
+  });
+
   it("does nothing when the root does not exist", async () => {
-    assert.deepEqual(await sweepStaleVms({ root: path.join(root, "missing") }), {
-      killedPids: [],
-      removedDirs: [],
-    });
+    assert.deepEqual(
+      await sweepStaleVms({ root: path.join(root, "missing"), diskRoot: path.join(root, "missing-disks") }),
+      {
+        killedPids: [],
+        removedDirs: [],
+      },
+    );
   });
 });
