@@ -8,6 +8,7 @@ import { readdirSync, readFileSync } from "node:fs";
 import { readdir, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { describe } from "node:test";
+import { dataDir } from "../../src/internal/index.ts";
 import { vmTest } from "../helpers/vm.ts";
 
 /** Resident memory of a process in bytes (from /proc). */
@@ -62,12 +63,13 @@ describe("a guest that abuses its own resources", () => {
       assert.match(fill.stderrText, /No space left on device/);
       const diskBytes = Number(fill.stdoutText.trim().split("\n").at(-1)) * 512;
       assert.ok(diskBytes > 0);
-      // Everything the host keeps for this VM is in its folder: the disk's overlay, logs, sockets.
-      const used = await diskUsage(dirname(vm.consoleLogPath));
+      // What the host keeps for this VM: its disk dir (the overlay) and its runtime dir (logs).
+      const used =
+        (await diskUsage(join(dataDir(), "vms", vm.id))) + (await diskUsage(dirname(vm.consoleLogPath)));
       assert.ok(used > diskBytes / 4, `the overlay holds the guest's writes (${used} bytes)`);
       assert.ok(
         used < diskBytes + 64 * 1024 * 1024,
-        `the VM's folder uses ${used} bytes for a ${diskBytes}-byte disk`,
+        `the VM's dirs use ${used} bytes for a ${diskBytes}-byte disk`,
       );
       assert.equal((await vm.exec(["echo", "still here"])).stdoutText, "still here\n");
     },
