@@ -102,10 +102,8 @@ export async function supervise(path: string): Promise<number> {
     error = message;
     report({ type: "error", code, message });
   } finally {
-    server?.close();
     await vm?.stop().catch(() => {});
     log.end();
-    await rm(dir.socketPath, { force: true });
     state = {
       ...state,
       status: "exited",
@@ -113,8 +111,12 @@ export async function supervise(path: string): Promise<number> {
       finishedAt: new Date().toISOString(),
       ...(error === undefined ? {} : { error }),
     };
+    // The state says "exited" before the control socket goes: a client that finds no supervisor
+    // finds the final state and the log file.
     if (spec.rm) await dir.remove();
     else await dir.writeState(state);
+    server?.close();
+    await rm(dir.socketPath, { force: true });
     for (const channel of stopRequests) channel.end({ type: "stopped" });
   }
   return 0;

@@ -152,9 +152,17 @@ async function relay(
 
 /** `logs [-f] NAME`: the workload's output so far, and with -f what follows until it ends. */
 export async function logsCommand(cli: Cli, name: string, flags: { follow?: boolean }): Promise<number> {
-  const { dir, state } = await findDetached(name);
-  if (state.status === "running") {
-    const channel = await connectControl(dir.socketPath, name);
+  let { dir, state } = await findDetached(name);
+  const channel =
+    state.status === "running"
+      ? await connectControl(dir.socketPath, name).catch(async (error: unknown) => {
+          // It ended between reading its state and connecting: the state says so now.
+          ({ dir, state } = await findDetached(name));
+          if (state.status === "running") throw error;
+          return undefined;
+        })
+      : undefined;
+  if (channel !== undefined) {
     const onAbort = () => channel.socket.destroy();
     cli.signal.addEventListener("abort", onAbort, { once: true });
     try {
