@@ -55,14 +55,17 @@ function listSources(dir: string, base = dir): SourceFile[] {
   return out;
 }
 
-/** Every relative import of every file (static, re-exports and dynamic), resolved to `src/`-relative paths. */
+/**
+ * Every relative import of every file (static, side-effect only, re-exports and dynamic), resolved
+ * to `src/`-relative paths.
+ */
 export function importsOf(files: readonly SourceFile[]): Import[] {
   const out: Import[] = [];
   const pattern =
-    /(?:^|\n)\s*(import|export)\s+(type\s+)?[^;]*?from\s+"(\.[^"]+)"|import\(\s*"(\.[^"]+)"\s*\)/g;
+    /(?:^|\n)\s*(import|export)\s+(type\s+)?[^;]*?from\s+"(\.[^"]+)"|import\(\s*"(\.[^"]+)"\s*\)|(?:^|\n)\s*import\s+"(\.[^"]+)"/g;
   for (const file of files) {
     for (const match of file.text.matchAll(pattern)) {
-      const spec = match[3] ?? match[4];
+      const spec = match[3] ?? match[4] ?? match[5];
       if (spec === undefined) continue;
       const to = relative(SRC, resolve(SRC, dirname(file.path), spec));
       out.push({ from: file.path, to, typeOnly: match[2] !== undefined });
@@ -166,12 +169,17 @@ describe("architecture", () => {
       { path: "oci/index.ts", text: "" },
       { path: "oci/pull.ts", text: "" },
       { path: "cli/main.ts", text: 'import { Vm } from "../vm/index.ts";\n' },
+      { path: "agent/d.ts", text: 'import "../pool/index.ts";\n' },
+      { path: "pool/index.ts", text: "" },
     ];
     const problems = layeringViolations(fake);
     assert.ok(problems.some((p) => p.startsWith("vmm/a.ts imports vm/index.ts: vmm may not import vm")));
     assert.ok(problems.some((p) => p.includes("vm/b.ts imports oci/pull.ts: reach oci through its barrel")));
     assert.ok(
       problems.some((p) => p.includes("cli/main.ts imports vm/index.ts: the CLI uses the public API")),
+    );
+    assert.ok(
+      problems.some((p) => p.startsWith("agent/d.ts imports pool/index.ts: agent may not import pool")),
     );
     assert.deepEqual(importCycles(fake), ["vm/b.ts -> vm/c.ts -> vm/b.ts"]);
     assert.deepEqual(qmpOutsideVmm(fake), ["vm/c.ts"]);
