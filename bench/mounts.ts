@@ -8,11 +8,8 @@ import { chown, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { MountChannel } from "../src/agent/index.ts";
 import { Vm } from "../src/index.ts";
-import { mountDir } from "../test/helpers/mounts.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
-import { qemuOf } from "../test/helpers/vm-qemu.ts";
 import { summarize, Table } from "./table.ts";
 
 const FILE_MIB = 64;
@@ -23,13 +20,12 @@ export async function mountBench(table: Table, quick: boolean): Promise<void> {
   const base = await mkdtemp(join(tmpdir(), "sm-bench-mounts-"));
   const vm = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 512 });
   try {
-    const channel = await MountChannel.connect(await qemuOf(vm).mountSocket, { timeoutMs: 30_000 });
     const owner = process.geteuid?.() === 0 ? { owner: { uid: 4242, gid: 4243 } } : {};
     const targets: [string, string][] = [["disk", "/root/bench"]];
     for (const policy of ["opaque", "follow"] as const) {
       const dir = await mkdtemp(join(base, `${policy}-`));
       if (process.geteuid?.() === 0) await chown(dir, 4242, 4243);
-      await mountDir(channel, { hostPath: dir, guestPath: `/mnt/${policy}`, symlinks: policy, ...owner });
+      await vm.mount({ hostPath: dir, guestPath: `/mnt/${policy}`, symlinks: policy, ...owner });
       targets.push([`mount (${policy})`, `/mnt/${policy}`]);
     }
     const sh = async (script: string) => {
@@ -87,7 +83,6 @@ export async function mountBench(table: Table, quick: boolean): Promise<void> {
       }
       await sh(`rm -f ${targets.map(([, d]) => `${d}/big`).join(" ")}`);
     }
-    channel.close();
   } finally {
     await vm.kill();
     await rm(base, { recursive: true, force: true });

@@ -13,7 +13,7 @@ packages=(
   musl-tools busybox-static cpio zstd gzip
   linux-source-6.1 build-essential bc flex bison libelf-dev xz-utils
   docker-registry skopeo debootstrap apache2-utils openssl curl ca-certificates tmux
-  libarchive-tools acl attr python3
+  libarchive-tools acl attr python3 clang-14 libclang-rt-14-dev
   # the service checks' clients (test/integration/services-*.test.ts); Debian 12 has pgbench in
   # the server package, installed without a cluster (below)
   wrk redis-tools libmemcached-tools postgresql-client postgresql-15

@@ -3,7 +3,21 @@
  * This file is the whole public surface (test support is in `supermachine/testing`).
  */
 
-export type { WriteFileOptions, WriteFileSource } from "./agent/index.ts";
+export type {
+  AgentCallOptions,
+  ConnectTcpOptions,
+  GuestDirent,
+  GuestStats,
+  GuestWatchEvent,
+  GuestWatcher,
+  ReaddirOptions,
+  ReadFileOptions,
+  WatchOptions,
+  WorkloadLogsOptions,
+  WorkloadStatus,
+  WriteFileOptions,
+  WriteFileSource,
+} from "./agent/index.ts";
 export * from "./errors.ts";
 export {
   Image,
@@ -13,6 +27,7 @@ export {
   Store,
   type StorePruneResult,
 } from "./image/index.ts";
+export type { MountOwner, SymlinkPolicy } from "./ninep/index.ts";
 export type {
   CredentialsOption,
   ImageConfig,
@@ -52,13 +67,19 @@ export {
   type ExecInput,
   type ExecOptions,
   type ExecStdin,
+  type ExposedPort,
+  type ExposeTcpOptions,
+  type FsCallOptions,
   type GuestFileStream,
+  GuestFileSystem,
+  type MountSpec,
   type PrestartConfig,
   PrestartedVm,
   type RestoreConfig,
   type StageFile,
   Vm,
   type VmConfig,
+  type VmMount,
   type VmState,
   type VmTimings,
 } from "./vm/index.ts";

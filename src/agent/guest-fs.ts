@@ -50,6 +50,8 @@ function msFromNs(ns: bigint): number {
   return Number(ns / 1_000_000_000n) * 1000 + Number(ns % 1_000_000_000n) / 1e6;
 }
 
+let makeStats: (m: StatMessage) => GuestStats;
+
 /** `fs.Stats` of a guest file (without `birthtime`, which the guest does not report). */
 export class GuestStats {
   readonly dev: number;
@@ -70,7 +72,11 @@ export class GuestStats {
   readonly mtimeNs: bigint;
   readonly ctimeNs: bigint;
 
-  constructor(m: StatMessage) {
+  static {
+    makeStats = (m) => new GuestStats(m);
+  }
+
+  private constructor(m: StatMessage) {
     this.dev = Number(m.dev);
     this.ino = Number(m.ino);
     this.mode = m.mode;
@@ -245,7 +251,7 @@ export class GuestFs {
     const m = { op: FsOp.STAT, path: absolute(path), flags: noFollow ? FsFlag.NO_FOLLOW : undefined };
     return this.#call(m, noFollow ? "lstat" : "stat", opts, (result) => {
       if (result === undefined) throw protocolError(`stat ${path}: OK without STAT`);
-      return new GuestStats(decodeStat(result));
+      return makeStats(decodeStat(result));
     });
   }
 

@@ -62,16 +62,24 @@ export function watch(host: StreamHost, path: string, opts: WatchOptions = {}): 
   const { handler } = host.open(
     MessageType.WATCH,
     payload,
-    (stream) => new GuestWatcher(host.link, stream, path, window, timeoutMs, signal),
+    (stream) => new Watcher(host.link, stream, path, window, timeoutMs, signal),
   );
   return handler;
 }
 
 /**
  * A running watch. Iterate it for events; iteration ends when the watched path is deleted, throws
- * `AbortError` when the signal aborts, and stops quietly after {@link close}.
+ * `AbortError` when the signal aborts, and stops quietly after `close()`.
  */
-export class GuestWatcher implements AsyncIterable<GuestWatchEvent>, StreamHandler {
+export interface GuestWatcher extends AsyncIterable<GuestWatchEvent> {
+  /** Resolves once the agent has its watches in place: changes from then on are reported. */
+  readonly ready: Promise<void>;
+  /** Stops watching; iteration ends after the events already received. Idempotent. */
+  close(): void;
+}
+
+/** The host side of a watch stream. */
+class Watcher implements GuestWatcher, StreamHandler {
   /** Resolves once the agent has its watches in place: changes from then on are reported. */
   readonly ready: Promise<void>;
   readonly #ready = deferred<void>();

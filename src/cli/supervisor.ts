@@ -27,9 +27,6 @@ import {
 } from "./detached.ts";
 import { shellExitCode } from "./terminal.ts";
 
-/** Where a baked workload writes its output in the guest (WORKLOAD_LOG in src/image/bake.ts). */
-const BAKED_WORKLOAD_LOG = "/run/supermachine-workload.log";
-
 /** What the supervisor tells `run -d` on its IPC channel, once. */
 export type SupervisorReport =
   | { type: "ready"; vmId: string }
@@ -79,7 +76,7 @@ export async function supervise(path: string): Promise<number> {
       vmId: vm.id,
       command: started.argv ?? [],
       status: "running",
-      ...(workload === undefined ? { guestLog: BAKED_WORKLOAD_LOG } : {}),
+      ...(workload === undefined ? { guestLog: "workload" } : {}),
     };
     await dir.writeState(state);
     report({ type: "ready", vmId: vm.id });
@@ -254,20 +251,13 @@ async function serveLogs(
     channel.end({ type: "end" });
     return;
   }
-  if (!follow) {
-    const data = await ctx.vm.readFile(BAKED_WORKLOAD_LOG).catch(() => new Uint8Array());
-    for (let i = 0; i < data.length; i += MAX_CHUNK_BYTES)
-      channel.send({ type: "stdout", data: encode(data.subarray(i, i + MAX_CHUNK_BYTES)) });
-    channel.end({ type: "end" });
-    return;
-  }
-  // Following a file in the guest: its own tail (busybox and coreutils have one).
-  const tail = await ctx.vm.spawn(["tail", "-c", "+1", "-f", BAKED_WORKLOAD_LOG]);
-  channel.socket.once("close", () => {
-    if (!tail.exited) tail.kill("SIGKILL");
-  });
-  for await (const event of tail) {
-    if (event.kind === "stdout") channel.send({ type: "stdout", data: encode(event.data) });
+  // The snapshot's baked workload: its output is held by the guest agent.
+  const logs = ctx.vm.workloadLogs({ follow });
+  channel.socket.once("close", () => logs.destroy());
+  try {
+    for await (const chunk of logs) channel.send({ type: "stdout", data: encode(chunk as Uint8Array) });
+  } catch {
+    // The VM or the reader went away: the end below says so.
   }
   channel.end({ type: "end" });
 }

@@ -7,7 +7,7 @@
 import { createHash } from "node:crypto";
 import { mkdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { ExecStartError, SnapshotError } from "../errors.ts";
+import { SnapshotError } from "../errors.ts";
 import { dataDir, debug, publish, throwIfAborted } from "../internal/index.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 import {
@@ -27,9 +27,6 @@ import {
 } from "../snapshot/index.ts";
 import { bootForBake, saveBakedVm, type Vm, vmMachine } from "../vm/index.ts";
 import type { AssetPaths } from "../vmm/index.ts";
-
-/** Where a baked workload's output goes in the guest (tmpfs). */
-export const WORKLOAD_LOG = "/run/supermachine-workload.log";
 
 export interface BakeInput {
   /** The image and its flattened root filesystem. */
@@ -96,7 +93,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
 
   if (input.force !== true) {
     try {
-      const existing = await Snapshot.open(dir, { assets: host.assets });
+      const existing = await Snapshot.open(dir, { assets: host.assets, trustedDataDirs: storesOf(input) });
       if (existing.manifest.cacheKey === cacheKey) {
         publish("snapshot:reuse", { name, dir });
         return { snapshot: existing, reused: true };
@@ -170,7 +167,10 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
     await writeManifest(tmp, manifest);
     await moveSnapshotIntoPlace(tmp, dir);
     publish("snapshot:bake", { name, dir, bootMs, saveMs, totalMs: performance.now() - started });
-    return { snapshot: await Snapshot.open(dir, { assets: host.assets }), reused: false };
+    return {
+      snapshot: await Snapshot.open(dir, { assets: host.assets, trustedDataDirs: storesOf(input) }),
+      reused: false,
+    };
   } catch (error) {
     await vm?.kill();
     await rm(tmp, { recursive: true, force: true });
@@ -179,21 +179,15 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
 }
 
 /**
- * Start the workload so that it outlives its exec stream: the restore's new agent session ends
- * every stream still open (and kills its processes), but not processes whose stream has ended.
- * A shell backgrounds it and exits; its output goes to {@link WORKLOAD_LOG}.
+ * Start the image's workload through the agent: it belongs to the VM, survives the restores of the
+ * snapshot, and its output is held (bounded) in the guest for `vm.workloadLogs()`.
  */
 async function startWorkload(vm: Vm, argv: readonly string[]): Promise<void> {
-  try {
-    await vm.exec(["/bin/sh", "-c", `"$@" </dev/null >>${WORKLOAD_LOG} 2>&1 &`, "sh", ...argv]);
-  } catch (error) {
-    if (error instanceof ExecStartError) {
-      throw new ExecStartError(
-        "EXEC_START",
-        `cannot start the image's workload in the background (${argv.join(" ")}): the image needs /bin/sh for that; bake without the workload instead`,
-        { argv: [...argv], errno: error.errno },
-      );
-    }
-    throw error;
-  }
+  await vm.startWorkload(argv);
+}
+
+/** The stores a bake's snapshot may use: its data dir's, and its root filesystem's. */
+function storesOf(input: BakeInput): string[] {
+  const rootfsStore = /^(.*)\/rootfs\//.exec(input.image.rootfsPath)?.[1];
+  return [input.dataDir ?? dataDir(), ...(rootfsStore === undefined ? [] : [rootfsStore])];
 }

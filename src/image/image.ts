@@ -156,7 +156,13 @@ export class Image {
     options: SnapshotOpenOptions & { dataDir?: string } = {},
   ): Promise<Image> {
     const snapshot = await typedErrors("STORE_ERROR", `opening snapshot ${nameOrDir}`, () =>
-      Snapshot.open(snapshotDirOf(nameOrDir, options.dataDir ?? dataDir()), options),
+      Snapshot.open(snapshotDirOf(nameOrDir, options.dataDir ?? dataDir()), {
+        ...options,
+        trustedDataDirs: [
+          ...(options.trustedDataDirs ?? []),
+          ...(options.dataDir === undefined ? [] : [options.dataDir]),
+        ],
+      }),
     );
     const m = snapshot.manifest;
     const chain = m.files.disk.backingChain;

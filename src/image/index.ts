@@ -1,4 +1,4 @@
 /** Images: pull, flatten, bake, start, pool; and the local store's administration. */
-export { bakeCacheKey, bakeSnapshot, WORKLOAD_LOG } from "./bake.ts";
+export { bakeCacheKey, bakeSnapshot } from "./bake.ts";
 export { Image, ImageBuilder, type ImagePullOptions, type ImageStartConfig } from "./image.ts";
 export { Store, type StorePruneResult } from "./store.ts";

@@ -255,7 +255,7 @@ export async function writeFileAtomic(path: string, dir: string, data: string | 
   const tmp = join(dir, `.tmp.${process.pid}.${randomSuffix()}`);
   let fh: FileHandle | undefined;
   try {
-    fh = await open(tmp, "wx", 0o644);
+    fh = await open(tmp, "wx", 0o600);
     await fh.writeFile(data);
     await fh.sync();
     await fh.close();
@@ -309,7 +309,7 @@ export class ContentStore {
     const store = new ContentStore(join(dataDir, "oci"));
     try {
       for (const d of ["blobs/sha256", "blobs/sha512", "images", "tmp", "locks"]) {
-        await mkdir(join(store.root, d), { recursive: true });
+        await mkdir(join(store.root, d), { recursive: true, mode: 0o700 });
       }
     } catch (err) {
       throw storeError(`cannot create the image store in ${store.root}: ${(err as Error).message}`, err);
@@ -370,7 +370,7 @@ export class ContentStore {
     const tmpPath = join(this.root, "tmp", tmpName);
     let fh: FileHandle;
     try {
-      fh = await open(tmpPath, "wx+", 0o644);
+      fh = await open(tmpPath, "wx+", 0o600);
     } catch (err) {
       throw storeError(
         `cannot create a temp file in ${join(this.root, "tmp")}: ${(err as Error).message}`,

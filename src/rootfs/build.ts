@@ -161,7 +161,7 @@ async function makeScratch(o: ImageOptions): Promise<Scratch> {
   const output = resolve(o.output);
   let workDir: string;
   try {
-    await mkdir(dirname(output), { recursive: true });
+    await mkdir(dirname(output), { recursive: true, mode: 0o700 });
     workDir = await mkdtemp(join(o.tmpDir ?? dirname(output), ".supermachine-rootfs-"));
     await chmod(workDir, 0o700);
   } catch (cause) {

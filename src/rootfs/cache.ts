@@ -5,7 +5,7 @@
  */
 
 import { createHash } from "node:crypto";
-import { lstat, mkdir, open, readdir, readlink, rm, stat } from "node:fs/promises";
+import { chmod, copyFile, lstat, mkdir, open, readdir, readlink, rename, rm, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
 import { dataDir } from "../internal/index.ts";
@@ -81,7 +81,12 @@ const EXT4_MAGIC = 0xef53;
  */
 export async function resolveRootfs(
   path: string,
-  opts: { signal?: AbortSignal | undefined; dataDir?: string | undefined } = {},
+  opts: {
+    signal?: AbortSignal | undefined;
+    dataDir?: string | undefined;
+    /** Copy an image file into the cache too (what a snapshot's disk may be layered on). */
+    intoStore?: boolean | undefined;
+  } = {},
 ): Promise<CachedRootfs> {
   const absolute = resolve(path);
   const info = await stat(absolute).catch((error: NodeJS.ErrnoException) => {
@@ -91,7 +96,17 @@ export async function resolveRootfs(
   });
   if (info.isFile()) {
     await assertExt4(absolute);
-    return { imagePath: absolute, key: `file:${absolute}:${info.size}:${info.mtimeMs}:${info.ino}` };
+    const key = `file:${absolute}:${info.size}:${info.mtimeMs}:${info.ino}`;
+    if (opts.intoStore !== true) return { imagePath: absolute, key };
+    const dir = join(opts.dataDir ?? dataDir(), "rootfs", "dirs");
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    const imagePath = join(dir, `${createHash("sha256").update(key).digest("hex").slice(0, 32)}.ext4`);
+    if ((await stat(imagePath).catch(() => undefined))?.isFile()) return { imagePath, key };
+    const tmp = `${imagePath}.${process.pid}.tmp`;
+    await copyFile(absolute, tmp);
+    await chmod(tmp, 0o600);
+    await rename(tmp, imagePath);
+    return { imagePath, key };
   }
   if (!info.isDirectory()) {
     throw new SupermachineError(

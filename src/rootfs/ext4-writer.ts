@@ -304,7 +304,7 @@ export async function writeExt4Image(options: Ext4WriteOptions): Promise<Ext4Wri
   throwIfAborted(options.signal, "writing the image");
 
   const t1 = performance.now();
-  const fd = openSync(options.imagePath, "wx", 0o644);
+  const fd = openSync(options.imagePath, "wx", 0o600);
   try {
     ftruncateSync(fd, geo.blocks * B);
     const image = new ImageFile(fd, uuidBytes(options.uuid));

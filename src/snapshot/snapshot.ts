@@ -4,8 +4,9 @@
  */
 
 import { open, readFile, stat } from "node:fs/promises";
-import { basename, join, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { SnapshotError } from "../errors.ts";
+import { dataDir } from "../internal/index.ts";
 import { type AssetPaths, hostTscKHz, OverlayTemplate } from "../vmm/index.ts";
 import { hostFacts } from "./host-facts.ts";
 import { parseManifest, SNAPSHOT_FILES, type SnapshotManifest, sha256File } from "./manifest.ts";
@@ -22,6 +23,13 @@ export interface SnapshotOpenOptions {
    * `"full"`: also the sha256 of the memory file (reads all of it).
    */
   verify?: "quick" | "full";
+  /**
+   * Data dirs whose stores the snapshot's disk may be layered on (its backing files must lie in
+   * their `rootfs/` or `snapshots/`), besides `SUPERMACHINE_DATA_DIR` (or the XDG default) and
+   * the store the snapshot itself sits in. A manifest naming any other file is refused: a tampered
+   * snapshot could otherwise show a guest any host file as a disk.
+   */
+  trustedDataDirs?: readonly string[] | undefined;
 }
 
 /** A validated snapshot dir. Restoring never changes its files. */
@@ -103,7 +111,10 @@ export class Snapshot {
         );
       }
     }
-    await checkFiles(snapshotDir, manifest, options.verify ?? "quick");
+    const trusted = [...(options.trustedDataDirs ?? []), dataDir()];
+    // A snapshot in a store (`<dataDir>/snapshots/<name>`) may use that store.
+    if (basename(dirname(snapshotDir)) === "snapshots") trusted.push(dirname(dirname(snapshotDir)));
+    await checkFiles(snapshotDir, manifest, options.verify ?? "quick", trusted);
     return new Snapshot(snapshotDir, manifest, host.assets);
   }
 
@@ -121,6 +132,7 @@ async function checkFiles(
   snapshotDir: string,
   manifest: SnapshotManifest,
   verify: "quick" | "full",
+  trustedDataDirs: readonly string[],
 ): Promise<void> {
   const corrupt = (what: string, cause?: unknown) =>
     new SnapshotError(
@@ -160,6 +172,17 @@ async function checkFiles(
     throw corrupt(
       `disk state's backing file is ${backing ?? "(none)"}, the manifest says ${chain[0]?.path ?? "(none)"}`,
     );
+  }
+  const inStore = (path: string) =>
+    trustedDataDirs.some((root) =>
+      ["rootfs", "snapshots"].some((kind) => resolve(path).startsWith(`${join(resolve(root), kind)}/`)),
+    );
+  for (const entry of chain) {
+    if (!inStore(entry.path)) {
+      throw corrupt(
+        `its disk is layered on ${entry.path}, which is not in a store it may use (${trustedDataDirs.join(", ")}): a snapshot from elsewhere is refused`,
+      );
+    }
   }
   for (const [index, entry] of chain.entries()) {
     if ((await sizeOf(entry.path, "backing file")) !== entry.sizeBytes) {

@@ -20,6 +20,9 @@ export {
   type ExecStdin,
   type ExecTarget,
 } from "./exec-handle.ts";
+export { type FsCallOptions, GuestFileSystem } from "./fs.ts";
+export { checkMountSpec, type MountSpec, type VmMount } from "./mounts.ts";
+export { type ExposedPort, type ExposeTcpOptions, splice } from "./ports.ts";
 export { restoreMachineSpec } from "./restore.ts";
 export {
   bootForBake,

@@ -68,6 +68,9 @@ export async function exposeTcp(
           tunnel.destroy();
           return;
         }
+        tunnel.on("error", (error: Error) =>
+          debug("exposeTcp %s:%d → guest %d: %s", host, port, guestPort, error.message),
+        );
         splice(socket, tunnel);
         socket.resume();
       },

@@ -127,9 +127,17 @@ export async function saveSnapshot(
     await writeManifest(tmp, manifest);
     await rename(tmp, target);
     publish("snapshot:save", { name, dir: target, pausedMs, totalMs: performance.now() - started });
-    return await Snapshot.open(target, { assets: host.assets });
+    // The chain is the VM's own (its image's store, its source snapshot's): trusted as it is.
+    const stores = chain.map((entry) => storeOf(entry.path)).filter((root) => root !== undefined);
+    return await Snapshot.open(target, { assets: host.assets, trustedDataDirs: stores });
   } catch (error) {
     await rm(tmp, { recursive: true, force: true });
     throw error;
   }
+}
+
+/** The data dir a store file belongs to (`<dataDir>/rootfs/…` or `<dataDir>/snapshots/…`). */
+function storeOf(path: string): string | undefined {
+  const match = /^(.*)\/(?:rootfs|snapshots)\//.exec(path);
+  return match?.[1];
 }

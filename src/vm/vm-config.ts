@@ -1,4 +1,5 @@
 import type { AssetPaths } from "../vmm/index.ts";
+import type { MountSpec } from "./mounts.ts";
 
 /** What a user asks of a VM. The live state of a running VM is {@link Vm}. */
 export interface VmConfig {
@@ -24,6 +25,8 @@ export interface VmConfig {
   bootTimeoutMs?: number;
   /** Extra kernel command-line arguments. */
   kernelArgs?: readonly string[];
+  /** Host directories mounted once the VM runs (docs/mounts.md). */
+  mounts?: readonly MountSpec[];
   /** Cancels the start. */
   signal?: AbortSignal;
 }
@@ -63,6 +66,8 @@ export interface RestoreConfig {
   user?: string;
   /** Time allowed from the state load to the agent's answer. Default 60 000 ms. */
   bootTimeoutMs?: number;
+  /** Host directories mounted once the clone runs (a snapshot never holds a mount). */
+  mounts?: readonly MountSpec[];
   signal?: AbortSignal;
 }
 

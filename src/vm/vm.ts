@@ -3,8 +3,16 @@
  * `stopped` (by `stop()`, `kill()`, its QEMU dying, or the guest breaking the protocol).
  */
 
-import type { Readable } from "node:stream";
-import type { AgentClient, WriteFileOptions, WriteFileSource } from "../agent/index.ts";
+import type { Duplex, Readable } from "node:stream";
+import type {
+  AgentCallOptions,
+  AgentClient,
+  ConnectTcpOptions,
+  WorkloadLogsOptions,
+  WorkloadStatus,
+  WriteFileOptions,
+  WriteFileSource,
+} from "../agent/index.ts";
 import { type ExecOutcome, SupermachineError, VmError } from "../errors.ts";
 import { debug, publish, typedErrors } from "../internal/index.ts";
 import type { Snapshot } from "../snapshot/index.ts";
@@ -13,6 +21,9 @@ import { type BootOptions, bootVm } from "./boot.ts";
 import { checkArgv, checkExecOptions, type ExecOptions, runExec, spawnExec } from "./exec.ts";
 import { type ExecBuilder, execBuilder } from "./exec-builder.ts";
 import type { ExecHandle, ExecTarget } from "./exec-handle.ts";
+import { type GuestFileSystem, guestFileSystem } from "./fs.ts";
+import { type MountSpec, type VmMount, VmMounts } from "./mounts.ts";
+import { type ExposedPort, type ExposeTcpOptions, exposeTcp } from "./ports.ts";
 import { activateRestore, activateWarm, type LaunchedRestore, launchRestore, warmUp } from "./restore.ts";
 import { saveSnapshot } from "./save-snapshot.ts";
 import {
@@ -45,6 +56,7 @@ let internals: {
   make(parts: VmParts): Vm;
   saveBaked(vm: Vm, statePath: string, signal: AbortSignal | undefined): Promise<void>;
   parts(vm: Vm): VmParts;
+  withMounts(vm: Vm, mounts: readonly MountSpec[] | undefined): Promise<Vm>;
 };
 
 /**
@@ -59,8 +71,12 @@ export class Vm {
   readonly accelerator: "kvm" | "tcg";
   /** How long each phase of the start took. */
   readonly timings: VmTimings;
+  /** The guest's files, like `node:fs/promises` (`vm.fs.readdir(path, { withFileTypes: true })`). */
+  readonly fs: GuestFileSystem;
 
   readonly #parts: VmParts;
+  readonly #mounts: VmMounts;
+  readonly #ports = new Set<ExposedPort>();
   readonly #target: ExecTarget;
   #state: VmState = "running";
   #stopping: Promise<void> | undefined;
@@ -74,12 +90,15 @@ export class Vm {
       make: (parts) => new Vm(parts),
       saveBaked: (vm, statePath, signal) => vm.#saveBaked(statePath, signal),
       parts: (vm) => vm.#parts,
+      withMounts: (vm, mounts) => vm.#withMounts(mounts),
     };
   }
 
   private constructor(parts: VmParts) {
     this.#parts = parts;
     const { qemu, agent } = parts;
+    this.#mounts = new VmMounts(qemu);
+    this.fs = guestFileSystem(() => this.#agent());
     this.id = qemu.id;
     this.accelerator = parts.accelerator;
     this.timings = parts.timings;
@@ -117,6 +136,7 @@ export class Vm {
         void qemu.kill();
       }
     });
+    agent.onWorkloadExit((status) => publish("vm:workload-exit", { id: this.id, status }));
     publish("vm:start", {
       id: this.id,
       accelerator: this.accelerator,
@@ -127,7 +147,8 @@ export class Vm {
 
   /** Boot a VM from `config.rootfs` and wait until its agent answers. */
   static async start(config: VmConfig): Promise<Vm> {
-    return new Vm(await typedErrors("VMM_FAILED", "starting a VM", () => bootVm(config)));
+    const vm = new Vm(await typedErrors("VMM_FAILED", "starting a VM", () => bootVm(config)));
+    return vm.#withMounts(config.mounts);
   }
 
   /**
@@ -137,10 +158,11 @@ export class Vm {
    */
   static async restore(snapshot: Snapshot, config: RestoreConfig = {}): Promise<Vm> {
     const started = performance.now();
-    return typedErrors("VMM_FAILED", `restoring ${snapshot.dir}`, async () => {
+    const vm = await typedErrors("VMM_FAILED", `restoring ${snapshot.dir}`, async () => {
       const launched = await launchRestore(snapshot, config);
       return new Vm(await activateRestore(launched, config, started));
     });
+    return vm.#withMounts(config.mounts);
   }
 
   /**
@@ -232,6 +254,86 @@ export class Vm {
   }
 
   /**
+   * A connection to `port` inside the guest (`127.0.0.1` by default), tunnelled over the agent
+   * channel: works without a network device, after restores, under every network policy.
+   * Backpressure and half-close both ways; a refused port rejects with `GuestIoError`
+   * `ECONNREFUSED`.
+   */
+  async connect(port: number, options: ConnectTcpOptions = {}): Promise<Duplex> {
+    return this.#agent().connectTcp(port, options);
+  }
+
+  /**
+   * Listens on the host (`127.0.0.1` unless `host` says otherwise; `hostPort` 0 picks a free port,
+   * see `.hostPort`) and carries every connection to `guestPort` through {@link connect}. Closed
+   * by `close()`, `await using`, or the VM's end.
+   */
+  async exposeTcp(hostPort: number, guestPort: number, options: ExposeTcpOptions = {}): Promise<ExposedPort> {
+    this.#agent();
+    const exposed = await exposeTcp((port) => this.connect(port), hostPort, guestPort, {
+      ...options,
+      vmId: this.id,
+    });
+    this.#ports.add(exposed);
+    const close = exposed.close;
+    exposed.close = () => {
+      this.#ports.delete(exposed);
+      return close();
+    };
+    return exposed;
+  }
+
+  /** Mounts a host directory in the guest, live (docs/mounts.md). */
+  async mount(spec: MountSpec, options: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<VmMount> {
+    this.#agent();
+    return this.#mounts.mount(spec, options);
+  }
+
+  /** Unmounts the host directory mounted at `guestPath`. */
+  async unmount(guestPath: string): Promise<void> {
+    this.#agent();
+    return this.#mounts.unmount(guestPath);
+  }
+
+  /** The host directories mounted now. */
+  get mounts(): readonly VmMount[] {
+    return this.#mounts.list;
+  }
+
+  /**
+   * Starts the VM's workload: a long-lived process (an image's Entrypoint + Cmd) that belongs to
+   * the VM rather than to one call — it survives restores of a snapshot taken while it runs, its
+   * output is kept (bounded) in the guest for {@link workloadLogs}, and its exit is reported. One
+   * at a time.
+   */
+  async startWorkload(
+    argv: readonly string[],
+    options: { env?: Record<string, string>; cwd?: string; user?: string } & AgentCallOptions = {},
+  ): Promise<WorkloadStatus> {
+    const { env, cwd, user, ...call } = options;
+    const d = this.#parts.defaults;
+    return this.#agent().startWorkload(
+      { argv: checkArgv([...argv]), env: { ...d.env, ...env }, cwd: cwd ?? d.cwd, user: user ?? d.user },
+      call,
+    );
+  }
+
+  /** Whether the workload runs, its pid, and how it ended. */
+  async workloadStatus(options: AgentCallOptions = {}): Promise<WorkloadStatus> {
+    return this.#agent().workloadStatus(options);
+  }
+
+  /** Sends `signal` (a name like `"SIGTERM"` or a number) to the workload's process group. */
+  async workloadSignal(signal: string | number, options: AgentCallOptions = {}): Promise<void> {
+    return this.#agent().signalWorkload(signal, options);
+  }
+
+  /** The workload's output the guest holds, and with `follow` what comes until it exits. */
+  workloadLogs(options: WorkloadLogsOptions = {}): Readable {
+    return this.#agent().workloadLogs(options);
+  }
+
+  /**
    * Save this running VM as a snapshot in `dir` (which must not exist yet) and keep it running.
    * The guest pauses for the time of one full RAM migration; the snapshot then restores like a
    * baked one. Its disk state is a copy of this VM's overlay, whose backing chain (the snapshot
@@ -240,11 +342,17 @@ export class Vm {
    */
   async snapshot(dir: string, options: { name?: string; signal?: AbortSignal } = {}): Promise<Snapshot> {
     const agent = this.#agent();
-    // The channel must be idle: a round trip drains what the guest had to say.
-    await agent.ping();
-    return typedErrors("STORE_ERROR", `saving VM ${this.id} as a snapshot in ${dir}`, () =>
-      saveSnapshot(this.#parts, dir, options),
-    );
+    // A snapshot never captures a mount: detach them, save, attach them again.
+    const mounts = await this.#mounts.detachAll();
+    try {
+      // The channel must be idle: a round trip drains what the guest had to say.
+      await agent.ping();
+      return await typedErrors("STORE_ERROR", `saving VM ${this.id} as a snapshot in ${dir}`, () =>
+        saveSnapshot(this.#parts, dir, options),
+      );
+    } finally {
+      for (const spec of mounts) await this.#mounts.mount(spec);
+    }
   }
 
   /**
@@ -260,6 +368,7 @@ export class Vm {
   async kill(): Promise<void> {
     this.#stopping ??= Promise.resolve();
     this.#state = "stopped";
+    this.#closeEdges();
     this.#parts.agent.close(new VmError("VM_STOPPED", `VM ${this.id} was killed`));
     await this.#parts.qemu.kill();
     this.#resolveDone(this.#failure);
@@ -271,6 +380,7 @@ export class Vm {
 
   async #saveBaked(statePath: string, signal: AbortSignal | undefined): Promise<void> {
     const { qemu, agent, machine } = this.#parts;
+    await this.#mounts.detachAll();
     if (machine.memory?.kind !== "file" || !machine.memory.share) {
       throw new SupermachineError("INVALID_ARGUMENT", "only a VM booted for baking can be saved this way");
     }
@@ -291,6 +401,24 @@ export class Vm {
     this.#resolveDone(this.#failure);
   }
 
+  /** Mounts `mounts` on a new VM; a failure ends the VM. */
+  async #withMounts(mounts: readonly MountSpec[] | undefined): Promise<Vm> {
+    try {
+      for (const spec of mounts ?? []) await this.#mounts.mount(spec);
+    } catch (error) {
+      await this.kill();
+      throw error;
+    }
+    return this;
+  }
+
+  /** Ports and mounts end with the VM. */
+  #closeEdges(): void {
+    for (const port of [...this.#ports]) void port.close();
+    this.#ports.clear();
+    this.#mounts.close();
+  }
+
   #agent(): AgentClient {
     if (this.#failure) throw this.#failure;
     if (this.#state === "stopped") throw new VmError("VM_STOPPED", `VM ${this.id} is stopped`);
@@ -301,6 +429,7 @@ export class Vm {
     const { agent, qemu } = this.#parts;
     const wasRunning = this.#state === "running" && this.#failure === undefined;
     this.#state = "stopped";
+    this.#closeEdges();
     if (wasRunning) {
       try {
         await agent.shutdown({ timeoutMs: SHUTDOWN_TIMEOUT_MS });
@@ -318,6 +447,7 @@ export class Vm {
     if (this.#failure) return;
     this.#failure = error;
     this.#state = "stopped";
+    this.#closeEdges();
     this.#parts.agent.close(error);
     publish("vm:exit", { id: this.id, error });
     this.#resolveDone(error);
@@ -430,7 +560,7 @@ export class PrestartedVm {
         ? activateRestore(this.#launched, config, performance.now(), this.prestartMs)
         : activateWarm(this.#launched, agent, config, this.prestartMs),
     );
-    return internals.make(parts);
+    return internals.withMounts(internals.make(parts), config.mounts);
   }
 
   /** End the QEMU (if not activated) and remove its files. Idempotent. */

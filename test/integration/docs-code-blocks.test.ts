@@ -156,6 +156,7 @@ vmTest(
       '"echo \\"$((6 * 7))\\"": ok: 42\n"if then fi": failed (exit 2)\n"exit 3": failed (exit 3)\n"while :; do :; done": timed out\n',
     );
     assert.equal(await example("long-lived-service.ts", env.IMAGE), "count: 3\nservice ended by SIGTERM\n");
+    assert.equal(await example("mounts.ts", rootfs), "from the host\n/etc/passwd\ntrue\n");
     assert.match(
       await example("snapshots-and-pools.ts", env.IMAGE),
       /^baked\nactivated in \d+ ms\n\[ 'baked,a', 'baked,b', 'baked,c' \]\n3\n$/,

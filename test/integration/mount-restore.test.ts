@@ -9,11 +9,8 @@ import { chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { MountChannel } from "../../src/agent/index.ts";
-import { type Snapshot, Vm } from "../../src/index.ts";
-import { mountDir } from "../helpers/mounts.ts";
+import { type MountSpec, type Snapshot, Vm } from "../../src/index.ts";
 import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
-import { qemuOf } from "../helpers/vm-qemu.ts";
 
 const ROOT = process.geteuid?.() === 0;
 const OWNER = { uid: 4242, gid: 4243 };
@@ -23,7 +20,6 @@ describe("mounts and snapshots", { timeout: 600_000 }, () => {
   let skip: string | undefined;
   let base: string;
   const vms: Vm[] = [];
-  const channels: MountChannel[] = [];
 
   async function hostDir(name: string): Promise<string> {
     const dir = join(base, name);
@@ -32,18 +28,12 @@ describe("mounts and snapshots", { timeout: 600_000 }, () => {
     return dir;
   }
 
-  async function channelOf(vm: Vm): Promise<MountChannel> {
-    const channel = await MountChannel.connect(await qemuOf(vm).mountSocket, { timeoutMs: 30_000 });
-    channels.push(channel);
-    return channel;
-  }
-
   async function sh(vm: Vm, script: string): Promise<string> {
     return (await vm.exec(["sh", "-c", `exec 2>&1; ${script}`], { timeoutMs: 60_000 })).stdoutText;
   }
 
-  async function restore(snapshot: Snapshot): Promise<Vm> {
-    const vm = await Vm.restore(snapshot);
+  async function restore(snapshot: Snapshot, mounts?: MountSpec[]): Promise<Vm> {
+    const vm = await Vm.restore(snapshot, mounts === undefined ? {} : { mounts });
     vms.push(vm);
     return vm;
   }
@@ -62,25 +52,23 @@ describe("mounts and snapshots", { timeout: 600_000 }, () => {
     withoutMounts = await original.snapshot(join(base, "snap-without"));
     // Now a mount, and a snapshot taken while it is attached.
     originalDir = await hostDir("original");
-    const channel = await channelOf(original);
-    await mountDir(channel, { hostPath: originalDir, guestPath: "/work", ...owner });
+    await original.mount({ hostPath: originalDir, guestPath: "/work", ...owner });
     await sh(original, "echo before-snapshot > /work/mark");
     withMount = await original.snapshot(join(base, "snap-with"));
   });
 
   after(async () => {
-    for (const channel of channels) channel.close();
     await Promise.all(vms.map((vm) => vm.kill()));
     if (base !== undefined) await rm(base, { recursive: true, force: true });
   });
 
   it("two clones of one snapshot mount different host directories at the same path", async (t) => {
     if (skip !== undefined) return t.skip(skip);
-    const [a, b] = await Promise.all([restore(withoutMounts), restore(withoutMounts)]);
     const [dirA, dirB] = await Promise.all([hostDir("clone-a"), hostDir("clone-b")]);
-    const [mountA, mountB] = await Promise.all([
-      channelOf(a).then((c) => mountDir(c, { hostPath: dirA, guestPath: "/work", ...owner })),
-      channelOf(b).then((c) => mountDir(c, { hostPath: dirB, guestPath: "/work", ...owner })),
+    // Mounted as the restores come up (RestoreConfig.mounts).
+    const [a, b] = await Promise.all([
+      restore(withoutMounts, [{ hostPath: dirA, guestPath: "/work", ...owner }]),
+      restore(withoutMounts, [{ hostPath: dirB, guestPath: "/work", ...owner }]),
     ]);
     await writeFile(join(dirA, "who"), "a\n");
     await writeFile(join(dirB, "who"), "b\n");
@@ -93,20 +81,20 @@ describe("mounts and snapshots", { timeout: 600_000 }, () => {
     // Host edits after the guest wrote are seen at once.
     await writeFile(join(dirA, "wrote"), "edited on the host\n");
     assert.equal(await sh(a, "cat /work/wrote"), "edited on the host\n");
-    await Promise.all([mountA.unmount(), mountB.unmount()]);
+    await Promise.all([a.unmount("/work"), b.unmount("/work")]);
     assert.deepEqual((await readdir(originalDir)).sort(), ["mark"]);
   });
 
   it("a snapshot taken with a mount attached restores without it; the original keeps its mount", async (t) => {
     if (skip !== undefined) return t.skip(skip);
     const clone = await restore(withMount);
-    const channel = await channelOf(clone); // its HELLO detaches the mount the snapshot caught
+    assert.deepEqual(clone.mounts, []);
     assert.equal(await sh(clone, "grep -c ' /work ' /proc/mounts; ls -A /work"), "0\n");
     const dir = await hostDir("after-restore");
     await writeFile(join(dir, "fresh"), "fresh\n");
-    const m = await mountDir(channel, { hostPath: dir, guestPath: "/work", ...owner });
+    await clone.mount({ hostPath: dir, guestPath: "/work", ...owner });
     assert.equal(await sh(clone, "cat /work/fresh; ls /work"), "fresh\nfresh\n");
-    await m.unmount();
+    await clone.unmount("/work");
     // The VM the snapshots were taken from still serves its mount, live.
     await writeFile(join(originalDir, "later"), "after both snapshots\n");
     assert.equal(await sh(original, "cat /work/mark /work/later"), "before-snapshot\nafter both snapshots\n");

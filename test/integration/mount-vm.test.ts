@@ -23,19 +23,15 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it, type TestContext } from "node:test";
-import { MountChannel } from "../../src/agent/index.ts";
-import { Vm } from "../../src/index.ts";
+import { type MountSpec, Vm } from "../../src/index.ts";
 import type { SymlinkPolicy } from "../../src/ninep/index.ts";
-import { type DirMount, mountDir } from "../helpers/mounts.ts";
 import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
-import { qemuOf } from "../helpers/vm-qemu.ts";
 
 const ROOT = process.geteuid?.() === 0;
 /** Owner of what the guest creates: not root (the host runs the tests as root). */
 const OWNER = { uid: 4242, gid: 4243 };
 
 let vm: Vm;
-let channel: MountChannel;
 let skip: string | undefined;
 const temps: string[] = [];
 
@@ -43,11 +39,9 @@ before(async () => {
   skip = await vmSkipReason();
   if (skip !== undefined) return;
   vm = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256 });
-  channel = await MountChannel.connect(await qemuOf(vm).mountSocket, { timeoutMs: 30_000 });
 });
 
 after(async () => {
-  channel?.close();
   await vm?.kill();
   await Promise.all(temps.map((d) => rm(d, { recursive: true, force: true })));
 });
@@ -78,8 +72,10 @@ async function hostRoot(base: string): Promise<string> {
   return root;
 }
 
-function mount(m: DirMount) {
-  return mountDir(channel, { ...(ROOT ? { owner: OWNER } : {}), ...m });
+/** Mounts through the public API; the handle unmounts it. */
+async function mount(m: MountSpec) {
+  const mounted = await vm.mount({ ...(ROOT ? { owner: OWNER } : {}), ...m });
+  return { ...mounted, unmount: () => vm.unmount(mounted.guestPath) };
 }
 
 /** Runs a shell script in the guest as root; resolves with its stdout (stderr folded in). */
@@ -417,13 +413,13 @@ describe("mounts in a VM", { timeout: 600_000 }, () => {
     }
     assert.equal(seen, "open\nheld\n");
     await m.unmount();
-    assert.equal(await m.closed, undefined);
+    assert.deepEqual(vm.mounts, []);
     assert.equal(await sh("grep -c ' /mnt/again ' /proc/mounts; true"), "0\n");
     holder.kill("SIGKILL");
     await holder.wait().catch(() => undefined);
     const again = await mount({ hostPath: root, guestPath: "/mnt/again" });
     assert.equal(await sh("cat /mnt/again/f"), "held\n");
     await again.unmount();
-    assert.deepEqual(channel.mounts, []);
+    assert.deepEqual(vm.mounts, []);
   });
 });
