@@ -53,11 +53,30 @@ const READY_TIMEOUT_MS = 120_000;
 
 /**
  * A shell script that waits until a socket listens on TCP `port` (IPv4 or IPv6), reading
- * /proc/net/tcp{,6} every 50 ms: the images have no client of their own for every service.
+ * /proc/net/tcp{,6} every 50 ms (the images have no client of their own for every service), and
+ * exits 3 as soon as process `pid` (the workload) is gone.
  */
-export function waitForListenScript(port: number): string {
+export function waitForListenScript(port: number, pid: number): string {
   const hex = port.toString(16).toUpperCase().padStart(4, "0");
-  return `until grep -qE '^ *[0-9]+: [0-9A-F]+:${hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do sleep 0.05; done`;
+  return `until grep -qE '^ *[0-9]+: [0-9A-F]+:${hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6 2>/dev/null; do [ -d /proc/${pid} ] || exit 3; sleep 0.05; done`;
+}
+
+/** Waits until the VM's workload listens on `port`; fails with its status and output if it ends first. */
+export async function waitForWorkloadPort(vm: Vm, port: number): Promise<void> {
+  const status = await vm.workloadStatus();
+  const out =
+    status.state === "running" && status.pid !== null
+      ? await vm.exec(["/bin/sh", "-c", waitForListenScript(port, status.pid)], {
+          timeoutMs: READY_TIMEOUT_MS,
+          reject: false,
+        })
+      : undefined;
+  if (out?.exitCode === 0) return;
+  let logs = "";
+  for await (const chunk of vm.workloadLogs()) logs += chunk.toString();
+  throw new Error(
+    `the workload did not listen on port ${port} (${JSON.stringify(await vm.workloadStatus())}); its output:\n${logs.slice(-4096)}`,
+  );
 }
 
 export function serviceSuite(name: ServiceName, options: ServiceSuiteOptions): ServiceSuite {
@@ -84,9 +103,7 @@ export function serviceSuite(name: ServiceName, options: ServiceSuiteOptions): S
       const warmup = options.warmup;
       builder
         .withWarmup(async (vm) => {
-          if (port !== undefined) {
-            await vm.exec(["/bin/sh", "-c", waitForListenScript(port)], { timeoutMs: READY_TIMEOUT_MS });
-          }
+          if (port !== undefined) await waitForWorkloadPort(vm, port);
           await warmup?.(vm);
         })
         .warmupTag("ready");
