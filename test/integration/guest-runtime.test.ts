@@ -40,12 +40,21 @@ describe("the guest's runtime environment", { timeout: 600_000 }, () => {
     assert.equal(await sh("stat -f -c %T /run"), "ext2/ext3\n");
   });
 
-  shared.it("mounts /dev/shm and /dev/mqueue as docker does", async () => {
+  shared.it("has docker's /dev: shm, mqueue, fd (bash's process substitution)", async () => {
+    assert.equal(
+      (await shared.current().execBuilder().argv(["bash", "-c", "cat <(echo through /dev/fd)"]).output())
+        .stdoutText,
+      "through /dev/fd\n",
+    );
     assert.equal(await sh("stat -f -c %T /dev/shm; stat -c %a /dev/shm"), "tmpfs\n1777\n");
     assert.match(
       await sh("grep ' /dev/mqueue ' /proc/mounts"),
       /^mqueue \/dev\/mqueue mqueue rw,nosuid,nodev,noexec/,
     );
+  });
+
+  shared.it("has IPv6 on the loopback (nginx's entrypoint checks /proc/net/if_inet6)", async () => {
+    assert.match(await sh("cat /proc/net/if_inet6"), /^0{31}1 01 80 10 80\s+lo$/m);
   });
 
   shared.it("gives every process docker's open-files limit", async () => {
