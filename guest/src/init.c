@@ -305,8 +305,6 @@ int sm_init_main(void)
 	symlink_quiet("pts/ptmx", "/mnt/dev/ptmx");
 	mkdir_quiet("/mnt/dev/shm", 01777);
 	must_mount("shm", "/mnt/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-	mkdir_quiet("/mnt/run", 0755);
-	must_mount("tmpfs", "/mnt/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 	if (mount("cgroup2", "/mnt/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
 		sm_dbg("cgroup2 not mounted: %s", strerror(errno));
 	symlink_quiet("/proc/self/fd", "/mnt/dev/fd");
@@ -321,8 +319,7 @@ int sm_init_main(void)
 	if (chroot(".") < 0 || chdir("/") < 0)
 		fatal("chroot into the root filesystem: %s", strerror(errno));
 
-	if (*P.hostname && sethostname(P.hostname, strlen(P.hostname)) < 0)
-		sm_log("sethostname %s: %s", P.hostname, strerror(errno));
+	sm_runtime_setup(P.hostname);
 	lo_up();
 	A.urandom = open("/dev/urandom", O_RDWR | O_CLOEXEC);
 	setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
