@@ -276,10 +276,16 @@ export async function sweepStaleVms(
   return result;
 }
 
-/** The pid of the QEMU that serves `dir`, if it still runs. */
+/**
+ * The pid of the QEMU that serves `dir` (or of the network relay QEMU runs under), if it still
+ * runs: its command line names the dir's QMP socket or, when QMP is an inherited descriptor, has
+ * the VM's name `supermachine-<id>` (`-name`).
+ */
 function findQemu(dir: string, owner: OwnerRecord): number | undefined {
   const marker = path.join(dir, "qmp.sock");
-  const isOurs = (pid: number) => procCmdline(pid)?.some((arg) => arg.includes(marker)) === true;
+  const name = `supermachine-${path.basename(dir)}`;
+  const isOurs = (pid: number) =>
+    procCmdline(pid)?.some((arg) => arg.includes(marker) || arg === name) === true;
   if (owner.qemuPid !== undefined) {
     const startTime = procStartTime(owner.qemuPid);
     const sameProcess = owner.qemuStartTime === undefined || startTime === owner.qemuStartTime;
