@@ -43,6 +43,7 @@ export {
   type SnapshotFileEntry,
   type SnapshotInfo,
   type SnapshotManifest,
+  type SnapshotNetwork,
   type SnapshotOpenOptions,
 } from "./snapshot/index.ts";
 export {
@@ -53,6 +54,7 @@ export {
   type ExecOptions,
   type ExecStdin,
   type GuestFileStream,
+  type NetworkPolicy,
   type PrestartConfig,
   PrestartedVm,
   type RestoreConfig,

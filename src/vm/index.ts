@@ -20,6 +20,13 @@ export {
   type ExecStdin,
   type ExecTarget,
 } from "./exec-handle.ts";
+export {
+  copyNetworkPolicy,
+  type NetworkKind,
+  type NetworkPolicy,
+  networkKind,
+  parseNetworkPolicy,
+} from "./network-policy.ts";
 export { restoreMachineSpec } from "./restore.ts";
 export {
   bootForBake,
