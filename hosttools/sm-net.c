@@ -390,6 +390,8 @@ static void __attribute__((noreturn)) child(int sock, pid_t relay, char **argv)
 		_exit(EXIT_SETUP); /* the relay died before the line above */
 	if (!argv)
 		_exit(0); /* --check */
+	/* PROGRAM starts with the signal state it would have had without the relay. */
+	signal(SIGPIPE, SIG_DFL);
 	sigset_t none;
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);

@@ -615,10 +615,9 @@ export class QemuProcess {
 
   #startupError(): SupermachineError {
     const relayError = this.#relayError;
-    if (relayError !== undefined) {
-      // The namespace could not be built (exec failures are QEMU's own problem, below).
-      if (!relayError.startsWith("exec ")) return relayUnsupported(relayError);
-    }
+    // The namespace could not be built. (A failed exec is QEMU's own problem, below; a usage
+    // error is a bug of ours: both keep the generic error, which carries the relay's stderr.)
+    if (relayError !== undefined && !/^(exec|usage) /.test(relayError)) return relayUnsupported(relayError);
     const exit = this.#exit;
     const how = exit?.signal ? `was killed by ${exit.signal}` : `exited with code ${exit?.code}`;
     const stderr = this.#stderr.trim();

@@ -280,6 +280,13 @@ describe("VM networks", { timeout: 900_000 }, () => {
       assert.match(await sh(listed, "cat /etc/resolv.conf"), /nameserver 127\.0\.0\.1/);
       await listed.kill();
 
+      // Pre-started (as pools do): restored, configured and warmed under the allow-list, then activated.
+      const prestarted = await image.prestart({ network: { allow: [`host:${a.port}`] } });
+      const activated = track(await prestarted.activate());
+      assert.equal(await tcp(activated, "10.0.2.2", a.port, "clone-4"), "A:clone-4");
+      assert.equal(await tcp(activated, "10.0.2.2", b.port), "");
+      await activated.kill();
+
       // And under none: the device is there, cut off.
       const aBefore = a.accepted;
       const cut = track(await image.start({ network: "none" }));
