@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "agent.h"
 #include "mount.h"
+#include "net.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -31,8 +32,9 @@ static struct {
 	char rootflags[512];
 	char hostname[65];
 	char port[128];
+	char net[16];
 	int debug;
-} P = { "/dev/vda", "ext4", "", "", "sm.agent", 0 };
+} P = { "/dev/vda", "ext4", "", "", "sm.agent", "", 0 };
 
 static void __attribute__((noreturn)) fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -121,6 +123,8 @@ static void parse_cmdline(void)
 			set_param(P.hostname, sizeof P.hostname, v, tok);
 		else if (!strcmp(k, "port"))
 			set_param(P.port, sizeof P.port, v, tok);
+		else if (!strcmp(k, "net"))
+			set_param(P.net, sizeof P.net, v, tok);
 		else if (!strcmp(k, "debug"))
 			P.debug = !strcmp(v, "1");
 		else
@@ -321,6 +325,8 @@ int sm_init_main(void)
 
 	sm_runtime_setup(P.hostname);
 	lo_up();
+	if (*P.net)
+		sm_net_setup(P.net);
 	A.urandom = open("/dev/urandom", O_RDWR | O_CLOEXEC);
 	setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
 

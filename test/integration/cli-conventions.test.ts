@@ -95,6 +95,12 @@ describe("supermachine's command line", () => {
     }
     assert.match(text.stdout, /^qemu: /m);
     assert.match(text.stdout, /^data dir: +.* free/m);
+    // Network allow-lists: the relay and user namespaces, either way said in one line.
+    assert.match(
+      text.stdout,
+      /^network: +none(, outbound and allow-lists work| and outbound work; allow-lists do not: )/m,
+    );
+    assert.equal(typeof report.network.relay.found, "boolean");
   });
 
   it("doctor without KVM: SUPERMACHINE_ACCEL=tcg is reported as such", async () => {
