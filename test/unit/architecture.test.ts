@@ -106,9 +106,14 @@ export function layeringViolations(files: readonly SourceFile[]): string[] {
       problems.push(`${from} imports ${to}: the CLI uses the public API (src/index.ts) only`);
     }
     if (a === "server" && b !== "index" && b !== "wire") {
-      problems.push(`${from} imports ${to}: the server uses the public API (src/index.ts) and the wire protocol only`);
+      problems.push(
+        `${from} imports ${to}: the server uses the public API (src/index.ts) and the wire protocol only`,
+      );
     }
-    if ((a === "client" || a === "wire") && !(b === "errors" || b === "wire" || (b === "index" && typeOnly))) {
+    if (
+      (a === "client" || a === "wire") &&
+      !(b === "errors" || b === "wire" || (b === "index" && typeOnly))
+    ) {
       problems.push(
         `${from} imports ${to}: the ${a} carries no VM code (types from src/index.ts with import type, errors${a === "client" ? ", wire" : ""})`,
       );
@@ -178,7 +183,10 @@ describe("architecture", () => {
       { path: "oci/index.ts", text: "" },
       { path: "oci/pull.ts", text: "" },
       { path: "cli/main.ts", text: 'import { Vm } from "../vm/index.ts";\n' },
-      { path: "client/a.ts", text: 'import { Vm } from "../index.ts";\nimport type { Pool } from "../index.ts";\n' },
+      {
+        path: "client/a.ts",
+        text: 'import { Vm } from "../index.ts";\nimport type { Pool } from "../index.ts";\n',
+      },
       { path: "server/a.ts", text: 'import { Pool } from "../pool/index.ts";\n' },
     ];
     const problems = layeringViolations(fake);
@@ -187,9 +195,17 @@ describe("architecture", () => {
     assert.ok(
       problems.some((p) => p.includes("cli/main.ts imports vm/index.ts: the CLI uses the public API")),
     );
-    assert.ok(problems.some((p) => p.startsWith("client/a.ts imports index.ts: the client carries no VM code")));
-    assert.equal(problems.filter((p) => p.startsWith("client/a.ts")).length, 1, "import type from index is fine");
-    assert.ok(problems.some((p) => p.startsWith("server/a.ts imports pool/index.ts: the server uses the public API")));
+    assert.ok(
+      problems.some((p) => p.startsWith("client/a.ts imports index.ts: the client carries no VM code")),
+    );
+    assert.equal(
+      problems.filter((p) => p.startsWith("client/a.ts")).length,
+      1,
+      "import type from index is fine",
+    );
+    assert.ok(
+      problems.some((p) => p.startsWith("server/a.ts imports pool/index.ts: the server uses the public API")),
+    );
     assert.deepEqual(importCycles(fake), ["vm/b.ts -> vm/c.ts -> vm/b.ts"]);
     assert.deepEqual(qmpOutsideVmm(fake), ["vm/c.ts"]);
   });
