@@ -10,14 +10,16 @@ import type { GuestDirent, GuestStats, GuestWatchEvent } from "../index.ts";
 import { RemoteError } from "../index.ts";
 import {
   CLOSE_NORMAL,
+  FILE_GID_HEADER,
   FILE_MODE_HEADER,
   FILE_SIZE_HEADER,
+  FILE_UID_HEADER,
   FS_OPS,
   type WireDirent,
   type WireStats,
 } from "../wire/index.ts";
 import { sendStreamError } from "./exec-routes.ts";
-import { guestPath, invalid, queryFlag, readJson, sendJson } from "./http.ts";
+import { guestPath, invalid, queryCount, queryFlag, readJson, sendJson } from "./http.ts";
 import type { RequestContext, StreamContext } from "./router.ts";
 import { peerOf } from "./ws-peer.ts";
 
@@ -30,6 +32,8 @@ export async function readFileRoute(ctx: RequestContext): Promise<void> {
       "content-type": "application/octet-stream",
       [FILE_SIZE_HEADER]: String(file.size),
       [FILE_MODE_HEADER]: String(file.mode),
+      [FILE_UID_HEADER]: String(file.uid),
+      [FILE_GID_HEADER]: String(file.gid),
     });
     await pipeline(file.stream, ctx.res);
   });
@@ -73,11 +77,25 @@ export async function writeFileRoute(ctx: RequestContext): Promise<void> {
     );
   }
   const mode = url.searchParams.get("mode");
+  const size = queryCount(url, "size") ?? declared;
+  if (size !== undefined && size > max) {
+    throw new RemoteError(
+      "LIMIT_EXCEEDED",
+      `the upload of ${size} bytes is larger than this server's limit of ${max} bytes (--max-upload-bytes)`,
+      {
+        httpStatus: 413,
+      },
+    );
+  }
+  const uid = queryCount(url, "uid");
+  const gid = queryCount(url, "gid");
   const options = {
     signal: ctx.signal,
     mkdirs: queryFlag(url, "mkdirs"),
-    ...(mode === null ? {} : { mode: Number.parseInt(mode, 8) }),
-    ...(declared === undefined ? {} : { sizeBytes: declared }),
+    ...(mode === null ? {} : { mode: /^[0-7]{1,4}$/.test(mode) ? Number.parseInt(mode, 8) : -1 }),
+    ...(size === undefined ? {} : { sizeBytes: size }),
+    ...(uid === undefined ? {} : { uid }),
+    ...(gid === undefined ? {} : { gid }),
   };
   if (options.mode !== undefined && !(options.mode >= 0 && options.mode <= 0o7777)) {
     throw invalid(`mode must be octal permission bits, got ${JSON.stringify(mode)}`);

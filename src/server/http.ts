@@ -122,6 +122,15 @@ export function queryFlag(url: URL, name: string): boolean {
   throw invalid(`query parameter ${name} must be 1, true, 0 or false`);
 }
 
+/** A query parameter as a whole number ≥ 0, or undefined when absent. */
+export function queryCount(url: URL, name: string): number | undefined {
+  const value = url.searchParams.get(name);
+  if (value === null) return undefined;
+  if (!/^\d{1,15}$/.test(value))
+    throw invalid(`query parameter ${name} must be a whole number, got ${JSON.stringify(value)}`);
+  return Number(value);
+}
+
 /** A guest path from a request: absolute, no `..` segment, no NUL, at most 4096 bytes. */
 export function guestPath(value: unknown, what = "path"): string {
   if (typeof value !== "string" || !value.startsWith("/")) {

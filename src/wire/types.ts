@@ -174,3 +174,5 @@ export const FS_OPS = [
 /** Headers of `GET /v1/vms/{id}/files`: the file's size when the read started, and its mode. */
 export const FILE_SIZE_HEADER = "x-supermachine-size";
 export const FILE_MODE_HEADER = "x-supermachine-mode";
+export const FILE_UID_HEADER = "x-supermachine-uid";
+export const FILE_GID_HEADER = "x-supermachine-gid";
