@@ -23,6 +23,7 @@ import {
   execOptionsToWire,
   isBufferedInput,
   outcomeFromWire,
+  type PeerHandlers,
   RemoteOutcome,
   type StreamPeer,
   type WireError,
@@ -113,18 +114,28 @@ export async function spawnExec(
   const peer = await site.endpoint.openStream(
     `${site.path}/exec`,
     undefined,
-    handle.handlers,
+    internals.handlers(handle),
     () => site.endpoint.json("GET", site.path),
     options.signal,
   );
-  handle.attach(peer, options.signal);
+  internals.attach(handle, peer, options.signal);
   peer.sendControl({ type: "start", argv: [...argv], options: wire } satisfies ClientMessage);
-  await handle.started;
-  if (!buffered && options.stdin !== undefined) void handle.pump(options.stdin).catch(() => {});
+  await internals.started(handle);
+  if (!buffered && options.stdin !== undefined) void internals.pump(handle, options.stdin).catch(() => {});
   return handle;
 }
 
 type Mode = "none" | "iterate" | "streams" | "collect" | "discard";
+
+/** What this module may do with a handle that users cannot (set by the class's static block). */
+let internals: {
+  handlers(handle: RemoteExecHandle): PeerHandlers;
+  attach(handle: RemoteExecHandle, peer: StreamPeer, signal: AbortSignal | undefined): void;
+  /** Resolves once the server says the command runs. */
+  started(handle: RemoteExecHandle): Promise<void>;
+  /** Feeds `input` into stdin, then ends it (`spawn` with a streamed stdin). */
+  pump(handle: RemoteExecHandle, input: ExecInput): Promise<void>;
+};
 type Item = { event: ExecEvent; taken: () => void } | { error: Error };
 
 /**
@@ -179,12 +190,16 @@ export class RemoteExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposab
     return this.#ended;
   }
 
-  get started(): Promise<void> {
-    return this.#started.promise;
+  static {
+    internals = {
+      handlers: (handle) => handle.#handlers,
+      attach: (handle, peer, signal) => handle.#attach(peer, signal),
+      started: (handle) => handle.#started.promise,
+      pump: (handle, input) => handle.#pump(input),
+    };
   }
 
-  /** The stream's handlers (internal). */
-  readonly handlers = {
+  readonly #handlers: PeerHandlers = {
     control: (message: { type: string } & Record<string, unknown>) => {
       if (message.type === "started") {
         this.#pid = typeof message.pid === "number" ? message.pid : 0;
@@ -209,8 +224,7 @@ export class RemoteExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposab
       }),
   };
 
-  /** Internal: the stream, once open. */
-  attach(peer: StreamPeer, signal: AbortSignal | undefined): void {
+  #attach(peer: StreamPeer, signal: AbortSignal | undefined): void {
     this.#peer = peer;
     void peer.ended.then(({ code, reason }) => {
       if (this.#exit !== undefined || this.#failure !== undefined) return this.#end(undefined);
@@ -362,8 +376,7 @@ export class RemoteExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposab
     this.#peer?.sendControl({ type: "resize", rows, cols });
   }
 
-  /** Feeds `input` into stdin, then ends it (internal: `spawn` with a streamed stdin). */
-  async pump(input: ExecInput): Promise<void> {
+  async #pump(input: ExecInput): Promise<void> {
     for await (const chunk of input as AsyncIterable<Uint8Array | string>) {
       if (this.#ended) return;
       await this.stdin.write(chunk);

@@ -4,6 +4,46 @@
  */
 
 export * from "../errors.ts";
+export type {
+  AgentCallOptions,
+  BackingFileEntry,
+  ConnectTcpOptions,
+  ExecEvent,
+  ExecInput,
+  ExecOptions,
+  ExecStdin,
+  ExposedPort,
+  ExposeTcpOptions,
+  FsCallOptions,
+  GuestDirent,
+  GuestFileStream,
+  GuestStats,
+  GuestWatchEvent,
+  GuestWatcher,
+  ImageConfig,
+  ImageRecord,
+  ImageSource,
+  LayerRecord,
+  PoolOptions,
+  PoolStats,
+  ReaddirOptions,
+  SnapshotFileEntry,
+  SnapshotInfo,
+  SnapshotManifest,
+  StageFile,
+  SymlinkPolicy,
+  VmState,
+  VmTimings,
+  WatchOptions,
+  WriteFileOptions,
+  WriteFileSource,
+} from "../index.ts";
+export type {
+  WireLimits as ServerLimits,
+  WireMount as RemoteMount,
+  WireServerInfo as ServerInfo,
+  WireStartConfig,
+} from "../wire/index.ts";
 export { RemoteExecBuilder, RemoteExecHandle } from "./exec.ts";
 export { RemoteFileSystem } from "./fs.ts";
 export { RemoteImage, RemoteImageBuilder, type RemoteSnapshot, type RemoteStartConfig } from "./image.ts";

@@ -248,6 +248,9 @@ export class Holdings {
     id = randomBytes(8).toString("hex"),
   ): Promise<HeldPool> {
     if (this.#pools.has(id)) throw invalid(`pool ${id} exists already`);
+    // The pool's max counts against maxVms from the start (the library's default max is 4).
+    const max = options.max ?? 4;
+    this.#reserve(max);
     const image = await this.image(snapshot);
     const startConfig = await this.startConfig(config, signal);
     const builder = image.pool(startConfig);
@@ -257,8 +260,6 @@ export class Holdings {
     if (options.idleTimeoutMs !== undefined) builder.idleTimeout(options.idleTimeoutMs);
     if (options.acquireTimeoutMs !== undefined) builder.acquireTimeout(options.acquireTimeoutMs);
     if (options.restoreOnRelease !== undefined) builder.restoreOnRelease(options.restoreOnRelease);
-    // The cap is known once the builder checked the options; reserve it before any VM starts.
-    const max = options.max ?? 4;
     this.#reserve(max);
     this.#starting += max;
     let pool: Pool<Vm>;
