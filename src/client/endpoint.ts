@@ -158,6 +158,7 @@ export class Endpoint {
         close: (code, reason) => socket.close(code === 1000 ? 1000 : 4000 + (code % 1000), reason),
       },
       handlers,
+      { drainOnClose: true },
     );
     socket.onmessage = (event: MessageEvent) =>
       peer.receive(typeof event.data === "string" ? event.data : new Uint8Array(event.data as ArrayBuffer));

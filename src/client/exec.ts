@@ -40,6 +40,8 @@ export interface ExecSite {
   describe(): string;
   /** Only a VM can stream (a pool has no stream route). */
   readonly vmId: string | undefined;
+  /** Throws when the site cannot take work any more (a VM this client stopped). */
+  check?(): void;
 }
 
 function invalid(message: string): SupermachineError {
@@ -82,6 +84,7 @@ export async function runExec(
   argv: readonly string[],
   options: ExecOptions,
 ): Promise<ExecOutcome> {
+  site.check?.();
   checkArgv(argv);
   if (!isBufferedInput(options.stdin)) {
     if (site.vmId === undefined) throw invalid("a streamed stdin needs a VM: acquire one and exec on it");
@@ -101,6 +104,7 @@ export async function spawnExec(
   argv: readonly string[],
   options: ExecOptions,
 ): Promise<RemoteExecHandle> {
+  site.check?.();
   checkArgv(argv);
   if (site.vmId === undefined) throw invalid("spawn() needs a VM: acquire one and spawn on it");
   const buffered = isBufferedInput(options.stdin);
@@ -186,8 +190,9 @@ export class RemoteExecHandle implements AsyncIterable<ExecEvent>, AsyncDisposab
     return this.#pid;
   }
 
+  /** True once the exec has ended (exited, failed or was abandoned). */
   get exited(): boolean {
-    return this.#ended;
+    return this.#ended || this.#exit !== undefined;
   }
 
   static {

@@ -145,6 +145,8 @@ class RemoteDirent {
 export interface FileSite {
   readonly endpoint: Endpoint;
   readonly path: string;
+  /** Throws when the VM cannot take work any more (stopped by this client). */
+  check?(): void;
 }
 
 /** Reads a file of the VM at `site` as a stream, with its size and mode. */
@@ -153,6 +155,7 @@ export async function readFileStream(
   path: string,
   options: FsCallOptions = {},
 ): Promise<GuestFileStream> {
+  site.check?.();
   const response = await site.endpoint.request("GET", `${site.path}/files`, {
     query: { path },
     signal: options.signal,
@@ -206,6 +209,7 @@ export async function writeFile(
   data: WriteFileSource,
   options: WriteFileOptions = {},
 ): Promise<void> {
+  site.check?.();
   const body =
     typeof data === "string" ? new TextEncoder().encode(data) : data instanceof Uint8Array ? data : data;
   const size = body instanceof Uint8Array ? body.length : options.sizeBytes;
@@ -243,6 +247,7 @@ export class RemoteFileSystem {
   }
 
   async #call<T>(call: WireFsCall, options: FsCallOptions | undefined): Promise<T> {
+    this.#site.check?.();
     const { result } = await this.#site.endpoint.json<{ result: T }>("POST", `${this.#site.path}/fs`, {
       json: call,
       signal: options?.signal,

@@ -26,9 +26,11 @@ export async function connectTcp(
   port: number,
   options: ConnectTcpOptions = {},
 ): Promise<Duplex> {
+  site.check?.();
   checkPort(port, "port", false);
   const endpoint = site.endpoint;
   const connected = Promise.withResolvers<void>();
+  let isConnected = false;
   let wantMore: (() => void) | undefined;
   let peer: StreamPeer | undefined;
   const duplex = new Duplex({
@@ -39,7 +41,10 @@ export async function connectTcp(
       wake?.();
     },
     write: (chunk: Uint8Array, _encoding, callback) => {
-      peer!.sendData(TCP_CHANNEL, chunk).then(() => callback(), callback);
+      peer!.sendData(TCP_CHANNEL, chunk).then(
+        () => callback(),
+        () => callback(new RemoteError("SERVER_UNAVAILABLE", `the tunnel to guest port ${port} is closed`)),
+      );
     },
     final: (callback) => {
       peer!.sendControl({ type: "end" });
@@ -58,12 +63,15 @@ export async function connectTcp(
     undefined,
     {
       control: (message) => {
-        if (message.type === "connected") connected.resolve();
-        else if (message.type === "end") duplex.push(null);
+        if (message.type === "connected") {
+          isConnected = true;
+          connected.resolve();
+        } else if (message.type === "end") duplex.push(null);
         else if (message.type === "error") {
           const error = errorFromWire(message.error as WireError, { endpoint: endpoint.url });
-          connected.reject(error);
-          duplex.destroy(error);
+          // Before the connection: the caller gets the error; after: the stream fails with it.
+          if (isConnected) duplex.destroy(error);
+          else connected.reject(error);
         }
       },
       data: async (_channel, bytes) => {
@@ -80,8 +88,16 @@ export async function connectTcp(
         endpoint: endpoint.url,
       }),
     );
-    if (!duplex.destroyed && !duplex.readableEnded) duplex.push(null);
-    if (!duplex.destroyed) duplex.destroy();
+    if (!isConnected || duplex.destroyed) {
+      duplex.destroy();
+      return;
+    }
+    // The tunnel is gone: what was received is still read, then the stream ends both ways.
+    if (duplex.readableEnded) duplex.destroy();
+    else {
+      duplex.once("end", () => duplex.destroy());
+      duplex.push(null);
+    }
   });
   await connected.promise;
   return duplex;

@@ -69,6 +69,10 @@ export class RemoteVm {
       path,
       vmId: info.id,
       describe: () => `VM ${info.id} on ${endpoint.url}`,
+      check: () => {
+        if (this.#state === "stopped")
+          throw new VmError("VM_STOPPED", `VM ${info.id} on ${endpoint.url} is stopped`);
+      },
     };
     this.fs = remoteFileSystem(this.#site);
   }
@@ -104,6 +108,7 @@ export class RemoteVm {
 
   /** Round trip from the server to the guest agent, in milliseconds. */
   async ping(): Promise<number> {
+    this.#site.check?.();
     return (await this.#site.endpoint.json<{ ms: number }>("POST", `${this.#site.path}/ping`)).ms;
   }
 

@@ -7,6 +7,11 @@
  * comes after the data before it); a data message counts as consumed, and is credited back, when
  * its handler's promise settles. At most {@link MAX_QUEUED} messages wait; a peer that sends more,
  * overruns its window, or sends a malformed message is disconnected with {@link CLOSE_PROTOCOL}.
+ *
+ * When the other side closes, messages already received are still handled if `drainOnClose`
+ * (the client: output sent before the exit must not be lost) and {@link StreamPeer.ended}
+ * resolves after them; otherwise (the server: a client that left wants nothing more) they are
+ * dropped at once.
  */
 
 import {
@@ -42,12 +47,16 @@ export class StreamPeer {
   #queue: Promise<void> = Promise.resolve();
   #queued = 0;
   #ended = false;
+  /** Queued messages are dropped (this side closed, or the other side did and we do not drain). */
+  #dropping = false;
+  readonly #drainOnClose: boolean;
   readonly ended: Promise<{ code: number; reason: string }>;
   #resolveEnded!: (value: { code: number; reason: string }) => void;
 
-  constructor(transport: PeerTransport, handlers: PeerHandlers) {
+  constructor(transport: PeerTransport, handlers: PeerHandlers, options: { drainOnClose?: boolean } = {}) {
     this.#transport = transport;
     this.#handlers = handlers;
+    this.#drainOnClose = options.drainOnClose === true;
     this.ended = new Promise((resolve) => {
       this.#resolveEnded = resolve;
     });
@@ -101,7 +110,7 @@ export class StreamPeer {
     }
     this.#queue = this.#queue
       .then(async () => {
-        if (!this.#ended) await task();
+        if (!this.#dropping) await task();
       })
       .catch((error: Error) => this.close(CLOSE_PROTOCOL, error.message))
       .finally(() => {
@@ -123,8 +132,9 @@ export class StreamPeer {
     if (!this.#ended) this.#transport.send(JSON.stringify(message));
   }
 
-  /** Ends the stream from this side. */
+  /** Ends the stream from this side (what is queued is dropped). */
   close(code: number, reason: string): void {
+    this.#dropping = true;
     if (this.#ended) return;
     this.#transport.close(code, reason.length > 120 ? `${reason.slice(0, 117)}...` : reason);
     this.closed(code, reason);
@@ -139,6 +149,11 @@ export class StreamPeer {
     if (this.#ended) return;
     this.#ended = true;
     this.#send.fail(new Error(`the stream ended (${code}${reason ? `: ${reason}` : ""})`));
-    this.#resolveEnded({ code, reason });
+    if (this.#drainOnClose && !this.#dropping) {
+      void this.#queue.then(() => this.#resolveEnded({ code, reason }));
+    } else {
+      this.#dropping = true;
+      this.#resolveEnded({ code, reason });
+    }
   }
 }
