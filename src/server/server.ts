@@ -311,7 +311,12 @@ export class SupermachineServer implements ServerCore {
       };
       await route.handler(ctx);
       status = res.statusCode;
-    } catch (error) {
+    } catch (thrown) {
+      // Work the drain cancelled ends as the drain's error, not as a plain abort.
+      const error =
+        this.#cancelAll.signal.aborted && SupermachineError.is(thrown, "ABORTED")
+          ? this.#cancelAll.signal.reason
+          : thrown;
       // A request whose body was not read is not worth keeping the connection for.
       if (!req.complete) res.shouldKeepAlive = false;
       const sent = sendError(res, error);
