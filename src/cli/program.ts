@@ -286,6 +286,42 @@ running after this command returns: see ps, port, exec, logs, stop and rm.`,
     );
 
   program
+    .command("serve")
+    .description("serve this host's images, pools and VMs over HTTP and WebSocket (docs/server-api.md)")
+    .option("--listen <HOST:PORT>", "address to listen on", "127.0.0.1:7070")
+    .option("--token-file <FILE>", "bearer token clients must send (required beyond loopback)")
+    .option("--max-vms <N>", "most VMs at once, counting every pool's max (default 16)")
+    .option("--idle-timeout <DURATION>", "stop a VM unused this long, e.g. 10m (default 10m; 0: never)")
+    .option("--max-lifetime <DURATION>", "kill a VM older than this, e.g. 1h (default 1h; 0: never)")
+    .option("--max-streams <N>", "most WebSocket streams at once (default 256)")
+    .option("--max-body-bytes <N>", "largest JSON request body (default 8 MiB)")
+    .option("--max-upload-bytes <N>", "largest file upload (default 1 GiB)")
+    .option("--max-output-bytes <N>", "most output a one-shot exec collects per stream (default 16 MiB)")
+    .option("--mount-root <DIR>", "let clients mount host directories under DIR (default: no mounts)")
+    .option(
+      "--pool <SNAPSHOT[:min=N,max=N,prestarted=N]>",
+      "keep a pool of a snapshot's clones (repeatable)",
+      collect,
+      [],
+    )
+    .option(
+      "--insecure-registry <HOST[:PORT]>",
+      "registry reachable over plain HTTP for pulls (repeatable)",
+      collect,
+      [],
+    )
+    .option("--grace-period <DURATION>", "on SIGTERM, how long in-flight work may finish", "25s")
+    .option("--require-kvm", "report not ready (/readyz) under TCG")
+    .option("--server-id <NAME>", "this server's name in logs and /v1/info (default $HOSTNAME)")
+    .option("--verbose", "debug log lines too")
+    .action(
+      action(async (flags) => {
+        const { serveCommand } = await import("./serve.ts");
+        return serveCommand(cli, flags, version);
+      }),
+    );
+
+  program
     .command("doctor")
     .description("check this host: accelerator, QEMU, sandbox, guest assets, dirs")
     .option("--json", "print JSON")
