@@ -533,6 +533,8 @@ static void on_hello(const uint8_t *p, size_t n)
 		{ 2, SM_K_U64, SM_REQ },
 		{ 3, SM_K_U64, 0 },
 		{ 4, SM_K_BYTES, 0 },
+		{ 7, SM_K_STRING, 0 },
+		{ 8, SM_K_STRING, 0 },
 	};
 	char err[256];
 	int nf = sm_fields_split(p, n, fields, SM_MAX_FIELDS);
@@ -540,7 +542,7 @@ static void on_hello(const uint8_t *p, size_t n)
 		sm_send_error(0, SM_E_BAD_REQUEST, 0, "HELLO: malformed fields");
 		return;
 	}
-	if (sm_fields_check(fields, nf, spec, 4, err, sizeof err)) {
+	if (sm_fields_check(fields, nf, spec, sizeof spec / sizeof spec[0], err, sizeof err)) {
 		sm_send_error(0, SM_E_BAD_REQUEST, 0, "HELLO: %s", err);
 		return;
 	}
@@ -572,6 +574,19 @@ static void on_hello(const uint8_t *p, size_t n)
 		}
 		if (ent)
 			add_entropy(ent->val, ent->len);
+		/* The clone's own names (its own machine-id), before any of its processes runs a step */
+		const struct sm_field *id = sm_find(fields, nf, 7), *name = sm_find(fields, nf, 8);
+		char idz[33], namez[65];
+		if (id && sm_machine_id_valid(id->val, id->len))
+			snprintf(idz, sizeof idz, "%.*s", (int)id->len, (const char *)id->val);
+		else
+			id = NULL;
+		if (name && sm_hostname_valid(name->val, name->len))
+			snprintf(namez, sizeof namez, "%.*s", (int)name->len, (const char *)name->val);
+		else
+			name = NULL;
+		if (id || name)
+			sm_runtime_identity(name ? namez : NULL, id ? idz : NULL);
 	}
 	A.epoch = epoch;
 	A.in_session = 1;

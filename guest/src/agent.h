@@ -249,6 +249,9 @@ void sm_poweroff(void) __attribute__((noreturn));
 void sm_shutdown_vm(void);
 /* runtime.c: docker's runtime files, mounts and limits, after the switch into the image's root */
 void sm_runtime_setup(const char *hostname);
+/* A session's identity (HELLO): the hostname (also in /etc/hostname and /etc/hosts' 127.0.1.1
+ * line) and /etc/machine-id; either may be NULL. Writes only what changed. */
+void sm_runtime_identity(const char *hostname, const char *machine_id);
 void sm_chan_flush_blocking(int timeout_ms);
 void sm_kill_all_streams(void);
 

@@ -420,11 +420,22 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 	case SM_HELLO:
 		if (from_host) {
 			if (check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }, { 2, SM_K_U64, SM_REQ }, { 3, SM_K_U64, 0 },
-					     { 4, SM_K_BYTES, 0 }), &k, err, errlen, top))
+					     { 4, SM_K_BYTES, 0 }, { 7, SM_K_STRING, 0 }, { 8, SM_K_STRING, 0 }),
+				  &k, err, errlen, top))
 				return -1;
 			const struct sm_field *e = sm_find(top, k, 4);
 			if (e && (e->len < 32 || e->len > 512)) {
 				snprintf(err, errlen, "entropy of %u bytes (32-512)", e->len);
+				return -1;
+			}
+			const struct sm_field *id = sm_find(top, k, 7);
+			if (id && !sm_machine_id_valid(id->val, id->len)) {
+				snprintf(err, errlen, "machineId must be 32 lowercase hex digits");
+				return -1;
+			}
+			const struct sm_field *name = sm_find(top, k, 8);
+			if (name && !sm_hostname_valid(name->val, name->len)) {
+				snprintf(err, errlen, "hostname must be 1-64 letters, digits, '-' and '.'");
 				return -1;
 			}
 			return 0;
@@ -544,4 +555,26 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 		snprintf(err, errlen, "unknown message type 0x%02x", type);
 		return -1;
 	}
+}
+
+int sm_machine_id_valid(const uint8_t *p, size_t n)
+{
+	if (n != 32)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+			return 0;
+	return 1;
+}
+
+int sm_hostname_valid(const uint8_t *p, size_t n)
+{
+	if (n < 1 || n > 64 || p[0] == '-' || p[0] == '.')
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		uint8_t c = p[i];
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' || c == '.'))
+			return 0;
+	}
+	return 1;
 }

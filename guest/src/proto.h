@@ -149,6 +149,9 @@ int32_t sm_ival(const struct sm_field *f);
 /* Getters with defaults. */
 uint64_t sm_get_u(const struct sm_field *f, int n, uint8_t tag, uint64_t dflt);
 int sm_utf8_valid(const uint8_t *p, size_t n);
+/* HELLO's identity fields: 32 lowercase hex digits; 1-64 of [A-Za-z0-9.-], not starting with - or . */
+int sm_machine_id_valid(const uint8_t *p, size_t n);
+int sm_hostname_valid(const uint8_t *p, size_t n);
 
 /* Is `type` a message type of this protocol version? */
 int sm_type_known(unsigned type);

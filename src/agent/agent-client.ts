@@ -68,6 +68,14 @@ import {
   workloadStatusFrom,
 } from "./workload.ts";
 
+/** A VM's own names (docs/protocol.md, `HELLO`). */
+export interface GuestIdentity {
+  /** `/etc/machine-id`: 32 lowercase hex digits. */
+  machineId: string;
+  /** The hostname, also in `/etc/hostname` and on `/etc/hosts`' 127.0.1.1 line. */
+  hostname: string;
+}
+
 /** Options of {@link AgentClient.connect}. */
 export interface AgentConnectOptions {
   /** Restore epoch sent in `HELLO`; default random. */
@@ -76,6 +84,8 @@ export interface AgentConnectOptions {
   timeNs?: bigint;
   /** 32–512 bytes mixed into the guest's RNG; default 64 random bytes. */
   entropy?: Uint8Array;
+  /** The VM's names, applied before the agent answers; default: the guest keeps its own. */
+  identity?: GuestIdentity;
   /** How long to wait for the agent's `HELLO`; default 30 000 ms. */
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -89,6 +99,8 @@ export interface AgentRehelloOptions {
   timeNs?: bigint;
   /** 32–512 bytes mixed into the guest's RNG; default 64 random bytes. */
   entropy?: Uint8Array;
+  /** The VM's names, applied before the agent answers; default: the guest keeps its own. */
+  identity?: GuestIdentity;
   /** How long to wait for the agent's `HELLO`; default 30 000 ms. */
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -335,6 +347,8 @@ export class AgentClient {
       epoch: this.#epoch,
       timeNs: opts.timeNs ?? hostClock.nowNs(),
       entropy: opts.entropy ?? new Uint8Array(randomBytes(64)),
+      machineId: opts.identity?.machineId,
+      hostname: opts.identity?.hostname,
     });
     const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const signal = opts.signal;

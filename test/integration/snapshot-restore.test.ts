@@ -10,7 +10,7 @@ import { link, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { Image, SnapshotError, Store, Vm } from "../../src/index.ts";
+import { Image, type ImageStartConfig, SnapshotError, Store, Vm } from "../../src/index.ts";
 import { assertClonesDiffer } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
 import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
@@ -77,8 +77,8 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
     if (runtimeDir !== undefined) await rm(runtimeDir, { recursive: true, force: true });
   });
 
-  const start = async () => {
-    const vm = await image.start();
+  const start = async (config: ImageStartConfig = {}) => {
+    const vm = await image.start(config);
     vms.push(vm);
     return vm;
   };
@@ -138,6 +138,17 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
     const [a, b] = await Promise.all([start(), start()]);
     await assertClonesDiffer(a, b);
     await Promise.all([a.stop(), b.stop()]);
+  });
+
+  snapIt("a clone takes the hostname it is given; the rest of /etc/hosts stays", async () => {
+    const vm = await start({ hostname: "web-1" });
+    const out = await vm.exec([
+      "sh",
+      "-c",
+      "hostname; cat /etc/hostname; grep -c localhost /etc/hosts; grep 127.0.1.1 /etc/hosts",
+    ]);
+    assert.equal(out.stdoutText, "web-1\nweb-1\n2\n127.0.1.1\tweb-1\n");
+    await vm.stop();
   });
 
   snapIt(
