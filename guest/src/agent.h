@@ -163,6 +163,9 @@ int sm_cgroup_new(uint32_t *id);
 /* Its cgroup.procs opened for writing, for sm_spawn (-1 for id 0 or on failure). */
 int sm_cgroup_procs(uint32_t id);
 void sm_cgroup_kill(uint32_t id);
+/* Freeze (1) or thaw (0) every tree the agent started: frozen, no process of theirs runs a user
+ * instruction until thawed. Returns 0 (also without cgroups: nothing to freeze) or -errno. */
+int sm_cgroup_freeze(int frozen);
 /* Remove it now, or once its last process has gone. */
 void sm_cgroup_release(uint32_t id);
 /* Signal a tree: its process group; for SIGKILL also every process of its cgroup. */

@@ -45,6 +45,7 @@ const char *sm_type_name(unsigned type)
 	case SM_WORKLOAD_START: return "WORKLOAD_START";
 	case SM_WORKLOAD_QUERY: return "WORKLOAD_QUERY";
 	case SM_WORKLOAD_SIGNAL: return "WORKLOAD_SIGNAL";
+	case SM_FREEZE: return "FREEZE";
 	case SM_WORKLOAD_LOGS: return "WORKLOAD_LOGS";
 	case SM_WORKLOAD_STATUS: return "WORKLOAD_STATUS";
 	case SM_WRITE_FILE: return "WRITE_FILE";
@@ -343,7 +344,7 @@ int sm_type_from_host(unsigned t)
 	case SM_HELLO: case SM_PING: case SM_SHUTDOWN: case SM_RESET: case SM_EXEC: case SM_STAGE_DATA:
 	case SM_STDIN: case SM_WINDOW: case SM_RESIZE: case SM_SIGNAL: case SM_WRITE_FILE: case SM_READ_FILE:
 	case SM_FILE_DATA: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY: case SM_WORKLOAD_SIGNAL:
-	case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA:
+	case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA: case SM_FREEZE:
 		return 1;
 	default:
 		return 0;
@@ -368,7 +369,7 @@ int sm_type_opens_stream(unsigned t)
 {
 	switch (t) {
 	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY:
-	case SM_WORKLOAD_SIGNAL: case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT:
+	case SM_WORKLOAD_SIGNAL: case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_FREEZE:
 		return 1;
 	default:
 		return 0;
@@ -525,6 +526,8 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 		return check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }), NULL, err, errlen, top);
 	case SM_WORKLOAD_LOGS:
 		return check(p, n, SPEC({ 1, SM_K_U8, 0 }, { 2, SM_K_U32, 0 }, { 3, SM_K_U8, 0 }), NULL, err, errlen, top);
+	case SM_FREEZE:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }), NULL, err, errlen, top);
 	case SM_WORKLOAD_STATUS:
 		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_U32, 0 }, { 3, SM_K_I32, 0 }, { 4, SM_K_U32, 0 }), NULL,
 			     err, errlen, top);

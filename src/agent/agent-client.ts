@@ -48,6 +48,7 @@ import {
   decodeGuestHello,
   decodeOk,
   decodeWorkloadStatus,
+  encodeFreeze,
   encodeHostHello,
   encodeReadFile,
   encodeWriteFile,
@@ -55,7 +56,9 @@ import {
   WorkloadState,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
+import { request } from "./request-stream.ts";
 import { deferred, type StreamHandler, type StreamHost, type StreamLink } from "./stream-link.ts";
+import { syscallError } from "./syscall-error.ts";
 import { type ConnectTcpOptions, connectTcp } from "./tcp-tunnel.ts";
 import {
   signalWorkload,
@@ -643,6 +646,26 @@ export class AgentClient {
    */
   startWorkload(spec: WorkloadSpec, opts: AgentCallOptions = {}): Promise<WorkloadStatus> {
     return startWorkload(this.#host, spec, opts);
+  }
+
+  /**
+   * Freezes (`true`) or thaws every process the agent started (execs, the workload): frozen, none
+   * runs a user instruction. A snapshot is saved frozen, so a clone's processes run again only
+   * after its `HELLO` stepped the clock, reseeded the RNG and gave it its names (the agent thaws
+   * them then). A `GuestIoError` if the guest cannot.
+   */
+  freeze(frozen: boolean, opts: AgentCallOptions = {}): Promise<void> {
+    return request(
+      this.#host,
+      MessageType.FREEZE,
+      encodeFreeze(frozen),
+      {
+        operation: frozen ? "freeze" : "thaw",
+        finish: () => {},
+        fail: (m) => syscallError(m, { syscall: "write", path: "/sys/fs/cgroup/sm/cgroup.freeze" }),
+      },
+      opts,
+    );
   }
 
   /** The workload's status: `none`, `running` (pid) or `exited` (exit code or signal). */

@@ -497,6 +497,20 @@ export function decodeWorkloadSignal(payload: Uint8Array): number {
   return r.need(r.u32(1, "signo"), "signo");
 }
 
+// ---------------------------------------------------------------------------------------------
+// FREEZE
+
+export function encodeFreeze(frozen: boolean): Uint8Array {
+  return new FieldWriter().u8(1, frozen ? 1 : 0).finish();
+}
+
+export function decodeFreeze(payload: Uint8Array): boolean {
+  const r = FieldReader.decode(payload, "FREEZE");
+  const frozen = r.need(r.u8(1, "frozen"), "frozen");
+  if (frozen > 1) throw protocolError(`FREEZE: frozen must be 0 or 1, got ${frozen}`);
+  return frozen === 1;
+}
+
 export interface WorkloadLogsMessage {
   /** After what the ring holds, send new output until the workload has exited. */
   follow?: boolean | undefined;
