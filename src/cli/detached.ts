@@ -24,7 +24,7 @@
 import { readFileSync } from "node:fs";
 import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { hostPaths, type MountSpec } from "../index.ts";
+import { hostPaths, type MountSpec, type NetworkPolicy } from "../index.ts";
 import { UsageError } from "./cli.ts";
 import type { PortSpec, PublishedPort } from "./ports.ts";
 
@@ -53,6 +53,8 @@ export interface DetachedSpec {
   readonly ports?: readonly PortSpec[];
   /** Host directories to mount, in order. */
   readonly mounts?: readonly MountSpec[];
+  readonly network?: NetworkPolicy;
+  readonly hostname?: string;
   /** Remove the dir when the VM ends. */
   readonly rm: boolean;
 }

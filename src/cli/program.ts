@@ -80,6 +80,11 @@ export function buildProgram(cli: Cli, version: string, setExitCode: (code: numb
         .option("--name <NAME>", "name the detached VM (default: vm-<random>)")
         .option("--rm", "remove the detached VM's state when it ends (a foreground VM always is)")
         .option(
+          "--network <POLICY>",
+          "none (default: no network device), outbound, or allow:RULE[,RULE...] with RULE CIDR:PORT, NAME:PORT or host:PORT",
+        )
+        .option("--hostname <NAME>", "the guest's hostname (default: the VM's id)")
+        .option(
           "-p, --publish <[IP:][HOST:]GUEST>",
           "publish a guest TCP port on the host (default 127.0.0.1, any free port; repeatable)",
           collect,

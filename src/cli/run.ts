@@ -1,5 +1,5 @@
 /** `supermachine run`: start a VM, run a command in it, in the foreground or detached (-d). */
-import { type ExecHandle, Image, Vm } from "../index.ts";
+import { type ExecHandle, Image, type NetworkPolicy, Vm } from "../index.ts";
 import { type Cli, envPairs, positiveInt, UsageError } from "./cli.ts";
 import type { DetachedSpec } from "./detached.ts";
 import { type PullFlags, pullOptions, snapshotExists } from "./images.ts";
@@ -34,6 +34,8 @@ export interface RunFlags extends PullFlags {
   name?: string;
   publish: string[];
   volume: string[];
+  network?: string;
+  hostname?: string;
   mount: string[];
 }
 
@@ -60,6 +62,11 @@ export async function runCommand(cli: Cli, positionals: readonly string[], flags
   const vcpus = positiveInt(flags.vcpus, "--vcpus");
   const timeoutMs = positiveInt(flags.timeout, "--timeout");
   const ports = flags.publish.flatMap((value) => parsePublish(value));
+  const network = flags.network === undefined ? undefined : parseNetworkFlag(flags.network);
+  const edges = {
+    ...(network === undefined ? {} : { network }),
+    ...(flags.hostname === undefined ? {} : { hostname: flags.hostname }),
+  };
   const mountFlags = [
     ...flags.volume.map((value) => parseVolume(value)),
     ...flags.mount.map((value) => parseMount(value)),
@@ -123,6 +130,7 @@ export async function runCommand(cli: Cli, positionals: readonly string[], flags
       ...(vcpus === undefined ? {} : { vcpus }),
       ...(ports.length > 0 ? { ports } : {}),
       ...(mounts.length > 0 ? { mounts } : {}),
+      ...edges,
       rm: flags.rm === true,
     };
     const { startDetached } = await import("./vms.ts");
@@ -136,6 +144,7 @@ export async function runCommand(cli: Cli, positionals: readonly string[], flags
     ...(memoryMiB === undefined ? {} : { memoryMiB }),
     ...(vcpus === undefined ? {} : { vcpus }),
     ...(mounts.length > 0 ? { mounts } : {}),
+    ...edges,
     signal: cli.signal,
   };
   let vm: Vm;
@@ -144,7 +153,7 @@ export async function runCommand(cli: Cli, positionals: readonly string[], flags
   } else {
     image ??= await Image.fromSnapshot(target!);
     vm = await image.start(
-      image.snapshot ? { signal: cli.signal, ...(mounts.length > 0 ? { mounts } : {}) } : machine,
+      image.snapshot ? { signal: cli.signal, ...(mounts.length > 0 ? { mounts } : {}), ...edges } : machine,
     );
   }
   let forwardStdin = false;
@@ -204,4 +213,19 @@ async function untilStopped(
   } finally {
     signal.removeEventListener("abort", onAbort);
   }
+}
+
+/** `--network`: `none`, `outbound` or `allow:RULE[,RULE...]` (the library checks the rules). */
+export function parseNetworkFlag(value: string): NetworkPolicy {
+  if (value === "none" || value === "outbound") return value;
+  if (value.startsWith("allow:")) {
+    const allow = value
+      .slice("allow:".length)
+      .split(",")
+      .filter((rule) => rule !== "");
+    if (allow.length > 0) return { allow };
+  }
+  throw new UsageError(
+    `--network must be none, outbound or allow:RULE[,RULE...] (e.g. allow:10.0.0.0/8:443,example.org:443), not ${JSON.stringify(value)}`,
+  );
 }

@@ -150,11 +150,15 @@ async function startVm(
   const controller = new AbortController();
   void aborted.then(() => controller.abort(new Error("stopped while starting")));
   const signal = controller.signal;
-  const mounts = spec.mounts?.length ? { mounts: spec.mounts } : {};
+  const edges = {
+    ...(spec.mounts?.length ? { mounts: spec.mounts } : {}),
+    ...(spec.network === undefined ? {} : { network: spec.network }),
+    ...(spec.hostname === undefined ? {} : { hostname: spec.hostname }),
+  };
   const machine = {
     ...(spec.memoryMiB === undefined ? {} : { memoryMiB: spec.memoryMiB }),
     ...(spec.vcpus === undefined ? {} : { vcpus: spec.vcpus }),
-    ...mounts,
+    ...edges,
     signal,
   };
   if (spec.rootfs !== undefined)
@@ -176,7 +180,7 @@ async function startVm(
       "INVALID_ARGUMENT",
       `${spec.image} has no Entrypoint or Cmd: give a command after the IMAGE`,
     );
-  const vm = await image.start(image.snapshot ? { signal, ...mounts } : machine);
+  const vm = await image.start(image.snapshot ? { signal, ...edges } : machine);
   const stopSignal = stopSignalOf(image.config);
   return argv === undefined ? { vm, stopSignal } : { vm, argv, stopSignal };
 }

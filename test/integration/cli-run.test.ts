@@ -13,6 +13,30 @@ vmTest("run prints the command's output and exits with its code", async () => {
   assert.equal(result.code, 3);
 });
 
+vmTest("run --hostname names the guest; --network outbound gives it a route out", async () => {
+  const rootfs = await busyboxRootfs();
+  const script = "hostname; ip route | grep -c '^default via 10.0.2.2'";
+  const result = await runCli([
+    "run",
+    "--rootfs",
+    rootfs,
+    "--hostname",
+    "web-1",
+    "--network",
+    "outbound",
+    "--",
+    "sh",
+    "-c",
+    script,
+  ]);
+  assert.equal(result.stdout, "web-1\n1\n", result.stderr);
+  const sealed = await runCli(["run", "--rootfs", rootfs, "--", "sh", "-c", "ip route | grep -c default"]);
+  assert.equal(sealed.stdout, "0\n", `no route without --network: ${sealed.stderr}`);
+  const bad = await runCli(["run", "--rootfs", rootfs, "--network", "bridge", "--", "true"]);
+  assert.equal(bad.code, 125);
+  assert.match(bad.stderr, /--network must be none, outbound or allow:/);
+});
+
 vmTest("run forwards piped stdin", async () => {
   const rootfs = await busyboxRootfs();
   const result = await runCli(["run", "--rootfs", rootfs, "--", "wc", "-c"], { input: "x".repeat(100_000) });

@@ -7,10 +7,27 @@ import { describe, it } from "node:test";
 import { UsageError } from "../../src/cli/cli.ts";
 import { checkMounts, mountOrder, parseMount, parseVolume } from "../../src/cli/mounts.ts";
 import { hostAddress, parsePublish, portColumn, portLine } from "../../src/cli/ports.ts";
+import { parseNetworkFlag } from "../../src/cli/run.ts";
 import { stopSignalOf } from "../../src/cli/workload.ts";
 
 const usage = (pattern: RegExp) => (error: unknown) =>
   error instanceof UsageError && pattern.test(error.message) && !error.message.includes("\n");
+
+describe("--network", () => {
+  it("takes none, outbound and allow:RULE,...", () => {
+    assert.equal(parseNetworkFlag("none"), "none");
+    assert.equal(parseNetworkFlag("outbound"), "outbound");
+    assert.deepEqual(parseNetworkFlag("allow:10.0.0.0/8:443,example.org:443,host:8080"), {
+      allow: ["10.0.0.0/8:443", "example.org:443", "host:8080"],
+    });
+    for (const value of ["", "bridge", "host", "allow:", "allow:,"])
+      assert.throws(
+        () => parseNetworkFlag(value),
+        usage(/^--network must be none, outbound or allow:/),
+        value,
+      );
+  });
+});
 
 describe("-p", () => {
   it("takes docker's forms; the address defaults to 127.0.0.1 and a missing host port to 0 (any)", () => {
