@@ -200,10 +200,14 @@ export class Vm {
 
   /**
    * True once something happened that makes the guest's state untrustworthy for reuse: an exec
-   * timed out and was killed, or the VM failed. Pools discard tainted VMs.
+   * timed out and was killed, a call waited on the guest agent past its deadline
+   * (`AGENT_TIMEOUT`: the guest stopped answering, or is too busy to), or the VM failed. Pools
+   * discard tainted VMs.
    */
   get tainted(): boolean {
-    return this.#tainted || this.#failure !== undefined || this.#state !== "running";
+    return (
+      this.#tainted || this.#parts.agent.timedOut || this.#failure !== undefined || this.#state !== "running"
+    );
   }
 
   /** The guest agent's name and version. */
