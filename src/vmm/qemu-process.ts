@@ -288,7 +288,9 @@ export class QemuProcess {
     let mountListener: Listener | undefined;
     try {
       const prepared =
-        options.prepare === undefined ? undefined : await options.prepare(dir.path, { signal, diskDir: dir.diskDir });
+        options.prepare === undefined
+          ? undefined
+          : await options.prepare(dir.path, { signal, diskDir: dir.diskDir });
       const machine: LaunchMachineSpec = {
         ...options.machine,
         ...prepared,
