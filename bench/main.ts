@@ -13,6 +13,7 @@ import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
 import { cliStartBench } from "./cli-start.ts";
 import { mountBench } from "./mounts.ts";
+import { networkBench } from "./network.ts";
 import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
@@ -122,6 +123,7 @@ if (only === undefined) {
   await restoreBench(table, quick);
   await pullBench(table, quick);
   await mountBench(table, quick);
+  await networkBench(table, quick);
 }
 await cliStartBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds (or finds in the cache) both guest assets: the initramfs with the guest agent, then the
-# kernel. Idempotent; fast when both are cached. See docs/guest-assets.md.
+# kernel; and the host's network relay (sm-net, docs/network.md). Idempotent; fast when all are
+# cached. See docs/guest-assets.md.
 #
 # Usage: scripts/build-assets.sh [--print-paths]
 #   --print-paths  print where the assets are (or would be) installed, build nothing
 # Prints, on stdout:
 #   SUPERMACHINE_KERNEL=<path to vmlinux>
 #   SUPERMACHINE_INITRAMFS=<path to initramfs.cpio>
+#   SUPERMACHINE_NET_RELAY=<path to sm-net>
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,5 +25,7 @@ esac
 
 initramfs="$(bash "$here/build-initramfs.sh" "${arg[@]}")"
 kernel="$(bash "$here/build-kernel.sh" "${arg[@]}")"
+relay="$(bash "$here/build-hosttools.sh" "${arg[@]}")"
 printf 'SUPERMACHINE_KERNEL=%s\n' "$kernel"
 printf 'SUPERMACHINE_INITRAMFS=%s\n' "$initramfs"
+printf 'SUPERMACHINE_NET_RELAY=%s\n' "$relay"

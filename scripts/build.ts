@@ -3,11 +3,12 @@
  * esbuild. Why a bundle: Node resolves, reads and compiles every module file of an import graph
  * on each start; the library is ~90 files, and loading them one by one costs ~150 ms of CPU
  * where one bundle costs ~50 ms (docs/cli.md, start time). Entry points: the library
- * (`dist/index.js`), `supermachine/testing` (`dist/testing.js`) and the CLI (`dist/cli/main.js`),
- * with shared code split into `dist/chunks/` so that all three use one copy of every class and the
- * CLI loads the library only for commands that need it. The CLI's own dependencies (commander,
- * cli-progress) are bundled in, so the package has no runtime dependencies; their licenses go to
- * `dist/THIRD-PARTY-LICENSES.txt`.
+ * (`dist/index.js`), `supermachine/testing` (`dist/testing.js`), `supermachine/client`
+ * (`dist/client/index.js`: no VM code, a few files of its own and the errors) and the CLI
+ * (`dist/cli/main.js`), with shared code split into `dist/chunks/` so that all of them use one copy
+ * of every class and the CLI loads the library only for commands that need it. The CLI's own
+ * dependencies (commander, cli-progress, and for `serve` ws and prom-client) are bundled in, so the
+ * package has no runtime dependencies; their licenses go to `dist/THIRD-PARTY-LICENSES.txt`.
  *
  * Usage: node scripts/build.ts [--release]
  *   --release  also record the guest assets' hashes (packages/guest-linux-x64/assets.json, made by
@@ -33,7 +34,7 @@ execFileSync(
 
 const result = await build({
   absWorkingDir: root,
-  entryPoints: ["src/index.ts", "src/testing.ts", "src/cli/main.ts"],
+  entryPoints: ["src/index.ts", "src/testing.ts", "src/client/index.ts", "src/cli/main.ts"],
   outdir: "dist",
   outbase: "src",
   bundle: true,

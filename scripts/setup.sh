@@ -14,6 +14,9 @@ packages=(
   linux-source-6.1 build-essential bc flex bison libelf-dev xz-utils
   docker-registry skopeo debootstrap apache2-utils openssl curl ca-certificates tmux
   libarchive-tools acl attr python3 clang-14 libclang-rt-14-dev
+  # the service checks' clients (test/integration/services-*.test.ts); Debian 12 has pgbench in
+  # the server package, installed without a cluster (below)
+  wrk redis-tools libmemcached-tools postgresql-client postgresql-15
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -25,6 +28,11 @@ if ((${#missing[@]})); then
   if [ "$(id -u)" != 0 ]; then
     command -v sudo >/dev/null || { say "need root to install: apt-get install ${missing[*]}"; exit 1; }
     sudo=sudo
+  fi
+  if [[ " ${missing[*]} " == *" postgresql-15 "* ]]; then
+    # only pgbench is wanted: no database cluster created (or started) on this host
+    $sudo mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' | $sudo tee /etc/postgresql-common/createcluster.d/supermachine-no-cluster.conf >/dev/null
   fi
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -47,6 +47,11 @@ export const ERROR_CODES = [
   "SNAPSHOT_CORRUPT",
   "POOL_TIMEOUT",
   "POOL_CLOSED",
+  // A supermachine server (`supermachine serve`) and its client
+  "UNAUTHORIZED",
+  "NOT_FOUND",
+  "LIMIT_EXCEEDED",
+  "SERVER_UNAVAILABLE",
 ] as const;
 
 /**
@@ -391,6 +396,28 @@ export class PoolTimeoutError extends SupermachineError {
   }
 }
 
+/**
+ * A supermachine server refused a request or could not be reached: `UNAUTHORIZED` (no or a wrong
+ * token), `NOT_FOUND` (an unknown route, VM, pool or snapshot), `LIMIT_EXCEEDED` (a bound of the
+ * server: VMs, streams, body size), `SERVER_UNAVAILABLE` (unreachable, draining, or the
+ * connection broke mid-call). `endpoint` is the server's URL as the client knows it.
+ */
+export class RemoteError extends SupermachineError {
+  readonly endpoint: string | undefined;
+  readonly httpStatus: number | undefined;
+
+  constructor(
+    code: "UNAUTHORIZED" | "NOT_FOUND" | "LIMIT_EXCEEDED" | "SERVER_UNAVAILABLE",
+    message: string,
+    fields: { endpoint?: string | undefined; httpStatus?: number | undefined } = {},
+    options?: ErrorOptions,
+  ) {
+    super(code, message, options);
+    this.endpoint = fields.endpoint;
+    this.httpStatus = fields.httpStatus;
+  }
+}
+
 /** The operation was cancelled through its `AbortSignal`. */
 export class AbortError extends SupermachineError {
   constructor(message = "operation aborted", options?: ErrorOptions) {
@@ -430,4 +457,8 @@ export interface ErrorClasses {
   SNAPSHOT_INCOMPATIBLE: SnapshotError;
   SNAPSHOT_CORRUPT: SnapshotError;
   POOL_TIMEOUT: PoolTimeoutError;
+  UNAUTHORIZED: RemoteError;
+  NOT_FOUND: RemoteError;
+  LIMIT_EXCEEDED: RemoteError;
+  SERVER_UNAVAILABLE: RemoteError;
 }

@@ -58,6 +58,7 @@ export {
   type SnapshotFileEntry,
   type SnapshotInfo,
   type SnapshotManifest,
+  type SnapshotNetwork,
   type SnapshotOpenOptions,
 } from "./snapshot/index.ts";
 export {
@@ -73,6 +74,7 @@ export {
   type GuestFileStream,
   GuestFileSystem,
   type MountSpec,
+  type NetworkPolicy,
   type PrestartConfig,
   PrestartedVm,
   type RestoreConfig,

@@ -247,6 +247,8 @@ int sm_resolve_user(const char *spec, struct sm_user *u, char *msg, size_t msgle
 int sm_init_main(void);
 void sm_poweroff(void) __attribute__((noreturn));
 void sm_shutdown_vm(void);
+/* runtime.c: docker's runtime files, mounts and limits, after the switch into the image's root */
+void sm_runtime_setup(const char *hostname);
 void sm_chan_flush_blocking(int timeout_ms);
 void sm_kill_all_streams(void);
 

@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "agent.h"
 #include "mount.h"
+#include "net.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -31,8 +32,9 @@ static struct {
 	char rootflags[512];
 	char hostname[65];
 	char port[128];
+	char net[16];
 	int debug;
-} P = { "/dev/vda", "ext4", "", "", "sm.agent", 0 };
+} P = { "/dev/vda", "ext4", "", "", "sm.agent", "", 0 };
 
 static void __attribute__((noreturn)) fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -121,6 +123,8 @@ static void parse_cmdline(void)
 			set_param(P.hostname, sizeof P.hostname, v, tok);
 		else if (!strcmp(k, "port"))
 			set_param(P.port, sizeof P.port, v, tok);
+		else if (!strcmp(k, "net"))
+			set_param(P.net, sizeof P.net, v, tok);
 		else if (!strcmp(k, "debug"))
 			P.debug = !strcmp(v, "1");
 		else
@@ -305,8 +309,6 @@ int sm_init_main(void)
 	symlink_quiet("pts/ptmx", "/mnt/dev/ptmx");
 	mkdir_quiet("/mnt/dev/shm", 01777);
 	must_mount("shm", "/mnt/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-	mkdir_quiet("/mnt/run", 0755);
-	must_mount("tmpfs", "/mnt/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
 	if (mount("cgroup2", "/mnt/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
 		sm_dbg("cgroup2 not mounted: %s", strerror(errno));
 	symlink_quiet("/proc/self/fd", "/mnt/dev/fd");
@@ -321,9 +323,10 @@ int sm_init_main(void)
 	if (chroot(".") < 0 || chdir("/") < 0)
 		fatal("chroot into the root filesystem: %s", strerror(errno));
 
-	if (*P.hostname && sethostname(P.hostname, strlen(P.hostname)) < 0)
-		sm_log("sethostname %s: %s", P.hostname, strerror(errno));
+	sm_runtime_setup(P.hostname);
 	lo_up();
+	if (*P.net)
+		sm_net_setup(P.net);
 	A.urandom = open("/dev/urandom", O_RDWR | O_CLOEXEC);
 	setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
 

@@ -4,6 +4,8 @@ export interface Cli {
   out(text: string): void;
   /** Print a line to standard error, prefixed with `supermachine: `. */
   err(text: string): void;
+  /** Print a line to standard error as it is: what a person or a script reads next to the output (published ports). */
+  note(text: string): void;
   /** Aborted on SIGINT/SIGTERM. */
   readonly signal: AbortSignal;
 }

@@ -7,7 +7,7 @@
  *   spec.json        what `run -d` asked for (read once by the supervisor)
  *   state.json       {name, vmId, image, command, status, supervisorPid, supervisorStartTime, …}
  *   control.sock     the supervisor listens: exec, logs, stop (src/cli/control.ts)
- *   workload.log     the command's output, stdout and stderr interleaved; rotated to
+ *   workload.log     the command's (or baked workload's) output, stdout and stderr; rotated to
  *                    workload.log.1 at LOG_MAX_BYTES, so at most twice that is kept
  *   supervisor.log   the supervisor's own errors
  * ```
@@ -24,8 +24,9 @@
 import { readFileSync } from "node:fs";
 import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { hostPaths } from "../index.ts";
+import { hostPaths, type MountSpec } from "../index.ts";
 import { UsageError } from "./cli.ts";
+import type { PortSpec, PublishedPort } from "./ports.ts";
 
 /** Each workload log file is rotated at this size. */
 export const LOG_MAX_BYTES = 8 * 1024 * 1024;
@@ -48,6 +49,10 @@ export interface DetachedSpec {
   readonly user?: string;
   readonly memoryMiB?: number;
   readonly vcpus?: number;
+  /** Ports to publish (the supervisor holds the listeners). */
+  readonly ports?: readonly PortSpec[];
+  /** Host directories to mount, in order. */
+  readonly mounts?: readonly MountSpec[];
   /** Remove the dir when the VM ends. */
   readonly rm: boolean;
 }
@@ -67,10 +72,13 @@ export interface DetachedState {
   readonly createdAt: string;
   readonly exitCode?: number | null;
   readonly finishedAt?: string;
-  /** Why it ended, when not by its command's exit: `stopped` (by stop, rm -f or SIGTERM), or what failed. */
+  /**
+   * Why it ended, when not by its command's exit alone: `stopped` (by stop, rm -f or SIGTERM; the
+   * command's exit code, if it reported one, is `exitCode`), or what failed.
+   */
   readonly error?: string;
-  /** The baked workload's log file in the guest (a snapshot restored without a command). */
-  readonly guestLog?: string;
+  /** The published ports, as bound. */
+  readonly ports?: readonly PublishedPort[];
 }
 
 /** Where the detached VMs' dirs are. */

@@ -89,7 +89,8 @@ function describe(report: HostReport): string[] {
   );
 
   if (report.assets.found) {
-    for (const [name, asset] of Object.entries(report.assets.assets)) {
+    const { kernel, initramfs } = report.assets.assets; // the relay is on the network line
+    for (const [name, asset] of Object.entries({ kernel, initramfs })) {
       const from: Record<string, string> = {
         option: "given by the caller",
         env: `from SUPERMACHINE_${name.toUpperCase()}`,
@@ -101,6 +102,19 @@ function describe(report: HostReport): string[] {
     }
   } else {
     item("guest assets", `missing: ${report.assets.error}`);
+  }
+
+  const net = report.network;
+  if (!net.relay.found) {
+    item("network", `none and outbound work; allow-lists do not: ${net.relay.error}`);
+  } else if (net.userNamespaces.available === true) {
+    item("network", `none, outbound and allow-lists work (relay ${net.relay.path}, ${net.relay.source})`);
+  } else {
+    item(
+      "network",
+      `none and outbound work; allow-lists do not: user namespaces are refused here (${net.userNamespaces.reason}). ` +
+        "Enable them: sysctl -w kernel.unprivileged_userns_clone=1 user.max_user_namespaces=10000",
+    );
   }
 
   for (const [name, dir] of Object.entries(report.dirs) as [string, DirReport][]) {

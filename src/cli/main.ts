@@ -32,6 +32,7 @@ async function main(argv: readonly string[]): Promise<number> {
   const cli: Cli = {
     out: (text) => process.stdout.write(`${text}\n`),
     err: (text) => process.stderr.write(`supermachine: ${text}\n`),
+    note: (text) => process.stderr.write(`${text}\n`),
     signal: controller.signal,
   };
   // Say once, and only to a person at a terminal, that TCG is emulation.

@@ -79,6 +79,24 @@ export function buildProgram(cli: Cli, version: string, setExitCode: (code: numb
         .option("-d, --detach", "run in the background: print the VM's name and return")
         .option("--name <NAME>", "name the detached VM (default: vm-<random>)")
         .option("--rm", "remove the detached VM's state when it ends (a foreground VM always is)")
+        .option(
+          "-p, --publish <[IP:][HOST:]GUEST>",
+          "publish a guest TCP port on the host (default 127.0.0.1, any free port; repeatable)",
+          collect,
+          [],
+        )
+        .option(
+          "-v, --volume <HOST:GUEST[:ro]>",
+          "mount a host directory in the guest, live (repeatable)",
+          collect,
+          [],
+        )
+        .option(
+          "--mount <SPEC>",
+          "mount, long form: type=bind,src=DIR,dst=DIR[,readonly][,symlinks=opaque|deny|follow][,uid=N,gid=N]",
+          collect,
+          [],
+        )
         .addOption(
           new Option("--pull <POLICY>", "when to pull the IMAGE")
             .choices(["missing", "always", "never"])
@@ -95,12 +113,20 @@ export function buildProgram(cli: Cli, version: string, setExitCode: (code: numb
 IMAGE is a registry reference (alpine, localhost:5000/app:1, host/x@sha256:…), oci:DIR[:TAG] or
 docker-archive:FILE[:NAME:TAG]; it is pulled when missing, flattened and booted, and docker's rules
 apply: ARGs replace Cmd, --entrypoint replaces Entrypoint. A SNAPSHOT baked by
-'supermachine pull --name NAME' is restored instead (its workload already running).
+'supermachine pull --name NAME' is restored instead; without a command, run follows the workload
+its bake started (the image's Entrypoint + Cmd): its output, and its exit code.
 
-Standard streams pass through (stdin with -i, or when it is not a terminal). The exit code is the
-command's (128+N when signal N killed it); 125 for supermachine's own errors; 126 when the command
-cannot be run, 127 when it is not found. With -d the VM keeps running after this command returns:
-see ps, exec, logs, stop and rm.`,
+-p 8080:80 listens on 127.0.0.1:8080 and carries each connection to guest port 80 (-p 80 or
+-p 0:80: any free host port; -p 0.0.0.0:8080:80: every interface); the chosen ports are printed
+on stderr as '80/tcp -> 127.0.0.1:49153'. -v /srv/data:/data[:ro] and --mount mount host
+directories (absolute, or starting with ./); as root, a writable mount of a root-owned directory
+needs --mount …,uid=N,gid=N for the files the guest creates.
+
+Standard streams pass through (stdin with -i, or when it is not a terminal). Ctrl-C or SIGTERM
+stops the command as 'stop' does: the image's StopSignal (default SIGTERM), 10 s, then SIGKILL.
+The exit code is the command's (128+N when signal N killed it); 125 for supermachine's own
+errors; 126 when the command cannot be run, 127 when it is not found. With -d the VM keeps
+running after this command returns: see ps, port, exec, logs, stop and rm.`,
     )
     .action(
       action(async (words: string[], flags) => {
@@ -136,6 +162,18 @@ see ps, exec, logs, stop and rm.`,
     );
 
   program
+    .command("port")
+    .description("list a detached VM's published ports")
+    .argument("<NAME>")
+    .argument("[GUEST_PORT]", "only this guest port's host addresses")
+    .action(
+      action(async (name: string, guest: string | undefined) => {
+        const { portCommand } = await import("./vms.ts");
+        return portCommand(cli, name, guest);
+      }),
+    );
+
+  program
     .command("logs")
     .description("print the output of a detached VM's command")
     .argument("<NAME>")
@@ -149,7 +187,7 @@ see ps, exec, logs, stop and rm.`,
 
   program
     .command("stop")
-    .description("stop detached VMs (gracefully; their command ends with them)")
+    .description("stop detached VMs gracefully (the StopSignal, 10 s, then SIGKILL)")
     .argument("<NAME...>")
     .action(
       action(async (names: string[]) => {
@@ -244,6 +282,42 @@ see ps, exec, logs, stop and rm.`,
       action(async (names: string[], flags) => {
         const { snapshotRmCommand } = await import("./images.ts");
         return snapshotRmCommand(cli, names, flags);
+      }),
+    );
+
+  program
+    .command("serve")
+    .description("serve this host's images, pools and VMs over HTTP and WebSocket (docs/server-api.md)")
+    .option("--listen <HOST:PORT>", "address to listen on", "127.0.0.1:7070")
+    .option("--token-file <FILE>", "bearer token clients must send (required beyond loopback)")
+    .option("--max-vms <N>", "most VMs at once, counting every pool's max (default 16)")
+    .option("--idle-timeout <DURATION>", "stop a VM unused this long, e.g. 10m (default 10m; 0: never)")
+    .option("--max-lifetime <DURATION>", "kill a VM older than this, e.g. 1h (default 1h; 0: never)")
+    .option("--max-streams <N>", "most WebSocket streams at once (default 256)")
+    .option("--max-body-bytes <N>", "largest JSON request body (default 8 MiB)")
+    .option("--max-upload-bytes <N>", "largest file upload (default 1 GiB)")
+    .option("--max-output-bytes <N>", "most output a one-shot exec collects per stream (default 16 MiB)")
+    .option("--mount-root <DIR>", "let clients mount host directories under DIR (default: no mounts)")
+    .option(
+      "--pool <SNAPSHOT[:min=N,max=N,prestarted=N]>",
+      "keep a pool of a snapshot's clones (repeatable)",
+      collect,
+      [],
+    )
+    .option(
+      "--insecure-registry <HOST[:PORT]>",
+      "registry reachable over plain HTTP for pulls (repeatable)",
+      collect,
+      [],
+    )
+    .option("--grace-period <DURATION>", "on SIGTERM, how long in-flight work may finish", "25s")
+    .option("--require-kvm", "report not ready (/readyz) under TCG")
+    .option("--server-id <NAME>", "this server's name in logs and /v1/info (default $HOSTNAME)")
+    .option("--verbose", "debug log lines too")
+    .action(
+      action(async (flags) => {
+        const { serveCommand } = await import("./serve.ts");
+        return serveCommand(cli, flags, version);
       }),
     );
 

@@ -1,15 +1,16 @@
 /**
  * The supervisor of one detached VM (see detached.ts for the life cycle): `run -d` starts it as
  * `main.js __supervise DIR`, detached, with an IPC channel on which it reports `ready` or the error
- * once. It holds the `Vm`, runs the command with its output in the workload log, and serves
- * exec / logs / stop on the control socket until the command exits or it is stopped.
+ * once. It holds the `Vm` and its published ports, runs the command (or follows the snapshot's
+ * baked workload) with its output in the workload log, and serves exec / logs / stop on the
+ * control socket until the command exits or it is stopped.
  */
 import { closeSync, openSync, readFileSync, renameSync, statSync, writeSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { basename, dirname } from "node:path";
 import { PassThrough } from "node:stream";
-import { type ExecHandle, Image, SupermachineError, Vm } from "../index.ts";
+import { Image, SupermachineError, Vm } from "../index.ts";
 import {
   ControlChannel,
   type ControlReply,
@@ -25,11 +26,18 @@ import {
   LOG_MAX_BYTES,
   processStartTime,
 } from "./detached.ts";
-import { shellExitCode } from "./terminal.ts";
+import { type PublishedPort, publishPorts } from "./ports.ts";
+import {
+  bakedWorkload,
+  commandWorkload,
+  stopSignalOf,
+  stopWorkload,
+  type WorkloadOutput,
+} from "./workload.ts";
 
 /** What the supervisor tells `run -d` on its IPC channel, once. */
 export type SupervisorReport =
-  | { type: "ready"; vmId: string }
+  | { type: "ready"; vmId: string; ports: PublishedPort[] }
   | { type: "error"; code: string; message: string };
 
 export async function supervise(path: string): Promise<number> {
@@ -52,47 +60,55 @@ export async function supervise(path: string): Promise<number> {
   await dir.writeState(state);
 
   const log = new WorkloadLog(dir.logPath);
+  const toLog: WorkloadOutput = { stdout: (data) => log.write(data), stderr: (data) => log.write(data) };
   let vm: Vm | undefined;
   let server: Server | undefined;
-  let workload: ExecHandle | undefined;
   let exitCode: number | null = null;
   let error: string | undefined;
   const stopRequests: ControlChannel<ControlRequest, ControlReply>[] = [];
   try {
     const started = await startVm(spec, stop.promise);
     vm = started.vm;
-    if (started.argv !== undefined) {
-      workload = await vm.spawn(started.argv, {
-        env: spec.env,
-        ...(spec.cwd === undefined ? {} : { cwd: spec.cwd }),
-        ...(spec.user === undefined ? {} : { user: spec.user }),
-      });
-    }
+    const ports = await publishPorts(vm, spec.ports ?? []);
+    // A snapshot restored without a command: the workload its bake started (none: the VM idles).
+    const workload =
+      started.argv === undefined
+        ? await bakedWorkload(vm, toLog, { merged: true })
+        : commandWorkload(
+            await vm.spawn(started.argv, {
+              env: spec.env,
+              ...(spec.cwd === undefined ? {} : { cwd: spec.cwd }),
+              ...(spec.user === undefined ? {} : { user: spec.user }),
+            }),
+            toLog,
+          );
     server = await listen(dir.socketPath, (channel) =>
-      serve(channel, { vm: vm!, log, guestLog: workload === undefined, stopRequests, stop: stop.resolve }),
+      serve(channel, { vm: vm!, log, stopRequests, stop: stop.resolve }),
     );
     state = {
       ...state,
       vmId: vm.id,
       command: started.argv ?? [],
       status: "running",
-      ...(workload === undefined ? { guestLog: "workload" } : {}),
+      ...(ports.length > 0 ? { ports } : {}),
     };
     await dir.writeState(state);
-    report({ type: "ready", vmId: vm.id });
+    report({ type: "ready", vmId: vm.id, ports });
 
     const ended = workload
-      ? pumpToLog(workload, log).then((outcome) => {
-          exitCode = outcome;
+      ? workload.exit.then((code) => {
+          exitCode = code;
         })
       : new Promise<void>(() => {});
     let stopping = false;
     const died = vm.done.then((reason) => {
       if (!stopping) error = `the VM exited: ${reason?.message ?? "unexpectedly"}`;
     });
-    const stopped = stop.promise.then(() => {
+    // Stopped: the workload gets its StopSignal and the grace period, as with docker stop.
+    const stopped = stop.promise.then(async () => {
       stopping = true;
       error = "stopped";
+      if (workload) await stopWorkload(workload, started.stopSignal);
     });
     await Promise.race([ended, died, stopped]);
     stopping = true;
@@ -127,22 +143,30 @@ function report(message: SupervisorReport): void {
   process.send(message, () => process.disconnect());
 }
 
-async function startVm(spec: DetachedSpec, aborted: Promise<void>): Promise<{ vm: Vm; argv?: string[] }> {
+async function startVm(
+  spec: DetachedSpec,
+  aborted: Promise<void>,
+): Promise<{ vm: Vm; argv?: string[]; stopSignal: string | number }> {
   const controller = new AbortController();
   void aborted.then(() => controller.abort(new Error("stopped while starting")));
   const signal = controller.signal;
+  const mounts = spec.mounts?.length ? { mounts: spec.mounts } : {};
   const machine = {
     ...(spec.memoryMiB === undefined ? {} : { memoryMiB: spec.memoryMiB }),
     ...(spec.vcpus === undefined ? {} : { vcpus: spec.vcpus }),
+    ...mounts,
     signal,
   };
   if (spec.rootfs !== undefined)
-    return { vm: await Vm.start({ rootfs: spec.rootfs, ...machine }), argv: spec.argv ?? [] };
+    return {
+      vm: await Vm.start({ rootfs: spec.rootfs, ...machine }),
+      argv: spec.argv ?? [],
+      stopSignal: stopSignalOf(undefined),
+    };
   const image = spec.snapshot
     ? await Image.fromSnapshot(spec.image!)
     : await Image.pull(spec.image!, { ...spec.pull, pullPolicy: "missing", signal });
   const entrypoint = spec.entrypoint === undefined ? undefined : [spec.entrypoint];
-  // A snapshot restored without a command keeps running the workload its bake started.
   const argv =
     spec.snapshot && spec.argv === undefined && entrypoint === undefined
       ? undefined
@@ -152,24 +176,14 @@ async function startVm(spec: DetachedSpec, aborted: Promise<void>): Promise<{ vm
       "INVALID_ARGUMENT",
       `${spec.image} has no Entrypoint or Cmd: give a command after the IMAGE`,
     );
-  const vm = await image.start(image.snapshot ? { signal } : machine);
-  return argv === undefined ? { vm } : { vm, argv };
-}
-
-/** Copies the workload's output to the log; resolves with its exit status. */
-async function pumpToLog(handle: ExecHandle, log: WorkloadLog): Promise<number> {
-  for await (const event of handle) {
-    if (event.kind === "stdout" || event.kind === "stderr") log.write(event.data);
-  }
-  const outcome = await handle.wait();
-  return shellExitCode(outcome.exitCode, outcome.signal);
+  const vm = await image.start(image.snapshot ? { signal, ...mounts } : machine);
+  const stopSignal = stopSignalOf(image.config);
+  return argv === undefined ? { vm, stopSignal } : { vm, argv, stopSignal };
 }
 
 interface ServeContext {
   vm: Vm;
   log: WorkloadLog;
-  /** The workload is the snapshot's baked one: its log is a file in the guest. */
-  guestLog: boolean;
   stopRequests: ControlChannel<ControlRequest, ControlReply>[];
   stop: () => void;
 }
@@ -242,24 +256,12 @@ async function serveLogs(
   ctx: ServeContext,
   follow: boolean,
 ): Promise<void> {
-  if (!ctx.guestLog) {
-    for (const chunk of ctx.log.contents()) channel.send({ type: "stdout", data: encode(chunk) });
-    if (follow && !ctx.log.ended) {
-      const unsubscribe = ctx.log.follow((data) => channel.send({ type: "stdout", data: encode(data) }));
-      channel.socket.once("close", unsubscribe);
-      await ctx.log.done;
-      unsubscribe();
-    }
-    channel.end({ type: "end" });
-    return;
-  }
-  // The snapshot's baked workload: its output is held by the guest agent.
-  const logs = ctx.vm.workloadLogs({ follow });
-  channel.socket.once("close", () => logs.destroy());
-  try {
-    for await (const chunk of logs) channel.send({ type: "stdout", data: encode(chunk as Uint8Array) });
-  } catch {
-    // The VM or the reader went away: the end below says so.
+  for (const chunk of ctx.log.contents()) channel.send({ type: "stdout", data: encode(chunk) });
+  if (follow && !ctx.log.ended) {
+    const unsubscribe = ctx.log.follow((data) => channel.send({ type: "stdout", data: encode(data) }));
+    channel.socket.once("close", unsubscribe);
+    await ctx.log.done;
+    unsubscribe();
   }
   channel.end({ type: "end" });
 }
@@ -302,7 +304,9 @@ class WorkloadLog {
     return this.#done.promise;
   }
 
+  /** Appends; output that comes after the end (a VM going away) is dropped. */
   write(data: Uint8Array): void {
+    if (this.ended) return;
     if (this.#size + data.length > LOG_MAX_BYTES && this.#size > 0) {
       closeSync(this.#fd);
       renameSync(this.#path, `${this.#path}.1`);

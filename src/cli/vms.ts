@@ -1,4 +1,4 @@
-/** Detached VMs from the command line: run -d, ps, exec, logs, stop, rm (see detached.ts). */
+/** Detached VMs from the command line: run -d, ps, port, exec, logs, stop, rm (see detached.ts). */
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { open, writeFile } from "node:fs/promises";
@@ -13,6 +13,7 @@ import {
   processStartTime,
 } from "./detached.ts";
 import { ago, json, table } from "./output.ts";
+import { hostAddress, portColumn, portLine } from "./ports.ts";
 import type { SupervisorReport } from "./supervisor.ts";
 import { readLog } from "./supervisor.ts";
 import { attachTerminal, shellExitCode, terminalSize, write } from "./terminal.ts";
@@ -53,6 +54,7 @@ export async function startDetached(cli: Cli, spec: DetachedSpec, name: string |
     if (report.type === "error") throw new CliError(report.message, exitCodeFor(report.code));
     started = true;
     cli.out(dir.name);
+    for (const port of report.ports) cli.note(portLine(port));
     return 0;
   } finally {
     if (!started) await dir.remove();
@@ -67,9 +69,36 @@ export async function psCommand(cli: Cli, flags: { all?: boolean; json?: boolean
   }
   table(
     cli,
-    ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS"],
-    states.map((s) => [s.name, s.image, commandText(s.command), ago(s.createdAt), statusText(s)]),
+    ["NAME", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"],
+    states.map((s) => [
+      s.name,
+      s.image,
+      commandText(s.command),
+      ago(s.createdAt),
+      statusText(s),
+      s.status === "exited" ? "" : (s.ports ?? []).map(portColumn).join(", "),
+    ]),
   );
+  return 0;
+}
+
+/**
+ * `port NAME [GUEST_PORT[/tcp]]`: the published ports of a running VM, as `docker port` prints
+ * them (`8080/tcp -> 127.0.0.1:49153`), or the host addresses of one guest port.
+ */
+export async function portCommand(cli: Cli, name: string, guest: string | undefined): Promise<number> {
+  const { state } = await findDetached(name);
+  if (state.status !== "running") throw new UsageError(`VM ${name} is not running`);
+  const ports = state.ports ?? [];
+  if (guest === undefined) {
+    for (const port of ports) cli.out(portLine(port));
+    return 0;
+  }
+  const match = /^(\d{1,5})(?:\/tcp)?$/.exec(guest);
+  if (match === null) throw new UsageError(`port expects GUEST_PORT[/tcp], got ${JSON.stringify(guest)}`);
+  const found = ports.filter((p) => p.guestPort === Number(match[1]));
+  if (found.length === 0) throw new UsageError(`VM ${name} does not publish guest port ${match[1]}`);
+  for (const port of found) cli.out(hostAddress(port));
   return 0;
 }
 
@@ -83,9 +112,9 @@ function statusText(state: DetachedState): string {
   if (state.status === "starting") return "Starting";
   if (state.status === "running") return `Up ${ago(state.createdAt).replace(/ ago$/, "")}`;
   const when = state.finishedAt ? ` ${ago(state.finishedAt)}` : "";
-  if (state.error === "stopped") return `Stopped${when}`;
-  const code = state.exitCode === undefined || state.exitCode === null ? "-" : String(state.exitCode);
-  return `Exited (${code})${when}${state.error ? `: ${state.error}` : ""}`;
+  const code = state.exitCode === undefined || state.exitCode === null ? undefined : String(state.exitCode);
+  if (state.error === "stopped") return `Stopped${code === undefined ? "" : ` (${code})`}${when}`;
+  return `Exited (${code ?? "-"})${when}${state.error ? `: ${state.error}` : ""}`;
 }
 
 export interface ExecFlags {
@@ -173,15 +202,14 @@ export async function logsCommand(cli: Cli, name: string, flags: { follow?: bool
     }
     return 0;
   }
-  if (state.guestLog !== undefined)
-    cli.err(
-      `${name} has exited: its baked workload's log was in the VM (${state.guestLog}) and went with it`,
-    );
   for (const chunk of readLog(dir.logPath)) await write(process.stdout, chunk);
   return 0;
 }
 
-/** `stop NAME...`: stops each VM gracefully (its command ends with it). */
+/**
+ * `stop NAME...`: stops each VM gracefully: its command (or baked workload) gets the image's
+ * StopSignal and 10 s to exit, then SIGKILL, then the VM stops.
+ */
 export async function stopCommand(cli: Cli, names: readonly string[]): Promise<number> {
   for (const name of names) {
     const { dir, state } = await findDetached(name);

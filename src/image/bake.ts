@@ -25,7 +25,15 @@ import {
   sweepSnapshotTemps,
   writeManifest,
 } from "../snapshot/index.ts";
-import { bootForBake, saveBakedVm, type Vm, vmMachine } from "../vm/index.ts";
+import {
+  bootForBake,
+  copyNetworkPolicy,
+  type NetworkPolicy,
+  networkKind,
+  saveBakedVm,
+  type Vm,
+  vmMachine,
+} from "../vm/index.ts";
 import type { AssetPaths } from "../vmm/index.ts";
 
 export interface BakeInput {
@@ -38,6 +46,8 @@ export interface BakeInput {
   name?: string | undefined;
   memoryMiB: number;
   vcpus: number;
+  /** The VM's network while baking, and the default of its restores. Default `"none"` (no device). */
+  network?: NetworkPolicy | undefined;
   warmup?: ((vm: Vm) => Promise<void>) | undefined;
   warmupTag: string;
   assets?: Partial<AssetPaths> | undefined;
@@ -60,6 +70,7 @@ export function bakeCacheKey(parts: {
   qemuVersion: string;
   workload: readonly string[] | undefined;
   execDefaults: unknown;
+  network: NetworkPolicy;
 }): string {
   const text = JSON.stringify({
     formatVersion: SNAPSHOT_FORMAT_VERSION,
@@ -73,6 +84,7 @@ export function bakeCacheKey(parts: {
 /** Bake (or reuse) the snapshot for `input`. */
 export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapshot; reused: boolean }> {
   const signal = input.signal;
+  const network = input.network ?? "none";
   const host = await hostFacts(input.assets);
   const cacheKey = bakeCacheKey({
     imageDigest: input.image.digest,
@@ -85,6 +97,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
     qemuVersion: host.qemuVersion,
     workload: input.workload,
     execDefaults: input.execDefaults,
+    network: input.network ?? "none",
   });
   const name = input.name ?? defaultSnapshotName(input.image.reference, cacheKey);
   assertSnapshotName(name);
@@ -122,6 +135,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
         env: input.execDefaults.env,
         cwd: input.execDefaults.cwd,
         user: input.execDefaults.user,
+        ...(input.network === undefined ? {} : { network: input.network }),
         ...(input.bootTimeoutMs === undefined ? {} : { bootTimeoutMs: input.bootTimeoutMs }),
         ...(signal === undefined ? {} : { signal }),
       },
@@ -158,6 +172,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
         memoryMiB: input.memoryMiB,
         vcpus: input.vcpus,
       },
+      network: { device: networkKind(network) !== "none", policy: copyNetworkPolicy(network) },
       execDefaults: input.execDefaults,
       warmupTag: input.warmupTag,
       cacheKey,

@@ -15,6 +15,7 @@ import { Snapshot, type SnapshotOpenOptions, snapshotDirOf } from "../snapshot/i
 import {
   DEFAULT_MEMORY_MIB,
   DEFAULT_VCPUS,
+  type NetworkPolicy,
   type PrestartedVm,
   type RestoreConfig,
   Vm,
@@ -283,6 +284,7 @@ export class ImageBuilder {
   #pullOptions: ImagePullOptions = {};
   #assets: Partial<AssetPaths> | undefined;
   #workload = true;
+  #network: NetworkPolicy | undefined;
   #force = false;
   #env: Record<string, string> = {};
   #signal: AbortSignal | undefined;
@@ -351,6 +353,16 @@ export class ImageBuilder {
     return this;
   }
 
+  /**
+   * The network of the VM while it bakes, and the default of every VM restored from the snapshot
+   * (`start`, `pool`, `acquire`; each can ask for another one). Default `"none"`: the snapshot has
+   * no network device, and its VMs can never have one. Part of the cache key. See docs/network.md.
+   */
+  network(policy: NetworkPolicy): this {
+    this.#network = policy;
+    return this;
+  }
+
   /** Start the image's Entrypoint + Cmd in the background before the warm-up (default true). */
   workload(on: boolean): this {
     this.#workload = on;
@@ -395,6 +407,7 @@ export class ImageBuilder {
       name: this.#name,
       memoryMiB: this.#memoryMiB,
       vcpus: this.#vcpus,
+      network: this.#network,
       warmup: this.#warmup,
       warmupTag: this.#warmupTag ?? "",
       assets: this.#assets,

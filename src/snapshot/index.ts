@@ -15,6 +15,7 @@ export {
   SNAPSHOT_FORMAT_VERSION,
   type SnapshotFileEntry,
   type SnapshotManifest,
+  type SnapshotNetwork,
   sha256File,
   writeManifest,
 } from "./manifest.ts";

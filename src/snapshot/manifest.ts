@@ -12,8 +12,8 @@ import { SnapshotError } from "../errors.ts";
 import type { ImageConfig } from "../oci/index.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 
-/** Bumped whenever the layout of a snapshot dir or the meaning of a field changes. */
-export const SNAPSHOT_FORMAT_VERSION = 1;
+/** Bumped whenever the layout of a snapshot dir or the meaning of a field changes (2: `network`). */
+export const SNAPSHOT_FORMAT_VERSION = 2;
 
 /** File names inside a snapshot dir. */
 export const SNAPSHOT_FILES = {
@@ -36,6 +36,16 @@ export interface BackingFileEntry {
   readonly path: string;
   readonly format: "raw" | "qcow2";
   readonly sizeBytes: number;
+}
+
+/**
+ * A snapshot's network: whether the VM had a network device (a restore needs the same devices),
+ * and the policy the guest was configured for (`VmConfig.network`, as given; restores default to
+ * it). See docs/network.md.
+ */
+export interface SnapshotNetwork {
+  readonly device: boolean;
+  readonly policy: "none" | "outbound" | { readonly allow: readonly string[] };
 }
 
 export interface SnapshotManifest {
@@ -67,6 +77,8 @@ export interface SnapshotManifest {
    * `microvm.ram` for snapshots of VMs that booted with anonymous RAM (`vm.snapshot()`).
    */
   readonly memoryBackendId?: string | undefined;
+  /** The network device and policy of the VM it was made from. */
+  readonly network: SnapshotNetwork;
   /** Exec defaults (env, cwd, user) of the VM it was made from. */
   readonly execDefaults: {
     readonly env: Readonly<Record<string, string>>;
@@ -143,6 +155,9 @@ export function parseManifest(text: string, snapshotDir: string): SnapshotManife
     throw corrupt("memoryBackendId must be a QEMU object id");
   }
   if (typeof m.imageConfig !== "object" || m.imageConfig === null) throw corrupt("imageConfig missing");
+  if (!isSnapshotNetwork(m.network)) {
+    throw corrupt('network must be { device: boolean, policy: "none" | "outbound" | { allow: [strings] } }');
+  }
   const defaults = m.execDefaults as Record<string, unknown> | undefined;
   if (
     typeof defaults !== "object" ||
@@ -187,6 +202,16 @@ export function parseManifest(text: string, snapshotDir: string): SnapshotManife
   return value as SnapshotManifest;
 }
 
+function isSnapshotNetwork(value: unknown): value is SnapshotNetwork {
+  if (typeof value !== "object" || value === null) return false;
+  const { device, policy } = value as Record<string, unknown>;
+  if (typeof device !== "boolean") return false;
+  if (policy === "none" || policy === "outbound") return policy === "outbound" ? device : true;
+  if (typeof policy !== "object" || policy === null) return false;
+  const allow = (policy as Record<string, unknown>).allow;
+  return device && Array.isArray(allow) && allow.every((rule) => typeof rule === "string");
+}
+
 /** What a snapshot records of the image it was made from. */
 export interface ImageIdentity {
   /** Canonical reference or local source (`oci:/dir:tag`, `rootfs:/dir`); "" when unknown. */
@@ -213,6 +238,7 @@ export interface ManifestInput {
     /** Absent or `mem`: the default backend id. */
     memoryBackendId?: string | undefined;
   };
+  network: SnapshotNetwork;
   execDefaults: SnapshotManifest["execDefaults"];
   warmupTag: string;
   cacheKey: string;
@@ -253,6 +279,7 @@ export async function buildManifest(input: ManifestInput): Promise<SnapshotManif
     memoryMiB: input.machine.memoryMiB,
     vcpus: input.machine.vcpus,
     ...(backendId === undefined || backendId === "mem" ? {} : { memoryBackendId: backendId }),
+    network: input.network,
     execDefaults: input.execDefaults,
     warmupTag: input.warmupTag,
     cacheKey: input.cacheKey,

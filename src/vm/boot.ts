@@ -20,6 +20,8 @@ import {
   resolveAssetPaths,
 } from "../vmm/index.ts";
 import { DEFAULT_PATH } from "./exec.ts";
+import { configureGuestNetwork, NET_KERNEL_ARG } from "./guest-network.ts";
+import { prepareNetwork } from "./network-launch.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, type VmConfig } from "./vm-config.ts";
 import { connectAgent, type VmParts, withConsoleLog } from "./vm-parts.ts";
 
@@ -60,6 +62,8 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
   ]);
   const rootfsMs = performance.now() - started;
   throwIfAborted(signal, "VM start");
+  const network = await prepareNetwork(config.network ?? "none", { what: "VmConfig.network", assets });
+  throwIfAborted(signal, "VM start");
 
   const memory: GuestMemory =
     options.bake === undefined
@@ -77,9 +81,11 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
       // watchdog may demote it and the guest clock then runs on 4 ms jiffies, slow (and so do
       // the clones of a bake).
       ...(choice.accel === "tcg" ? ["tsc=reliable"] : []),
+      ...(network.device ? [NET_KERNEL_ARG] : []),
       ...(config.kernelArgs ?? []),
     ],
     memory,
+    ...(network.machine === undefined ? {} : { network: network.machine }),
   };
   if (choice.accel === "tcg") {
     const tscKHz = hostTscKHz();
@@ -102,11 +108,21 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
       machine.disks = disks;
       return { disks };
     },
+    ...(network.relay === undefined ? {} : { netRelay: network.relay }),
     ...(signal === undefined ? {} : { signal }),
   });
   const spawnMs = performance.now() - started;
   try {
-    const agent = await connectAgent(qemu, config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, signal, "boot");
+    const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
+    const agent = await connectAgent(qemu, timeoutMs, signal, "boot");
+    await configureGuestNetwork(agent, {
+      from: undefined,
+      to: network.kind,
+      device: network.device,
+      hosts: network.hosts,
+      timeoutMs,
+      signal,
+    });
     const agentReadyMs = performance.now() - started;
     return {
       qemu,
@@ -122,6 +138,7 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
       overlayPath,
       image: options.image ?? plainRootfsIdentity(),
       source: undefined,
+      network: { device: network.device, policy: network.policy },
     };
   } catch (error) {
     await qemu.kill();

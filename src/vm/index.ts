@@ -22,6 +22,13 @@ export {
 } from "./exec-handle.ts";
 export { type FsCallOptions, GuestFileSystem } from "./fs.ts";
 export { checkMountSpec, type MountSpec, type VmMount } from "./mounts.ts";
+export {
+  copyNetworkPolicy,
+  type NetworkKind,
+  type NetworkPolicy,
+  networkKind,
+  parseNetworkPolicy,
+} from "./network-policy.ts";
 export { type ExposedPort, type ExposeTcpOptions, splice } from "./ports.ts";
 export { restoreMachineSpec } from "./restore.ts";
 export {

@@ -14,6 +14,9 @@ import { throwIfAborted } from "../internal/index.ts";
 import type { Snapshot } from "../snapshot/index.ts";
 import { type LaunchMachineSpec, QemuProcess } from "../vmm/index.ts";
 import { DEFAULT_PATH } from "./exec.ts";
+import { configureGuestNetwork } from "./guest-network.ts";
+import { type NetworkLaunch, prepareNetwork } from "./network-launch.ts";
+import { networkKind } from "./network-policy.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, type RestoreConfig, type VmTimings } from "./vm-config.ts";
 import { connectAgent, type VmParts, withConsoleLog } from "./vm-parts.ts";
 
@@ -25,13 +28,19 @@ export interface LaunchedRestore {
   overlayPath: string;
   rootfsMs: number;
   spawnMs: number;
+  network: NetworkLaunch;
 }
 
 /**
  * The machine a snapshot restores into: the baked machine (same devices, memory, kernel and
- * arguments) with its RAM file mapped copy-on-write. The caller adds the disks.
+ * arguments) with its RAM file mapped copy-on-write. The caller adds the disks. A snapshot with a
+ * network device gets QEMU's user-mode network, cut off (`restrict=on`) unless `network` says
+ * otherwise.
  */
-export function restoreMachineSpec(snapshot: Snapshot): LaunchMachineSpec {
+export function restoreMachineSpec(
+  snapshot: Snapshot,
+  network: LaunchMachineSpec["network"] = { restrict: true },
+): LaunchMachineSpec {
   const m = snapshot.manifest;
   const machine: LaunchMachineSpec = {
     accel: m.accelerator,
@@ -48,7 +57,34 @@ export function restoreMachineSpec(snapshot: Snapshot): LaunchMachineSpec {
     },
   };
   if (m.tscKHz !== undefined) machine.tscKHz = m.tscKHz;
+  if (m.network.device) machine.network = network;
   return machine;
+}
+
+/**
+ * The network a restore of `snapshot` gets: `requested`, else the snapshot's own policy. A
+ * snapshot without a network device restores only with `"none"` (`INVALID_ARGUMENT` saying how
+ * to bake one with a device otherwise).
+ */
+export async function restoreNetwork(
+  snapshot: Snapshot,
+  requested: RestoreConfig["network"],
+): Promise<NetworkLaunch> {
+  const m = snapshot.manifest;
+  const policy = requested ?? m.network.policy;
+  if (!m.network.device && networkKind(policy) !== "none") {
+    throw new SupermachineError(
+      "INVALID_ARGUMENT",
+      `snapshot ${snapshot.name} was made without a network device, so it cannot restore with network ` +
+        `${JSON.stringify(policy)}: bake it with one (Image.builder(ref).network("outbound") or an allow-list, ` +
+        `or VmConfig.network before vm.snapshot()), or restore it with network "none"`,
+    );
+  }
+  return prepareNetwork(policy, {
+    what: "RestoreConfig.network",
+    device: m.network.device,
+    assets: snapshot.assets,
+  });
 }
 
 /** Starts QEMU for `snapshot`, waiting for its state. */
@@ -69,7 +105,9 @@ export async function launchRestore(snapshot: Snapshot, config: RestoreConfig): 
   }
   const signal = config.signal;
   throwIfAborted(signal, "VM restore");
-  const machine = restoreMachineSpec(snapshot);
+  const network = await restoreNetwork(snapshot, config.network);
+  throwIfAborted(signal, "VM restore");
+  const machine = restoreMachineSpec(snapshot, network.machine);
   let overlayPath = "";
   let rootfsMs = 0;
   const qemu = await QemuProcess.launch({
@@ -93,9 +131,10 @@ export async function launchRestore(snapshot: Snapshot, config: RestoreConfig): 
       machine.disks = disks;
       return { disks };
     },
+    ...(network.relay === undefined ? {} : { netRelay: network.relay }),
     ...(signal === undefined ? {} : { signal }),
   });
-  return { snapshot, qemu, machine, overlayPath, rootfsMs, spawnMs: performance.now() - started };
+  return { snapshot, qemu, machine, overlayPath, rootfsMs, spawnMs: performance.now() - started, network };
 }
 
 /**
@@ -114,6 +153,7 @@ export async function activateRestore(
   try {
     throwIfAborted(signal, "VM restore");
     const agent = await resumeWithSession(launched, timeoutMs, signal);
+    await configureRestoredNetwork(launched, agent.client, timeoutMs, signal);
     const stateLoadedMs = agent.resumedMs - started;
     const agentReadyMs = performance.now() - started;
     return restoredParts(launched, agent.client, config, {
@@ -127,6 +167,27 @@ export async function activateRestore(
     await qemu.kill();
     throw withConsoleLog(error, qemu.consoleLogPath);
   }
+}
+
+/**
+ * The guest's network files for the clone's policy: rewritten when it differs from the snapshot's,
+ * and an allow-list's `/etc/hosts` block for the names resolved for this clone.
+ */
+async function configureRestoredNetwork(
+  launched: LaunchedRestore,
+  agent: AgentClient,
+  timeoutMs: number,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const { network, snapshot } = launched;
+  await configureGuestNetwork(agent, {
+    from: networkKind(snapshot.manifest.network.policy),
+    to: network.kind,
+    device: network.device,
+    hosts: network.hosts,
+    timeoutMs,
+    signal,
+  });
 }
 
 /** Load the state, queue the new session's `HELLO`, then run the vCPUs; resolves once the agent answered. */
@@ -164,6 +225,7 @@ export async function warmUp(launched: LaunchedRestore, config: RestoreConfig): 
   try {
     throwIfAborted(signal, "VM prestart");
     agent = (await resumeWithSession(launched, timeoutMs, signal)).client;
+    await configureRestoredNetwork(launched, agent, timeoutMs, signal);
     const m = snapshot.manifest;
     const channel = agent.exec({
       argv: ["true"],
@@ -261,5 +323,6 @@ function restoredParts(
     overlayPath: launched.overlayPath,
     image: { reference: m.reference, digest: m.imageDigest, platform: m.platform, config: m.imageConfig },
     source: snapshot,
+    network: { device: launched.network.device, policy: launched.network.policy },
   };
 }

@@ -75,6 +75,8 @@ export async function saveSnapshot(
       ...vm.machine,
       // The stream names the RAM block after the source's backend: anonymous RAM is QEMU's default `microvm.ram`.
       memory: { kind: "file", path: memoryPath, share: true, backendId },
+      // The same devices; the helper's vCPUs never run, and its network reaches nothing.
+      ...(vm.machine.network === undefined ? {} : { network: { restrict: true } }),
       disks: [
         { name: "root", path: diskPath, format: "qcow2", backing: vm.machine.disks?.[0]?.backing ?? [] },
       ],
@@ -118,6 +120,7 @@ export async function saveSnapshot(
         vcpus: vm.machine.vcpus,
         memoryBackendId: backendId,
       },
+      network: vm.network,
       execDefaults: vm.defaults,
       warmupTag: vm.source?.manifest.warmupTag ?? "",
       cacheKey: `running-vm:${randomBytes(16).toString("hex")}`,

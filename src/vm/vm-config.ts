@@ -1,5 +1,6 @@
 import type { AssetPaths } from "../vmm/index.ts";
 import type { MountSpec } from "./mounts.ts";
+import type { NetworkPolicy } from "./network-policy.ts";
 
 /** What a user asks of a VM. The live state of a running VM is {@link Vm}. */
 export interface VmConfig {
@@ -27,6 +28,14 @@ export interface VmConfig {
   kernelArgs?: readonly string[];
   /** Host directories mounted once the VM runs (docs/mounts.md). */
   mounts?: readonly MountSpec[];
+  /**
+   * What the VM may reach on the network (docs/network.md). Default `"none"`: no network device at
+   * all (the VM's own services stay reachable from the host through `vm.connect`/`vm.exposeTcp`).
+   * `"outbound"`: TCP, UDP and DNS to wherever the host reaches, the host's own loopback included
+   * (at 10.0.2.2). `{ allow: ["10.1.2.0/24:443", "example.org:443", "host:8080"] }`: those TCP
+   * destinations only, enforced on the host.
+   */
+  network?: NetworkPolicy;
   /** Cancels the start. */
   signal?: AbortSignal;
 }
@@ -68,6 +77,12 @@ export interface RestoreConfig {
   bootTimeoutMs?: number;
   /** Host directories mounted once the clone runs (a snapshot never holds a mount). */
   mounts?: readonly MountSpec[];
+  /**
+   * The network policy of the restored VM (docs/network.md). Default: the one the snapshot was
+   * made under. A snapshot made without a network device restores only with `"none"` (bake it
+   * with `Image.builder(ref).network("outbound")` or an allow-list to restore it with a network).
+   */
+  network?: NetworkPolicy;
   signal?: AbortSignal;
 }
 

@@ -8,6 +8,7 @@ import { SupermachineError, VmError } from "../errors.ts";
 import type { ImageIdentity, Snapshot } from "../snapshot/index.ts";
 import type { LaunchMachineSpec, QemuProcess } from "../vmm/index.ts";
 import type { ExecDefaults } from "./exec-handle.ts";
+import type { NetworkPolicy } from "./network-policy.ts";
 import type { VmTimings } from "./vm-config.ts";
 
 /** The parts of a running VM. */
@@ -24,6 +25,8 @@ export interface VmParts {
   image: ImageIdentity;
   /** The snapshot it was restored from, if any. */
   source: Snapshot | undefined;
+  /** Whether QEMU has a network device, and the policy the VM runs under (recorded by snapshots of it). */
+  network: { device: boolean; policy: NetworkPolicy };
 }
 
 /** Connects a new agent session on QEMU's agent socket, failing early when QEMU exits. */

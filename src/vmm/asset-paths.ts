@@ -8,10 +8,15 @@ import { fileURLToPath } from "node:url";
 import { DigestMismatchError, SupermachineError } from "../errors.ts";
 import { cacheDir, once } from "../internal/index.ts";
 
-/** Where the guest kernel (an uncompressed, PVH-bootable `vmlinux`) and the initramfs are. */
+/**
+ * Where the guest kernel (an uncompressed, PVH-bootable `vmlinux`) and the initramfs are, and the
+ * host's network relay `sm-net` (needed only by VMs with a network allow-list; docs/network.md).
+ */
 export interface AssetPaths {
   kernel: string;
   initramfs: string;
+  /** The allow-list relay (`hosttools/sm-net.c`). Absent when it was not found. */
+  netRelay?: string;
 }
 
 /** Where {@link resolveAssetPaths} looks; the defaults fit an installed package. */
@@ -33,8 +38,8 @@ export interface AssetSearchOptions {
 export interface AssetLocation {
   readonly path: string;
   /**
-   * `option`: given by the caller; `env`: `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS`;
-   * `cache`: built from this package's sources by `scripts/build-assets.sh`; `package`: the
+   * `option`: given by the caller; `env`: `SUPERMACHINE_KERNEL` / `SUPERMACHINE_INITRAMFS` /
+   * `SUPERMACHINE_NET_RELAY`; `cache`: built from this package's sources by `scripts/build-assets.sh`; `package`: the
    * prebuilt guest package, its sha256 checked against the one this package records; `newest`: the
    * newest kernel in the cache (its key could not be computed on this host).
    */
@@ -47,6 +52,8 @@ export interface AssetLocation {
 export interface GuestAssets {
   readonly kernel: AssetLocation;
   readonly initramfs: AssetLocation;
+  /** The network relay, when found (it is needed only for allow-lists, so its absence is no error here). */
+  readonly netRelay?: AssetLocation;
 }
 
 const LINUX_SOURCE_PACKAGE = "linux-source-6.1";
@@ -87,7 +94,11 @@ export async function resolveAssetPaths(
   options: AssetSearchOptions = {},
 ): Promise<AssetPaths> {
   const found = await locateGuestAssets(overrides, options);
-  return { kernel: found.kernel.path, initramfs: found.initramfs.path };
+  return {
+    kernel: found.kernel.path,
+    initramfs: found.initramfs.path,
+    ...(found.netRelay === undefined ? {} : { netRelay: found.netRelay.path }),
+  };
 }
 
 /** {@link resolveAssetPaths}, saying where each asset came from. */
@@ -102,7 +113,7 @@ export async function locateGuestAssets(
 
   const missing: string[] = [];
   const find = async (
-    name: keyof AssetPaths,
+    name: "kernel" | "initramfs",
     label: string,
     envName: string,
     fromCache: () => Promise<{ path: string | undefined; lookedFor: string }>,
@@ -164,7 +175,59 @@ export async function locateGuestAssets(
         "or set SUPERMACHINE_KERNEL / SUPERMACHINE_INITRAMFS",
     );
   }
-  return { kernel, initramfs };
+  const netRelay = await findNetRelay(overrides, env, packageDir, dir, prebuilt);
+  return { kernel, initramfs, ...("path" in netRelay ? { netRelay } : {}) };
+}
+
+/**
+ * Finds the network relay `sm-net` like the guest assets: `overrides.netRelay`,
+ * `SUPERMACHINE_NET_RELAY`, the cache `scripts/build-hosttools.sh` installs into (keyed by the
+ * sources of `hosttools/`), the prebuilt guest package (sha256 checked). Throws `ASSET_MISSING`
+ * saying where it looked and how to get it.
+ */
+export async function locateNetRelay(
+  overrides: Partial<AssetPaths> = {},
+  options: AssetSearchOptions = {},
+): Promise<AssetLocation> {
+  const env = options.env ?? process.env;
+  const packageDir = options.packageDir ?? packageRoot();
+  const prebuilt = await prebuiltGuestPackage(packageDir, options.guestPackageDir);
+  const found = await findNetRelay(overrides, env, packageDir, cacheDir(env), prebuilt);
+  if ("path" in found) return found;
+  throw new SupermachineError(
+    "ASSET_MISSING",
+    `the network relay sm-net is missing (looked for ${found.lookedFor}); it is needed for network allow-lists. ` +
+      `Build it with \`${BUILD_COMMAND}\` (bash ${join(packageDir, "scripts", "build-hosttools.sh")}; needs musl-tools), ` +
+      `install the prebuilt ${GUEST_PACKAGE}, or set SUPERMACHINE_NET_RELAY`,
+  );
+}
+
+async function findNetRelay(
+  overrides: Partial<AssetPaths>,
+  env: NodeJS.ProcessEnv,
+  packageDir: string,
+  dir: string,
+  prebuilt: PrebuiltGuest,
+): Promise<AssetLocation | { lookedFor: string }> {
+  const label = "network relay";
+  if (overrides.netRelay !== undefined) {
+    if (await isExecutableFile(overrides.netRelay)) return { path: overrides.netRelay, source: "option" };
+    return { lookedFor: `${overrides.netRelay} (given as netRelay)` };
+  }
+  const fromEnv = env.SUPERMACHINE_NET_RELAY;
+  if (fromEnv) {
+    if (await isExecutableFile(fromEnv)) return { path: fromEnv, source: "env" };
+    return { lookedFor: `${fromEnv} (given by SUPERMACHINE_NET_RELAY)` };
+  }
+  const cached = await cachedNetRelayPath(packageDir, dir);
+  if (cached !== undefined && (await isExecutableFile(cached))) return { path: cached, source: "cache" };
+  const lookedFor = [cached ?? join(dir, "sm-net", "*", "sm-net")];
+  if (prebuilt.kind === "found" && prebuilt.record.netRelay !== undefined) {
+    const path = join(prebuilt.dir, prebuilt.record.netRelay.file);
+    return { path, source: "package", sha256: await verify(path, prebuilt.record.netRelay.sha256, label) };
+  }
+  lookedFor.push(prebuilt.kind === "found" ? `${prebuilt.dir} (it records no sm-net)` : prebuilt.why);
+  return { lookedFor: lookedFor.join(", ") };
 }
 
 interface RecordedAsset {
@@ -173,7 +236,11 @@ interface RecordedAsset {
 }
 
 type PrebuiltGuest =
-  | { kind: "found"; dir: string; record: { kernel: RecordedAsset; initramfs: RecordedAsset } }
+  | {
+      kind: "found";
+      dir: string;
+      record: { kernel: RecordedAsset; initramfs: RecordedAsset; netRelay?: RecordedAsset | undefined };
+    }
   | { kind: "absent"; why: string };
 
 /**
@@ -191,13 +258,18 @@ async function prebuiltGuestPackage(packageDir: string, given: string | undefine
     }
   }
   const recordPath = join(packageDir, RECORDED_GUEST_ASSETS);
-  let record: { kernel: RecordedAsset; initramfs: RecordedAsset };
+  let record: { kernel: RecordedAsset; initramfs: RecordedAsset; netRelay?: RecordedAsset | undefined };
   try {
     record = JSON.parse(await readFile(recordPath, "utf8"));
   } catch {
     return { kind: "absent", why: `${dir} (unused: this package records no hashes for it in ${recordPath})` };
   }
-  for (const asset of [record.kernel, record.initramfs]) {
+  // The relay is recorded by packages made since it exists; older records lack it.
+  for (const asset of [
+    record.kernel,
+    record.initramfs,
+    ...(record.netRelay === undefined ? [] : [record.netRelay]),
+  ]) {
     if (
       typeof asset?.file !== "string" ||
       !/^[0-9a-f]{64}$/.test(String(asset?.sha256)) ||
@@ -249,15 +321,19 @@ async function fileSha256Stream(path: string): Promise<string> {
  * computed from the package's own sources. `kernel` is undefined when its key cannot be computed
  * (no `dpkg-query`, no `linux-source-6.1`, or the package lacks the kernel sources).
  */
-export async function cachedAssetPaths(
-  options: AssetSearchOptions = {},
-): Promise<{ cacheDir: string; kernel: string | undefined; initramfs: string }> {
+export async function cachedAssetPaths(options: AssetSearchOptions = {}): Promise<{
+  cacheDir: string;
+  kernel: string | undefined;
+  initramfs: string;
+  netRelay: string | undefined;
+}> {
   const packageDir = options.packageDir ?? packageRoot();
   const dir = cacheDir(options.env ?? process.env);
   return {
     cacheDir: dir,
     kernel: await cachedKernelPath(packageDir, dir, options.linuxSourceVersion),
     initramfs: await cachedInitramfsPath(packageDir, dir),
+    netRelay: await cachedNetRelayPath(packageDir, dir),
   };
 }
 
@@ -274,6 +350,30 @@ async function cachedKernelPath(
 
 async function cachedInitramfsPath(packageDir: string, dir: string): Promise<string> {
   return join(dir, "initramfs", await initramfsCacheKey(packageDir), "initramfs.cpio");
+}
+
+/**
+ * Where `scripts/build-hosttools.sh` installs the relay: its key is the same manifest scheme over
+ * the regular files directly in `hosttools/` and the script. Undefined when the package has no
+ * `hosttools/` sources.
+ */
+async function cachedNetRelayPath(packageDir: string, dir: string): Promise<string | undefined> {
+  let entries: Dirent[];
+  try {
+    entries = await readdir(join(packageDir, "hosttools"), { withFileTypes: true });
+  } catch {
+    return undefined;
+  }
+  const paths = entries.filter((entry) => entry.isFile()).map((entry) => `hosttools/${entry.name}`);
+  paths.push("scripts/build-hosttools.sh");
+  paths.sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+  let manifest = "";
+  for (const path of paths) {
+    const digest = await fileSha256(join(packageDir, path));
+    if (digest === undefined) return undefined;
+    manifest += `${digest}  ${path}\n`;
+  }
+  return join(dir, "sm-net", sha256(manifest).slice(0, 16), "sm-net");
 }
 
 /** Key of `scripts/build-kernel.sh`: sha256 of the manifest of its inputs, first 16 hex digits. */
@@ -362,6 +462,15 @@ async function fileSha256(path: string): Promise<string | undefined> {
 
 async function isFile(path: string): Promise<boolean> {
   try {
+    return (await stat(path)).isFile();
+  } catch {
+    return false;
+  }
+}
+
+async function isExecutableFile(path: string): Promise<boolean> {
+  try {
+    await access(path, constants.X_OK);
     return (await stat(path)).isFile();
   } catch {
     return false;

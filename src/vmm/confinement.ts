@@ -14,7 +14,8 @@
  * - resource limits: address space, open files, no core dumps.
  *
  * The chain is `setpriv [--reuid/--regid --clear-groups] --no-new-privs --inh-caps=-all
- * [--bounding-set=-all] --ambient-caps=-all --pdeathsig SIGKILL -- prlimit … -- qemu …`.
+ * [--bounding-set=-all] --ambient-caps=-all --pdeathsig SIGKILL -- prlimit … -- qemu …`; with a
+ * network allow-list, the relay `sm-net … --` comes before QEMU (net-relay.ts).
  */
 
 import { readFileSync } from "node:fs";
@@ -118,13 +119,13 @@ export function qemuLimits(memoryMiB: number): QemuLimits {
 }
 
 /**
- * The command and arguments that start `qemuPath args` confined: through `setpriv` (dropping the
- * user when we are root, capabilities, `no_new_privs`, dying with the host) and `prlimit`.
+ * The command and arguments that start `program` (QEMU's path and arguments, or the relay's and
+ * then QEMU's) confined: through `setpriv` (dropping the user when we are root, capabilities,
+ * `no_new_privs`, dying with the host) and `prlimit`.
  */
 export function confinedCommand(
   tools: { setpriv: string; prlimit: string },
-  qemuPath: string,
-  args: readonly string[],
+  program: readonly string[],
   identity: QemuIdentity,
   limits: QemuLimits,
   self: { uid: number } = { uid: process.getuid?.() ?? 0 },
@@ -150,8 +151,7 @@ export function confinedCommand(
       `--nofile=${limits.openFiles}`,
       "--core=0",
       "--",
-      qemuPath,
-      ...args,
+      ...program,
     ],
   };
 }

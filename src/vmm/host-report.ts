@@ -16,8 +16,14 @@ import {
   qemuSupportsSandbox,
   qemuVersion,
 } from "./accelerator.ts";
-import { type AssetSearchOptions, type GuestAssets, locateGuestAssets } from "./asset-paths.ts";
-import { cgroupSupport, confinementTools, hostQemuIdentity } from "./confinement.ts";
+import {
+  type AssetSearchOptions,
+  type GuestAssets,
+  locateGuestAssets,
+  locateNetRelay,
+} from "./asset-paths.ts";
+import { cgroupSupport, confinementTools, hostQemuIdentity, vmQemuIdentity } from "./confinement.ts";
+import { probeNetRelay } from "./net-relay.ts";
 
 /** The three dirs supermachine keeps files in (each with an environment override). */
 export interface HostPaths {
@@ -78,6 +84,17 @@ export interface HostReport {
   readonly assets:
     | { readonly found: true; readonly assets: GuestAssets }
     | { readonly found: false; readonly error: string };
+  /**
+   * Network allow-lists (docs/network.md; `none` and `outbound` need nothing more): the relay
+   * `sm-net`, and whether it can build its user + network namespace here, tried as QEMU's user.
+   */
+  readonly network: {
+    readonly relay:
+      | { readonly found: true; readonly path: string; readonly source: string }
+      | { readonly found: false; readonly error: string };
+    /** `available` is undefined when it could not be tried (no relay). */
+    readonly userNamespaces: { readonly available: boolean | undefined; readonly reason: string };
+  };
   readonly dirs: { readonly data: DirReport; readonly cache: DirReport; readonly runtime: DirReport };
 }
 
@@ -88,7 +105,7 @@ export async function hostReport(
   const env = options.env ?? process.env;
   const paths = hostPaths(env);
   const qemuPath = findQemu(env);
-  const [accelerator, kvm, qemu, seccomp, tools, assets, data, cache, runtime] = await Promise.all([
+  const [accelerator, kvm, qemu, seccomp, tools, assets, network, data, cache, runtime] = await Promise.all([
     detectAccelerator({ env }),
     kvmStatus(env),
     qemuPath.then(
@@ -111,6 +128,7 @@ export async function hostReport(
       (found) => ({ found: true as const, assets: found }),
       (error: Error) => ({ found: false as const, error: error.message }),
     ),
+    networkReport(env, options.assets),
     dirReport(paths.dataDir),
     dirReport(paths.cacheDir),
     dirReport(paths.runtimeDir),
@@ -127,7 +145,37 @@ export async function hostReport(
     qemu,
     confinement: { seccomp, tools, user: qemuUser(), cgroup: cgroupSupport() },
     assets,
+    network,
     dirs: { data, cache, runtime },
+  };
+}
+
+async function networkReport(
+  env: NodeJS.ProcessEnv,
+  search: AssetSearchOptions | undefined,
+): Promise<HostReport["network"]> {
+  let relay: { path: string; source: string };
+  try {
+    relay = await locateNetRelay({}, { env, ...search });
+  } catch (error) {
+    return {
+      relay: { found: false, error: (error as Error).message },
+      userNamespaces: { available: undefined, reason: "not tried: the relay is missing" },
+    };
+  }
+  let why: string | undefined;
+  try {
+    // As a VM's QEMU would run it (a uid of its own on a root host).
+    why = await probeNetRelay({ path: relay.path, identity: vmQemuIdentity("sm-net-probe") });
+  } catch (error) {
+    why = (error as Error).message;
+  }
+  return {
+    relay: { found: true, path: relay.path, source: relay.source },
+    userNamespaces:
+      why === undefined
+        ? { available: true, reason: "sm-net built its user + network namespace as QEMU's user" }
+        : { available: false, reason: why },
   };
 }
 

@@ -29,6 +29,16 @@ export {
 } from "./host-report.ts";
 export { INCOMING_STATE_FD, type LoadStateOptions, type SaveStateOptions } from "./migration.ts";
 export {
+  type NetRelaySpec,
+  parseRelayStatus,
+  probeNetRelay,
+  RELAY_CONNECT_TIMEOUT_MS,
+  RELAY_MAX_CONNECTIONS,
+  type RelayStatus,
+  relayArgs,
+  relayUnsupported,
+} from "./net-relay.ts";
+export {
   type Accelerator,
   AGENT_PORT_NAME,
   BASE_KERNEL_ARGS,

@@ -10,13 +10,16 @@
  * - QEMU runs under `setpriv --pdeathsig SIGKILL` in its own session: it dies the moment the
  *   host process dies, even by SIGKILL, and terminal signals (Ctrl-C) reach only the host.
  *   Without setpriv, a process `exit` hook kills it, and `sweepStaleVms()` catches the rest.
+ * - With a network allow-list the child is the relay `sm-net` (net-relay.ts), and QEMU is its
+ *   child: QEMU dies when sm-net dies (its own PDEATHSIG), sm-net passes TERM/INT/HUP on and ends
+ *   the way QEMU ended. `kill()` signals the whole process group (both at once).
  * - `stop()` asks QMP `quit`, then SIGTERM, then SIGKILL; `kill()` sends SIGKILL. Both then
  *   remove the VM's dir. When QEMU exits without being asked, the dir is kept with its console
  *   log (see state-dir.ts).
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
-import { chmod, chown, mkdtemp, rm } from "node:fs/promises";
+import { chmod, chown, mkdtemp, open, rm } from "node:fs/promises";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
@@ -37,6 +40,14 @@ import {
   type SaveStateOptions,
   saveState,
 } from "./migration.ts";
+import {
+  type NetRelaySpec,
+  probeNetRelay,
+  type RelayStatus,
+  readRelayStatus,
+  relayArgs,
+  relayUnsupported,
+} from "./net-relay.ts";
 import { buildQemuArgs, type MachineSpec } from "./qemu-args.ts";
 import { FIRST_FD, grantMemoryFile, openQemuFiles, type QemuFiles } from "./qemu-files.ts";
 import { QmpClient } from "./qmp-client.ts";
@@ -87,6 +98,11 @@ export interface LaunchOptions {
     stateDir: string,
     context: { signal: AbortSignal | undefined; diskDir: string },
   ) => Promise<Partial<LaunchMachineSpec> | undefined> | Partial<LaunchMachineSpec> | undefined;
+  /**
+   * Run QEMU behind the allow-list relay (docs/network.md): in a user + network namespace of its
+   * own whose only way out is sm-net, which admits `rules`. The machine should have a `network`.
+   */
+  netRelay?: NetRelaySpec;
   /** Cap of the console log file. Default 1 MiB. */
   consoleLogMaxBytes?: number;
   /** Time allowed until QMP is ready. Default 30 s. */
@@ -119,7 +135,7 @@ let exitHookInstalled = false;
 export class QemuProcess {
   /** The VM's id (its runtime dir's name). */
   readonly id: string;
-  /** QEMU's pid. */
+  /** QEMU's pid; with a network relay, the relay's (QEMU is its only child, in its process group). */
   readonly pid: number;
   /** The argv QEMU was started with (without the executable), for diagnostics. */
   readonly args: readonly string[];
@@ -153,6 +169,8 @@ export class QemuProcess {
   #mounts: Socket | undefined;
   #exit: QemuExit | undefined;
   #stderr = "";
+  /** The relay's `error` line, when it failed to build its namespace. */
+  #relayError: string | undefined;
   #state: QemuState = "starting";
   /** stop()/kill()/abort asked for the exit: not a failure. */
   #requested = false;
@@ -170,6 +188,7 @@ export class QemuProcess {
     agentListener: Listener | undefined;
     identity: QemuIdentity;
     mountListener: Listener | undefined;
+    relayStatus: NodeJS.ReadableStream | undefined;
   }) {
     this.#identity = init.identity;
     const { child, dir } = init;
@@ -194,6 +213,9 @@ export class QemuProcess {
       debug("qemu %s stderr: %s", this.id, text.trimEnd());
       this.#stderr = (this.#stderr + text).slice(-STDERR_TAIL_CHARS);
     });
+    if (init.relayStatus !== undefined) {
+      readRelayStatus(init.relayStatus, (status) => this.#onRelayStatus(status));
+    }
     this.exited = new Promise<QemuExit>((resolve) => {
       child.once("exit", (code, signal) => {
         this.#exit = { code, signal };
@@ -201,6 +223,7 @@ export class QemuProcess {
         setTimeout(() => {
           child.stdout?.destroy();
           child.stderr?.destroy();
+          (init.relayStatus as { destroy?: () => void } | undefined)?.destroy?.();
         }, STDIO_DRAIN_MS).unref();
       });
       child.once("close", (code, signal) => {
@@ -277,6 +300,16 @@ export class QemuProcess {
     }
     throwIfAborted(signal);
 
+    if (options.netRelay !== undefined) {
+      // Once per process: a host without user namespaces fails here, with the fix, not mid-launch.
+      const why = await probeNetRelay({
+        path: options.netRelay.path,
+        identity: vmQemuIdentity(RELAY_PROBE_ID),
+      });
+      if (why !== undefined) throw relayUnsupported(why);
+      throwIfAborted(signal);
+    }
+
     const dir = await VmStateDir.create({ root, ...(options.id === undefined ? {} : { id: options.id }) });
     const identity = vmQemuIdentity(dir.id);
     const listeners: Listener[] = [];
@@ -286,6 +319,8 @@ export class QemuProcess {
     let args: string[];
     let agentListener: Listener | undefined;
     let mountListener: Listener | undefined;
+    let relayHandle: Awaited<ReturnType<typeof open>> | undefined;
+    let relayStatus: NodeJS.ReadableStream | undefined;
     try {
       const prepared =
         options.prepare === undefined
@@ -337,14 +372,37 @@ export class QemuProcess {
         ...(mountListener === undefined ? {} : { mountFd: socketFd(mountListener) }),
       });
       throwIfAborted(signal);
+      const inherited: (number | Socket | "pipe")[] = [
+        ...files.handles.map((file) => file.fd),
+        ...listeners.map((listener) => listener.qemuEnd),
+      ];
+      let program = [qemuPath, ...args];
+      if (options.netRelay !== undefined) {
+        // After QEMU's own descriptors: the relay's status socket, then the relay binary itself.
+        relayHandle = await open(options.netRelay.path, "r");
+        const statusFd = FIRST_FD + inherited.length;
+        inherited.push("pipe", relayHandle.fd);
+        program = [
+          ...relayArgs({ exeFd: statusFd + 1, statusFd, rules: options.netRelay.rules }),
+          "--",
+          ...program,
+        ];
+      }
       child = await spawnQemu(
-        confinedCommand(tools, qemuPath, args, identity, qemuLimits(machine.memoryMiB)),
-        [...files.handles.map((file) => file.fd), ...listeners.map((listener) => listener.qemuEnd)],
+        confinedCommand(tools, program, identity, qemuLimits(machine.memoryMiB)),
+        inherited,
       );
+      if (options.netRelay !== undefined) {
+        relayStatus = child.stdio[
+          FIRST_FD + files.handles.length + listeners.length
+        ] as NodeJS.ReadableStream;
+      }
       await files.close();
+      await relayHandle?.close();
       for (const listener of listeners) listener.qemuEnd.destroy();
     } catch (error) {
       await files?.close();
+      await relayHandle?.close();
       for (const listener of listeners) listener.qemuEnd.destroy();
       for (const listener of listeners) listener.server.close();
       await consoleLog?.close();
@@ -364,6 +422,7 @@ export class QemuProcess {
       agentListener,
       identity,
       mountListener,
+      relayStatus,
     });
     try {
       await qemu.#connectQmp(listeners[0]!.connection, {
@@ -373,7 +432,7 @@ export class QemuProcess {
     } catch (error) {
       if (error instanceof AbortError) qemu.#requested = true;
       else qemu.#failed = true;
-      qemu.#child.kill("SIGKILL");
+      qemu.#killGroup();
       await qemu.#finished;
       throw error instanceof VmError && error.code === "VM_EXITED" ? qemu.#startupError() : error;
     }
@@ -460,7 +519,7 @@ export class QemuProcess {
   kill(): Promise<void> {
     if (this.#exit === undefined) {
       this.#requested = true;
-      this.#child.kill("SIGKILL");
+      this.#killGroup();
     }
     return this.#finished;
   }
@@ -478,7 +537,7 @@ export class QemuProcess {
         debug("qemu %s ignored quit for %d ms: SIGTERM", this.id, timeoutMs);
         this.#child.kill("SIGTERM");
         if (!(await raceTimeout(exited, SIGTERM_GRACE_MS))) {
-          this.#child.kill("SIGKILL");
+          this.#killGroup();
         }
       }
     }
@@ -523,7 +582,44 @@ export class QemuProcess {
     }
   }
 
-  #startupError(): VmError {
+  /**
+   * SIGKILL the child's process group: QEMU, and with a network relay the relay too, at once (the
+   * child leads its group: it was spawned detached).
+   */
+  #killGroup(): void {
+    killGroup(this.#child);
+  }
+
+  #onRelayStatus(status: RelayStatus): void {
+    switch (status.kind) {
+      case "ready":
+        debug("qemu %s: the network relay is ready", this.id);
+        break;
+      case "deny":
+        publish("net:deny", { id: this.id, address: status.address, port: status.port });
+        break;
+      case "fail":
+        publish("net:connect-failed", {
+          id: this.id,
+          address: status.address,
+          port: status.port,
+          reason: status.reason,
+        });
+        break;
+      case "suppressed":
+        publish("net:suppressed", { id: this.id, count: status.count });
+        break;
+      case "error":
+        this.#relayError ??= status.message;
+        break;
+    }
+  }
+
+  #startupError(): SupermachineError {
+    const relayError = this.#relayError;
+    // The namespace could not be built. (A failed exec is QEMU's own problem, below; a usage
+    // error is a bug of ours: both keep the generic error, which carries the relay's stderr.)
+    if (relayError !== undefined && !/^(exec|usage) /.test(relayError)) return relayUnsupported(relayError);
     const exit = this.#exit;
     const how = exit?.signal ? `was killed by ${exit.signal}` : `exited with code ${exit?.code}`;
     const stderr = this.#stderr.trim();
@@ -619,7 +715,7 @@ async function listenUnix(path: string): Promise<Listener> {
 /** Starts the confined command with an empty environment and `inherited` as its fds 3, 4, … */
 async function spawnQemu(
   confined: { command: string; argv: string[] },
-  inherited: readonly (number | Socket)[],
+  inherited: readonly (number | Socket | "pipe")[],
 ): Promise<ChildProcess> {
   const child = spawn(confined.command, confined.argv, {
     stdio: ["ignore", "pipe", "pipe", ...inherited],
@@ -659,9 +755,21 @@ function installExitHook(): void {
   if (exitHookInstalled) return;
   exitHookInstalled = true;
   process.on("exit", () => {
-    for (const child of live) child.kill("SIGKILL");
+    for (const child of live) killGroup(child);
   });
 }
+
+/** SIGKILL a spawned (detached, so group-leading) child and its process group. */
+function killGroup(child: ChildProcess): void {
+  try {
+    if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
+  } catch {
+    child.kill("SIGKILL");
+  }
+}
+
+/** The VM id whose QEMU identity probes the relay (any per-VM uid would do; one id keeps it once per process). */
+const RELAY_PROBE_ID = "sm-net-probe";
 
 /** True if `promise` settles within `ms`. */
 async function raceTimeout(promise: Promise<unknown>, ms: number): Promise<boolean> {

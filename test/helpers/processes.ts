@@ -22,14 +22,23 @@ function cmdline(pid: number): string | undefined {
   }
 }
 
+/** The processes whose command line names one of `vmIds` (QEMU, and the network relay it runs under). */
+export function processesOf(vmIds: Iterable<string>): { pid: number; argv: string[] }[] {
+  const names = [...vmIds].map((id) => `supermachine-${id}`);
+  if (names.length === 0) return [];
+  const found: { pid: number; argv: string[] }[] = [];
+  for (const pid of pids()) {
+    const argv = cmdline(pid)?.split("\0");
+    if (argv?.some((arg) => names.includes(arg))) found.push({ pid, argv });
+  }
+  return found;
+}
+
 /** The QEMU processes running for any of `vmIds`. */
 export function qemuPidsOf(vmIds: Iterable<string>): number[] {
-  const names = [...vmIds].map((id) => `supermachine-${id}\0`);
-  if (names.length === 0) return [];
-  return pids().filter((pid) => {
-    const line = cmdline(pid);
-    return line?.includes("qemu-system") === true && names.some((name) => line.includes(name));
-  });
+  return processesOf(vmIds)
+    .filter(({ argv }) => argv[0]?.includes("qemu-system") === true)
+    .map(({ pid }) => pid);
 }
 
 /** The QEMU process of a running VM. */

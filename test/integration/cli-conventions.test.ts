@@ -56,7 +56,24 @@ describe("supermachine's command line", () => {
       assert.deepEqual(JSON.parse(result.stdout), [], args.join(" "));
     }
     const table = await cli("ps");
-    assert.equal(table.stdout, "NAME  IMAGE  COMMAND  CREATED  STATUS\n");
+    assert.equal(table.stdout, "NAME  IMAGE  COMMAND  CREATED  STATUS  PORTS\n");
+  });
+
+  it("bad -p, -v and --mount exit 125 with one line saying what is wrong, before anything starts", async () => {
+    for (const [flag, value, says] of [
+      ["-p", "80/udp", /only TCP ports/],
+      ["-p", "x:80", /HOST_PORT "x" is not a port/],
+      ["-v", "data:/data", /named volume/],
+      ["-v", "/tmp:/data:z", /unsupported option "z"/],
+      ["-v", "/no/such/dir:/data", /is not a directory/],
+      ["--mount", "type=volume,src=/tmp,dst=/data", /only type=bind/],
+      ["--mount", "src=/tmp,dst=/data,symlinks=sometimes", /symlinks=sometimes: use opaque, deny, follow/],
+    ] as const) {
+      const result = await cli("run", flag, value, "--rootfs", "/no/such/rootfs", "true");
+      assert.equal(result.code, 125, `${flag} ${value}: ${described(result)}`);
+      assert.match(result.stderr, /^supermachine: [^\n]+\n$/, `${flag} ${value}: one line`);
+      assert.match(result.stderr, says, `${flag} ${value}`);
+    }
   });
 
   it("doctor says which accelerator and why, and --json parses", async () => {
@@ -78,6 +95,12 @@ describe("supermachine's command line", () => {
     }
     assert.match(text.stdout, /^qemu: /m);
     assert.match(text.stdout, /^data dir: +.* free/m);
+    // Network allow-lists: the relay and user namespaces, either way said in one line.
+    assert.match(
+      text.stdout,
+      /^network: +none(, outbound and allow-lists work| and outbound work; allow-lists do not: )/m,
+    );
+    assert.equal(typeof report.network.relay.found, "boolean");
   });
 
   it("doctor without KVM: SUPERMACHINE_ACCEL=tcg is reported as such", async () => {

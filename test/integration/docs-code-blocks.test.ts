@@ -151,6 +151,7 @@ vmTest(
         })
       ).stdout;
     assert.match(await example("first-vm.ts", rootfs), /^accelerator: (kvm|tcg)\nLinux 6\.1\.\d+\n$/);
+    assert.equal(await example("network.ts", rootfs), "hello from the host\nadmin refused\n");
     assert.equal(
       await example("verifier-loop.ts", env.IMAGE),
       '"echo \\"$((6 * 7))\\"": ok: 42\n"if then fi": failed (exit 2)\n"exit 3": failed (exit 3)\n"while :; do :; done": timed out\n',

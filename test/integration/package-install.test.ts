@@ -77,6 +77,7 @@ vmTest(
     );
     assert.equal(doctor.assets.assets.kernel.source, "package", "the kernel came from the prebuilt package");
     assert.equal(doctor.assets.assets.initramfs.source, "package");
+    assert.equal(doctor.assets.assets.netRelay.source, "package", "the network relay came from it too");
   },
   { timeout: 400_000 },
 );

@@ -458,8 +458,11 @@ describe("supervision across host death", { skip }, () => {
       console.log(JSON.stringify({ pid: vm.pid, stateDir: vm.stateDir }));
       setInterval(() => {}, 1000);
     `;
+    const data = path.join(root, "data");
+    const diskRoot = path.join(data, "vms");
     const host: ChildProcess = spawn(process.execPath, ["--input-type=module", "-e", script], {
       stdio: ["ignore", "pipe", "inherit"],
+      env: { ...process.env, SUPERMACHINE_DATA_DIR: data },
     });
     try {
       const [line] = (await once(createInterface({ input: host.stdout! }), "line")) as [string];
@@ -470,12 +473,15 @@ describe("supervision across host death", { skip }, () => {
       const ms = await waitGone(pid, startTime, 2000);
       t.diagnostic(`QEMU gone ${ms.toFixed(1)} ms after its host was SIGKILLed`);
       assert.ok(existsSync(stateDir));
-      const result = await sweepStaleVms({ root });
-      assert.deepEqual(result.removedDirs, [stateDir]);
+      const diskDir = path.join(diskRoot, path.basename(stateDir));
+      assert.ok(existsSync(diskDir));
+      const result = await sweepStaleVms({ root, diskRoot });
+      assert.deepEqual(result.removedDirs, [stateDir, diskDir]);
       assert.equal(existsSync(stateDir), false);
+      assert.equal(existsSync(diskDir), false);
     } finally {
       host.kill("SIGKILL");
-      await sweepStaleVms({ root }); // leaves no QEMU behind even when the test fails
+      await sweepStaleVms({ root, diskRoot }); // leaves no QEMU behind even when the test fails
     }
   });
 
@@ -485,7 +491,13 @@ describe("supervision across host death", { skip }, () => {
     await mkdir(dir, { recursive: true, mode: 0o700 });
     // QEMU connects to these; in real life they belonged to the dead host.
     const qmp = await listen(path.join(dir, "qmp.sock"));
-    const args = buildQemuArgs({ ...tiny, sandbox: "off", qmpSocketPath: path.join(dir, "qmp.sock") });
+    // A sweep knows its VM's QEMU by its name (pid and start time guard against reuse).
+    const args = buildQemuArgs({
+      ...tiny,
+      sandbox: "off",
+      name: "supermachine-orphan",
+      qmpSocketPath: path.join(dir, "qmp.sock"),
+    });
     const qemu = spawn(qemuPath!, args, { stdio: "ignore" });
     try {
       await once(qmp, "connection");
@@ -502,7 +514,7 @@ describe("supervision across host death", { skip }, () => {
         }),
       );
       const exited = once(qemu, "exit");
-      const result = await sweepStaleVms({ root });
+      const result = await sweepStaleVms({ root, diskRoot: path.join(root, "disks") });
       assert.deepEqual(result.killedPids, [qemu.pid]);
       assert.deepEqual(result.removedDirs, [dir]);
       assert.deepEqual(await exited, [null, "SIGKILL"]);

@@ -1,8 +1,9 @@
 /**
  * The layering rules of docs/architecture.md, checked on the source tree so that they stay true:
  * modules import only modules below them, through their barrel; the leaves import only `errors`
- * and `internal`; the CLI only the public entry; no import cycles between files; only `src/vmm/`
- * talks QMP.
+ * and `internal`; the CLI only the public entry (and the server, for `serve`); the server only the
+ * public entry and the wire protocol; the client and the wire protocol no VM code (types of the
+ * public entry, `errors`); no import cycles between files; only `src/vmm/` talks QMP.
  */
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
@@ -27,7 +28,10 @@ const LAYERS: Record<string, number> = {
   image: 6,
   index: 7,
   testing: 7,
-  cli: 8,
+  wire: 8,
+  server: 9,
+  client: 9,
+  cli: 10,
 };
 /** Modules that are one file rather than a folder with a barrel. */
 const FILE_MODULES = new Set(["errors", "index", "testing"]);
@@ -55,14 +59,17 @@ function listSources(dir: string, base = dir): SourceFile[] {
   return out;
 }
 
-/** Every relative import of every file (static, re-exports and dynamic), resolved to `src/`-relative paths. */
+/**
+ * Every relative import of every file (static, side-effect only, re-exports and dynamic), resolved
+ * to `src/`-relative paths.
+ */
 export function importsOf(files: readonly SourceFile[]): Import[] {
   const out: Import[] = [];
   const pattern =
-    /(?:^|\n)\s*(import|export)\s+(type\s+)?[^;]*?from\s+"(\.[^"]+)"|import\(\s*"(\.[^"]+)"\s*\)/g;
+    /(?:^|\n)\s*(import|export)\s+(type\s+)?[^;]*?from\s+"(\.[^"]+)"|import\(\s*"(\.[^"]+)"\s*\)|(?:^|\n)\s*import\s+"(\.[^"]+)"/g;
   for (const file of files) {
     for (const match of file.text.matchAll(pattern)) {
-      const spec = match[3] ?? match[4];
+      const spec = match[3] ?? match[4] ?? match[5];
       if (spec === undefined) continue;
       const to = relative(SRC, resolve(SRC, dirname(file.path), spec));
       out.push({ from: file.path, to, typeOnly: match[2] !== undefined });
@@ -83,7 +90,7 @@ export function layeringViolations(files: readonly SourceFile[]): string[] {
     if (!(moduleOf(file.path) in LAYERS))
       problems.push(`${file.path}: module ${moduleOf(file.path)} has no layer`);
   }
-  for (const { from, to } of importsOf(files)) {
+  for (const { from, to, typeOnly } of importsOf(files)) {
     const a = moduleOf(from);
     const b = moduleOf(to);
     if (a === b) continue;
@@ -98,8 +105,21 @@ export function layeringViolations(files: readonly SourceFile[]): string[] {
     if (!FILE_MODULES.has(b) && to !== `${b}/index.ts`) {
       problems.push(`${from} imports ${to}: reach ${b} through its barrel ${b}/index.ts`);
     }
-    if (a === "cli" && b !== "index" && b !== "testing") {
+    if (a === "cli" && b !== "index" && b !== "testing" && b !== "server") {
       problems.push(`${from} imports ${to}: the CLI uses the public API (src/index.ts) only`);
+    }
+    if (a === "server" && b !== "index" && b !== "wire") {
+      problems.push(
+        `${from} imports ${to}: the server uses the public API (src/index.ts) and the wire protocol only`,
+      );
+    }
+    if (
+      (a === "client" || a === "wire") &&
+      !(b === "errors" || b === "wire" || (b === "index" && typeOnly))
+    ) {
+      problems.push(
+        `${from} imports ${to}: the ${a} carries no VM code (types from src/index.ts with import type, errors${a === "client" ? ", wire" : ""})`,
+      );
     }
   }
   return problems;
@@ -166,12 +186,33 @@ describe("architecture", () => {
       { path: "oci/index.ts", text: "" },
       { path: "oci/pull.ts", text: "" },
       { path: "cli/main.ts", text: 'import { Vm } from "../vm/index.ts";\n' },
+      { path: "agent/d.ts", text: 'import "../pool/index.ts";\n' },
+      { path: "pool/index.ts", text: "" },
+      {
+        path: "client/a.ts",
+        text: 'import { Vm } from "../index.ts";\nimport type { Pool } from "../index.ts";\n',
+      },
+      { path: "server/a.ts", text: 'import { Pool } from "../pool/index.ts";\n' },
     ];
     const problems = layeringViolations(fake);
     assert.ok(problems.some((p) => p.startsWith("vmm/a.ts imports vm/index.ts: vmm may not import vm")));
     assert.ok(problems.some((p) => p.includes("vm/b.ts imports oci/pull.ts: reach oci through its barrel")));
     assert.ok(
       problems.some((p) => p.includes("cli/main.ts imports vm/index.ts: the CLI uses the public API")),
+    );
+    assert.ok(
+      problems.some((p) => p.startsWith("agent/d.ts imports pool/index.ts: agent may not import pool")),
+    );
+    assert.ok(
+      problems.some((p) => p.startsWith("client/a.ts imports index.ts: the client carries no VM code")),
+    );
+    assert.equal(
+      problems.filter((p) => p.startsWith("client/a.ts")).length,
+      1,
+      "import type from index is fine",
+    );
+    assert.ok(
+      problems.some((p) => p.startsWith("server/a.ts imports pool/index.ts: the server uses the public API")),
     );
     assert.deepEqual(importCycles(fake), ["vm/b.ts -> vm/c.ts -> vm/b.ts"]);
     assert.deepEqual(qmpOutsideVmm(fake), ["vm/c.ts"]);

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { copyFile, cp, mkdir, mkdtemp, rm, utimes, writeFile } from "node:fs/promises";
+import { chmod, copyFile, cp, mkdir, mkdtemp, rm, utimes, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -12,6 +12,7 @@ import {
   cachedAssetPaths,
   GUEST_PACKAGE,
   locateGuestAssets,
+  locateNetRelay,
   resolveAssetPaths,
 } from "../../src/vmm/asset-paths.ts";
 
@@ -56,6 +57,7 @@ before(async () => {
     "kernel/supermachine.config",
     "scripts/build-kernel.sh",
     "scripts/build-initramfs.sh",
+    "scripts/build-hosttools.sh",
     "scripts/build-assets.sh",
   ]) {
     await mkdir(dirname(join(packageDir, path)), { recursive: true });
@@ -66,7 +68,15 @@ before(async () => {
   await touch(join(packageDir, "guest/src/proto/frame.h"), "#pragma once\n");
   await touch(join(packageDir, "guest/src/Z-upper.c"), "\n");
   await touch(join(packageDir, "guest/test/ignored.c"), "\n");
+  await touch(join(packageDir, "hosttools/Makefile"), "all:\n");
+  await touch(join(packageDir, "hosttools/sm-net.c"), "int main(void) { return 0; }\n");
 });
+
+async function executable(path: string, content = "x"): Promise<string> {
+  await touch(path, content);
+  await chmod(path, 0o755);
+  return path;
+}
 
 after(async () => {
   await rm(tmp, { recursive: true, force: true });
@@ -331,7 +341,105 @@ describe("cache keys match the build scripts", () => {
     const cached = await cachedAssetPaths({ packageDir, env });
     assert.equal(
       stdout,
-      `SUPERMACHINE_KERNEL=${cached.kernel}\nSUPERMACHINE_INITRAMFS=${cached.initramfs}\n`,
+      `SUPERMACHINE_KERNEL=${cached.kernel}\nSUPERMACHINE_INITRAMFS=${cached.initramfs}\n` +
+        `SUPERMACHINE_NET_RELAY=${cached.netRelay}\n`,
+    );
+  });
+
+  test("network relay: same path as scripts/build-hosttools.sh --print-path; keyed by hosttools/ files", async () => {
+    const { stdout } = await run("bash", [join(packageDir, "scripts/build-hosttools.sh"), "--print-path"], {
+      env: { ...process.env, ...env },
+    });
+    const cached = await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null });
+    assert.equal(cached.netRelay, stdout.trim());
+    assert.match(stdout.trim(), /\/sm-net\/[0-9a-f]{16}\/sm-net$/);
+    // Build output below hosttools/ is not a source; a file directly in it is.
+    await touch(join(packageDir, "hosttools/build/sm-net"), "binary");
+    assert.equal(
+      (await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null })).netRelay,
+      cached.netRelay,
+    );
+    const source = join(packageDir, "hosttools/sm-net.c");
+    await writeFile(source, "int main(void) { return 1; }\n");
+    try {
+      assert.notEqual(
+        (await cachedAssetPaths({ packageDir, env, linuxSourceVersion: null })).netRelay,
+        cached.netRelay,
+      );
+    } finally {
+      await writeFile(source, "int main(void) { return 0; }\n");
+    }
+  });
+});
+
+describe("the network relay sm-net", () => {
+  test("comes from the override, SUPERMACHINE_NET_RELAY or the cache; missing is no error for the guest assets", async () => {
+    const kernel = await touch(join(tmp, "r/vmlinux"));
+    const initramfs = await touch(join(tmp, "r/initramfs.cpio"));
+    const options = { packageDir, env, linuxSourceVersion: "1" };
+    assert.deepEqual(await resolveAssetPaths({ kernel, initramfs }, options), { kernel, initramfs });
+    await assert.rejects(locateNetRelay({}, options), (error) =>
+      assertAssetMissing(
+        error,
+        "sm-net",
+        "network allow-lists",
+        "scripts/build-hosttools.sh",
+        "SUPERMACHINE_NET_RELAY",
+      ),
+    );
+    const cached = (await cachedAssetPaths(options)).netRelay!;
+    await executable(cached);
+    try {
+      assert.deepEqual(await locateNetRelay({}, options), { path: cached, source: "cache" });
+      assert.equal((await resolveAssetPaths({ kernel, initramfs }, options)).netRelay, cached);
+      const fromEnv = await executable(join(tmp, "r/env-sm-net"));
+      assert.deepEqual(
+        await locateNetRelay({}, { ...options, env: { ...env, SUPERMACHINE_NET_RELAY: fromEnv } }),
+        {
+          path: fromEnv,
+          source: "env",
+        },
+      );
+      const given = await executable(join(tmp, "r/given-sm-net"));
+      assert.deepEqual(await locateNetRelay({ netRelay: given }, options), { path: given, source: "option" });
+      // Not executable: not a relay.
+      const plain = await touch(join(tmp, "r/plain-sm-net"));
+      await assert.rejects(locateNetRelay({ netRelay: plain }, options), (error) =>
+        assertAssetMissing(error, `${plain} (given as netRelay)`),
+      );
+    } finally {
+      await rm(join(cache, "sm-net"), { recursive: true, force: true });
+    }
+  });
+
+  test("comes from the prebuilt guest package when its hash is recorded, and is checked", async () => {
+    const sha = (text: string) => createHash("sha256").update(text).digest("hex");
+    const guest = join(tmp, "relay-pkg", "guest");
+    const packed = join(tmp, "relay-pkg", "supermachine");
+    await touch(join(guest, "vmlinux"), "k");
+    await touch(join(guest, "initramfs.cpio"), "i");
+    await executable(join(guest, "sm-net"), "relay bytes");
+    await cp(packageDir, packed, { recursive: true });
+    await touch(join(packed, "package.json"), JSON.stringify({ name: "supermachine" }));
+    const record = (relaySha: string) =>
+      touch(
+        join(packed, "dist/guest-assets.json"),
+        JSON.stringify({
+          kernel: { file: "vmlinux", sha256: sha("k") },
+          initramfs: { file: "initramfs.cpio", sha256: sha("i") },
+          netRelay: { file: "sm-net", sha256: relaySha },
+        }),
+      );
+    const options = { packageDir: packed, guestPackageDir: guest, env, linuxSourceVersion: "1" };
+    await record(sha("relay bytes"));
+    assert.deepEqual(await locateNetRelay({}, options), {
+      path: join(guest, "sm-net"),
+      source: "package",
+      sha256: `sha256:${sha("relay bytes")}`,
+    });
+    await record(sha("other bytes"));
+    await assert.rejects(locateNetRelay({}, options), (error) =>
+      SupermachineError.is(error, "DIGEST_MISMATCH"),
     );
   });
 });

@@ -29,6 +29,7 @@ const valid = {
   tscKHz: 2000000,
   memoryMiB: 256,
   vcpus: 1,
+  network: { device: true, policy: "outbound" },
   execDefaults: { env: {}, cwd: "/", user: "root" },
   warmupTag: "",
   cacheKey: "c",
@@ -47,6 +48,22 @@ const valid = {
 describe("snapshot manifest", () => {
   it("accepts a complete manifest", () => {
     assert.equal(parseManifest(JSON.stringify(valid), "/d").memoryMiB, 256);
+    for (const network of [
+      { device: false, policy: "none" },
+      { device: true, policy: "none" },
+      { device: true, policy: { allow: ["host:80", "10.1.2.0/24:443"] } },
+    ]) {
+      assert.deepEqual(parseManifest(JSON.stringify({ ...valid, network }), "/d").network, network);
+    }
+  });
+
+  it("refuses the format before network devices were recorded (1) as incompatible", () => {
+    assert.equal(SNAPSHOT_FORMAT_VERSION, 2);
+    const { network: _, ...old } = valid;
+    assert.throws(
+      () => parseManifest(JSON.stringify({ ...old, formatVersion: 1 }), "/d"),
+      (e: unknown) => e instanceof SnapshotError && e.code === "SNAPSHOT_INCOMPATIBLE",
+    );
   });
 
   it("refuses another format version as incompatible", () => {
@@ -66,6 +83,14 @@ describe("snapshot manifest", () => {
     corrupt("{");
     corrupt(JSON.stringify({ ...valid, memoryMiB: 0 }));
     corrupt(JSON.stringify({ ...valid, accelerator: "hvf" }));
+    const { network: _, ...withoutNetwork } = valid;
+    corrupt(JSON.stringify(withoutNetwork));
+    corrupt(JSON.stringify({ ...valid, network: { device: "yes", policy: "none" } }));
+    corrupt(JSON.stringify({ ...valid, network: { device: true, policy: "everything" } }));
+    corrupt(JSON.stringify({ ...valid, network: { device: true, policy: { allow: [443] } } }));
+    // A policy with a network needs the device.
+    corrupt(JSON.stringify({ ...valid, network: { device: false, policy: "outbound" } }));
+    corrupt(JSON.stringify({ ...valid, network: { device: false, policy: { allow: [] } } }));
     corrupt(
       JSON.stringify({ ...valid, files: { ...valid.files, memory: { path: "../memory", sizeBytes: 1 } } }),
     );
@@ -118,6 +143,7 @@ describe("bake cache key", () => {
     qemuVersion: "7.2.0",
     workload: ["sh"],
     execDefaults: { env: {}, cwd: "/", user: "root" },
+    network: "none" as const,
   };
   it("is stable and changes with every input", () => {
     const key = bakeCacheKey(parts);
@@ -132,6 +158,8 @@ describe("bake cache key", () => {
       { accelerator: "kvm" },
       { qemuVersion: "8.0.0" },
       { workload: undefined },
+      { network: "outbound" as const },
+      { network: { allow: ["host:80"] } },
     ]) {
       assert.notEqual(bakeCacheKey({ ...parts, ...change }), key, JSON.stringify(change));
     }

@@ -1,0 +1,124 @@
+/* The runtime environment docker gives every container, made in the VM once the image's root
+ * filesystem is the root (docs/agent.md, "The guest's runtime environment"): the hostname and
+ * /etc/hostname, /etc/hosts, /etc/resolv.conf when the image has none, /run and /dev/mqueue, and
+ * docker's open-files limit. Server images and their entrypoint scripts expect these; none of it
+ * may stop the boot: a failure is logged on the console and the rest goes on. */
+#define _GNU_SOURCE
+#include "agent.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* docker's default (containerd's LimitNOFILE=infinity on most hosts): also the kernel's nr_open */
+#define NOFILE_LIMIT 1048576
+#define DEFAULT_HOSTNAME "supermachine"
+
+/* Writes a small file the way docker's bind mounts replace it: whatever the image has at that
+ * path (a file, a symlink, even a dangling one) gives way; a directory there is left alone. */
+static void put_file(const char *path, const char *text)
+{
+	for (int attempt = 0; attempt < 2; attempt++) {
+		int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+		if (fd < 0) {
+			if (attempt == 0 && errno == ELOOP && unlink(path) == 0)
+				continue;
+			sm_log("runtime: %s: %s", path, strerror(errno));
+			return;
+		}
+		size_t n = strlen(text), done = 0;
+		while (done < n) {
+			ssize_t w = write(fd, text + done, n - done);
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w <= 0) {
+				sm_log("runtime: writing %s: %s", path, w < 0 ? strerror(errno) : "short write");
+				break;
+			}
+			done += (size_t)w;
+		}
+		/* the image may have it with another owner or mode */
+		if (fchown(fd, 0, 0) < 0 || fchmod(fd, 0644) < 0)
+			sm_log("runtime: %s: %s", path, strerror(errno));
+		close(fd);
+		return;
+	}
+}
+
+/* A directory the image may lack: created 0755 root, as docker's runtime makes mount points. */
+static int ensure_dir(const char *path)
+{
+	struct stat st;
+	if (stat(path, &st) == 0) {
+		if (S_ISDIR(st.st_mode))
+			return 0;
+		sm_log("runtime: %s is not a directory", path);
+		return -1;
+	}
+	if (mkdir(path, 0755) < 0 && errno != EEXIST) {
+		sm_log("runtime: mkdir %s: %s", path, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static void setup_names(const char *hostname)
+{
+	const char *name = hostname && *hostname ? hostname : DEFAULT_HOSTNAME;
+	if (sethostname(name, strlen(name)) < 0)
+		sm_log("runtime: sethostname %s: %s", name, strerror(errno));
+	if (ensure_dir("/etc") < 0)
+		return;
+	char text[512];
+	snprintf(text, sizeof text, "%s\n", name);
+	put_file("/etc/hostname", text);
+	/* docker's /etc/hosts, with the hostname on a loopback address (the VM may have no NIC) */
+	snprintf(text, sizeof text,
+		 "127.0.0.1\tlocalhost\n"
+		 "::1\tlocalhost ip6-localhost ip6-loopback\n"
+		 "fe00::0\tip6-localnet\n"
+		 "ff00::0\tip6-mcastprefix\n"
+		 "ff02::1\tip6-allnodes\n"
+		 "ff02::2\tip6-allrouters\n"
+		 "127.0.1.1\t%s\n",
+		 name);
+	put_file("/etc/hosts", text);
+	/* Only when missing (or a dangling symlink). The C libraries ask 127.0.0.1 without one;
+	 * written out, resolvers that insist on a nameserver line (dnspython) work the same way.
+	 * With networking, the network setup writes its own. */
+	struct stat st;
+	if (stat("/etc/resolv.conf", &st) < 0 && errno == ENOENT)
+		put_file("/etc/resolv.conf", "# supermachine: no resolver given; the C libraries' default\nnameserver 127.0.0.1\n");
+}
+
+static void setup_mounts(void)
+{
+	/* /run: the image's own directory, as docker leaves it (a package's /run/postgresql or
+	 * /run/lock must be there); created when the image has none */
+	ensure_dir("/run");
+	/* POSIX message queues, as docker mounts them */
+	if (ensure_dir("/dev/mqueue") == 0 &&
+	    mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0 && errno != EBUSY)
+		sm_log("runtime: mount mqueue on /dev/mqueue: %s", strerror(errno));
+}
+
+/* Every process the agent starts inherits this limit (docs/agent.md: "the agent's original
+ * RLIMIT_NOFILE"); the kernel's default of 1024 is too low for servers. */
+static void setup_limits(void)
+{
+	struct rlimit rl = { NOFILE_LIMIT, NOFILE_LIMIT };
+	if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+		sm_log("runtime: RLIMIT_NOFILE %d: %s", NOFILE_LIMIT, strerror(errno));
+}
+
+void sm_runtime_setup(const char *hostname)
+{
+	setup_limits();
+	setup_mounts();
+	setup_names(hostname);
+}

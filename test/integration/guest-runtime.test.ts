@@ -1,0 +1,73 @@
+/**
+ * The runtime environment the guest gives an image, as docker gives a container (docs/agent.md,
+ * "The guest's runtime environment"): hostname, /etc/hostname, /etc/hosts, /etc/resolv.conf,
+ * /run as the image has it, /dev/shm, /dev/mqueue, the open-files limit. Checked on the Debian
+ * fixture image, whose glibc resolves names the way server programs do.
+ */
+import assert from "node:assert/strict";
+import { describe } from "node:test";
+import { Image } from "../../src/index.ts";
+import { fixtureImages } from "../helpers/fixtures.ts";
+import { scratchDir } from "../helpers/scratch.ts";
+import { sharedVm, vmTest } from "../helpers/vm.ts";
+
+async function debianImage(): Promise<Image> {
+  return Image.pull(`oci:${(await fixtureImages()).debian}`, { dataDir: await scratchDir("sm-data-") });
+}
+
+describe("the guest's runtime environment", { timeout: 600_000 }, () => {
+  const shared = sharedVm(async () => (await debianImage()).start({ memoryMiB: 256 }));
+  const sh = async (script: string, user = "root") =>
+    (await shared.current().execBuilder().argv(["/bin/sh", "-c", script]).user(user).output()).stdoutText;
+
+  shared.it("has a hostname, in /etc/hostname and resolvable through /etc/hosts", async () => {
+    assert.equal(await sh("hostname; cat /etc/hostname"), "supermachine\nsupermachine\n");
+    assert.match(await sh("getent hosts supermachine"), /^127\.0\.1\.1\s+supermachine$/m);
+    // getaddrinfo as servers and clients call it (AF_UNSPEC); both loopback addresses
+    const localhost = await sh("getent ahosts localhost");
+    assert.match(localhost, /^127\.0\.0\.1\s+STREAM/m);
+    assert.match(localhost, /^::1\s+STREAM/m);
+    assert.equal(await sh("stat -c '%a %u' /etc/hosts /etc/hostname"), "644 0\n644 0\n");
+  });
+
+  shared.it("has an /etc/resolv.conf when the image has none", async () => {
+    assert.equal(await sh("grep -v '^#' /etc/resolv.conf"), "nameserver 127.0.0.1\n");
+  });
+
+  shared.it("keeps the image's /run (no tmpfs over it)", async () => {
+    // the Debian base layer has /run/lock (1777) and /run/mount
+    assert.equal(await sh("stat -c %a /run/lock; test -d /run/mount && echo mount"), "1777\nmount\n");
+    assert.equal(await sh("stat -f -c %T /run"), "ext2/ext3\n");
+  });
+
+  shared.it("has docker's /dev: shm, mqueue, fd (bash's process substitution)", async () => {
+    assert.equal(
+      (await shared.current().execBuilder().argv(["bash", "-c", "cat <(echo through /dev/fd)"]).output())
+        .stdoutText,
+      "through /dev/fd\n",
+    );
+    assert.equal(await sh("stat -f -c %T /dev/shm; stat -c %a /dev/shm"), "tmpfs\n1777\n");
+    assert.match(
+      await sh("grep ' /dev/mqueue ' /proc/mounts"),
+      /^mqueue \/dev\/mqueue mqueue rw,nosuid,nodev,noexec/,
+    );
+  });
+
+  shared.it("has IPv6 on the loopback (nginx's entrypoint checks /proc/net/if_inet6)", async () => {
+    assert.match(await sh("cat /proc/net/if_inet6"), /^0{31}1 01 80 10 80\s+lo$/m);
+  });
+
+  shared.it("gives every process docker's open-files limit", async () => {
+    assert.equal(await sh("ulimit -n; ulimit -Hn", "app"), "1048576\n1048576\n");
+  });
+});
+
+vmTest("the hostname comes from sm.hostname when the host gives one", async () => {
+  await using vm = await (await debianImage()).start({ memoryMiB: 256, kernelArgs: ["sm.hostname=web-1"] });
+  const out = await vm
+    .execBuilder()
+    .argv(["/bin/sh", "-c", "hostname; cat /etc/hostname; getent hosts web-1"])
+    .user("root")
+    .output();
+  assert.match(out.stdoutText, /^web-1\nweb-1\n127\.0\.1\.1\s+web-1\n$/);
+});

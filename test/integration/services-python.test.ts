@@ -1,0 +1,57 @@
+/**
+ * Python (Debian's python3) as an image for programs: baked without a workload, each clone runs a
+ * program that reads its stdin and writes a file, which the host reads back.
+ */
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { describe } from "node:test";
+import { serviceSuite } from "../helpers/services.ts";
+
+const PROGRAM = `
+import hashlib, json, sys
+data = sys.stdin.buffer.read()
+text = data.decode("utf-8")
+with open(sys.argv[1], "w") as out:
+    json.dump({
+        "lines": len(text.splitlines()),
+        "words": len(text.split()),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "python": "%d.%d" % sys.version_info[:2],
+    }, out)
+print("wrote", sys.argv[1])
+`;
+
+describe("python as an image for programs", { timeout: 600_000 }, () => {
+  const service = serviceSuite("python", {
+    memoryMiB: 256,
+    workload: false,
+    // the interpreter's files in the page cache of every clone
+    warmup: async (vm) => {
+      await vm.exec(["python3", "-c", "import hashlib, json, sys"]);
+    },
+  });
+
+  service.it("the image has the official image's config", async () => {
+    assert.deepEqual(service.image().command(), ["python3"]);
+    assert.ok(service.image().config.env.includes("LANG=C.UTF-8"));
+  });
+
+  service.it("runs a program that reads stdin and writes a file the host reads back", async (vm) => {
+    const input = "héllo wörld\nfrom the host\n".repeat(500);
+    const out = await vm
+      .execBuilder()
+      .stageFile("/tmp/count.py", PROGRAM)
+      .argv(["python3", "/tmp/count.py", "/tmp/result.json"])
+      .stdin(input)
+      .timeout(60_000)
+      .output();
+    assert.equal(out.stdoutText, "wrote /tmp/result.json\n");
+    const result = JSON.parse(new TextDecoder().decode(await vm.readFile("/tmp/result.json")));
+    assert.deepEqual(result, {
+      lines: 1000,
+      words: 2500,
+      sha256: createHash("sha256").update(input).digest("hex"),
+      python: "3.11",
+    });
+  });
+});
