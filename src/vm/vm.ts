@@ -129,11 +129,13 @@ export class Vm {
         );
       }
     });
-    // The guest broke the protocol: it is not trusted any more, so the VM goes.
+    // The agent channel ended (QEMU is going: its socket closes before the host sees it exit) or
+    // the guest broke the protocol (it is not trusted any more): the VM goes, as a failure, so its
+    // console log is kept.
     void agent.closed.then((error) => {
       if (error !== undefined && this.#stopping === undefined) {
         this.#fail(withConsoleLog(error, this.consoleLogPath) as Error);
-        void qemu.kill();
+        void qemu.kill({ failed: true });
       }
     });
     agent.onWorkloadExit((status) => publish("vm:workload-exit", { id: this.id, status }));
