@@ -17,7 +17,7 @@
  *
  * Every other cycle must succeed, no VM a fault ended is ever handed out again, the pool's stats
  * add up, and afterwards nothing is left: no QEMU or other child process, no VM disk dir, no runtime
- * dir but the console logs kept on purpose for VMs whose QEMU died unasked (docs/lifecycle.md), no
+ * dir but the console logs kept on purpose for VMs whose QEMU died unasked (docs/vmm.md), no
  * listening socket, and no more open descriptors than a small bound.
  *
  * `SOAK_CYCLES` (default 80) and `SOAK_SEED` (default 1) set the run; the full soak is
@@ -40,7 +40,7 @@ import {
   type Vm,
 } from "../../src/index.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
-import { childProcesses, listeningSockets, openFdCount, qemuPid, qemuPidsOf } from "../helpers/processes.ts";
+import { childProcesses, listeningSockets, openFdCount, processesOf, qemuPid } from "../helpers/processes.ts";
 import { prng } from "../helpers/seeded-random.ts";
 import { vmSkipReason } from "../helpers/vm.ts";
 
@@ -300,7 +300,7 @@ describe(`pool soak: ${CYCLES} cycles through a pool of ${WORKERS} with injected
     assert.deepEqual([pool.stats().idle, pool.stats().stopping], [0, 0]);
 
     // Nothing left behind.
-    assert.deepEqual(qemuPidsOf(launched), [], "QEMU processes left");
+    assert.deepEqual(processesOf(launched), [], "QEMU or relay processes left");
     assert.deepEqual(childProcesses(), [], "child processes left");
     assert.deepEqual(readdirSync(join(dataRoot, "vms")), [], "VM disk dirs left");
     const kept = readdirSync(join(runtimeRoot, "vms")).sort();
