@@ -533,6 +533,8 @@ static void on_hello(const uint8_t *p, size_t n)
 		{ 2, SM_K_U64, SM_REQ },
 		{ 3, SM_K_U64, 0 },
 		{ 4, SM_K_BYTES, 0 },
+		{ 7, SM_K_STRING, 0 },
+		{ 8, SM_K_STRING, 0 },
 	};
 	char err[256];
 	int nf = sm_fields_split(p, n, fields, SM_MAX_FIELDS);
@@ -540,7 +542,7 @@ static void on_hello(const uint8_t *p, size_t n)
 		sm_send_error(0, SM_E_BAD_REQUEST, 0, "HELLO: malformed fields");
 		return;
 	}
-	if (sm_fields_check(fields, nf, spec, 4, err, sizeof err)) {
+	if (sm_fields_check(fields, nf, spec, sizeof spec / sizeof spec[0], err, sizeof err)) {
 		sm_send_error(0, SM_E_BAD_REQUEST, 0, "HELLO: %s", err);
 		return;
 	}
@@ -572,6 +574,24 @@ static void on_hello(const uint8_t *p, size_t n)
 		}
 		if (ent)
 			add_entropy(ent->val, ent->len);
+		/* The clone's own names (its own machine-id), before any of its processes runs a step */
+		const struct sm_field *id = sm_find(fields, nf, 7), *name = sm_find(fields, nf, 8);
+		char idz[33], namez[65];
+		if (id && sm_machine_id_valid(id->val, id->len))
+			snprintf(idz, sizeof idz, "%.*s", (int)id->len, (const char *)id->val);
+		else
+			id = NULL;
+		if (name && sm_hostname_valid(name->val, name->len))
+			snprintf(namez, sizeof namez, "%.*s", (int)name->len, (const char *)name->val);
+		else
+			name = NULL;
+		if (id || name)
+			sm_runtime_identity(name ? namez : NULL, id ? idz : NULL);
+		/* A snapshot is saved with every process the agent started frozen (FREEZE): they run
+		 * again only now, with the clone's clock, entropy and names in place. */
+		int e = sm_cgroup_freeze(0);
+		if (e < 0)
+			sm_log("thawing the guest's processes: %s", strerror(-e));
 	}
 	A.epoch = epoch;
 	A.in_session = 1;
@@ -584,6 +604,30 @@ static void on_hello(const uint8_t *p, size_t n)
 	sm_put_u64(b, 6, (uint64_t)bt.tv_sec * 1000000000u + (uint64_t)bt.tv_nsec);
 	sm_send_buf(b, 0, SM_HELLO, 0);
 	sm_dbg("session started, epoch %llu", (unsigned long long)epoch);
+}
+
+/* FREEZE: before a snapshot is saved, so that no process of the snapshot runs again before a
+ * clone's HELLO; thawed by the next HELLO or a FREEZE with 0. */
+static void on_freeze(uint32_t id, const uint8_t *p, size_t n)
+{
+	static const struct sm_spec spec[] = { { 1, SM_K_U8, SM_REQ } };
+	char err[256];
+	int nf = sm_fields_split(p, n, fields, SM_MAX_FIELDS);
+	if (nf < 0 || sm_fields_check(fields, nf, spec, 1, err, sizeof err)) {
+		sm_send_error(id, SM_E_BAD_REQUEST, 0, "FREEZE: %s", nf < 0 ? "malformed fields" : err);
+		return;
+	}
+	uint64_t frozen = sm_get_u(fields, nf, 1, 0);
+	if (frozen > 1) {
+		sm_send_error(id, SM_E_BAD_REQUEST, 0, "FREEZE: frozen must be 0 or 1");
+		return;
+	}
+	int e = sm_cgroup_freeze((int)frozen);
+	if (e < 0) {
+		sm_send_error(id, SM_E_IO, (uint32_t)-e, "FREEZE: %s", strerror(-e));
+		return;
+	}
+	sm_send_buf(sm_scratch(), id, SM_OK, 0);
 }
 
 static void on_shutdown(void)
@@ -705,6 +749,7 @@ static void on_frame(const struct sm_hdr *h, const uint8_t *p)
 		case SM_FS: sm_fs_open(h->stream, p, h->length); break;
 		case SM_WATCH: sm_watch_open(h->stream, p, h->length); break;
 		case SM_TCP_CONNECT: sm_tcp_open(h->stream, p, h->length); break;
+		case SM_FREEZE: on_freeze(h->stream, p, h->length); break;
 		default: sm_workload_open(t, h->stream, p, h->length); break;
 		}
 		return;

@@ -163,6 +163,9 @@ int sm_cgroup_new(uint32_t *id);
 /* Its cgroup.procs opened for writing, for sm_spawn (-1 for id 0 or on failure). */
 int sm_cgroup_procs(uint32_t id);
 void sm_cgroup_kill(uint32_t id);
+/* Freeze (1) or thaw (0) every tree the agent started: frozen, no process of theirs runs a user
+ * instruction until thawed. Returns 0 (also without cgroups: nothing to freeze) or -errno. */
+int sm_cgroup_freeze(int frozen);
 /* Remove it now, or once its last process has gone. */
 void sm_cgroup_release(uint32_t id);
 /* Signal a tree: its process group; for SIGKILL also every process of its cgroup. */
@@ -249,6 +252,9 @@ void sm_poweroff(void) __attribute__((noreturn));
 void sm_shutdown_vm(void);
 /* runtime.c: docker's runtime files, mounts and limits, after the switch into the image's root */
 void sm_runtime_setup(const char *hostname);
+/* A session's identity (HELLO): the hostname (also in /etc/hostname and /etc/hosts' 127.0.1.1
+ * line) and /etc/machine-id; either may be NULL. Writes only what changed. */
+void sm_runtime_identity(const char *hostname, const char *machine_id);
 void sm_chan_flush_blocking(int timeout_ms);
 void sm_kill_all_streams(void);
 

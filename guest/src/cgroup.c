@@ -89,6 +89,13 @@ void sm_cgroup_init(void)
 	enabled = 1;
 }
 
+int sm_cgroup_freeze(int frozen)
+{
+	if (!enabled)
+		return 0;
+	return write_file(PARENT "/cgroup.freeze", frozen ? "1" : "0");
+}
+
 static void path_of(char *out, size_t n, uint32_t id, const char *file)
 {
 	snprintf(out, n, PARENT "/%u%s%s", id, file ? "/" : "", file ? file : "");

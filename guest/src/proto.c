@@ -45,6 +45,7 @@ const char *sm_type_name(unsigned type)
 	case SM_WORKLOAD_START: return "WORKLOAD_START";
 	case SM_WORKLOAD_QUERY: return "WORKLOAD_QUERY";
 	case SM_WORKLOAD_SIGNAL: return "WORKLOAD_SIGNAL";
+	case SM_FREEZE: return "FREEZE";
 	case SM_WORKLOAD_LOGS: return "WORKLOAD_LOGS";
 	case SM_WORKLOAD_STATUS: return "WORKLOAD_STATUS";
 	case SM_WRITE_FILE: return "WRITE_FILE";
@@ -343,7 +344,7 @@ int sm_type_from_host(unsigned t)
 	case SM_HELLO: case SM_PING: case SM_SHUTDOWN: case SM_RESET: case SM_EXEC: case SM_STAGE_DATA:
 	case SM_STDIN: case SM_WINDOW: case SM_RESIZE: case SM_SIGNAL: case SM_WRITE_FILE: case SM_READ_FILE:
 	case SM_FILE_DATA: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY: case SM_WORKLOAD_SIGNAL:
-	case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA:
+	case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_TCP_DATA: case SM_FREEZE:
 		return 1;
 	default:
 		return 0;
@@ -368,7 +369,7 @@ int sm_type_opens_stream(unsigned t)
 {
 	switch (t) {
 	case SM_EXEC: case SM_WRITE_FILE: case SM_READ_FILE: case SM_WORKLOAD_START: case SM_WORKLOAD_QUERY:
-	case SM_WORKLOAD_SIGNAL: case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT:
+	case SM_WORKLOAD_SIGNAL: case SM_WORKLOAD_LOGS: case SM_FS: case SM_WATCH: case SM_TCP_CONNECT: case SM_FREEZE:
 		return 1;
 	default:
 		return 0;
@@ -420,11 +421,22 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 	case SM_HELLO:
 		if (from_host) {
 			if (check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }, { 2, SM_K_U64, SM_REQ }, { 3, SM_K_U64, 0 },
-					     { 4, SM_K_BYTES, 0 }), &k, err, errlen, top))
+					     { 4, SM_K_BYTES, 0 }, { 7, SM_K_STRING, 0 }, { 8, SM_K_STRING, 0 }),
+				  &k, err, errlen, top))
 				return -1;
 			const struct sm_field *e = sm_find(top, k, 4);
 			if (e && (e->len < 32 || e->len > 512)) {
 				snprintf(err, errlen, "entropy of %u bytes (32-512)", e->len);
+				return -1;
+			}
+			const struct sm_field *id = sm_find(top, k, 7);
+			if (id && !sm_machine_id_valid(id->val, id->len)) {
+				snprintf(err, errlen, "machineId must be 32 lowercase hex digits");
+				return -1;
+			}
+			const struct sm_field *name = sm_find(top, k, 8);
+			if (name && !sm_hostname_valid(name->val, name->len)) {
+				snprintf(err, errlen, "hostname must be 1-64 letters, digits, '-' and '.'");
 				return -1;
 			}
 			return 0;
@@ -514,6 +526,8 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 		return check(p, n, SPEC({ 1, SM_K_U32, SM_REQ }), NULL, err, errlen, top);
 	case SM_WORKLOAD_LOGS:
 		return check(p, n, SPEC({ 1, SM_K_U8, 0 }, { 2, SM_K_U32, 0 }, { 3, SM_K_U8, 0 }), NULL, err, errlen, top);
+	case SM_FREEZE:
+		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }), NULL, err, errlen, top);
 	case SM_WORKLOAD_STATUS:
 		return check(p, n, SPEC({ 1, SM_K_U8, SM_REQ }, { 2, SM_K_U32, 0 }, { 3, SM_K_I32, 0 }, { 4, SM_K_U32, 0 }), NULL,
 			     err, errlen, top);
@@ -544,4 +558,26 @@ int sm_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n, char 
 		snprintf(err, errlen, "unknown message type 0x%02x", type);
 		return -1;
 	}
+}
+
+int sm_machine_id_valid(const uint8_t *p, size_t n)
+{
+	if (n != 32)
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f')))
+			return 0;
+	return 1;
+}
+
+int sm_hostname_valid(const uint8_t *p, size_t n)
+{
+	if (n < 1 || n > 64 || p[0] == '-' || p[0] == '.')
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		uint8_t c = p[i];
+		if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' || c == '.'))
+			return 0;
+	}
+	return 1;
 }

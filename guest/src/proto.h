@@ -37,6 +37,7 @@ enum sm_type {
 	SM_WORKLOAD_SIGNAL = 0x1c,
 	SM_WORKLOAD_LOGS = 0x1d,
 	SM_WORKLOAD_STATUS = 0x1e,
+	SM_FREEZE = 0x1f,
 	SM_WRITE_FILE = 0x20,
 	SM_READ_FILE = 0x21,
 	SM_FILE_DATA = 0x22,
@@ -149,6 +150,9 @@ int32_t sm_ival(const struct sm_field *f);
 /* Getters with defaults. */
 uint64_t sm_get_u(const struct sm_field *f, int n, uint8_t tag, uint64_t dflt);
 int sm_utf8_valid(const uint8_t *p, size_t n);
+/* HELLO's identity fields: 32 lowercase hex digits; 1-64 of [A-Za-z0-9.-], not starting with - or . */
+int sm_machine_id_valid(const uint8_t *p, size_t n);
+int sm_hostname_valid(const uint8_t *p, size_t n);
 
 /* Is `type` a message type of this protocol version? */
 int sm_type_known(unsigned type);

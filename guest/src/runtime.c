@@ -13,11 +13,14 @@
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 /* docker's default (containerd's LimitNOFILE=infinity on most hosts): also the kernel's nr_open */
 #define NOFILE_LIMIT 1048576
 #define DEFAULT_HOSTNAME "supermachine"
+/* an /etc/hosts larger than this is not one the VM's names are kept in */
+#define HOSTS_MAX 65536
 
 /* Writes a small file the way docker's bind mounts replace it: whatever the image has at that
  * path (a file, a symlink, even a dangling one) gives way; a directory there is left alone. */
@@ -67,17 +70,10 @@ static int ensure_dir(const char *path)
 	return 0;
 }
 
-static void setup_names(const char *hostname)
+/* docker's /etc/hosts, with the hostname on a loopback address (the VM may have no NIC) */
+static void write_hosts(const char *name)
 {
-	const char *name = hostname && *hostname ? hostname : DEFAULT_HOSTNAME;
-	if (sethostname(name, strlen(name)) < 0)
-		sm_log("runtime: sethostname %s: %s", name, strerror(errno));
-	if (ensure_dir("/etc") < 0)
-		return;
 	char text[512];
-	snprintf(text, sizeof text, "%s\n", name);
-	put_file("/etc/hostname", text);
-	/* docker's /etc/hosts, with the hostname on a loopback address (the VM may have no NIC) */
 	snprintf(text, sizeof text,
 		 "127.0.0.1\tlocalhost\n"
 		 "::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -88,6 +84,62 @@ static void setup_names(const char *hostname)
 		 "127.0.1.1\t%s\n",
 		 name);
 	put_file("/etc/hosts", text);
+}
+
+static void set_hostname(const char *name)
+{
+	if (sethostname(name, strlen(name)) < 0)
+		sm_log("runtime: sethostname %s: %s", name, strerror(errno));
+	if (ensure_dir("/etc") < 0)
+		return;
+	char text[80];
+	snprintf(text, sizeof text, "%s\n", name);
+	put_file("/etc/hostname", text);
+}
+
+/* A new hostname in an /etc/hosts that may hold more than ours (the host's network block, the
+ * workload's own lines): the 127.0.1.1 line names it, everything else stays. */
+static void rename_in_hosts(const char *name)
+{
+	static char old[HOSTS_MAX + 1], out[HOSTS_MAX + 128];
+	int fd = open("/etc/hosts", O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	ssize_t n = fd < 0 ? -1 : read(fd, old, sizeof old);
+	if (fd >= 0)
+		close(fd);
+	if (n < 0 || n > HOSTS_MAX) {
+		write_hosts(name); /* none, not a file, or too large to be ours: docker's again */
+		return;
+	}
+	old[n] = 0;
+	size_t o = 0;
+	int named = 0;
+	for (char *line = old; *line;) {
+		char *end = strchr(line, '\n');
+		size_t len = end ? (size_t)(end - line) + 1 : strlen(line);
+		if (!strncmp(line, "127.0.1.1", 9) && (line[9] == ' ' || line[9] == '\t')) {
+			if (!named)
+				o += (size_t)snprintf(out + o, sizeof out - o, "127.0.1.1\t%s\n", name);
+			named = 1;
+		} else {
+			memcpy(out + o, line, len);
+			o += len;
+		}
+		line += len;
+	}
+	if (!named)
+		snprintf(out + o, sizeof out - o, "%s127.0.1.1\t%s\n", o > 0 && out[o - 1] != '\n' ? "\n" : "", name);
+	else
+		out[o] = 0;
+	put_file("/etc/hosts", out);
+}
+
+static void setup_names(const char *hostname)
+{
+	const char *name = hostname && *hostname ? hostname : DEFAULT_HOSTNAME;
+	set_hostname(name);
+	if (ensure_dir("/etc") < 0)
+		return;
+	write_hosts(name);
 	/* Only when missing (or a dangling symlink). The C libraries ask 127.0.0.1 without one;
 	 * written out, resolvers that insist on a nameserver line (dnspython) work the same way.
 	 * With networking, the network setup writes its own. */
@@ -121,4 +173,27 @@ void sm_runtime_setup(const char *hostname)
 	setup_limits();
 	setup_mounts();
 	setup_names(hostname);
+}
+
+void sm_runtime_identity(const char *hostname, const char *machine_id)
+{
+	static char last_id[33];
+	if (hostname) {
+		struct utsname u;
+		if (uname(&u) < 0 || strcmp(u.nodename, hostname)) {
+			set_hostname(hostname);
+			rename_in_hosts(hostname);
+		}
+	}
+	if (machine_id && strcmp(last_id, machine_id)) {
+		char text[40];
+		snprintf(text, sizeof text, "%s\n", machine_id);
+		if (ensure_dir("/etc") == 0)
+			put_file("/etc/machine-id", text);
+		/* D-Bus's copy, when the image keeps one of its own rather than a link to /etc's */
+		struct stat st;
+		if (lstat("/var/lib/dbus/machine-id", &st) == 0 && S_ISREG(st.st_mode))
+			put_file("/var/lib/dbus/machine-id", text);
+		snprintf(last_id, sizeof last_id, "%s", machine_id);
+	}
 }

@@ -48,6 +48,7 @@ import {
   decodeGuestHello,
   decodeOk,
   decodeWorkloadStatus,
+  encodeFreeze,
   encodeHostHello,
   encodeReadFile,
   encodeWriteFile,
@@ -55,7 +56,9 @@ import {
   WorkloadState,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
+import { request } from "./request-stream.ts";
 import { deferred, type StreamHandler, type StreamHost, type StreamLink } from "./stream-link.ts";
+import { syscallError } from "./syscall-error.ts";
 import { type ConnectTcpOptions, connectTcp } from "./tcp-tunnel.ts";
 import {
   signalWorkload,
@@ -68,6 +71,14 @@ import {
   workloadStatusFrom,
 } from "./workload.ts";
 
+/** A VM's own names (docs/protocol.md, `HELLO`). */
+export interface GuestIdentity {
+  /** `/etc/machine-id`: 32 lowercase hex digits. */
+  machineId: string;
+  /** The hostname, also in `/etc/hostname` and on `/etc/hosts`' 127.0.1.1 line. */
+  hostname: string;
+}
+
 /** Options of {@link AgentClient.connect}. */
 export interface AgentConnectOptions {
   /** Restore epoch sent in `HELLO`; default random. */
@@ -76,6 +87,8 @@ export interface AgentConnectOptions {
   timeNs?: bigint;
   /** 32–512 bytes mixed into the guest's RNG; default 64 random bytes. */
   entropy?: Uint8Array;
+  /** The VM's names, applied before the agent answers; default: the guest keeps its own. */
+  identity?: GuestIdentity;
   /** How long to wait for the agent's `HELLO`; default 30 000 ms. */
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -89,6 +102,8 @@ export interface AgentRehelloOptions {
   timeNs?: bigint;
   /** 32–512 bytes mixed into the guest's RNG; default 64 random bytes. */
   entropy?: Uint8Array;
+  /** The VM's names, applied before the agent answers; default: the guest keeps its own. */
+  identity?: GuestIdentity;
   /** How long to wait for the agent's `HELLO`; default 30 000 ms. */
   timeoutMs?: number;
   signal?: AbortSignal;
@@ -339,6 +354,8 @@ export class AgentClient {
       epoch: this.#epoch,
       timeNs: opts.timeNs ?? hostClock.nowNs(),
       entropy: opts.entropy ?? new Uint8Array(randomBytes(64)),
+      machineId: opts.identity?.machineId,
+      hostname: opts.identity?.hostname,
     });
     const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const signal = opts.signal;
@@ -643,6 +660,26 @@ export class AgentClient {
    */
   startWorkload(spec: WorkloadSpec, opts: AgentCallOptions = {}): Promise<WorkloadStatus> {
     return startWorkload(this.#host, spec, opts);
+  }
+
+  /**
+   * Freezes (`true`) or thaws every process the agent started (execs, the workload): frozen, none
+   * runs a user instruction. A snapshot is saved frozen, so a clone's processes run again only
+   * after its `HELLO` stepped the clock, reseeded the RNG and gave it its names (the agent thaws
+   * them then). A `GuestIoError` if the guest cannot.
+   */
+  freeze(frozen: boolean, opts: AgentCallOptions = {}): Promise<void> {
+    return request(
+      this.#host,
+      MessageType.FREEZE,
+      encodeFreeze(frozen),
+      {
+        operation: frozen ? "freeze" : "thaw",
+        finish: () => {},
+        fail: (m) => syscallError(m, { syscall: "write", path: "/sys/fs/cgroup/sm/cgroup.freeze" }),
+      },
+      opts,
+    );
   }
 
   /** The workload's status: `none`, `running` (pid) or `exited` (exit code or signal). */

@@ -45,6 +45,7 @@ export const MessageType = {
   WORKLOAD_SIGNAL: 0x1c,
   WORKLOAD_LOGS: 0x1d,
   WORKLOAD_STATUS: 0x1e,
+  FREEZE: 0x1f,
   WRITE_FILE: 0x20,
   READ_FILE: 0x21,
   FILE_DATA: 0x22,

@@ -8,6 +8,7 @@ export {
   type AgentConnectOptions,
   type AgentRehelloOptions,
   type GuestFile,
+  type GuestIdentity,
   type ReadFileBytesOptions,
   type ReadFileOptions,
   type WriteFileOptions,
@@ -35,7 +36,7 @@ export {
 } from "./guest-fs.ts";
 export type { GuestWatchEvent, GuestWatcher, WatchOptions } from "./guest-watch.ts";
 export { hostClock } from "./host-clock.ts";
-export { DEFAULT_GRACE_MS, PROTOCOL_VERSION } from "./messages.ts";
+export { DEFAULT_GRACE_MS, HOSTNAME_PATTERN, PROTOCOL_VERSION } from "./messages.ts";
 // The mounts channel (the sm.mounts port): live host-directory mounts, served by src/ninep.
 export {
   MountChannel,

@@ -61,7 +61,16 @@ export interface HostHello {
   epoch: bigint;
   timeNs?: bigint | undefined;
   entropy?: Uint8Array | undefined;
+  /** The VM's `/etc/machine-id`: 32 lowercase hex digits. */
+  machineId?: string | undefined;
+  /** The VM's hostname (also in `/etc/hostname` and `/etc/hosts`). */
+  hostname?: string | undefined;
 }
+
+/** A machine id as systemd writes it: 32 lowercase hex digits. */
+export const MACHINE_ID_PATTERN = /^[0-9a-f]{32}$/;
+/** A hostname the agent accepts: 1–64 letters, digits, `-` and `.`, not starting with `-` or `.`. */
+export const HOSTNAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$/;
 
 export function encodeHostHello(m: HostHello): Uint8Array {
   if (m.entropy && (m.entropy.length < MIN_ENTROPY_BYTES || m.entropy.length > MAX_ENTROPY_BYTES)) {
@@ -69,7 +78,22 @@ export function encodeHostHello(m: HostHello): Uint8Array {
       `HELLO entropy must be ${MIN_ENTROPY_BYTES}–${MAX_ENTROPY_BYTES} bytes, got ${m.entropy.length}`,
     );
   }
-  return new FieldWriter().u32(1, m.version).u64(2, m.epoch).u64(3, m.timeNs).bytes(4, m.entropy).finish();
+  if (m.machineId !== undefined && !MACHINE_ID_PATTERN.test(m.machineId)) {
+    throw invalid(`HELLO machineId must be 32 lowercase hex digits, got ${JSON.stringify(m.machineId)}`);
+  }
+  if (m.hostname !== undefined && !HOSTNAME_PATTERN.test(m.hostname)) {
+    throw invalid(
+      `hostname must be 1–64 letters, digits, "-" and ".", not starting with "-" or ".", got ${JSON.stringify(m.hostname)}`,
+    );
+  }
+  return new FieldWriter()
+    .u32(1, m.version)
+    .u64(2, m.epoch)
+    .u64(3, m.timeNs)
+    .bytes(4, m.entropy)
+    .string(7, m.machineId)
+    .string(8, m.hostname)
+    .finish();
 }
 
 export function decodeHostHello(payload: Uint8Array): HostHello {
@@ -80,11 +104,21 @@ export function decodeHostHello(payload: Uint8Array): HostHello {
       `HELLO.entropy: ${entropy.length} bytes, expected ${MIN_ENTROPY_BYTES}–${MAX_ENTROPY_BYTES}`,
     );
   }
+  const machineId = r.string(7, "machineId", 32);
+  if (machineId !== undefined && !MACHINE_ID_PATTERN.test(machineId)) {
+    throw protocolError("HELLO.machineId: expected 32 lowercase hex digits");
+  }
+  const hostname = r.string(8, "hostname", 64);
+  if (hostname !== undefined && !HOSTNAME_PATTERN.test(hostname)) {
+    throw protocolError(`HELLO.hostname: ${JSON.stringify(hostname)} is not a hostname`);
+  }
   return {
     version: r.need(r.u32(1, "version"), "version"),
     epoch: r.need(r.u64(2, "epoch"), "epoch"),
     timeNs: r.u64(3, "timeNs"),
     entropy,
+    machineId,
+    hostname,
   };
 }
 
@@ -461,6 +495,20 @@ export function encodeWorkloadSignal(signo: number): Uint8Array {
 export function decodeWorkloadSignal(payload: Uint8Array): number {
   const r = FieldReader.decode(payload, "WORKLOAD_SIGNAL");
   return r.need(r.u32(1, "signo"), "signo");
+}
+
+// ---------------------------------------------------------------------------------------------
+// FREEZE
+
+export function encodeFreeze(frozen: boolean): Uint8Array {
+  return new FieldWriter().u8(1, frozen ? 1 : 0).finish();
+}
+
+export function decodeFreeze(payload: Uint8Array): boolean {
+  const r = FieldReader.decode(payload, "FREEZE");
+  const frozen = r.need(r.u8(1, "frozen"), "frozen");
+  if (frozen > 1) throw protocolError(`FREEZE: frozen must be 0 or 1, got ${frozen}`);
+  return frozen === 1;
 }
 
 export interface WorkloadLogsMessage {

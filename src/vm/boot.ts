@@ -21,6 +21,7 @@ import {
 } from "../vmm/index.ts";
 import { DEFAULT_PATH } from "./exec.ts";
 import { configureGuestNetwork, NET_KERNEL_ARG } from "./guest-network.ts";
+import { checkHostname, guestIdentity } from "./identity.ts";
 import { prepareNetwork } from "./network-launch.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, type VmConfig } from "./vm-config.ts";
 import { connectAgent, type VmParts, withConsoleLog } from "./vm-parts.ts";
@@ -114,7 +115,13 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
   const spawnMs = performance.now() - started;
   try {
     const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
-    const agent = await connectAgent(qemu, timeoutMs, signal, "boot");
+    const agent = await connectAgent(
+      qemu,
+      timeoutMs,
+      signal,
+      "boot",
+      guestIdentity(qemu.id, config.hostname),
+    );
     await configureGuestNetwork(agent, {
       from: undefined,
       to: network.kind,
@@ -158,4 +165,5 @@ function validateConfig(config: VmConfig): void {
   positiveInt(config.memoryMiB, "memoryMiB", 1024 * 1024);
   positiveInt(config.vcpus, "vcpus", 255);
   positiveInt(config.bootTimeoutMs, "bootTimeoutMs", 24 * 3600 * 1000);
+  checkHostname(config.hostname, "VmConfig.hostname");
 }

@@ -8,13 +8,14 @@
 
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import type { AgentClient } from "../agent/index.ts";
+import type { AgentClient, GuestIdentity } from "../agent/index.ts";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "../internal/index.ts";
 import type { Snapshot } from "../snapshot/index.ts";
 import { type LaunchMachineSpec, QemuProcess } from "../vmm/index.ts";
 import { DEFAULT_PATH } from "./exec.ts";
 import { configureGuestNetwork } from "./guest-network.ts";
+import { checkHostname, guestIdentity, newMachineId } from "./identity.ts";
 import { type NetworkLaunch, prepareNetwork } from "./network-launch.ts";
 import { networkKind } from "./network-policy.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, type RestoreConfig, type VmTimings } from "./vm-config.ts";
@@ -29,6 +30,8 @@ export interface LaunchedRestore {
   rootfsMs: number;
   spawnMs: number;
   network: NetworkLaunch;
+  /** The clone's `/etc/machine-id`, given with each of its sessions. */
+  machineId: string;
 }
 
 /**
@@ -103,6 +106,7 @@ export async function launchRestore(snapshot: Snapshot, config: RestoreConfig): 
       `snapshot ${snapshot.name} has ${m.vcpus} vCPUs; a restore cannot change it (asked for ${config.vcpus})`,
     );
   }
+  checkHostname(config.hostname, "RestoreConfig.hostname");
   const signal = config.signal;
   throwIfAborted(signal, "VM restore");
   const network = await restoreNetwork(snapshot, config.network);
@@ -134,7 +138,16 @@ export async function launchRestore(snapshot: Snapshot, config: RestoreConfig): 
     ...(network.relay === undefined ? {} : { netRelay: network.relay }),
     ...(signal === undefined ? {} : { signal }),
   });
-  return { snapshot, qemu, machine, overlayPath, rootfsMs, spawnMs: performance.now() - started, network };
+  return {
+    snapshot,
+    qemu,
+    machine,
+    overlayPath,
+    rootfsMs,
+    spawnMs: performance.now() - started,
+    network,
+    machineId: newMachineId(),
+  };
 }
 
 /**
@@ -152,7 +165,7 @@ export async function activateRestore(
   const timeoutMs = config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS;
   try {
     throwIfAborted(signal, "VM restore");
-    const agent = await resumeWithSession(launched, timeoutMs, signal);
+    const agent = await resumeWithSession(launched, config, timeoutMs, signal);
     await configureRestoredNetwork(launched, agent.client, timeoutMs, signal);
     const stateLoadedMs = agent.resumedMs - started;
     const agentReadyMs = performance.now() - started;
@@ -193,6 +206,7 @@ async function configureRestoredNetwork(
 /** Load the state, queue the new session's `HELLO`, then run the vCPUs; resolves once the agent answered. */
 async function resumeWithSession(
   launched: LaunchedRestore,
+  config: RestoreConfig,
   timeoutMs: number,
   signal: AbortSignal | undefined,
 ): Promise<{ client: AgentClient; resumedMs: number }> {
@@ -203,7 +217,7 @@ async function resumeWithSession(
     what: `snapshot ${snapshot.dir}`,
     ...(signal === undefined ? {} : { signal }),
   });
-  const session = connectAgent(qemu, timeoutMs, signal, "restore");
+  const session = connectAgent(qemu, timeoutMs, signal, "restore", cloneIdentity(launched, config));
   session.catch(() => {});
   // The HELLO is written as soon as the agent socket is known; it was connected at launch.
   await qemu.agentSocket;
@@ -224,7 +238,7 @@ export async function warmUp(launched: LaunchedRestore, config: RestoreConfig): 
   let agent: AgentClient | undefined;
   try {
     throwIfAborted(signal, "VM prestart");
-    agent = (await resumeWithSession(launched, timeoutMs, signal)).client;
+    agent = (await resumeWithSession(launched, config, timeoutMs, signal)).client;
     await configureRestoredNetwork(launched, agent, timeoutMs, signal);
     const m = snapshot.manifest;
     const channel = agent.exec({
@@ -263,7 +277,11 @@ export async function activateWarm(
   const started = performance.now();
   try {
     throwIfAborted(signal, "VM activation");
-    const session = agent.rehello({ timeoutMs, ...(signal === undefined ? {} : { signal }) });
+    const session = agent.rehello({
+      timeoutMs,
+      identity: cloneIdentity(launched, config),
+      ...(signal === undefined ? {} : { signal }),
+    });
     session.catch(() => {});
     const resumed = qemu.resume().then(() => performance.now() - started);
     const [stateLoadedMs] = await Promise.race([
@@ -325,4 +343,9 @@ function restoredParts(
     source: snapshot,
     network: { device: launched.network.device, policy: launched.network.policy },
   };
+}
+
+/** The names a clone's sessions give its guest: its hostname (default its id) and machine id. */
+function cloneIdentity(launched: LaunchedRestore, config: RestoreConfig): GuestIdentity {
+  return guestIdentity(launched.qemu.id, config.hostname, launched.machineId);
 }

@@ -36,6 +36,11 @@ export interface VmConfig {
    * destinations only, enforced on the host.
    */
   network?: NetworkPolicy;
+  /**
+   * The guest's hostname (also in `/etc/hostname` and `/etc/hosts`). Default: the VM's id, as
+   * docker names a container after its id. Every VM also gets an `/etc/machine-id` of its own.
+   */
+  hostname?: string;
   /** Cancels the start. */
   signal?: AbortSignal;
 }
@@ -83,6 +88,11 @@ export interface RestoreConfig {
    * with `Image.builder(ref).network("outbound")` or an allow-list to restore it with a network).
    */
   network?: NetworkPolicy;
+  /**
+   * The clone's hostname. Default: its VM id. Each clone also gets an `/etc/machine-id` of its own,
+   * written before any of the snapshot's processes runs again.
+   */
+  hostname?: string;
   signal?: AbortSignal;
 }
 

@@ -3,7 +3,7 @@
  * steps boot and restore share. Internal to the library: `Vm` wraps these parts.
  */
 
-import { AgentClient } from "../agent/index.ts";
+import { AgentClient, type GuestIdentity } from "../agent/index.ts";
 import { SupermachineError, VmError } from "../errors.ts";
 import type { ImageIdentity, Snapshot } from "../snapshot/index.ts";
 import type { LaunchMachineSpec, QemuProcess } from "../vmm/index.ts";
@@ -29,16 +29,17 @@ export interface VmParts {
   network: { device: boolean; policy: NetworkPolicy };
 }
 
-/** Connects a new agent session on QEMU's agent socket, failing early when QEMU exits. */
+/** Connects a new agent session on QEMU's agent socket (giving the guest its names), failing early when QEMU exits. */
 export async function connectAgent(
   qemu: QemuProcess,
   timeoutMs: number,
   signal: AbortSignal | undefined,
   what: "boot" | "restore",
+  identity: GuestIdentity,
 ): Promise<AgentClient> {
   const socket = await qemu.agentSocket;
   return Promise.race([
-    AgentClient.connect(socket, { timeoutMs, ...(signal === undefined ? {} : { signal }) }),
+    AgentClient.connect(socket, { timeoutMs, identity, ...(signal === undefined ? {} : { signal }) }),
     qemu.exitedError(what),
   ]);
 }

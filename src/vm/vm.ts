@@ -350,13 +350,18 @@ export class Vm {
     const agent = this.#agent();
     // A snapshot never captures a mount: detach them, save, attach them again.
     const mounts = await this.#mounts.detachAll();
+    let frozen = false;
     try {
       // The channel must be idle: a round trip drains what the guest had to say.
       await agent.ping();
+      // Saved frozen: a clone's processes run again only after its HELLO (clock, RNG, names).
+      await agent.freeze(true);
+      frozen = true;
       return await typedErrors("STORE_ERROR", `saving VM ${this.id} as a snapshot in ${dir}`, () =>
         saveSnapshot(this.#parts, dir, options),
       );
     } finally {
+      if (frozen && this.#state === "running") await agent.freeze(false);
       for (const spec of mounts) await this.#mounts.mount(spec);
     }
   }
@@ -392,6 +397,8 @@ export class Vm {
     }
     // The channel must be idle: a round trip drains what the guest had to say.
     await this.#agent().ping();
+    // Saved frozen: a clone's processes run again only after its HELLO (clock, RNG, names).
+    await this.#agent().freeze(true);
     this.#stopping ??= Promise.resolve();
     this.#state = "stopped";
     try {

@@ -126,6 +126,14 @@ describe("workload", () => {
     await assert.rejects(client.startWorkload({ argv: [] }), isCode("INVALID_ARGUMENT"));
   });
 
+  test("FREEZE and its thaw are answered (without cgroups, as here, there is nothing to freeze)", async () => {
+    await using own = await connectAgent();
+    const { client } = own;
+    await client.freeze(true);
+    await client.freeze(false);
+    assert.equal((await client.exec({ argv: ["echo", "runs"], env: ENV }).exited).exitCode, 0);
+  });
+
   test("a new session leaves it running; signals reach it; SHUTDOWN ends it", async () => {
     const own = await spawnAgent();
     try {

@@ -16,22 +16,28 @@ export async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: num
   return { ms, vm };
 }
 
-/** Two clones of one snapshot read different random bytes, and each sees the host's time (±1 s). */
+/**
+ * Two clones of one snapshot read different random bytes, have machine ids of their own and their
+ * VM ids as hostnames, and each sees the host's time (±1 s).
+ */
 export async function assertClonesDiffer(a: Vm, b: Vm, hostOffsetSeconds = 0): Promise<void> {
   const read = async (vm: Vm) => {
     const before = Date.now() / 1000 + hostOffsetSeconds;
     const out = await vm.exec([
       "sh",
       "-c",
-      "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s",
+      "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; cat /etc/machine-id; hostname",
     ]);
     const after = Date.now() / 1000 + hostOffsetSeconds;
-    const [random, seconds] = out.stdoutText.trim().split("\n");
-    return { random: random!, seconds: Number(seconds), before, after };
+    const [random, seconds, machineId, hostname] = out.stdoutText.trim().split("\n");
+    return { random: random!, seconds: Number(seconds), machineId, hostname, before, after };
   };
   const [ra, rb] = await Promise.all([read(a), read(b)]);
   assert.equal(ra.random.length, 64);
   assert.notEqual(ra.random, rb.random, "two clones produced the same random bytes");
+  assert.match(ra.machineId ?? "", /^[0-9a-f]{32}$/);
+  assert.notEqual(ra.machineId, rb.machineId, "two clones have the same /etc/machine-id");
+  assert.deepEqual([ra.hostname, rb.hostname], [a.id, b.id], "each clone is named after its VM id");
   for (const r of [ra, rb]) {
     assert.ok(
       r.seconds >= Math.floor(r.before) - 1 && r.seconds <= Math.ceil(r.after) + 1,

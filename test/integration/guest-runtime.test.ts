@@ -20,9 +20,11 @@ describe("the guest's runtime environment", { timeout: 600_000 }, () => {
   const sh = async (script: string, user = "root") =>
     (await shared.current().execBuilder().argv(["/bin/sh", "-c", script]).user(user).output()).stdoutText;
 
-  shared.it("has a hostname, in /etc/hostname and resolvable through /etc/hosts", async () => {
-    assert.equal(await sh("hostname; cat /etc/hostname"), "supermachine\nsupermachine\n");
-    assert.match(await sh("getent hosts supermachine"), /^127\.0\.1\.1\s+supermachine$/m);
+  shared.it("has its id as hostname, in /etc/hostname and resolvable through /etc/hosts", async () => {
+    const id = shared.current().id;
+    assert.equal(await sh("hostname; cat /etc/hostname"), `${id}\n${id}\n`);
+    assert.equal(await sh(`getent hosts ${id} | tr -s ' \t' ' '`), `127.0.1.1 ${id}\n`);
+    assert.match(await sh("cat /etc/machine-id"), /^[0-9a-f]{32}\n$/);
     // getaddrinfo as servers and clients call it (AF_UNSPEC); both loopback addresses
     const localhost = await sh("getent ahosts localhost");
     assert.match(localhost, /^127\.0\.0\.1\s+STREAM/m);
@@ -62,12 +64,23 @@ describe("the guest's runtime environment", { timeout: 600_000 }, () => {
   });
 });
 
-vmTest("the hostname comes from sm.hostname when the host gives one", async () => {
-  await using vm = await (await debianImage()).start({ memoryMiB: 256, kernelArgs: ["sm.hostname=web-1"] });
+vmTest("the hostname is the one the host gives", async () => {
+  await using vm = await (await debianImage()).start({ memoryMiB: 256, hostname: "web-1" });
   const out = await vm
     .execBuilder()
     .argv(["/bin/sh", "-c", "hostname; cat /etc/hostname; getent hosts web-1"])
     .user("root")
     .output();
   assert.match(out.stdoutText, /^web-1\nweb-1\n127\.0\.1\.1\s+web-1\n$/);
+});
+
+vmTest("a hostname the guest could not take is refused before a VM starts", async () => {
+  const image = await debianImage();
+  for (const hostname of ["", "-web", "web_1", "a".repeat(65), "web 1"]) {
+    await assert.rejects(image.start({ memoryMiB: 256, hostname }), (error: Error & { code?: string }) => {
+      assert.equal(error.code, "INVALID_ARGUMENT");
+      assert.match(error.message, /^VmConfig\.hostname must be 1–64 letters/);
+      return true;
+    });
+  }
 });

@@ -10,7 +10,7 @@ import { link, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { Image, SnapshotError, Store, Vm } from "../../src/index.ts";
+import { Image, type ImageStartConfig, SnapshotError, Store, Vm } from "../../src/index.ts";
 import { assertClonesDiffer } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
 import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
@@ -77,8 +77,8 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
     if (runtimeDir !== undefined) await rm(runtimeDir, { recursive: true, force: true });
   });
 
-  const start = async () => {
-    const vm = await image.start();
+  const start = async (config: ImageStartConfig = {}) => {
+    const vm = await image.start(config);
     vms.push(vm);
     return vm;
   };
@@ -138,6 +138,17 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
     const [a, b] = await Promise.all([start(), start()]);
     await assertClonesDiffer(a, b);
     await Promise.all([a.stop(), b.stop()]);
+  });
+
+  snapIt("a clone takes the hostname it is given; the rest of /etc/hosts stays", async () => {
+    const vm = await start({ hostname: "web-1" });
+    const out = await vm.exec([
+      "sh",
+      "-c",
+      "hostname; cat /etc/hostname; grep -c localhost /etc/hosts; grep 127.0.1.1 /etc/hosts",
+    ]);
+    assert.equal(out.stdoutText, "web-1\nweb-1\n2\n127.0.1.1\tweb-1\n");
+    await vm.stop();
   });
 
   snapIt(
@@ -261,16 +272,28 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
     },
   );
 
-  snapIt("vm.snapshot() of a booted VM restores with its memory", async () => {
+  snapIt("vm.snapshot() of a booted VM restores with its memory; its processes run on in both", async () => {
     const booted = await Vm.start({ rootfs: await busyboxRootfs(), memoryMiB: 256 });
     vms.push(booted);
     await booted.exec(["sh", "-c", "echo booted-ram > /dev/shm/mark"]);
+    await booted.startWorkload(["sh", "-c", "while :; do echo tick >> /dev/shm/ticks; sleep 0.05; done"]);
     const snapshot = await booted.snapshot(join(dataDir, "snapshots", "from-boot"));
     assert.equal(snapshot.manifest.parent, undefined);
     assert.equal(snapshot.manifest.memoryBackendId, "microvm.ram");
     const clone = await (await Image.fromSnapshot("from-boot")).start();
     vms.push(clone);
     assert.equal((await clone.exec(["cat", "/dev/shm/mark"])).stdoutText, "booted-ram\n");
+    // Saved frozen (FREEZE), thawed after the save and by the clone's HELLO: the workload ticks on.
+    const ticksOn =
+      "n=$(wc -l < /dev/shm/ticks); while [ $(wc -l < /dev/shm/ticks) -le $n ]; do sleep 0.05; done; cat /sys/fs/cgroup/sm/cgroup.freeze /etc/machine-id";
+    const [inBooted, inClone] = await Promise.all([
+      booted.exec(["sh", "-c", ticksOn]),
+      clone.exec(["sh", "-c", ticksOn]),
+    ]);
+    const [frozenB, idB] = inBooted.stdoutText.split("\n");
+    const [frozenC, idC] = inClone.stdoutText.split("\n");
+    assert.deepEqual([frozenB, frozenC], ["0", "0"]);
+    assert.notEqual(idB, idC, "the clone has a machine id of its own");
     await Promise.all([booted.stop(), clone.stop()]);
   });
 

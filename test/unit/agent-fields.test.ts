@@ -167,6 +167,27 @@ describe("messages", () => {
     assert.throws(() => m.checkPingPayload(new Uint8Array(65), "PONG"), isProtocol);
   });
 
+  test("HELLO's machine id is 32 lowercase hex digits; its hostname what sethostname and /etc/hosts take", () => {
+    const hello = (fields: { machineId?: string; hostname?: string }) =>
+      m.encodeHostHello({ version: 2, epoch: 1n, ...fields });
+    assert.deepEqual(
+      m.decodeHostHello(hello({ machineId: "0123456789abcdef0123456789abcdef", hostname: "web-1.example" })),
+      {
+        version: 2,
+        epoch: 1n,
+        timeNs: undefined,
+        entropy: undefined,
+        machineId: "0123456789abcdef0123456789abcdef",
+        hostname: "web-1.example",
+      },
+    );
+    for (const machineId of ["", "0123456789ABCDEF0123456789ABCDEF", "0".repeat(31), "0".repeat(33)])
+      assert.throws(() => hello({ machineId }), isInvalid, machineId);
+    for (const hostname of ["", "-a", ".a", "a_b", "a b", "a\n127.0.0.1 evil", "a".repeat(65)])
+      assert.throws(() => hello({ hostname }), isInvalid, hostname);
+    assert.doesNotThrow(() => hello({ hostname: "a".repeat(64) }));
+  });
+
   test("ERROR messages are bounded to 4096 bytes", () => {
     const long = encodeTypedFields([
       { tag: 1, kind: "u32", value: 5 },

@@ -88,6 +88,7 @@ const TYPED: Record<string, { decode: (p: Uint8Array) => unknown; encode: (v: ne
   "guest:FILE_INFO": { decode: m.decodeFileInfo, encode: m.encodeFileInfo },
   "guest:OK": { decode: m.decodeOk, encode: m.encodeOk },
   "host:WORKLOAD_START": { decode: m.decodeWorkloadStart, encode: m.encodeWorkloadStart },
+  "host:FREEZE": { decode: m.decodeFreeze, encode: m.encodeFreeze },
   "host:WORKLOAD_QUERY": { decode: m.decodeWorkloadQuery, encode: () => m.encodeWorkloadQuery() },
   "host:WORKLOAD_SIGNAL": { decode: m.decodeWorkloadSignal, encode: m.encodeWorkloadSignal },
   "host:WORKLOAD_LOGS": { decode: m.decodeWorkloadLogs, encode: m.encodeWorkloadLogs },
