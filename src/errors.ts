@@ -447,6 +447,7 @@ export interface ErrorClasses {
   VM_STOPPED: VmError;
   AGENT_PROTOCOL: VmError;
   AGENT_VERSION: VmError;
+  AGENT_TIMEOUT: AgentTimeoutError;
   EXEC_NOT_FOUND: ExecStartError;
   EXEC_START: ExecStartError;
   EXEC_FAILED: ExecError;

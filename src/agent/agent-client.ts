@@ -227,6 +227,7 @@ export class AgentClient {
   readonly #workloadExitListeners = new Set<(status: WorkloadStatus) => void>();
   #state: State = "handshake";
   #closedError: Error | undefined;
+  #timedOut = false;
   #resolveClosed!: (value: Error | undefined) => void;
   #nextStream = 1;
   #needDrain = false;
@@ -278,6 +279,9 @@ export class AgentClient {
       },
       get closedError() {
         return self.#closedError;
+      },
+      timedOut: () => {
+        this.#timedOut = true;
       },
     };
     this.#host = {
@@ -385,6 +389,14 @@ export class AgentClient {
     return this.#closedError;
   }
 
+  /**
+   * True once a call waited on the agent past its deadline (`AGENT_TIMEOUT`): the guest kept the
+   * host waiting, so what it is doing is unknown.
+   */
+  get timedOut(): boolean {
+    return this.#timedOut;
+  }
+
   /** Number of open streams (execs and file transfers). */
   get openStreams(): number {
     return this.#streams.size;
@@ -462,7 +474,9 @@ export class AgentClient {
     signal?.addEventListener("abort", onAbort, { once: true });
     // Time spent waiting on the guest (the channel to drain, the answer) is bounded; time the
     // source takes is not. A reset (deadline, abort, agent error) ends every wait at once.
-    const watchdog = new Watchdog(timeoutMs, () => op.reset(agentTimeout(`writeFile ${path}`, timeoutMs)));
+    const watchdog = new Watchdog(timeoutMs, () =>
+      op.reset(agentTimeout(this.#link, `writeFile ${path}`, timeoutMs)),
+    );
     const failed = new Promise<never>((_, reject) => op.result.catch(reject));
     failed.catch(() => {});
     const guest = async <T>(wait: Promise<T>): Promise<T> => {
@@ -599,7 +613,7 @@ export class AgentClient {
       this.#expiredPings.add(seq);
       if (this.#expiredPings.size > 1024)
         this.#expiredPings.delete(this.#expiredPings.values().next().value!);
-      d.reject(agentTimeout("ping", timeoutMs));
+      d.reject(agentTimeout(this.#link, "ping", timeoutMs));
     }, timeoutMs);
     this.#pings.set(seq, {
       resolve: (ms) => {

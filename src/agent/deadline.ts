@@ -5,6 +5,7 @@
  */
 
 import { AgentTimeoutError, SupermachineError } from "../errors.ts";
+import type { StreamLink } from "./stream-link.ts";
 
 /** Options every call that waits on the agent takes. */
 export interface AgentCallOptions {
@@ -30,8 +31,16 @@ export function timeoutOption(timeoutMs: number | undefined, fallback = DEFAULT_
   return timeoutMs;
 }
 
-/** The error of an expired deadline. */
-export function agentTimeout(operation: string, timeoutMs: number): AgentTimeoutError {
+/**
+ * The error of an expired deadline. It also marks `link`'s connection timed out: the guest kept the
+ * host waiting, so what it is doing is unknown from then on (a VM counts as tainted).
+ */
+export function agentTimeout(
+  link: Pick<StreamLink, "timedOut">,
+  operation: string,
+  timeoutMs: number,
+): AgentTimeoutError {
+  link.timedOut();
   return new AgentTimeoutError(
     `${operation}: the guest agent did not answer within ${timeoutMs} ms; pass a larger timeoutMs if the guest is busy`,
     { operation, timeoutMs },

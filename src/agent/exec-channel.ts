@@ -169,7 +169,7 @@ export class ExecChannel implements StreamHandler {
     this.exited = this.#exited.promise;
     const startTimeoutMs = timeoutOption(request.startTimeoutMs);
     this.#startWatchdog = new Watchdog(startTimeoutMs, () =>
-      this.reset(agentTimeout(`exec ${JSON.stringify(this.argv[0] ?? "")}: start`, startTimeoutMs)),
+      this.reset(agentTimeout(link, `exec ${JSON.stringify(this.argv[0] ?? "")}: start`, startTimeoutMs)),
     );
 
     const stage = request.stage ?? [];

@@ -129,7 +129,9 @@ export class FileReadStream implements StreamHandler {
     this.stream = stream;
     this.path = path;
     this.#credit = new GuestCredit(link, stream, windowBytes, () => !this.#finished);
-    this.#watchdog = new Watchdog(timeoutMs, () => this.reset(agentTimeout(`readFile ${path}`, timeoutMs)));
+    this.#watchdog = new Watchdog(timeoutMs, () =>
+      this.reset(agentTimeout(link, `readFile ${path}`, timeoutMs)),
+    );
     this.#watchdog.arm();
     this.info = this.#info.promise;
     this.readable = new Readable({

@@ -461,7 +461,9 @@ class DirectoryListing implements StreamHandler {
     this.#path = path;
     this.#maxBytes = maxBytes;
     this.#credit = new GuestCredit(link, stream, window, () => !this.#ended);
-    this.#watchdog = new Watchdog(timeoutMs, () => this.reset(agentTimeout(`readdir ${path}`, timeoutMs)));
+    this.#watchdog = new Watchdog(timeoutMs, () =>
+      this.reset(agentTimeout(link, `readdir ${path}`, timeoutMs)),
+    );
     this.#watchdog.arm();
   }
 

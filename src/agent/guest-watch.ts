@@ -111,7 +111,9 @@ class Watcher implements GuestWatcher, StreamHandler {
     this.#signal = signal;
     this.ready = this.#ready.promise;
     this.#credit = new GuestCredit(link, stream, window, () => !this.#ended);
-    this.#watchdog = new Watchdog(timeoutMs, () => this.#abandon(agentTimeout(`watch ${path}`, timeoutMs)));
+    this.#watchdog = new Watchdog(timeoutMs, () =>
+      this.#abandon(agentTimeout(link, `watch ${path}`, timeoutMs)),
+    );
     this.#watchdog.arm();
     signal?.addEventListener("abort", this.#onAbort, { once: true });
   }

@@ -385,6 +385,8 @@ export class MountChannel {
       get closedError() {
         return self.#closedError;
       },
+      // No call on this channel waits on the guest under an agent deadline.
+      timedOut: () => {},
     };
     socket.on("data", this.#onData);
     socket.on("end", this.#onEnd);

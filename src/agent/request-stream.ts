@@ -91,7 +91,10 @@ export async function request<T>(
   const signal = opts.signal;
   if (signal?.aborted) throw new AbortError(`${spec.operation} aborted`, { cause: signal.reason });
   const { handler } = host.open(type, payload, (stream) => new RequestStream(host.link, stream, spec));
-  const timer = setTimeout(() => handler.reset(agentTimeout(spec.operation, timeoutMs)), timeoutMs);
+  const timer = setTimeout(
+    () => handler.reset(agentTimeout(host.link, spec.operation, timeoutMs)),
+    timeoutMs,
+  );
   const onAbort = () => handler.reset(new AbortError(`${spec.operation} aborted`, { cause: signal?.reason }));
   signal?.addEventListener("abort", onAbort, { once: true });
   try {

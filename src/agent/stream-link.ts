@@ -32,6 +32,11 @@ export interface StreamLink {
   release(stream: number): void;
   /** The error the connection closed with, once closed. */
   readonly closedError: Error | undefined;
+  /**
+   * A call on this connection waited on the agent past its deadline (see `agentTimeout`): what
+   * the guest is doing is unknown from then on.
+   */
+  timedOut(): void;
 }
 
 /** What a feature module (files, tunnels, watches, the workload) needs to open its streams. */

@@ -100,7 +100,9 @@ class TcpTunnel implements StreamHandler {
     this.#port = port;
     this.#credit = new GuestCredit(link, stream, window, () => this.#state !== "ended" && !this.#guestFin);
     const where = `connectTcp ${this.#peer}`;
-    this.#connectWatchdog = new Watchdog(timeoutMs, () => this.#abandon(agentTimeout(where, timeoutMs)));
+    this.#connectWatchdog = new Watchdog(timeoutMs, () =>
+      this.#abandon(agentTimeout(link, where, timeoutMs)),
+    );
     this.#connectWatchdog.arm();
     this.duplex = new Duplex({
       highWaterMark: 64 * 1024,

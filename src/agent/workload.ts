@@ -213,7 +213,7 @@ class WorkloadLogStream implements StreamHandler {
     this.#watchdog =
       timeoutMs === undefined
         ? undefined
-        : new Watchdog(timeoutMs, () => this.#fail(agentTimeout("workloadLogs", timeoutMs), true));
+        : new Watchdog(timeoutMs, () => this.#fail(agentTimeout(link, "workloadLogs", timeoutMs), true));
     this.readable = new Readable({
       highWaterMark: 64 * 1024,
       read: () => {

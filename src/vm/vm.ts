@@ -129,11 +129,13 @@ export class Vm {
         );
       }
     });
-    // The guest broke the protocol: it is not trusted any more, so the VM goes.
+    // The agent channel ended (QEMU is going: its socket closes before the host sees it exit) or
+    // the guest broke the protocol (it is not trusted any more): the VM goes, as a failure, so its
+    // console log is kept.
     void agent.closed.then((error) => {
       if (error !== undefined && this.#stopping === undefined) {
         this.#fail(withConsoleLog(error, this.consoleLogPath) as Error);
-        void qemu.kill();
+        void qemu.kill({ failed: true });
       }
     });
     agent.onWorkloadExit((status) => publish("vm:workload-exit", { id: this.id, status }));
@@ -200,10 +202,14 @@ export class Vm {
 
   /**
    * True once something happened that makes the guest's state untrustworthy for reuse: an exec
-   * timed out and was killed, or the VM failed. Pools discard tainted VMs.
+   * timed out and was killed, a call waited on the guest agent past its deadline
+   * (`AGENT_TIMEOUT`: the guest stopped answering, or is too busy to), or the VM failed. Pools
+   * discard tainted VMs.
    */
   get tainted(): boolean {
-    return this.#tainted || this.#failure !== undefined || this.#state !== "running";
+    return (
+      this.#tainted || this.#parts.agent.timedOut || this.#failure !== undefined || this.#state !== "running"
+    );
   }
 
   /** The guest agent's name and version. */

@@ -174,7 +174,7 @@ export class QemuProcess {
   #state: QemuState = "starting";
   /** stop()/kill()/abort asked for the exit: not a failure. */
   #requested = false;
-  /** Launch failed: keep the dir even though we killed QEMU ourselves. */
+  /** Launch failed, or kill({ failed: true }): keep the dir even though we killed QEMU ourselves. */
   #failed = false;
   #keepStateDir = false;
   #stopping: Promise<void> | undefined;
@@ -515,10 +515,17 @@ export class QemuProcess {
     return this.#stopping;
   }
 
-  /** SIGKILL QEMU now, then clean up like `stop()`. Resolves when done. */
-  kill(): Promise<void> {
+  /**
+   * SIGKILL QEMU now, then clean up like `stop()`. Resolves when done. With `failed`, the host ends
+   * QEMU because the VM failed (its agent channel ended or broke the protocol): the dir is kept as
+   * a failure, like when QEMU exits unasked, so the error's console log path stays valid. (A QEMU
+   * killed from outside closes its sockets before the host sees it exit: without `failed`, the
+   * host's own kill would count as asking.)
+   */
+  kill(options: { failed?: boolean } = {}): Promise<void> {
     if (this.#exit === undefined) {
-      this.#requested = true;
+      if (options.failed === true) this.#failed = true;
+      else if (!this.#failed) this.#requested = true;
       this.#killGroup();
     }
     return this.#finished;

@@ -249,6 +249,34 @@ describe("every wait on the guest has a deadline", () => {
     client.close();
   });
 
+  test("every expired deadline marks the connection timed out (a VM then counts as tainted)", async () => {
+    const t = { timeoutMs: 50 };
+    const calls: [string, (client: AgentClient) => Promise<unknown>][] = [
+      ["ping", (c) => c.ping(t)],
+      ["readFile", (c) => c.readFileBytes("/f", t)],
+      ["writeFile", (c) => c.writeFile("/f", "data", t)],
+      ["exec start", (c) => c.exec({ argv: ["x"], startTimeoutMs: 50 }).started],
+      ["fs", (c) => c.fs.stat("/", t)],
+      ["connectTcp", (c) => c.connectTcp(80, t)],
+      ["watch", (c) => c.watch("/", t).ready],
+      ["workload", (c) => c.workloadStatus(t)],
+    ];
+    for (const [name, call] of calls) {
+      const { fake, client } = await connected();
+      fake.autoPong = false;
+      assert.equal(client.timedOut, false, name);
+      await assert.rejects(call(client), isCode("AGENT_TIMEOUT"), name);
+      assert.equal(client.timedOut, true, name);
+      assert.equal(client.closedError, undefined, name);
+      client.close();
+    }
+    // Answered calls leave it clear.
+    const { client } = await connected();
+    await client.ping(t);
+    assert.equal(client.timedOut, false);
+    client.close();
+  });
+
   test("readFile's deadline runs only while its consumer wants data", async () => {
     const { fake, client } = await connected();
     const file = client.readFile("/f", { timeoutMs: 100 });

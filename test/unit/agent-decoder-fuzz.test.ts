@@ -12,21 +12,10 @@ import { fileURLToPath } from "node:url";
 import { decodeFieldList } from "../../src/agent/fields.ts";
 import { encodeFrame, FrameDecoder, MAX_PAYLOAD } from "../../src/agent/frame-codec.ts";
 import { SupermachineError } from "../../src/errors.ts";
+import { prng } from "../helpers/seeded-random.ts";
 
 const FIXTURES = fileURLToPath(new URL("../fixtures/protocol/", import.meta.url));
 const RUNS = Number(process.env.FUZZ_RUNS ?? 3000);
-
-/** A small deterministic generator (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const golden = readdirSync(FIXTURES)
   .filter((f) => f.endsWith(".hex"))

@@ -60,6 +60,14 @@ describe("errors", () => {
     assert.deepEqual(wrong, []);
   });
 
+  it("is(err, code) narrows every code to the class docs/errors.md names", () => {
+    const source = readFileSync(join(ROOT, "src/errors.ts"), "utf8");
+    const body = /export interface ErrorClasses \{([^}]*)\}/.exec(source)?.[1] ?? "";
+    const narrowed = new Map([...body.matchAll(/^\s*([A-Z_]+): (\w+);/gm)].map((m) => [m[1]!, m[2]!]));
+    const expected = new Map([...documented].filter(([, cls]) => cls !== "SupermachineError"));
+    assert.deepEqual(new Map([...narrowed].sort()), new Map([...expected].sort()));
+  });
+
   it("is(err, code) checks the code and narrows to the class", () => {
     const timeout: unknown = new PoolTimeoutError("waited", { timeoutMs: 5 });
     assert.equal(SupermachineError.is(timeout), true);
