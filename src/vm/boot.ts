@@ -24,7 +24,7 @@ import { configureGuestNetwork, NET_KERNEL_ARG } from "./guest-network.ts";
 import { checkHostname, guestIdentity } from "./identity.ts";
 import { prepareNetwork } from "./network-launch.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, type VmConfig } from "./vm-config.ts";
-import { connectAgent, type VmParts, withConsoleLog } from "./vm-parts.ts";
+import { connectAgent, endFailedStart, type VmParts } from "./vm-parts.ts";
 
 /** Kernel arguments of every VM, before `VmConfig.kernelArgs`. */
 const BOOT_KERNEL_ARGS = ["quiet", "sm.root=/dev/vda", "sm.rootfstype=ext4"];
@@ -148,8 +148,7 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
       network: { device: network.device, policy: network.policy },
     };
   } catch (error) {
-    await qemu.kill();
-    throw withConsoleLog(error, qemu.consoleLogPath);
+    throw await endFailedStart(qemu, error);
   }
 }
 

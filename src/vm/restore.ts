@@ -19,7 +19,7 @@ import { checkHostname, guestIdentity, newMachineId } from "./identity.ts";
 import { type NetworkLaunch, prepareNetwork } from "./network-launch.ts";
 import { networkKind } from "./network-policy.ts";
 import { DEFAULT_BOOT_TIMEOUT_MS, type RestoreConfig, type VmTimings } from "./vm-config.ts";
-import { connectAgent, type VmParts, withConsoleLog } from "./vm-parts.ts";
+import { connectAgent, endFailedStart, type VmParts } from "./vm-parts.ts";
 
 /** A QEMU started for a snapshot, waiting (`-incoming defer`, vCPUs stopped) for its state. */
 export interface LaunchedRestore {
@@ -177,8 +177,7 @@ export async function activateRestore(
       prestartMs,
     });
   } catch (error) {
-    await qemu.kill();
-    throw withConsoleLog(error, qemu.consoleLogPath);
+    throw await endFailedStart(qemu, error);
   }
 }
 
@@ -256,8 +255,7 @@ export async function warmUp(launched: LaunchedRestore, config: RestoreConfig): 
     return agent;
   } catch (error) {
     agent?.close();
-    await qemu.kill();
-    throw withConsoleLog(error, qemu.consoleLogPath);
+    throw await endFailedStart(qemu, error);
   }
 }
 
@@ -298,8 +296,7 @@ export async function activateWarm(
     });
   } catch (error) {
     agent.close();
-    await qemu.kill();
-    throw withConsoleLog(error, qemu.consoleLogPath);
+    throw await endFailedStart(qemu, error);
   }
 }
 

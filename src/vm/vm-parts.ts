@@ -44,6 +44,17 @@ export async function connectAgent(
   ]);
 }
 
+/**
+ * Ends the QEMU of a start that failed and returns the error to throw. The error names the console
+ * log, which usually says why, so the log is kept (docs/lifecycle.md: kept dirs are swept, at most
+ * 16); a start the caller aborted leaves nothing.
+ */
+export async function endFailedStart(qemu: QemuProcess, error: unknown): Promise<unknown> {
+  const aborted = error instanceof SupermachineError && error.code === "ABORTED";
+  await qemu.kill({ failed: !aborted });
+  return withConsoleLog(error, qemu.consoleLogPath);
+}
+
 /** Errors of a start name the console log, which usually says why. */
 export function withConsoleLog(error: unknown, consoleLogPath: string): unknown {
   if (!(error instanceof SupermachineError) || error.code === "ABORTED") return error;
