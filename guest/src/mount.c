@@ -1051,6 +1051,15 @@ static int open_mounts_port(void)
 	return fd;
 }
 
+static pid_t relay_pid;
+
+void sm_mount_relay_stop(void)
+{
+	if (relay_pid > 0)
+		kill(relay_pid, SIGKILL);
+	relay_pid = 0;
+}
+
 void sm_mount_relay_start(const int *close_fds, int debug)
 {
 	pid_t pid = fork();
@@ -1058,8 +1067,10 @@ void sm_mount_relay_start(const int *close_fds, int debug)
 		sm_log("mounts: cannot start the mount relay: %s", strerror(errno));
 		return;
 	}
-	if (pid > 0)
+	if (pid > 0) {
+		relay_pid = pid;
 		return;
+	}
 	for (const int *fd = close_fds; *fd >= 0; fd++)
 		close(*fd);
 	setsid();

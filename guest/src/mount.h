@@ -30,6 +30,8 @@ int sm_mount_msg_check(unsigned type, int from_host, const uint8_t *p, size_t n,
 /* In the VM: fork the relay (after the switch into the image root). It waits for the port to
  * appear and serves it; `close_fds` (-1 terminated) are the agent's descriptors it must not keep. */
 void sm_mount_relay_start(const int *close_fds, int debug);
+/* SIGKILL the mount relay (at shutdown: it ignores SIGTERM). */
+void sm_mount_relay_stop(void);
 
 /* Serve the mounts protocol on `chan_fd` until the channel ends (host mode) or forever (VM).
  * Host mode: MOUNT runs `mount_exec` (argv: path msize readOnly, the 9P socket as fd 3) instead

@@ -17,9 +17,9 @@ import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
 
 /**
  * Restore → exec → stop cycles, run at 1 and again at 2 vCPUs. Under TCG a 2-vCPU cycle costs about
- * what a 1-vCPU one does (~0.6 s on a quiet machine), so both run the full count.
+ * what a 1-vCPU one does (~0.6 s on a quiet machine), so both run the full count (the reliability run of docs/snapshots.md: 100 cycles).
  */
-const CYCLES = Number(process.env.SNAPSHOT_CYCLES ?? 200);
+const CYCLES = Number(process.env.SNAPSHOT_CYCLES ?? 100);
 
 async function sha256(path: string): Promise<string> {
   const hash = createHash("sha256");
