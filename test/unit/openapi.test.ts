@@ -89,8 +89,9 @@ describe("docs/openapi.json", () => {
   it("resolves every $ref", () => {
     const broken: string[] = [];
     const walk = (node: unknown, at: string): void => {
-      if (Array.isArray(node)) node.forEach((v, i) => walk(v, `${at}/${i}`));
-      else if (typeof node === "object" && node !== null) {
+      if (Array.isArray(node)) {
+        for (const [i, v] of node.entries()) walk(v, `${at}/${i}`);
+      } else if (typeof node === "object" && node !== null) {
         for (const [key, value] of Object.entries(node)) {
           if (key === "$ref" && (typeof value !== "string" || resolve(value) === undefined)) {
             broken.push(`${at}: ${String(value)}`);
