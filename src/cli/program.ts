@@ -292,7 +292,7 @@ running after this command returns: see ps, port, exec, logs, stop and rm.`,
 
   program
     .command("serve")
-    .description("serve this host's images, pools and VMs over HTTP and WebSocket (docs/server-api.md)")
+    .description("serve this host's images, pools and VMs over HTTP and WebSocket (docs/server.md)")
     .option("--listen <HOST:PORT>", "address to listen on", "127.0.0.1:7070")
     .option("--token-file <FILE>", "bearer token clients must send (required beyond loopback)")
     .option("--max-vms <N>", "most VMs at once, counting every pool's max (default 16)")

@@ -1,5 +1,5 @@
 /**
- * `supermachine serve`: the HTTP/WebSocket server (docs/server-api.md) until SIGTERM or SIGINT,
+ * `supermachine serve`: the HTTP/WebSocket server (docs/server.md) until SIGTERM or SIGINT,
  * then a drain within the grace period (in-flight requests finish or are cancelled, every VM
  * stops) and exit 0. Logs are JSON lines on standard output.
  */

@@ -1,6 +1,6 @@
 /**
  * `supermachine/client`: the library's API over the wire, against `supermachine serve`
- * (docs/server-api.md). It carries no VM code: a client install needs no QEMU.
+ * (docs/server.md). It carries no VM code: a client install needs no QEMU.
  */
 
 export * from "../errors.ts";

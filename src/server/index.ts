@@ -1,4 +1,4 @@
-/** `supermachine serve`: the HTTP/WebSocket server (docs/server-api.md). */
+/** `supermachine serve`: the HTTP/WebSocket server (docs/server.md). */
 
 export { jsonLogger, type LogFn, type LogLevel } from "./log.ts";
 export { ROUTES } from "./routes.ts";

@@ -2,7 +2,7 @@
  * The route table: method + path template → handler. Templates name their parameters
  * (`/v1/vms/{id}/exec`); `{rest*}` at the end takes the rest of the path. Parameters are checked
  * here (ids, ports), so a handler never sees `..`, `/` or a NUL where an id belongs. The
- * OpenAPI document (docs/openapi.yaml) lists the same table; a test keeps them equal.
+ * OpenAPI document (docs/openapi.json) lists the same table; a test keeps them equal.
  */
 
 import type { IncomingMessage, ServerResponse } from "node:http";

@@ -1,4 +1,4 @@
-/** Every route of the API (docs/server-api.md; docs/openapi.yaml lists the same). */
+/** Every route of the API (docs/server.md; docs/openapi.json lists the same). */
 
 import { execOnPool, execOnVm, execStream } from "./exec-routes.ts";
 import { fsCallRoute, readFileRoute, watchStream, writeFileRoute } from "./file-routes.ts";

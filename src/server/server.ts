@@ -1,6 +1,6 @@
 /**
  * `supermachine serve`: a host's images, pools and VMs over HTTP/1.1 and WebSocket
- * (docs/server-api.md). Built only on the public API (src/index.ts).
+ * (docs/server.md). Built only on the public API (src/index.ts).
  *
  * Every request is bounded — body sizes, stream counts, header and request timeouts — and
  * authenticated with a bearer token compared in constant time (except the probes and

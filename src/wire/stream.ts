@@ -1,6 +1,6 @@
 /**
- * Streams over a WebSocket: an exec's stdin/stdout/stderr (`/v1/vms/{id}/exec/stream`) and a raw
- * TCP tunnel to a guest port (`/v1/vms/{id}/ports/{port}/tcp`). docs/server-api.md describes them.
+ * Streams over a WebSocket: an exec's stdin/stdout/stderr (`/v1/vms/{id}/exec`) and a raw
+ * TCP tunnel to a guest port (`/v1/vms/{id}/ports/{port}/tcp`). docs/server.md describes them.
  *
  * - Binary messages carry data: one byte of channel ({@link CHANNEL}), then the bytes.
  * - Text messages are JSON control messages ({@link ClientMessage}, {@link ServerMessage}).

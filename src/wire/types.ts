@@ -1,4 +1,4 @@
-/** The JSON resources of the server's API (docs/server-api.md, docs/openapi.yaml). */
+/** The JSON resources of the server's API (docs/server.md, docs/openapi.json). */
 
 import type { ImageConfig, PoolOptions, PoolStats, SymlinkPolicy, VmTimings } from "../index.ts";
 
