@@ -88,7 +88,7 @@ function applyJsonPatch(target: Obj, ops: { op: string; path: string; value?: un
     if (Array.isArray(parent)) {
       assert.ok(last === "-" || /^\d+$/.test(last), `patch path ${path}: array index`);
       if (op === "add") parent.splice(last === "-" ? parent.length : Number(last), 0, value);
-      else parent[last] = value;
+      else parent[Number(last)] = value;
     } else {
       if (op === "replace") assert.ok(last in parent, `patch path ${path}: replace of a missing ${last}`);
       parent[last] = value;
