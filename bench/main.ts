@@ -14,13 +14,16 @@ import { busyboxRootfs } from "../test/helpers/vm.ts";
 import { cliStartBench } from "./cli-start.ts";
 import { mountBench } from "./mounts.ts";
 import { networkBench } from "./network.ts";
+import { portsBench } from "./ports.ts";
 import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
 
 const quick = process.argv.includes("--quick");
-/** `--only cli`: just the CLI start-time rows (no VMs). */
+/** `--only cli`: just the CLI start-time rows (no VMs); `--only ports`: just the guest-port rows. */
 const only = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
+if (only !== undefined && only !== "cli" && only !== "ports")
+  throw new Error(`--only ${only}: say cli or ports`);
 const table = new Table();
 
 async function time(fn: () => Promise<unknown>): Promise<number> {
@@ -125,5 +128,6 @@ if (only === undefined) {
   await mountBench(table, quick);
   await networkBench(table, quick);
 }
-await cliStartBench(table, quick);
+if (only === undefined || only === "ports") await portsBench(table, quick);
+if (only === undefined || only === "cli") await cliStartBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);
