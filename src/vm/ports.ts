@@ -42,6 +42,14 @@ function checkPort(port: number, what: string, allowZero: boolean): void {
   }
 }
 
+/**
+ * How long an exposed port's connection may wait for the guest's connect. A guest server whose
+ * listen backlog overflows under a burst drops SYNs, and the guest kernel retries them with
+ * backoff for up to ~127 s before it answers ETIMEDOUT itself; a shorter deadline would cut off
+ * connections a busy server accepts late.
+ */
+export const EXPOSED_CONNECT_TIMEOUT_MS = 150_000;
+
 /** Listens on `host:hostPort` and forwards each connection to `guestPort` through `connect`. */
 export async function exposeTcp(
   connect: GuestConnector,

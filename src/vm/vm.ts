@@ -23,7 +23,7 @@ import { type ExecBuilder, execBuilder } from "./exec-builder.ts";
 import type { ExecHandle, ExecTarget } from "./exec-handle.ts";
 import { type GuestFileSystem, guestFileSystem } from "./fs.ts";
 import { type MountSpec, type VmMount, VmMounts } from "./mounts.ts";
-import { type ExposedPort, type ExposeTcpOptions, exposeTcp } from "./ports.ts";
+import { EXPOSED_CONNECT_TIMEOUT_MS, type ExposedPort, type ExposeTcpOptions, exposeTcp } from "./ports.ts";
 import { activateRestore, activateWarm, type LaunchedRestore, launchRestore, warmUp } from "./restore.ts";
 import { saveSnapshot } from "./save-snapshot.ts";
 import {
@@ -276,7 +276,8 @@ export class Vm {
    */
   async exposeTcp(hostPort: number, guestPort: number, options: ExposeTcpOptions = {}): Promise<ExposedPort> {
     this.#agent();
-    const exposed = await exposeTcp((port) => this.connect(port), hostPort, guestPort, {
+    const connect = (port: number) => this.connect(port, { timeoutMs: EXPOSED_CONNECT_TIMEOUT_MS });
+    const exposed = await exposeTcp(connect, hostPort, guestPort, {
       ...options,
       vmId: this.id,
     });
