@@ -1,12 +1,22 @@
 /**
  * `npm run bench`: measures supermachine against floors measured in the same run and prints one
- * table (min/median/max, ratio to the floor, budget). Budgets: docs/SPECIFICATION.md.
+ * table (min/median/p95/max, ratio to the floor, budget). Budgets: docs/SPECIFICATION.md.
+ *
+ *   node bench/main.ts [--quick] [--only SECTION[,SECTION…]]
+ *                      [--verifier-workers 1,2,4,8] [--verifier-cycles N] [--vcpu-cycles N]
+ *
+ * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, cli (all by default).
+ * `--verifier-workers`: worker counts of the verifier loop (default 1,2, 1 with --quick: a guest
+ * `rustc -O` takes ~30–60 s under TCG here, so 1,2,4,8 takes the better part of an hour);
+ * `--verifier-cycles`: cycles per worker at each worker count (default 2: the first in a VM is cold);
+ * `--vcpu-cycles`: restore → exec → stop cycles per vCPU count (default 100, 20 with --quick).
  */
 import { spawnSync } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
+import { parseArgs } from "node:util";
 import { hostAccelerator, resolveAssetPaths, Vm } from "../src/index.ts";
 import { QemuProcess } from "../src/vmm/qemu-process.ts";
 import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
@@ -18,12 +28,59 @@ import { portsBench } from "./ports.ts";
 import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
 import { summarize, Table } from "./table.ts";
+import { vcpuBench } from "./vcpus.ts";
+import { verifierBench } from "./verifier.ts";
 
-const quick = process.argv.includes("--quick");
-/** `--only cli`: just the CLI start-time rows (no VMs); `--only ports`: just the guest-port rows. */
-const only = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
-if (only !== undefined && only !== "cli" && only !== "ports")
-  throw new Error(`--only ${only}: say cli or ports`);
+const SECTIONS = [
+  "spine",
+  "restore",
+  "pull",
+  "mounts",
+  "network",
+  "verifier",
+  "vcpus",
+  "ports",
+  "cli",
+] as const;
+type Section = (typeof SECTIONS)[number];
+
+function usage(message: string): never {
+  process.stderr.write(`bench: ${message} (see the usage at the top of bench/main.ts)\n`);
+  process.exit(2);
+}
+
+function counts(flag: string, text: string | undefined, fallback: number[]): number[] {
+  if (text === undefined) return fallback;
+  const values = text.split(",").map(Number);
+  if (values.some((n) => !Number.isInteger(n) || n < 1))
+    usage(`--${flag} takes positive integers separated by commas, not ${JSON.stringify(text)}`);
+  return values;
+}
+
+const { values: args } = (() => {
+  try {
+    return parseArgs({
+      options: {
+        quick: { type: "boolean", default: false },
+        only: { type: "string" },
+        "verifier-workers": { type: "string" },
+        "verifier-cycles": { type: "string" },
+        "vcpu-cycles": { type: "string" },
+      },
+    });
+  } catch (error) {
+    return usage((error as Error).message);
+  }
+})();
+const quick = args.quick;
+const only = args.only?.split(",") ?? [...SECTIONS];
+for (const name of only)
+  if (!(SECTIONS as readonly string[]).includes(name))
+    usage(`unknown section ${name}: one of ${SECTIONS.join(", ")}`);
+const runs = (section: Section) => only.includes(section);
+const verifierWorkers = counts("verifier-workers", args["verifier-workers"], quick ? [1] : [1, 2]);
+const [verifierCycles] = counts("verifier-cycles", args["verifier-cycles"], [2]);
+const [vcpuCycles] = counts("vcpu-cycles", args["vcpu-cycles"], [quick ? 20 : 100]);
 const table = new Table();
 
 async function time(fn: () => Promise<unknown>): Promise<number> {
@@ -121,13 +178,14 @@ async function spine(): Promise<void> {
   }
 }
 
-if (only === undefined) {
-  await spine();
-  await restoreBench(table, quick);
-  await pullBench(table, quick);
-  await mountBench(table, quick);
-  await networkBench(table, quick);
-}
-if (only === undefined || only === "ports") await portsBench(table, quick);
-if (only === undefined || only === "cli") await cliStartBench(table, quick);
+if (runs("spine")) await spine();
+if (runs("restore")) await restoreBench(table, quick);
+if (runs("pull")) await pullBench(table, quick);
+if (runs("mounts")) await mountBench(table, quick);
+if (runs("network")) await networkBench(table, quick);
+if (runs("verifier"))
+  await verifierBench(table, { workers: verifierWorkers, cyclesPerWorker: verifierCycles! });
+if (runs("vcpus")) await vcpuBench(table, { runs: quick ? 2 : 3, cycles: vcpuCycles! });
+if (runs("ports")) await portsBench(table, quick);
+if (runs("cli")) await cliStartBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);

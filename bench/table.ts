@@ -15,7 +15,8 @@ export function summarize(samples: readonly number[]): Summary {
   return {
     n: sorted.length,
     min: sorted[0]!,
-    median: at(0.5),
+    // The middle sample, or the mean of the two middle ones.
+    median: (sorted[Math.floor((sorted.length - 1) / 2)]! + sorted[Math.ceil((sorted.length - 1) / 2)]!) / 2,
     p95: at(0.95),
     max: sorted[sorted.length - 1]!,
   };
@@ -49,7 +50,7 @@ export class Table {
   }
 
   render(): string {
-    const header = ["benchmark", "unit", "n", "min", "median", "max", "vs", "ratio", "budget"];
+    const header = ["benchmark", "unit", "n", "min", "median", "p95", "max", "vs", "ratio", "budget"];
     const lines = this.rows.map((row) => {
       const ratio = this.ratio(row);
       return [
@@ -58,6 +59,7 @@ export class Table {
         String(row.summary.n),
         fmt(row.summary.min),
         fmt(row.summary.median),
+        fmt(row.summary.p95),
         fmt(row.summary.max),
         row.against ?? "",
         ratio === undefined ? "" : `${ratio.toFixed(2)}×`,

@@ -17,6 +17,8 @@ packages=(
   # the service checks' clients (test/integration/services-*.test.ts); Debian 12 has pgbench in
   # the server package, installed without a cluster (below)
   wrk redis-tools libmemcached-tools postgresql-client postgresql-15
+  # the floor of the verifier-loop bench (bench/verifier.ts): the Rust image's compiler on the host
+  rustc
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,7 +1,7 @@
 /** Checks and timings shared by the snapshot tests and the bench. */
 import assert from "node:assert/strict";
 import { performance } from "node:perf_hooks";
-import type { Vm } from "../../src/index.ts";
+import type { Image, Vm } from "../../src/index.ts";
 
 /** Time from asking for a VM (`start`) to the first stdout byte of `echo x` in it. */
 export async function firstExecByte(start: () => Promise<Vm>): Promise<{ ms: number; vm: Vm }> {
@@ -44,4 +44,31 @@ export async function assertClonesDiffer(a: Vm, b: Vm, hostOffsetSeconds = 0): P
       `guest time ${r.seconds} is not within 1 s of the host's [${r.before}, ${r.after}]`,
     );
   }
+}
+
+/**
+ * One restore → exec → stop cycle (the snapshot tests' long runs, the bench's reliability rows): a
+ * clone of `image` echoes `cycle i` (after counting its CPUs, with `vcpus`), then stops. `started`
+ * gets the clone's id as soon as it exists, to look for leftovers afterwards. A clone that answers
+ * wrong is killed and the error thrown.
+ */
+export async function restoreExecStopCycle(
+  image: Image,
+  i: number,
+  options: { vcpus?: number; started?: string[] } = {},
+): Promise<void> {
+  const vm = await image.start();
+  options.started?.push(vm.id);
+  try {
+    if (options.vcpus !== undefined) {
+      const cpus = await vm.exec(["sh", "-c", "grep -c ^processor /proc/cpuinfo"]);
+      assert.equal(cpus.stdoutText, `${options.vcpus}\n`, "the clone runs with the snapshot's vCPUs");
+    }
+    const out = await vm.exec(["echo", `cycle ${i}`]);
+    assert.equal(out.stdoutText, `cycle ${i}\n`);
+  } catch (error) {
+    await vm.kill();
+    throw error;
+  }
+  await vm.stop();
 }

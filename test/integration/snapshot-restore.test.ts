@@ -5,14 +5,15 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { createReadStream, readdirSync, readFileSync } from "node:fs";
+import { createReadStream } from "node:fs";
 import { link, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { Image, type ImageStartConfig, SnapshotError, Store, Vm } from "../../src/index.ts";
-import { assertClonesDiffer } from "../helpers/clones.ts";
+import { assertClonesDiffer, restoreExecStopCycle } from "../helpers/clones.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
+import { qemuPidsOf } from "../helpers/processes.ts";
 import { busyboxRootfs, vmSkipReason } from "../helpers/vm.ts";
 
 /**
@@ -25,21 +26,6 @@ async function sha256(path: string): Promise<string> {
   const hash = createHash("sha256");
   for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
   return hash.digest("hex");
-}
-
-/** Pids of live QEMU processes whose command line mentions `needle`. */
-function qemuProcessesMentioning(needle: string): number[] {
-  const pids: number[] = [];
-  for (const name of readdirSync("/proc")) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const cmdline = readFileSync(`/proc/${name}/cmdline`, "utf8");
-      if (cmdline.includes("qemu-system") && cmdline.includes(needle)) pids.push(Number(name));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return pids;
 }
 
 describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
@@ -304,18 +290,12 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
         const cycleImage = current();
         assert.equal(cycleImage.snapshot!.manifest.vcpus, vcpus);
         const times: number[] = [];
+        const ids: string[] = [];
         const started = performance.now();
         for (let i = 0; i < count; i++) {
           const t0 = performance.now();
-          const vm = await cycleImage.start();
-          if (i === 0) {
-            // The clone runs with the snapshot's vCPUs.
-            const cpus = await vm.exec(["sh", "-c", "grep -c ^processor /proc/cpuinfo"]);
-            assert.equal(cpus.stdoutText, `${vcpus}\n`);
-          }
-          const out = await vm.exec(["echo", `cycle ${i}`]);
-          assert.equal(out.stdoutText, `cycle ${i}\n`);
-          await vm.stop();
+          // The first clone also checks that it runs with the snapshot's vCPUs.
+          await restoreExecStopCycle(cycleImage, i, { started: ids, ...(i === 0 ? { vcpus } : {}) });
           times.push(performance.now() - t0);
         }
         times.sort((x, y) => x - y);
@@ -324,7 +304,7 @@ describe("snapshots of the busybox image", { timeout: 1_200_000 }, () => {
         console.log(
           `# vcpus ${vcpus}: ${count} cycles in ${((performance.now() - started) / 1000).toFixed(1)} s; per cycle ms: min ${pct(0)} p50 ${pct(50)} p90 ${pct(90)} max ${pct(100)}`,
         );
-        assert.deepEqual(qemuProcessesMentioning(runtimeDir), [], "QEMU processes left behind");
+        assert.deepEqual(qemuPidsOf(ids), [], "QEMU processes left behind");
         const left = await readdir(join(runtimeDir, "vms")).catch(() => [] as string[]);
         assert.deepEqual(left, [], "VM runtime dirs (sockets, overlays) left behind");
         const tempLeft = (await readdir(join(dataDir, "snapshots"))).filter((n) => n.startsWith("."));
