@@ -5,7 +5,7 @@
  *   node bench/main.ts [--quick] [--only SECTION[,SECTION…]]
  *                      [--verifier-workers 1,2,4,8] [--verifier-cycles N] [--vcpu-cycles N]
  *
- * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, cli (all by default).
+ * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, ports, cli (all by default).
  * `--verifier-workers`: worker counts of the verifier loop (default 1,2, 1 with --quick: a guest
  * `rustc -O` takes ~30–60 s under TCG here, so 1,2,4,8 takes the better part of an hour);
  * `--verifier-cycles`: cycles per worker at each worker count (default 2: the first in a VM is cold);
