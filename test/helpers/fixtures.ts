@@ -181,8 +181,9 @@ export function fixtureImages(): Promise<FixtureImages> {
   return pending;
 }
 
-async function runBuild(): Promise<string> {
-  const child = spawn("bash", [fixtureBuildScript], { stdio: ["ignore", "pipe", "inherit"] });
+/** Runs a fixture build script (its progress on our stderr) and returns the directory it printed last. */
+export async function runBuildScript(script: string): Promise<string> {
+  const child = spawn("bash", [script], { stdio: ["ignore", "pipe", "inherit"] });
   let stdout = "";
   child.stdout.setEncoding("utf8");
   child.stdout.on("data", (chunk: string) => {
@@ -192,14 +193,14 @@ async function runBuild(): Promise<string> {
     child.once("error", reject);
     child.once("exit", (c, s) => resolvePromise(c ?? s ?? "unknown"));
   });
-  if (code !== 0) throw new Error(`${fixtureBuildScript} failed (${code}); its output is above`);
+  if (code !== 0) throw new Error(`${script} failed (${code}); its output is above`);
   const dir = stdout.trim().split("\n").pop();
-  if (!dir) throw new Error(`${fixtureBuildScript} printed no output directory`);
+  if (!dir) throw new Error(`${script} printed no output directory`);
   return dir;
 }
 
 async function load(): Promise<FixtureImages> {
-  const root = process.env.SUPERMACHINE_FIXTURES_DIR || (await runBuild());
+  const root = process.env.SUPERMACHINE_FIXTURES_DIR || (await runBuildScript(fixtureBuildScript));
   const raw = JSON.parse(await readFile(join(root, "fixtures.json"), "utf8"));
   if (raw.formatVersion !== 1)
     throw new Error(`${root}/fixtures.json: unknown formatVersion ${raw.formatVersion}`);

@@ -13,11 +13,10 @@
  * build from nothing a few minutes, with root and the Debian archive); later calls share the
  * result. SUPERMACHINE_SERVICE_IMAGES_DIR uses an already built output directory as is.
  */
-import { spawn } from "node:child_process";
 import { readFile } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { ImageFacts } from "./fixtures.ts";
+import { type ImageFacts, runBuildScript } from "./fixtures.ts";
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 export const serviceImagesBuildScript = join(repoRoot, "test/fixtures/services/build.sh");
@@ -81,25 +80,9 @@ export function serviceImages(): Promise<ServiceImages> {
   return pending;
 }
 
-async function runBuild(): Promise<string> {
-  const child = spawn("bash", [serviceImagesBuildScript], { stdio: ["ignore", "pipe", "inherit"] });
-  let stdout = "";
-  child.stdout.setEncoding("utf8");
-  child.stdout.on("data", (chunk: string) => {
-    stdout += chunk;
-  });
-  const code = await new Promise<number | string>((resolvePromise, reject) => {
-    child.once("error", reject);
-    child.once("exit", (c, s) => resolvePromise(c ?? s ?? "unknown"));
-  });
-  if (code !== 0) throw new Error(`${serviceImagesBuildScript} failed (${code}); its output is above`);
-  const dir = stdout.trim().split("\n").pop();
-  if (!dir) throw new Error(`${serviceImagesBuildScript} printed no output directory`);
-  return dir;
-}
-
 async function load(): Promise<ServiceImages> {
-  const root = process.env.SUPERMACHINE_SERVICE_IMAGES_DIR || (await runBuild());
+  const root =
+    process.env.SUPERMACHINE_SERVICE_IMAGES_DIR || (await runBuildScript(serviceImagesBuildScript));
   const raw = JSON.parse(await readFile(join(root, "services.json"), "utf8"));
   if (raw.formatVersion !== 1)
     throw new Error(`${root}/services.json: unknown formatVersion ${raw.formatVersion}`);
