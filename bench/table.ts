@@ -30,7 +30,7 @@ export interface Row {
   readonly against?: string;
   /** Budget on the ratio (row median / baseline median), e.g. "≤ 1.2". */
   readonly budget?: string;
-  /** For throughputs, a higher number is better: the ratio is baseline/row. */
+  /** For throughputs, a higher number is better: the ratio is still row/baseline, and its budget a lower bound ("≥ 0.9"). */
   readonly higherIsBetter?: boolean;
 }
 
