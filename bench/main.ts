@@ -5,7 +5,8 @@
  *   node bench/main.ts [--quick] [--only SECTION[,SECTION…]]
  *                      [--verifier-workers 1,2,4,8] [--verifier-cycles N] [--vcpu-cycles N]
  *
- * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, ports, cli (all by default).
+ * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, ports, serve, cli (all by
+ * default).
  * `--verifier-workers`: worker counts of the verifier loop (default 1,2, 1 with --quick: a guest
  * `rustc -O` takes ~30–60 s under TCG here, so 1,2,4,8 takes the better part of an hour);
  * `--verifier-cycles`: cycles per worker at each worker count (default 2: the first in a VM is cold);
@@ -27,6 +28,7 @@ import { networkBench } from "./network.ts";
 import { portsBench } from "./ports.ts";
 import { pullBench } from "./pull.ts";
 import { restoreBench } from "./restore.ts";
+import { serveBench } from "./serve.ts";
 import { summarize, Table } from "./table.ts";
 import { vcpuBench } from "./vcpus.ts";
 import { verifierBench } from "./verifier.ts";
@@ -40,6 +42,7 @@ const SECTIONS = [
   "verifier",
   "vcpus",
   "ports",
+  "serve",
   "cli",
 ] as const;
 type Section = (typeof SECTIONS)[number];
@@ -187,5 +190,6 @@ if (runs("verifier"))
   await verifierBench(table, { workers: verifierWorkers, cyclesPerWorker: verifierCycles! });
 if (runs("vcpus")) await vcpuBench(table, { runs: quick ? 2 : 3, cycles: vcpuCycles! });
 if (runs("ports")) await portsBench(table, quick);
+if (runs("serve")) await serveBench(table, quick);
 if (runs("cli")) await cliStartBench(table, quick);
 process.stdout.write(`\n${table.render()}\n`);
