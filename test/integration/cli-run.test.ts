@@ -6,6 +6,10 @@ import { fixtureImages } from "../helpers/fixtures.ts";
 import { scratchDir } from "../helpers/scratch.ts";
 import { busyboxRootfs, vmTest } from "../helpers/vm.ts";
 
+// Every CLI process of this file keeps its VMs, images and caches in dirs of its own.
+process.env.SUPERMACHINE_DATA_DIR = await scratchDir("sm-cli-data-");
+process.env.SUPERMACHINE_RUNTIME_DIR = await scratchDir("sm-cli-run-");
+
 vmTest("run prints the command's output and exits with its code", async () => {
   const rootfs = await busyboxRootfs();
   const result = await runCli(["run", "--rootfs", rootfs, "--", "sh", "-c", "echo hi; exit 3"]);
