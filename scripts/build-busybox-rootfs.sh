@@ -14,7 +14,8 @@
 #                      else /bin/busybox)
 #
 # Deterministic: every mtime is set to SOURCE_DATE_EPOCH (default 2024-01-01T00:00:00Z). Idempotent:
-# the tree is built next to OUTDIR and swapped in; an existing OUTDIR that is not a busybox root
+# a tree already built from the same inputs (recorded in .OUTDIR.key beside it) is left as it is;
+# otherwise the tree is built next to OUTDIR and swapped in; an existing OUTDIR that is not a busybox root
 # filesystem is refused rather than deleted. Ownership is set (0:0, and 1000:1000 for /home/app)
 # only when running as root; otherwise files keep the caller's ownership.
 set -euo pipefail
@@ -74,6 +75,13 @@ applets=$("$applets_from" --list-full) || die "$applets_from --list-full failed"
 [ -n "$applets" ] || die "$applets_from --list-full printed nothing"
 
 out=${out%/}
+# What the tree is made of: when OUTDIR was built from the same busybox, applets and script, it is
+# left alone (other processes may be reading it: a swap would pull files from under them).
+key=$({ sha256sum <"$busybox"; printf '%s\n' "$applets" "$epoch"; sha256sum <"$0"; } | sha256sum | cut -d' ' -f1)
+keyfile="$(dirname "$out")/.$(basename "$out").key"
+if [ -d "$out" ] && [ -e "$out/bin/busybox" ] && [ "$(cat "$keyfile" 2>/dev/null)" = "$key" ]; then
+  exit 0
+fi
 if [ -e "$out" ]; then
   [ -d "$out" ] || die "$out exists and is not a directory"
   if [ -n "$(ls -A "$out")" ] && [ ! -e "$out/bin/busybox" ]; then
@@ -131,4 +139,6 @@ else
   mv "$tmp" "$out"
 fi
 touch -h -d "@$epoch" "$out"
+printf '%s\n' "$key" >"$keyfile.tmp.$$"
+mv "$keyfile.tmp.$$" "$keyfile"
 trap - EXIT
