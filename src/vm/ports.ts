@@ -50,6 +50,14 @@ function checkPort(port: number, what: string, allowZero: boolean): void {
  */
 export const EXPOSED_CONNECT_TIMEOUT_MS = 150_000;
 
+/**
+ * Guest connects in progress at once per exposed port; more wait for one to finish. The tunnel
+ * makes every host connection a connect inside the guest at once, with no network to spread them:
+ * a burst overflows a small listen backlog (busybox httpd's is 9), the guest kernel drops the
+ * handshake's last ACK, and about a minute later resets a connection its client already uses.
+ */
+const MAX_PENDING_CONNECTS = 8;
+
 /** Listens on `host:hostPort` and forwards each connection to `guestPort` through `connect`. */
 export async function exposeTcp(
   connect: GuestConnector,
@@ -62,6 +70,22 @@ export async function exposeTcp(
   const host = options.host ?? "127.0.0.1";
   const maxConnections = options.maxConnections ?? 1024;
   const sockets = new Set<Socket>();
+  let pending = 0;
+  const waiting: (() => void)[] = [];
+  const connectInTurn = async (socket: Socket): Promise<Duplex | undefined> => {
+    while (pending >= MAX_PENDING_CONNECTS) await new Promise<void>((resolve) => waiting.push(resolve));
+    if (socket.destroyed) {
+      waiting.shift()?.(); // its turn passes to the next
+      return undefined;
+    }
+    pending++;
+    try {
+      return await connect(guestPort);
+    } finally {
+      pending--;
+      waiting.shift()?.();
+    }
+  };
   const server: Server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => {
     if (sockets.size >= maxConnections) {
       socket.destroy();
@@ -70,8 +94,9 @@ export async function exposeTcp(
     sockets.add(socket);
     socket.once("close", () => sockets.delete(socket));
     socket.on("error", (error) => debug("exposeTcp %s:%d: %s", host, port, error.message));
-    connect(guestPort).then(
+    connectInTurn(socket).then(
       (tunnel) => {
+        if (tunnel === undefined) return;
         if (socket.destroyed) {
           tunnel.destroy();
           return;
