@@ -219,25 +219,39 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
       });
     }
 
+    // Rounds of `jobs` execs shared by `workers` callers, each pool built (its VMs warmed) before
+    // its rounds start. The budget: more workers than cores must not cost throughput.
+    const throughput = new Map<number, number[]>();
     for (const workers of [1, 2, 4, 8]) {
       await using pool = await image.pool().min(workers).max(workers).restoreOnRelease(false).build();
-      const jobs = quick ? 16 : 40;
-      let next = 0;
-      const t0 = performance.now();
-      await Promise.all(
-        Array.from({ length: workers }, async () => {
-          while (next < jobs) {
-            next++;
-            await using lease = await pool.acquire();
-            await lease.exec(["true"]);
-          }
-        }),
-      );
-      const seconds = (performance.now() - t0) / 1000;
+      const rounds: number[] = [];
+      for (let round = 0; round < (quick ? 2 : 3); round++) {
+        const jobs = quick ? 24 : 48;
+        let next = 0;
+        const t0 = performance.now();
+        await Promise.all(
+          Array.from({ length: workers }, async () => {
+            while (next < jobs) {
+              next++;
+              await using lease = await pool.acquire();
+              await lease.exec(["true"]);
+            }
+          }),
+        );
+        rounds.push(jobs / ((performance.now() - t0) / 1000));
+      }
+      throughput.set(workers, rounds);
+    }
+    const rowName = (workers: number) => `throughput, ${workers} worker(s)`;
+    const best = [...throughput].reduce((a, b) =>
+      summarize(b[1]).median > summarize(a[1]).median ? b : a,
+    )[0];
+    for (const [workers, rounds] of throughput) {
       table.add({
-        name: `throughput, ${workers} worker(s)`,
+        name: rowName(workers),
         unit: "exec/s",
-        summary: summarize([jobs / seconds]),
+        summary: summarize(rounds),
+        ...(workers >= 4 ? { against: rowName(best), budget: "≥ 0.9×", higherIsBetter: true } : {}),
       });
     }
 
@@ -259,7 +273,7 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
         unit: "KiB",
         summary: summarize([await pssKiB(clones[7]!)]),
         against: "PSS of the 1st clone (alone)",
-        budget: "≤ 0.5×",
+        budget: "≤ 0.4×",
       });
     } finally {
       await Promise.all(clones.map((vm) => vm.kill()));

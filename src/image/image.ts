@@ -250,11 +250,19 @@ export class Image {
     return dockerCommand(this.config, overrides);
   }
 
-  /** Where a pool gets VMs of this image: a fresh restore (and pre-started ones) or a boot. */
+  /**
+   * Where a pool gets VMs of this image: a boot, or from a snapshot a warmed restore (restored,
+   * `true` run once, activated: the first exec of a pooled VM does not pay the emulator's cold
+   * start, and pools larger than the machine's cores keep their throughput) and pre-started ones.
+   */
   #source(config: ImageStartConfig): VmSource<Vm> {
     const snapshot = this.#snapshot;
     return {
-      create: (signal) => this.start(signal === undefined ? config : { ...config, signal }),
+      create: async (signal) => {
+        const withSignal = signal === undefined ? config : { ...config, signal };
+        if (snapshot === undefined) return this.start(withSignal);
+        return (await this.prestart(withSignal)).activate(signal === undefined ? {} : { signal });
+      },
       ...(snapshot === undefined ? {} : { prestart: () => this.prestart(config) }),
       describe: () => (snapshot === undefined ? `image ${this.reference}` : `snapshot ${snapshot.dir}`),
     };
