@@ -2,7 +2,7 @@
  * `npm run bench`: measures supermachine against floors measured in the same run and prints one
  * table (min/median/p95/max, ratio to the floor, budget). Budgets: docs/SPECIFICATION.md.
  *
- *   node bench/main.ts [--quick] [--only SECTION[,SECTION…]]
+ *   node bench/main.ts [--quick] [--only SECTION[,SECTION…]] [--write]
  *                      [--verifier-workers 1,2,4,8] [--verifier-cycles N] [--vcpu-cycles N]
  *
  * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, ports, serve, cli (all by
@@ -11,6 +11,7 @@
  * guest `rustc -O` takes ~30–60 s under TCG here, so the default takes the better part of an hour);
  * `--verifier-cycles`: cycles per worker at each worker count (default 2: the first in a VM is cold);
  * `--vcpu-cycles`: restore → exec → stop cycles per vCPU count (default 100, 20 with --quick).
+ * `--write`: each section that ran replaces its block of docs/benchmarks.md (bench/report.ts).
  */
 import { spawnSync } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
@@ -27,6 +28,7 @@ import { mountBench } from "./mounts.ts";
 import { networkBench } from "./network.ts";
 import { portsBench } from "./ports.ts";
 import { pullBench } from "./pull.ts";
+import { startRun, writeReport } from "./report.ts";
 import { restoreBench } from "./restore.ts";
 import { serveBench } from "./serve.ts";
 import { summarize, Table } from "./table.ts";
@@ -65,6 +67,7 @@ const { values: args } = (() => {
     return parseArgs({
       options: {
         quick: { type: "boolean", default: false },
+        write: { type: "boolean", default: false },
         only: { type: "string" },
         "verifier-workers": { type: "string" },
         "verifier-cycles": { type: "string" },
@@ -85,6 +88,7 @@ const verifierWorkers = counts("verifier-workers", args["verifier-workers"], qui
 const [verifierCycles] = counts("verifier-cycles", args["verifier-cycles"], [2]);
 const [vcpuCycles] = counts("vcpu-cycles", args["vcpu-cycles"], [quick ? 20 : 100]);
 const table = new Table();
+const run = startRun(process.argv.slice(2));
 
 async function time(fn: () => Promise<unknown>): Promise<number> {
   const t0 = performance.now();
@@ -181,15 +185,22 @@ async function spine(): Promise<void> {
   }
 }
 
-if (runs("spine")) await spine();
-if (runs("restore")) await restoreBench(table, quick);
-if (runs("pull")) await pullBench(table, quick);
-if (runs("mounts")) await mountBench(table, quick);
-if (runs("network")) await networkBench(table, quick);
-if (runs("verifier"))
-  await verifierBench(table, { workers: verifierWorkers, cyclesPerWorker: verifierCycles! });
-if (runs("vcpus")) await vcpuBench(table, { runs: quick ? 2 : 3, cycles: vcpuCycles! });
-if (runs("ports")) await portsBench(table, quick);
-if (runs("serve")) await serveBench(table, quick);
-if (runs("cli")) await cliStartBench(table, quick);
+const sections: Record<Section, () => Promise<void>> = {
+  spine,
+  restore: () => restoreBench(table, quick),
+  pull: () => pullBench(table, quick),
+  mounts: () => mountBench(table, quick),
+  network: () => networkBench(table, quick),
+  verifier: () => verifierBench(table, { workers: verifierWorkers, cyclesPerWorker: verifierCycles! }),
+  vcpus: () => vcpuBench(table, { runs: quick ? 2 : 3, cycles: vcpuCycles! }),
+  ports: () => portsBench(table, quick),
+  serve: () => serveBench(table, quick),
+  cli: () => cliStartBench(table, quick),
+};
+for (const section of SECTIONS) {
+  if (!runs(section)) continue;
+  table.section = section;
+  await sections[section]();
+}
 process.stdout.write(`\n${table.render()}\n`);
+if (args.write) await writeReport(new URL("../docs/benchmarks.md", import.meta.url).pathname, table, run);

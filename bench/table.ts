@@ -32,14 +32,36 @@ export interface Row {
   readonly budget?: string;
   /** For throughputs, a higher number is better: the ratio is still row/baseline, and its budget a lower bound ("≥ 0.9"). */
   readonly higherIsBetter?: boolean;
+  /** What the row means, for the reading `--write` puts under the table (one sentence). */
+  readonly reading?: string;
+}
+
+/** A row as added: with the section of `npm run bench` that measured it. */
+export interface SectionRow extends Row {
+  readonly section: string;
 }
 
 export class Table {
-  readonly rows: Row[] = [];
+  readonly rows: SectionRow[] = [];
+  /** The section whose rows are being added. */
+  section = "";
 
   add(row: Row): void {
-    this.rows.push(row);
+    this.rows.push({ ...row, section: this.section });
     process.stderr.write(`bench: ${row.name}: median ${fmt(row.summary.median)} ${row.unit}\n`);
+  }
+
+  /**
+   * Whether the row meets its budget: "≤ 1.2×"/"≥ 0.9×" bound the ratio, "≤ 60 ms", "≤ 5 %",
+   * "= 0" the median. Undefined without a budget (or a ratio the budget needs).
+   */
+  met(row: Row): boolean | undefined {
+    const m = /^(≤|≥|=)\s*([\d.]+)\s*(×?)/.exec(row.budget ?? "");
+    if (!m) return undefined;
+    const value = m[3] === "×" ? this.ratio(row) : row.summary.median;
+    if (value === undefined) return undefined;
+    const bound = Number(m[2]);
+    return m[1] === "≤" ? value <= bound : m[1] === "≥" ? value >= bound : value === bound;
   }
 
   ratio(row: Row): number | undefined {
@@ -49,10 +71,11 @@ export class Table {
     return row.summary.median / base.summary.median;
   }
 
-  render(): string {
-    const header = ["benchmark", "unit", "n", "min", "median", "p95", "max", "vs", "ratio", "budget"];
-    const lines = this.rows.map((row) => {
+  render(rows: readonly Row[] = this.rows): string {
+    const header = ["benchmark", "unit", "n", "min", "median", "p95", "max", "vs", "ratio", "budget", "met"];
+    const lines = rows.map((row) => {
       const ratio = this.ratio(row);
+      const met = this.met(row);
       return [
         row.name,
         row.unit,
@@ -64,6 +87,7 @@ export class Table {
         row.against ?? "",
         ratio === undefined ? "" : `${ratio.toFixed(2)}×`,
         row.budget ?? "",
+        met === undefined ? "" : met ? "yes" : "**no**",
       ];
     });
     const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
