@@ -200,6 +200,8 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
       summary: summarize(restores),
       against: FLOOR,
       budget: "≤ 1.2×",
+      reading:
+        "Supervision, the overlay, the QMP handshake and the agent session on top of QEMU's own restore.",
     });
 
     // Pre-started QEMU processes: restored, warmed and paused (the default), or only started and
@@ -254,11 +256,15 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
         unit: "%",
         summary: summarize(shares),
         budget: "≤ 5 %",
+        reading:
+          "The bench process's CPU time (every thread) over the cycle: supermachine's own cost; the rest of the cycle is the guest under QEMU.",
       });
       table.add({
         name: `  outside the guest process (host, channel, agent; ${label})`,
         unit: "%",
         summary: summarize(outside),
+        reading:
+          "Everything but the guest process's own run: under TCG mostly the agent's emulated work (frames, pipes, cgroup, fork) and the channel.",
       });
     }
 
@@ -322,12 +328,15 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
         summary: summarize([eighth.total]),
         against: FIRST,
         budget: "≤ 0.4×",
+        reading: "The shared snapshot RAM counts an eighth; QEMU's own memory counts whole in every clone.",
       });
       table.add({
         name: "  of it QEMU's own (all but guest RAM)",
         unit: "KiB",
         summary: summarize([eighth.total - eighth.guestRam]),
         against: FIRST,
+        reading:
+          "The 8th clone's PSS without its guest RAM: heap, TCG's translated code, libraries' private pages. No sharing of guest RAM can take the 8th clone below this ratio.",
       });
     } finally {
       await Promise.all(clones.map((vm) => vm.kill()));
