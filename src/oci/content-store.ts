@@ -330,9 +330,11 @@ export class ContentStore {
   static async open(dataDir: string = defaultDataDir()): Promise<ContentStore> {
     const store = new ContentStore(join(dataDir, "oci"));
     try {
-      for (const d of ["blobs/sha256", "blobs/sha512", "images", "tmp", "locks"]) {
-        await mkdir(join(store.root, d), { recursive: true, mode: 0o700 });
-      }
+      await Promise.all(
+        ["blobs/sha256", "blobs/sha512", "images", "tmp", "locks"].map((d) =>
+          mkdir(join(store.root, d), { recursive: true, mode: 0o700 }),
+        ),
+      );
     } catch (err) {
       throw storeError(`cannot create the image store in ${store.root}: ${(err as Error).message}`, err);
     }
