@@ -1,6 +1,8 @@
 /**
  * Image rows of `npm run bench`: pull throughput against curl fetching the same blob from the same
- * loopback registry (runs interleaved), and flattening the Debian fixture into a filesystem image.
+ * loopback registry into a file and syncing it (what a pull promises: the blob durable on disk; runs
+ * interleaved), raw curl to /dev/null as information, and flattening the Debian fixture into a
+ * filesystem image.
  */
 import { execFile } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
@@ -52,11 +54,12 @@ export async function pullBench(table: Table, quick: boolean): Promise<void> {
     table.add({ name: `curl of a ${mb} MB blob (raw HTTP)`, unit: "MB/s", summary: summarize(raw) });
     table.add({ name: `curl of the blob to a file + sync`, unit: "MB/s", summary: summarize(durable) });
     table.add({
-      name: `pull of the same blob (verified, stored)`,
+      name: `pull of the same blob (verified, stored, durable)`,
       unit: "MB/s",
       summary: summarize(ours),
-      against: `curl of a ${mb} MB blob (raw HTTP)`,
-      budget: "≥ 0.8×",
+      against: `curl of the blob to a file + sync`,
+      budget: "≥ 0.9×",
+      higherIsBetter: true,
     });
 
     const fx = await fixtureImages();

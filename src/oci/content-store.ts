@@ -95,11 +95,16 @@ export class BlobSizeError extends Error {
   }
 }
 
-const FLUSH_BYTES = 256 * 1024;
+/** Chunks are gathered into writes of this size. */
+const FLUSH_BYTES = 1024 * 1024;
+/** Written data is flushed to disk (fdatasync, in the background) every this many bytes. */
+const SYNC_BYTES = 8 * 1024 * 1024;
 
 /**
  * Writes one blob into a temp file while hashing it. Obtained from {@link ContentStore.writeBlob}.
- * Chunks are gathered into 256 KiB writes; one write is in flight while the next chunks arrive.
+ * Chunks are gathered into 1 MiB writes; one write is in flight while the next chunks arrive. Every
+ * 8 MiB written, an fdatasync runs in the background, so that the disk works while the download
+ * goes on and the fsync before the rename has only the tail left to flush.
  */
 export class BlobWriter {
   readonly digest: string;
@@ -112,6 +117,8 @@ export class BlobWriter {
   #pendingBytes = 0;
   #fileBytes = 0;
   #inflight: Promise<void> = Promise.resolve();
+  #syncedBytes = 0;
+  #syncing: Promise<void> | undefined;
 
   constructor(fh: FileHandle, digest: string, algorithm: DigestAlgorithm, expectedBytes: number | undefined) {
     this.#fh = fh;
@@ -141,20 +148,23 @@ export class BlobWriter {
 
   /** Throw away everything written (a server that ignored a Range request sends from byte 0). */
   async reset(): Promise<void> {
-    await this.#inflight.catch(() => {});
+    await this.settle();
     this.#inflight = Promise.resolve();
+    this.#syncing = undefined;
     this.#pending = [];
     this.#pendingBytes = 0;
     await this.#fh.truncate(0);
     this.#fileBytes = 0;
+    this.#syncedBytes = 0;
     this.#bytes = 0;
     this.#hash = hasherFor(this.#algorithm);
   }
 
-  /** Write out everything accepted so far. */
+  /** Write out everything accepted so far (to the page cache: the store fsyncs before the rename). */
   async flush(): Promise<void> {
     await this.#startWrite();
     await this.#inflight;
+    await this.#syncing;
   }
 
   /** Wait for the previous write, then start writing the pending chunks (not awaited). */
@@ -167,9 +177,20 @@ export class BlobWriter {
     this.#pending = [];
     this.#pendingBytes = 0;
     this.#fileBytes += length;
-    const p = this.#writeAll(chunks, position);
+    const p = this.#writeAll(chunks, position).then(() => this.#startSync(position + length));
     p.catch(() => {}); // surfaced by the next await of #inflight
     this.#inflight = p;
+  }
+
+  /** Start an fdatasync of what is written once SYNC_BYTES more than the last one are (not awaited). */
+  #startSync(written: number): void {
+    if (this.#syncing !== undefined || written - this.#syncedBytes < SYNC_BYTES) return;
+    const p = this.#fh.datasync().then(() => {
+      this.#syncedBytes = Math.max(this.#syncedBytes, written);
+      this.#syncing = undefined;
+    });
+    p.catch(() => {}); // surfaced by flush(); the fsync before the rename fails too
+    this.#syncing = p;
   }
 
   async #writeAll(chunks: Uint8Array[], position: number): Promise<void> {
@@ -194,6 +215,7 @@ export class BlobWriter {
   /** @internal Wait for the write in flight, ignoring its outcome (before closing on failure). */
   async settle(): Promise<void> {
     await this.#inflight.catch(() => {});
+    await this.#syncing?.catch(() => {});
   }
 
   /** @internal Final digest of what was written. */
@@ -308,9 +330,11 @@ export class ContentStore {
   static async open(dataDir: string = defaultDataDir()): Promise<ContentStore> {
     const store = new ContentStore(join(dataDir, "oci"));
     try {
-      for (const d of ["blobs/sha256", "blobs/sha512", "images", "tmp", "locks"]) {
-        await mkdir(join(store.root, d), { recursive: true, mode: 0o700 });
-      }
+      await Promise.all(
+        ["blobs/sha256", "blobs/sha512", "images", "tmp", "locks"].map((d) =>
+          mkdir(join(store.root, d), { recursive: true, mode: 0o700 }),
+        ),
+      );
     } catch (err) {
       throw storeError(`cannot create the image store in ${store.root}: ${(err as Error).message}`, err);
     }

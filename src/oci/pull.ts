@@ -307,69 +307,78 @@ async function storeResolved(
     });
   };
 
-  if (resolved.index) await store.putBlobBytes(resolved.index.digest, resolved.index.bytes);
-  await store.putBlobBytes(resolved.manifestDigest, resolved.manifestBytes);
-
-  await ensureBlob(manifest.config, "config", signal);
-  const configBytes = await store.readBlob(manifest.config.digest, IMAGE_CONFIG_MAX_BYTES);
+  // The index and manifest are stored while the config and layers download (each write is its own
+  // temp file, fsync and rename); all of them are stored before the record is written.
+  const manifestsStored = (async () => {
+    if (resolved.index) await store.putBlobBytes(resolved.index.digest, resolved.index.bytes);
+    await store.putBlobBytes(resolved.manifestDigest, resolved.manifestBytes);
+  })();
+  let record: ImageRecord;
   let config: ImageConfig;
   try {
-    config = parseImageConfig(configBytes);
-  } catch (err) {
-    if (err instanceof ImageConfigError)
-      throw resolved.malformed(`image config ${manifest.config.digest}: ${err.message}`);
-    throw err;
-  }
-  const imagePlatform = platformOf(config) ?? resolved.indexPlatform;
-  if (
-    resolved.indexPlatform === undefined &&
-    imagePlatform !== undefined &&
-    platformScore(imagePlatform, wanted) === undefined
-  ) {
-    const available = [formatPlatform(imagePlatform)];
-    throw new PlatformNotFoundError(
-      `${reference} is a single-platform image for ${available[0]}, not ${formatPlatform(wanted)}`,
-      { platform: formatPlatform(wanted), available },
-    );
-  }
-  if (config.diffIds.length !== manifest.layers.length) {
-    throw resolved.malformed(
-      `image config lists ${config.diffIds.length} diff_ids but the manifest has ${manifest.layers.length} layers`,
-    );
-  }
-  const platform = formatPlatform(imagePlatform ?? wanted);
-  const totalBytes = manifest.config.size + manifest.layers.reduce((n, l) => n + l.size, 0);
-  report({
-    type: "resolved",
-    reference,
-    manifestDigest: resolved.manifestDigest,
-    platform,
-    layerCount: manifest.layers.length,
-    totalBytes,
-  });
+    await ensureBlob(manifest.config, "config", signal);
+    const configBytes = await store.readBlob(manifest.config.digest, IMAGE_CONFIG_MAX_BYTES);
+    try {
+      config = parseImageConfig(configBytes);
+    } catch (err) {
+      if (err instanceof ImageConfigError)
+        throw resolved.malformed(`image config ${manifest.config.digest}: ${err.message}`);
+      throw err;
+    }
+    const imagePlatform = platformOf(config) ?? resolved.indexPlatform;
+    if (
+      resolved.indexPlatform === undefined &&
+      imagePlatform !== undefined &&
+      platformScore(imagePlatform, wanted) === undefined
+    ) {
+      const available = [formatPlatform(imagePlatform)];
+      throw new PlatformNotFoundError(
+        `${reference} is a single-platform image for ${available[0]}, not ${formatPlatform(wanted)}`,
+        { platform: formatPlatform(wanted), available },
+      );
+    }
+    if (config.diffIds.length !== manifest.layers.length) {
+      throw resolved.malformed(
+        `image config lists ${config.diffIds.length} diff_ids but the manifest has ${manifest.layers.length} layers`,
+      );
+    }
+    const platform = formatPlatform(imagePlatform ?? wanted);
+    const totalBytes = manifest.config.size + manifest.layers.reduce((n, l) => n + l.size, 0);
+    report({
+      type: "resolved",
+      reference,
+      manifestDigest: resolved.manifestDigest,
+      platform,
+      layerCount: manifest.layers.length,
+      totalBytes,
+    });
 
-  const unique = [...new Map(manifest.layers.map((l) => [l.digest, l])).values()];
-  await forEachLimit(unique, options.concurrency ?? 3, signal, (layer, s) => ensureBlob(layer, "layer", s));
+    const unique = [...new Map(manifest.layers.map((l) => [l.digest, l])).values()];
+    await forEachLimit(unique, options.concurrency ?? 3, signal, (layer, s) => ensureBlob(layer, "layer", s));
 
-  const layers: LayerRecord[] = manifest.layers.map((l, i) => ({
-    digest: l.digest,
-    mediaType: l.mediaType,
-    size: l.size,
-    diffId: config.diffIds[i],
-  }));
-  const record: ImageRecord = {
-    version: 1,
-    reference,
-    source: resolved.source,
-    platform,
-    indexDigest: resolved.index?.digest,
-    manifestDigest: resolved.manifestDigest,
-    manifestMediaType: manifest.mediaType,
-    configDigest: manifest.config.digest,
-    layers,
-    sizeBytes: totalBytes,
-    pulledAt: new Date().toISOString(),
-  };
+    const layers: LayerRecord[] = manifest.layers.map((l, i) => ({
+      digest: l.digest,
+      mediaType: l.mediaType,
+      size: l.size,
+      diffId: config.diffIds[i],
+    }));
+    record = {
+      version: 1,
+      reference,
+      source: resolved.source,
+      platform,
+      indexDigest: resolved.index?.digest,
+      manifestDigest: resolved.manifestDigest,
+      manifestMediaType: manifest.mediaType,
+      configDigest: manifest.config.digest,
+      layers,
+      sizeBytes: totalBytes,
+      pulledAt: new Date().toISOString(),
+    };
+  } finally {
+    await manifestsStored.catch(() => {});
+  }
+  await manifestsStored;
   if (signal?.aborted) throw new AbortError("pull aborted", { cause: signal.reason });
   await store.putImage(record);
   report({

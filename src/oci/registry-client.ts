@@ -1,7 +1,7 @@
 /**
  * Client for the Distribution (Docker Registry HTTP API v2) protocol: manifests, blobs, auth.
  *
- * Transport: Node's global `fetch`. HTTPS everywhere (trusting `NODE_EXTRA_CA_CERTS`), except that
+ * Transport: `node:http` / `node:https` (http-get.ts). HTTPS everywhere (trusting `NODE_EXTRA_CA_CERTS`), except that
  * loopback registries (127.0.0.0/8, ::1, localhost) and registries listed in `insecureRegistries`
  * are tried over HTTPS first and fall back to plain HTTP when the server does not speak TLS.
  *
@@ -15,6 +15,7 @@ import { debug } from "../internal/index.ts";
 import { BlobSizeError, type BlobWriter } from "./content-store.ts";
 import { digestOf, parseDigest } from "./digest.ts";
 import { loadDockerCredentials, type RegistryCredentials, registryKey } from "./docker-config.ts";
+import { type HttpResponse, httpGet } from "./http-get.ts";
 import { MANIFEST_MAX_BYTES } from "./manifest.ts";
 import { bareMediaType, MANIFEST_ACCEPT } from "./media-types.ts";
 import { type AuthChallenge, parseWwwAuthenticate } from "./www-authenticate.ts";
@@ -108,9 +109,7 @@ const CERT_ERRORS = new Set([
 
 function isNotTls(err: unknown): boolean {
   const code = errorCode(err);
-  return (
-    code !== undefined && (code.startsWith("ERR_SSL_") || code === "ECONNRESET" || code === "UND_ERR_SOCKET")
-  );
+  return code !== undefined && (code.startsWith("ERR_SSL_") || code === "EPROTO" || code === "ECONNRESET");
 }
 
 function isAbort(err: unknown, signal: AbortSignal | undefined): boolean {
@@ -140,25 +139,27 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
 }
 
 /** Read a response body as bytes, failing when it exceeds `max`. */
-async function readBounded(res: Response, max: number, what: () => Error): Promise<Buffer> {
-  const declared = Number(res.headers.get("content-length") ?? Number.NaN);
+async function readBounded(res: HttpResponse, max: number, what: () => Error): Promise<Buffer> {
+  const declared = Number(res.header("content-length") ?? Number.NaN);
   if (Number.isFinite(declared) && declared > max) {
-    await res.body?.cancel().catch(() => {});
+    res.discard();
     throw what();
   }
-  if (res.body === null) return Buffer.alloc(0);
-  const chunks: Uint8Array[] = [];
+  const chunks: Buffer[] = [];
   let total = 0;
-  for await (const chunk of res.body) {
+  for await (const chunk of res.body as AsyncIterable<Buffer>) {
     total += chunk.length;
-    if (total > max) throw what();
+    if (total > max) {
+      res.body.destroy();
+      throw what();
+    }
     chunks.push(chunk);
   }
   return Buffer.concat(chunks, total);
 }
 
 /** `message` of the first error in a registry's JSON error body, if any. */
-async function errorDetail(res: Response): Promise<{ code?: string; message?: string }> {
+async function errorDetail(res: HttpResponse): Promise<{ code?: string; message?: string }> {
   try {
     const body = await readBounded(res, 64 * 1024, () => new Error("too long"));
     const parsed = JSON.parse(body.toString("utf8")) as { errors?: { code?: unknown; message?: unknown }[] };
@@ -218,14 +219,14 @@ export class RegistryClient {
     url: string | URL,
     headers: Record<string, string>,
     signal: AbortSignal | undefined,
-  ): Promise<Response> {
+  ): Promise<HttpResponse> {
     let current = new URL(url);
     let h = headers;
     for (let hop = 0; ; hop++) {
-      const res = await fetch(current, { headers: h, signal, redirect: "manual" });
-      const location = res.headers.get("location");
-      if (![301, 302, 303, 307, 308].includes(res.status) || location === null) return res;
-      await res.body?.cancel().catch(() => {});
+      const res = await httpGet(current, h, signal);
+      const location = res.header("location");
+      if (![301, 302, 303, 307, 308].includes(res.status) || location === undefined) return res;
+      res.discard();
       if (hop >= MAX_REDIRECTS) {
         throw this.#error(
           "REGISTRY_ERROR",
@@ -319,8 +320,8 @@ export class RegistryClient {
         const origin = `${scheme}://${this.#host}`;
         try {
           const res = await this.#fetch(`${origin}/v2/`, this.#headers(), signal);
-          if (res.status === 401) this.#learnChallenge(res.headers.get("www-authenticate"));
-          await res.body?.cancel().catch(() => {});
+          if (res.status === 401) this.#learnChallenge(res.header("www-authenticate"));
+          res.discard();
           debug("registry %s: %s /v2/ -> %d", this.registry, origin, res.status);
           if (scheme === "http" && res.status === 400 && CERT_ERRORS.has(errorCode(lastError) ?? "")) {
             // It speaks TLS after all ("client sent an HTTP request to an HTTPS server").
@@ -361,7 +362,7 @@ export class RegistryClient {
     );
   }
 
-  #learnChallenge(header: string | null): AuthChallenge | undefined {
+  #learnChallenge(header: string | undefined): AuthChallenge | undefined {
     const challenges = parseWwwAuthenticate(header);
     const chosen =
       challenges.find((c) => c.scheme === "bearer") ?? challenges.find((c) => c.scheme === "basic");
@@ -433,14 +434,14 @@ export class RegistryClient {
     if (creds)
       headers.authorization = `Basic ${Buffer.from(`${creds.username}:${creds.password}`).toString("base64")}`;
 
-    let res: Response | undefined;
+    let res: HttpResponse | undefined;
     let lastError: unknown;
     for (let attempt = 0; ; attempt++) {
       try {
         res = await this.#fetch(url, headers, signal);
         if ((res.status >= 500 || res.status === 429) && attempt < this.#retries) {
-          await res.body?.cancel().catch(() => {});
-          await sleep(this.#backoffMs(attempt, res.headers.get("retry-after")), signal);
+          res.discard();
+          await sleep(this.#backoffMs(attempt, res.header("retry-after")), signal);
           continue;
         }
         break;
@@ -469,7 +470,7 @@ export class RegistryClient {
       );
     }
     if (!res.ok) {
-      await res.body?.cancel().catch(() => {});
+      res.discard();
       throw this.#error(
         "REGISTRY_ERROR",
         `token server ${url.origin} answered HTTP ${res.status}`,
@@ -523,7 +524,7 @@ export class RegistryClient {
     repository: string,
     headers: Record<string, string>,
     signal: AbortSignal | undefined,
-  ): Promise<Response> {
+  ): Promise<HttpResponse> {
     const origin = await this.#resolveOrigin(signal);
     let scope = `repository:${repository}:pull`;
     let authRetried = false;
@@ -532,7 +533,7 @@ export class RegistryClient {
       const h = this.#headers(headers);
       const auth = await this.#authorization(scope, signal, forceNewToken);
       if (auth) h.authorization = auth;
-      let res: Response;
+      let res: HttpResponse;
       try {
         res = await this.#fetch(`${origin}${path}`, h, signal);
       } catch (err) {
@@ -550,12 +551,12 @@ export class RegistryClient {
         continue;
       }
       if (res.status === 401) {
-        const header = res.headers.get("www-authenticate");
+        const header = res.header("www-authenticate");
         const before = this.#challenge;
         const challenge = this.#learnChallenge(header);
         const basicRejected = challenge?.scheme === "basic" && auth !== undefined;
         if (!authRetried && challenge !== undefined && !basicRejected) {
-          await res.body?.cancel().catch(() => {});
+          res.discard();
           authRetried = true;
           if (challenge.scheme === "bearer" && challenge.params.scope) scope = challenge.params.scope;
           forceNewToken = auth !== undefined || before !== challenge;
@@ -591,8 +592,8 @@ export class RegistryClient {
       }
       if ((res.status >= 500 || res.status === 429) && attempt < this.#retries) {
         debug("registry %s: GET %s -> %d, retrying", this.registry, path, res.status);
-        await res.body?.cancel().catch(() => {});
-        await sleep(this.#backoffMs(attempt++, res.headers.get("retry-after")), signal);
+        res.discard();
+        await sleep(this.#backoffMs(attempt++, res.header("retry-after")), signal);
         continue;
       }
       return res;
@@ -649,7 +650,7 @@ export class RegistryClient {
         },
       );
     }
-    const header = res.headers.get("docker-content-digest");
+    const header = res.header("docker-content-digest");
     if (
       requested === undefined &&
       header &&
@@ -661,7 +662,7 @@ export class RegistryClient {
         { digest: header, actualDigest: digest },
       );
     }
-    return { bytes, digest, contentType: bareMediaType(res.headers.get("content-type")) };
+    return { bytes, digest, contentType: bareMediaType(res.header("content-type")) };
   }
 
   /**
@@ -686,15 +687,15 @@ export class RegistryClient {
       if (start > 0) headers.range = `bytes=${start}-`;
       const res = await this.#get(path, repository, headers, signal);
       if (res.status === 206 && start > 0) {
-        const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.headers.get("content-range") ?? "");
+        const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.header("content-range") ?? "");
         if (range === null || Number(range[1]) !== start) {
           debug(
             "registry %s: unusable Content-Range %s, restarting %s",
             this.registry,
-            res.headers.get("content-range"),
+            res.header("content-range"),
             descriptor.digest,
           );
-          await res.body?.cancel().catch(() => {});
+          res.discard();
           await writer.reset();
           continue;
         }
@@ -704,7 +705,7 @@ export class RegistryClient {
           await writer.reset();
         }
       } else if (res.status === 416 && start > 0) {
-        await res.body?.cancel().catch(() => {});
+        res.discard();
         await writer.reset();
         continue;
       } else {
@@ -717,9 +718,9 @@ export class RegistryClient {
           res.status,
         );
       }
-      const declared = Number(res.headers.get("content-length") ?? Number.NaN);
+      const declared = Number(res.header("content-length") ?? Number.NaN);
       if (Number.isFinite(declared) && writer.bytesWritten + declared > descriptor.size) {
-        await res.body?.cancel().catch(() => {});
+        res.discard();
         throw this.#error(
           "REGISTRY_ERROR",
           `registry ${this.registry} sends ${writer.bytesWritten + declared} bytes for blob ${descriptor.digest}, whose descriptor says ${descriptor.size}`,
@@ -728,38 +729,36 @@ export class RegistryClient {
       }
       const before = writer.bytesWritten;
       let broken: unknown;
-      if (res.body !== null) {
-        const reader = res.body.getReader();
-        try {
-          for (;;) {
-            let next: Awaited<ReturnType<typeof reader.read>>;
-            try {
-              next = await reader.read();
-            } catch (err) {
-              if (isAbort(err, signal)) throw abortError(signal, err);
-              broken = err;
-              break;
-            }
-            if (next.done) break;
-            try {
-              await writer.write(next.value);
-            } catch (err) {
-              if (err instanceof BlobSizeError) {
-                throw this.#error(
-                  "REGISTRY_ERROR",
-                  `registry ${this.registry} sent more than the ${descriptor.size} bytes the descriptor of blob ${descriptor.digest} declares`,
-                  res.status,
-                  err,
-                );
-              }
-              throw err;
-            }
-            onBytes?.(writer.bytesWritten);
+      const body = res.body;
+      const chunks = body[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+      try {
+        for (;;) {
+          let next: IteratorResult<Buffer>;
+          try {
+            next = await chunks.next();
+          } catch (err) {
+            if (isAbort(err, signal)) throw abortError(signal, err);
+            broken = err;
+            break;
           }
-        } finally {
-          if (broken === undefined) await reader.cancel().catch(() => {});
-          reader.releaseLock();
+          if (next.done) break;
+          try {
+            await writer.write(next.value);
+          } catch (err) {
+            if (err instanceof BlobSizeError) {
+              throw this.#error(
+                "REGISTRY_ERROR",
+                `registry ${this.registry} sent more than the ${descriptor.size} bytes the descriptor of blob ${descriptor.digest} declares`,
+                res.status,
+                err,
+              );
+            }
+            throw err;
+          }
+          onBytes?.(writer.bytesWritten);
         }
+      } finally {
+        if (!body.readableEnded) body.destroy();
       }
       if (broken === undefined && writer.bytesWritten === descriptor.size) return;
       // The connection broke or the body ended early: resume from what we have.

@@ -128,6 +128,21 @@ describe("blobs", () => {
     assert.equal(sha256(await readFile(store.blobPath(d))), d);
   });
 
+  test("a blob past the background-sync size, reset halfway (a sync in flight), is stored whole", async () => {
+    const big = Buffer.alloc(20 * 1024 * 1024 + 5);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 7 + (i >> 13)) & 0xff;
+    const d = sha256(big);
+    const path = await store.writeBlob(d, big.length, async (w) => {
+      for (let off = 0; off < 12 * 1024 * 1024; off += 65_536) await w.write(big.subarray(off, off + 65_536));
+      await w.reset();
+      assert.equal(w.bytesWritten, 0);
+      for (let off = 0; off < big.length; off += 65_536) await w.write(big.subarray(off, off + 65_536));
+    });
+    assert.equal((await stat(path)).size, big.length);
+    assert.equal(sha256(await readFile(path)), d);
+    assert.deepEqual(await tmpFiles(), []);
+  });
+
   test("many concurrent writers of the same blob all succeed", async () => {
     await Promise.all(
       Array.from({ length: 8 }, () => store.writeBlob(digest, bytes.length, (w) => w.write(bytes))),
