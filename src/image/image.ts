@@ -252,20 +252,35 @@ export class Image {
 
   /**
    * Where a pool gets VMs of this image: a boot, or from a snapshot a warmed restore (restored,
-   * `true` run once, activated: the first exec of a pooled VM does not pay the emulator's cold
-   * start, and pools larger than the machine's cores keep their throughput) and pre-started ones.
+   * then `true` run once, as a pre-started VM is warmed: the first exec of a pooled VM does not
+   * pay the emulator's cold start, and pools larger than the machine's cores keep their
+   * throughput), and pre-started ones.
    */
   #source(config: ImageStartConfig): VmSource<Vm> {
     const snapshot = this.#snapshot;
     return {
       create: async (signal) => {
-        const withSignal = signal === undefined ? config : { ...config, signal };
-        if (snapshot === undefined) return this.start(withSignal);
-        return (await this.prestart(withSignal)).activate(signal === undefined ? {} : { signal });
+        const vm = await this.start(signal === undefined ? config : { ...config, signal });
+        if (snapshot !== undefined) await warm(vm, signal);
+        return vm;
       },
       ...(snapshot === undefined ? {} : { prestart: () => this.prestart(config) }),
       describe: () => (snapshot === undefined ? `image ${this.reference}` : `snapshot ${snapshot.dir}`),
     };
+  }
+}
+
+/**
+ * Runs `true` once in a new VM. An image without `true` still warms the fork/exec paths: only a
+ * VM that is no longer running (or an abort) fails the warm-up, and the VM is killed then.
+ */
+async function warm(vm: Vm, signal: AbortSignal | undefined): Promise<void> {
+  try {
+    await vm.exec(["true"], { reject: false, ...(signal === undefined ? {} : { signal }) });
+  } catch (error) {
+    if (vm.state === "running" && !signal?.aborted) return;
+    await vm.kill();
+    throw error;
   }
 }
 
