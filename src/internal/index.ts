@@ -4,6 +4,7 @@
  */
 export { mapAbort, raceAbort, throwIfAborted } from "./abort.ts";
 export { debug, publish } from "./diagnostics.ts";
+export { type ExecOutcomeInit, ExecOutcomeRecord } from "./exec-outcome.ts";
 export { GuestDirent, GuestStats, type GuestStatsInit, guestStats } from "./guest-stats.ts";
 export { hostError, typedErrors } from "./host-error.ts";
 export { memoize, once } from "./memo.ts";
