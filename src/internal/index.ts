@@ -15,5 +15,5 @@ export {
 } from "./expose-tcp.ts";
 export { GuestDirent, GuestStats, type GuestStatsInit, guestStats } from "./guest-stats.ts";
 export { hostError, typedErrors } from "./host-error.ts";
-export { memoize, once } from "./memo.ts";
+export { Lazy, memoize, once } from "./memo.ts";
 export { cacheDir, dataDir, runtimeDir } from "./paths.ts";
