@@ -6,7 +6,8 @@
 #   CACHE = ${SUPERMACHINE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}
 #   key   = first 16 hex digits of sha256 over the manifest of lines "<sha256 of file>  <path>\n",
 #           one per file, sorted by path (bytewise), paths relative to the repository root:
-#           every regular file directly in hosttools/, and scripts/build-hosttools.sh
+#           every regular file directly in hosttools/, scripts/asset-cache.sh (sourced) and
+#           scripts/build-hosttools.sh
 # (src/vmm/asset-paths.ts computes the same key). Does nothing when that file exists.
 #
 # Usage: scripts/build-hosttools.sh [--print-path]
@@ -15,52 +16,20 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cache="${SUPERMACHINE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}"
-export LC_ALL=C
-
-log() { printf 'build-hosttools: %s\n' "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
-
-print_only=0
-case "${1:-}" in
-  --print-path) print_only=1 ;;
-  "") ;;
-  *) die "unknown argument: $1 (usage: $0 [--print-path])" ;;
-esac
-
 cd "$root"
+# shellcheck source=scripts/asset-cache.sh
+. scripts/asset-cache.sh
+asset_start build-hosttools "$@"
+
 key="$(
   {
     find hosttools -maxdepth 1 -type f -print
-    printf '%s\n' scripts/build-hosttools.sh
-  } | sort | while IFS= read -r f; do
-    printf '%s  %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "$f"
-  done | sha256sum | cut -c1-16
+    printf '%s\n' scripts/asset-cache.sh scripts/build-hosttools.sh
+  } | asset_key
 )"
 out_dir="$cache/sm-net/$key"
 out="$out_dir/sm-net"
-
-if ((print_only)); then
-  printf '%s\n' "$out"
-  exit 0
-fi
-if [[ -f $out ]]; then
-  log "cached: $out"
-  printf '%s\n' "$out"
-  exit 0
-fi
-
-mkdir -p "$cache/sm-net"
-exec 9>"$cache/sm-net/.lock"
-flock 9
-if [[ -f $out ]]; then
-  log "cached: $out"
-  printf '%s\n' "$out"
-  exit 0
-fi
+asset_cached "$out"
 
 log "building the network relay: make -C hosttools"
 make -C hosttools >&2 || die "make -C hosttools failed (it needs musl-gcc: apt-get install musl-tools)"

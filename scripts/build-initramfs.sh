@@ -9,7 +9,7 @@
 #   key   = first 16 hex digits of sha256 over the manifest of lines "<sha256 of file>  <path>\n",
 #           one per file, sorted by path (bytewise), paths relative to the repository root:
 #           guest/Makefile, every regular file under guest/src/ and guest/include/,
-#           and scripts/build-initramfs.sh
+#           scripts/asset-cache.sh (sourced) and scripts/build-initramfs.sh
 # (src/vmm/asset-paths.ts computes the same key). Does nothing when that file exists.
 #
 # Usage: scripts/build-initramfs.sh [--print-path]
@@ -18,55 +18,23 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cache="${SUPERMACHINE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}"
-export LC_ALL=C
-
-log() { printf 'build-initramfs: %s\n' "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
-
-print_only=0
-case "${1:-}" in
-  --print-path) print_only=1 ;;
-  "") ;;
-  *) die "unknown argument: $1 (usage: $0 [--print-path])" ;;
-esac
-
 cd "$root"
+# shellcheck source=scripts/asset-cache.sh
+. scripts/asset-cache.sh
+asset_start build-initramfs "$@"
+
 key="$(
   {
     [[ -f guest/Makefile ]] && printf '%s\n' guest/Makefile
     for d in guest/src guest/include; do
       [[ -d $d ]] && find "$d" -type f -print
     done
-    printf '%s\n' scripts/build-initramfs.sh
-  } | sort | while IFS= read -r f; do
-    printf '%s  %s\n' "$(sha256sum <"$f" | cut -d' ' -f1)" "$f"
-  done | sha256sum | cut -c1-16
+    printf '%s\n' scripts/asset-cache.sh scripts/build-initramfs.sh
+  } | asset_key
 )"
 out_dir="$cache/initramfs/$key"
 out="$out_dir/initramfs.cpio"
-
-if ((print_only)); then
-  printf '%s\n' "$out"
-  exit 0
-fi
-if [[ -f $out ]]; then
-  log "cached: $out"
-  printf '%s\n' "$out"
-  exit 0
-fi
-
-mkdir -p "$cache/initramfs"
-exec 9>"$cache/initramfs/.lock"
-flock 9
-if [[ -f $out ]]; then
-  log "cached: $out"
-  printf '%s\n' "$out"
-  exit 0
-fi
+asset_cached "$out"
 
 if [[ -f guest/Makefile ]]; then
   log "building the guest agent: make -C guest"

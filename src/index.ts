@@ -6,8 +6,6 @@
 export type {
   AgentCallOptions,
   ConnectTcpOptions,
-  GuestDirent,
-  GuestStats,
   GuestWatchEvent,
   GuestWatcher,
   ReaddirOptions,
@@ -27,6 +25,7 @@ export {
   Store,
   type StorePruneResult,
 } from "./image/index.ts";
+export type { GuestDirent, GuestStats } from "./internal/index.ts";
 export type { MountOwner, SymlinkPolicy } from "./ninep/index.ts";
 export type {
   CredentialsOption,

@@ -6,6 +6,7 @@
  */
 
 import { AbortError, GuestIoError, OutputLimitError, SupermachineError } from "../errors.ts";
+import { GuestDirent, type GuestStats, guestStats } from "../internal/index.ts";
 import { type AgentCallOptions, agentTimeout, timeoutOption, Watchdog } from "./deadline.ts";
 import { describeType, type Frame, MessageType } from "./frame-codec.ts";
 import {
@@ -18,7 +19,6 @@ import {
   FsFlag,
   type FsMessage,
   FsOp,
-  type StatMessage,
 } from "./messages.ts";
 import { protocolError } from "./protocol-error.ts";
 import { request } from "./request-stream.ts";
@@ -31,7 +31,6 @@ import {
 } from "./stream-link.ts";
 import { syscallError } from "./syscall-error.ts";
 
-const S_IFMT = 0o170000;
 const names = new TextDecoder("utf-8"); // non-UTF-8 names decode with U+FFFD, like Node's default
 
 /** `fs.constants`-style access modes. */
@@ -44,125 +43,6 @@ export const R_OK = 4;
 export const DEFAULT_READDIR_MAX_BYTES = 16 * 1024 * 1024;
 /** Host memory charged per directory entry on top of its name. */
 const ENTRY_OVERHEAD = 64;
-
-/** Milliseconds from nanoseconds the way Node computes `Stats` times (seconds, then the rest). */
-function msFromNs(ns: bigint): number {
-  return Number(ns / 1_000_000_000n) * 1000 + Number(ns % 1_000_000_000n) / 1e6;
-}
-
-let makeStats: (m: StatMessage) => GuestStats;
-
-/** `fs.Stats` of a guest file (without `birthtime`, which the guest does not report). */
-export class GuestStats {
-  readonly dev: number;
-  readonly ino: number;
-  readonly mode: number;
-  readonly nlink: number;
-  readonly uid: number;
-  readonly gid: number;
-  readonly rdev: number;
-  readonly size: number;
-  readonly blksize: number;
-  readonly blocks: number;
-  readonly atimeMs: number;
-  readonly mtimeMs: number;
-  readonly ctimeMs: number;
-  /** Nanosecond timestamps, exact. */
-  readonly atimeNs: bigint;
-  readonly mtimeNs: bigint;
-  readonly ctimeNs: bigint;
-
-  static {
-    makeStats = (m) => new GuestStats(m);
-  }
-
-  private constructor(m: StatMessage) {
-    this.dev = Number(m.dev);
-    this.ino = Number(m.ino);
-    this.mode = m.mode;
-    this.nlink = m.nlink;
-    this.uid = m.uid;
-    this.gid = m.gid;
-    this.rdev = Number(m.rdev);
-    this.size = m.size;
-    this.blksize = m.blksize;
-    this.blocks = m.blocks;
-    this.atimeNs = m.atimeNs;
-    this.mtimeNs = m.mtimeNs;
-    this.ctimeNs = m.ctimeNs;
-    this.atimeMs = msFromNs(m.atimeNs);
-    this.mtimeMs = msFromNs(m.mtimeNs);
-    this.ctimeMs = msFromNs(m.ctimeNs);
-  }
-
-  get atime(): Date {
-    return new Date(Math.round(this.atimeMs));
-  }
-  get mtime(): Date {
-    return new Date(Math.round(this.mtimeMs));
-  }
-  get ctime(): Date {
-    return new Date(Math.round(this.ctimeMs));
-  }
-  isFile(): boolean {
-    return (this.mode & S_IFMT) === 0o100000;
-  }
-  isDirectory(): boolean {
-    return (this.mode & S_IFMT) === 0o040000;
-  }
-  isSymbolicLink(): boolean {
-    return (this.mode & S_IFMT) === 0o120000;
-  }
-  isBlockDevice(): boolean {
-    return (this.mode & S_IFMT) === 0o060000;
-  }
-  isCharacterDevice(): boolean {
-    return (this.mode & S_IFMT) === 0o020000;
-  }
-  isFIFO(): boolean {
-    return (this.mode & S_IFMT) === 0o010000;
-  }
-  isSocket(): boolean {
-    return (this.mode & S_IFMT) === 0o140000;
-  }
-}
-
-/** `fs.Dirent` of a guest directory entry. */
-export class GuestDirent {
-  readonly name: string;
-  /** The directory listed. */
-  readonly parentPath: string;
-  /** `d_type`: the `S_IFMT` bits >> 12 (8 file, 4 directory, 10 symlink, …), 0 if unknown. */
-  readonly type: number;
-
-  constructor(name: string, parentPath: string, type: number) {
-    this.name = name;
-    this.parentPath = parentPath;
-    this.type = type;
-  }
-
-  isFile(): boolean {
-    return this.type === 8;
-  }
-  isDirectory(): boolean {
-    return this.type === 4;
-  }
-  isSymbolicLink(): boolean {
-    return this.type === 10;
-  }
-  isBlockDevice(): boolean {
-    return this.type === 6;
-  }
-  isCharacterDevice(): boolean {
-    return this.type === 2;
-  }
-  isFIFO(): boolean {
-    return this.type === 1;
-  }
-  isSocket(): boolean {
-    return this.type === 12;
-  }
-}
 
 /** Options of {@link GuestFs.readdir}. */
 export interface ReaddirOptions extends AgentCallOptions {
@@ -251,7 +131,8 @@ export class GuestFs {
     const m = { op: FsOp.STAT, path: absolute(path), flags: noFollow ? FsFlag.NO_FOLLOW : undefined };
     return this.#call(m, noFollow ? "lstat" : "stat", opts, (result) => {
       if (result === undefined) throw protocolError(`stat ${path}: OK without STAT`);
-      return makeStats(decodeStat(result));
+      const m = decodeStat(result);
+      return guestStats({ ...m, dev: Number(m.dev), ino: Number(m.ino), rdev: Number(m.rdev) });
     });
   }
 

@@ -26,9 +26,7 @@ export type { GuestFileInfo } from "./file-streams.ts";
 export { MAX_PAYLOAD } from "./frame-codec.ts";
 export {
   F_OK,
-  GuestDirent,
   GuestFs,
-  GuestStats,
   R_OK,
   type ReaddirOptions,
   W_OK,

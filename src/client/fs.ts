@@ -8,9 +8,7 @@ import { Readable } from "node:stream";
 import { GuestIoError } from "../errors.ts";
 import type {
   FsCallOptions,
-  GuestDirent,
   GuestFileStream,
-  GuestStats,
   GuestWatchEvent,
   GuestWatcher,
   ReaddirOptions,
@@ -18,6 +16,7 @@ import type {
   WriteFileOptions,
   WriteFileSource,
 } from "../index.ts";
+import { GuestDirent, type GuestStats, guestStats } from "../internal/index.ts";
 import {
   errorFromWire,
   FILE_GID_HEADER,
@@ -30,116 +29,6 @@ import {
   type WireStats,
 } from "../wire/index.ts";
 import type { Endpoint, RequestBody } from "./endpoint.ts";
-
-const S_IFMT = 0o170000;
-
-function msFromNs(ns: bigint): number {
-  return Number(ns / 1_000_000_000n) * 1000 + Number(ns % 1_000_000_000n) / 1e6;
-}
-
-/** `GuestStats` as a server sent them. */
-class RemoteStats {
-  readonly dev: number;
-  readonly ino: number;
-  readonly mode: number;
-  readonly nlink: number;
-  readonly uid: number;
-  readonly gid: number;
-  readonly rdev: number;
-  readonly size: number;
-  readonly blksize: number;
-  readonly blocks: number;
-  readonly atimeMs: number;
-  readonly mtimeMs: number;
-  readonly ctimeMs: number;
-  readonly atimeNs: bigint;
-  readonly mtimeNs: bigint;
-  readonly ctimeNs: bigint;
-
-  constructor(w: WireStats) {
-    this.dev = w.dev;
-    this.ino = w.ino;
-    this.mode = w.mode;
-    this.nlink = w.nlink;
-    this.uid = w.uid;
-    this.gid = w.gid;
-    this.rdev = w.rdev;
-    this.size = w.size;
-    this.blksize = w.blksize;
-    this.blocks = w.blocks;
-    this.atimeNs = BigInt(w.atimeNs);
-    this.mtimeNs = BigInt(w.mtimeNs);
-    this.ctimeNs = BigInt(w.ctimeNs);
-    this.atimeMs = msFromNs(this.atimeNs);
-    this.mtimeMs = msFromNs(this.mtimeNs);
-    this.ctimeMs = msFromNs(this.ctimeNs);
-  }
-
-  get atime(): Date {
-    return new Date(Math.round(this.atimeMs));
-  }
-  get mtime(): Date {
-    return new Date(Math.round(this.mtimeMs));
-  }
-  get ctime(): Date {
-    return new Date(Math.round(this.ctimeMs));
-  }
-  isFile(): boolean {
-    return (this.mode & S_IFMT) === 0o100000;
-  }
-  isDirectory(): boolean {
-    return (this.mode & S_IFMT) === 0o040000;
-  }
-  isSymbolicLink(): boolean {
-    return (this.mode & S_IFMT) === 0o120000;
-  }
-  isBlockDevice(): boolean {
-    return (this.mode & S_IFMT) === 0o060000;
-  }
-  isCharacterDevice(): boolean {
-    return (this.mode & S_IFMT) === 0o020000;
-  }
-  isFIFO(): boolean {
-    return (this.mode & S_IFMT) === 0o010000;
-  }
-  isSocket(): boolean {
-    return (this.mode & S_IFMT) === 0o140000;
-  }
-}
-
-/** `GuestDirent` as a server sent it. */
-class RemoteDirent {
-  readonly name: string;
-  readonly parentPath: string;
-  readonly type: number;
-
-  constructor(w: WireDirent) {
-    this.name = w.name;
-    this.parentPath = w.parentPath;
-    this.type = w.type;
-  }
-  isFile(): boolean {
-    return this.type === 8;
-  }
-  isDirectory(): boolean {
-    return this.type === 4;
-  }
-  isSymbolicLink(): boolean {
-    return this.type === 10;
-  }
-  isBlockDevice(): boolean {
-    return this.type === 6;
-  }
-  isCharacterDevice(): boolean {
-    return this.type === 2;
-  }
-  isFIFO(): boolean {
-    return this.type === 1;
-  }
-  isSocket(): boolean {
-    return this.type === 12;
-  }
-}
 
 /** Where a VM's files are: its endpoint and `/v1/vms/{id}`. */
 export interface FileSite {
@@ -277,11 +166,11 @@ export class RemoteFileSystem {
   }
 
   async stat(path: string, options?: FsCallOptions): Promise<GuestStats> {
-    return new RemoteStats(await this.#call<WireStats>({ op: "stat", path }, options));
+    return statsFromWire(await this.#call<WireStats>({ op: "stat", path }, options));
   }
 
   async lstat(path: string, options?: FsCallOptions): Promise<GuestStats> {
-    return new RemoteStats(await this.#call<WireStats>({ op: "lstat", path }, options));
+    return statsFromWire(await this.#call<WireStats>({ op: "lstat", path }, options));
   }
 
   readdir(path: string, options: ReaddirOptions & { withFileTypes: true }): Promise<GuestDirent[]>;
@@ -289,7 +178,7 @@ export class RemoteFileSystem {
   async readdir(path: string, options?: ReaddirOptions): Promise<string[] | GuestDirent[]> {
     if (options?.withFileTypes === true) {
       const entries = await this.#call<WireDirent[]>({ op: "readdir", path, withFileTypes: true }, options);
-      return entries.map((entry) => new RemoteDirent(entry));
+      return entries.map((entry) => new GuestDirent(entry.name, entry.parentPath, entry.type));
     }
     return this.#call<string[]>({ op: "readdir", path }, options);
   }
@@ -383,6 +272,16 @@ export class RemoteFileSystem {
   watch(path: string, options: WatchOptions = {}): GuestWatcher {
     return new RemoteWatcher(this.#site, path, options);
   }
+}
+
+/** `GuestStats` as a server sent them (nanosecond times as decimal strings). */
+function statsFromWire(w: WireStats): GuestStats {
+  return guestStats({
+    ...w,
+    atimeNs: BigInt(w.atimeNs),
+    mtimeNs: BigInt(w.mtimeNs),
+    ctimeNs: BigInt(w.ctimeNs),
+  });
 }
 
 /** `node:fs` times: a Date, or seconds since the epoch (what the library passes on). */

@@ -6,6 +6,7 @@
 
 import { SupermachineError } from "../errors.ts";
 import type { ImageConfig } from "../index.ts";
+import { Lazy } from "../internal/index.ts";
 import type { WireBake, WireImage, WireStartConfig, WireVm } from "../wire/index.ts";
 import type { Cluster } from "./cluster.ts";
 import type { Endpoint } from "./endpoint.ts";
@@ -40,7 +41,8 @@ export class RemoteImage {
   readonly snapshot: RemoteSnapshot | undefined;
   readonly #cluster: Cluster;
   readonly #endpoints: readonly Endpoint[];
-  #pool: Promise<RemotePool> | undefined;
+  /** The pool of {@link acquire}, made on first use. */
+  readonly #pool = new Lazy<RemotePool>(() => this.pool().build());
 
   static {
     makeImage = (cluster, endpoints, info) => new RemoteImage(cluster, endpoints, info);
@@ -90,19 +92,12 @@ export class RemoteImage {
 
   /** A VM from this image's default pool (built on first use; closed by {@link close}). */
   async acquire(options: { signal?: AbortSignal } = {}): Promise<RemotePooledVm> {
-    this.#pool ??= this.pool().build();
-    const pool = this.#pool;
-    pool.catch(() => {
-      if (this.#pool === pool) this.#pool = undefined;
-    });
-    return (await pool).acquire(options);
+    return (await this.#pool.get()).acquire(options);
   }
 
   /** Close the default pool of {@link acquire}. Idempotent. */
   async close(options: { force?: boolean } = {}): Promise<void> {
-    const pool = this.#pool;
-    this.#pool = undefined;
-    if (pool !== undefined) await (await pool.catch(() => undefined))?.close(options);
+    await this.#pool.close(options);
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

@@ -1,24 +1,16 @@
 /**
  * Guest ports through a server: `vm.connect(port)` is a `Duplex` over the server's TCP
  * WebSocket (backpressure both ways through the stream's flow control, half-close with `end`
- * messages); `vm.exposeTcp()` listens here and carries each connection that way.
+ * messages); `vm.exposeTcp()` listens here (the library's listener, src/internal/expose-tcp.ts)
+ * and carries each connection that way.
  */
 
-import { createServer, type Server, type Socket } from "node:net";
 import { Duplex } from "node:stream";
-import { RemoteError, SupermachineError } from "../errors.ts";
-import type { ConnectTcpOptions, ExposedPort, ExposeTcpOptions } from "../index.ts";
+import { RemoteError } from "../errors.ts";
+import type { ConnectTcpOptions } from "../index.ts";
+import { checkPort } from "../internal/index.ts";
 import { errorFromWire, type StreamPeer, TCP_CHANNEL, type WireError } from "../wire/index.ts";
 import type { FileSite } from "./fs.ts";
-
-function checkPort(port: number, what: string, allowZero: boolean): void {
-  if (!Number.isInteger(port) || port < (allowZero ? 0 : 1) || port > 65535) {
-    throw new SupermachineError(
-      "INVALID_ARGUMENT",
-      `${what} must be an integer from ${allowZero ? 0 : 1} to 65535, got ${port}`,
-    );
-  }
-}
 
 /** A connection to `port` in the VM at `site`. A refused port rejects with `GuestIoError` `ECONNREFUSED`. */
 export async function connectTcp(
@@ -101,91 +93,4 @@ export async function connectTcp(
   });
   await connected.promise;
   return duplex;
-}
-
-/** Carries bytes both ways with backpressure and half-close; a failure on one side ends both. */
-function splice(a: Duplex, b: Duplex): void {
-  a.pipe(b);
-  b.pipe(a);
-  const destroyBoth = (error?: Error) => {
-    a.destroy(error);
-    b.destroy(error);
-  };
-  a.once("error", destroyBoth);
-  b.once("error", destroyBoth);
-  a.once("close", () => {
-    if (!a.readableEnded) b.destroy();
-  });
-  b.once("close", () => {
-    if (!b.readableEnded) a.destroy();
-  });
-}
-
-/** Listens on this host and forwards each connection to `guestPort` through `connect`. */
-export async function exposeTcp(
-  connect: (guestPort: number) => Promise<Duplex>,
-  hostPort: number,
-  guestPort: number,
-  options: ExposeTcpOptions = {},
-): Promise<ExposedPort> {
-  checkPort(hostPort, "hostPort", true);
-  checkPort(guestPort, "guestPort", false);
-  const host = options.host ?? "127.0.0.1";
-  const maxConnections = options.maxConnections ?? 1024;
-  const sockets = new Set<Socket>();
-  const server: Server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) => {
-    if (sockets.size >= maxConnections) {
-      socket.destroy();
-      return;
-    }
-    sockets.add(socket);
-    socket.once("close", () => sockets.delete(socket));
-    socket.on("error", () => {});
-    connect(guestPort).then(
-      (tunnel) => {
-        if (socket.destroyed) {
-          tunnel.destroy();
-          return;
-        }
-        tunnel.on("error", () => {});
-        splice(socket, tunnel);
-        socket.resume();
-      },
-      () => socket.destroy(),
-    );
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", (error: NodeJS.ErrnoException) =>
-      reject(
-        new SupermachineError(
-          "INVALID_ARGUMENT",
-          `cannot listen on ${host}:${hostPort} for guest port ${guestPort} (${error.code}): choose another host port, or 0 for any free one`,
-          { cause: error },
-        ),
-      ),
-    );
-    server.listen({ host, port: hostPort }, () => resolve());
-  });
-  const address = server.address();
-  const port = typeof address === "object" && address !== null ? address.port : hostPort;
-  let closing: Promise<void> | undefined;
-  const exposed: ExposedPort = {
-    host,
-    hostPort: port,
-    guestPort,
-    get connections() {
-      return sockets.size;
-    },
-    close() {
-      closing ??= new Promise<void>((resolve) => {
-        server.close(() => resolve());
-        for (const socket of sockets) socket.destroy();
-      });
-      return closing;
-    },
-    async [Symbol.asyncDispose]() {
-      await exposed.close();
-    },
-  };
-  return exposed;
 }

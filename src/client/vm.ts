@@ -18,6 +18,7 @@ import type {
   WriteFileOptions,
   WriteFileSource,
 } from "../index.ts";
+import { exposeTcp } from "../internal/index.ts";
 import type { WireVm } from "../wire/index.ts";
 import type { Endpoint } from "./endpoint.ts";
 import {
@@ -29,7 +30,7 @@ import {
   spawnExec,
 } from "./exec.ts";
 import { type RemoteFileSystem, readFileBytes, readFileStream, remoteFileSystem, writeFile } from "./fs.ts";
-import { connectTcp, exposeTcp } from "./ports.ts";
+import { connectTcp } from "./ports.ts";
 
 let makeVm: (endpoint: Endpoint, info: WireVm, onEnd: () => void) => RemoteVm;
 

@@ -1,6 +1,6 @@
 import { resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { dataDir, typedErrors } from "../internal/index.ts";
+import { dataDir, Lazy, typedErrors } from "../internal/index.ts";
 import {
   dockerCommand,
   EMPTY_IMAGE_CONFIG,
@@ -65,7 +65,7 @@ export class Image {
 
   readonly #snapshot: Snapshot | undefined;
   /** The pool of {@link acquire}, made on first use. */
-  #pool: Promise<Pool<Vm>> | undefined;
+  readonly #pool = new Lazy<Pool<Vm>>(() => this.pool().build());
 
   static {
     makeImage = (init, snapshot) => new Image(init, snapshot);
@@ -221,19 +221,12 @@ export class Image {
    * {@link close}). Release it when done. For other settings, build a pool with {@link pool}.
    */
   async acquire(options: { signal?: AbortSignal } = {}): Promise<PooledVm<Vm>> {
-    this.#pool ??= this.pool().build();
-    const pool = this.#pool;
-    pool.catch(() => {
-      if (this.#pool === pool) this.#pool = undefined;
-    });
-    return (await pool).acquire(options);
+    return (await this.#pool.get()).acquire(options);
   }
 
   /** Close the default pool of {@link acquire} (its VMs stop). Idempotent. */
   async close(options: { force?: boolean } = {}): Promise<void> {
-    const pool = this.#pool;
-    this.#pool = undefined;
-    if (pool !== undefined) await (await pool.catch(() => undefined))?.close(options);
+    await this.#pool.close(options);
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

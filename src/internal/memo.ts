@@ -1,7 +1,7 @@
 /**
  * Remembering results for the life of the process: host facts (the accelerator, QEMU's version,
- * digests of the guest assets) are found out once. A rejected promise is forgotten, so the next
- * call tries again.
+ * digests of the guest assets) are found out once; an image's default pool is made once. A rejected
+ * promise is forgotten, so the next call tries again.
  */
 
 /** `fn` run on the first call; later calls return the first call's result. */
@@ -34,4 +34,33 @@ export function memoize<K, V>(fn: (key: K) => Promise<V>): (key: K) => Promise<V
     }
     return result;
   };
+}
+
+/**
+ * A resource made on first use and kept until closed (an image's default pool): `get()` builds it
+ * once, a rejected build is forgotten so the next `get()` tries again; `close()` forgets it and
+ * closes it if it was built.
+ */
+export class Lazy<T extends { close(options: { force?: boolean }): Promise<void> }> {
+  readonly #build: () => Promise<T>;
+  #value: Promise<T> | undefined;
+
+  constructor(build: () => Promise<T>) {
+    this.#build = build;
+  }
+
+  get(): Promise<T> {
+    this.#value ??= this.#build();
+    const value = this.#value;
+    value.catch(() => {
+      if (this.#value === value) this.#value = undefined;
+    });
+    return value;
+  }
+
+  async close(options: { force?: boolean } = {}): Promise<void> {
+    const value = this.#value;
+    this.#value = undefined;
+    if (value !== undefined) await (await value.catch(() => undefined))?.close(options);
+  }
 }

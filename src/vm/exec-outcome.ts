@@ -1,66 +1,8 @@
-import type { ExecOutcome } from "../errors.ts";
-
-/** The fields of an {@link ExecOutcomeRecord}. */
-export interface ExecOutcomeInit {
-  argv: readonly string[];
-  exitCode: number | null;
-  signal: string | null;
-  timedOut: boolean;
-  durationMs: number;
-  peakRssKiB: number;
-  stdout: Uint8Array;
-  stderr: Uint8Array;
-  step: number;
-}
+// The outcome class is shared with the client (src/internal/exec-outcome.ts); the exec code takes
+// it from here, next to the collector of its output.
+export { ExecOutcomeRecord } from "../internal/index.ts";
 
 const EMPTY = new Uint8Array(0);
-
-/** The {@link ExecOutcome} the library hands out (its docs are on the interface). */
-export class ExecOutcomeRecord implements ExecOutcome {
-  readonly argv: readonly string[];
-  readonly exitCode: number | null;
-  readonly signal: string | null;
-  readonly timedOut: boolean;
-  readonly durationMs: number;
-  readonly peakRssKiB: number;
-  readonly stdout: Uint8Array;
-  readonly stderr: Uint8Array;
-  readonly step: number;
-  #stdoutText: string | undefined;
-  #stderrText: string | undefined;
-
-  constructor(init: ExecOutcomeInit) {
-    this.argv = Object.freeze([...init.argv]);
-    this.exitCode = init.exitCode;
-    this.signal = init.signal;
-    this.timedOut = init.timedOut;
-    this.durationMs = init.durationMs;
-    this.peakRssKiB = init.peakRssKiB;
-    this.stdout = init.stdout ?? EMPTY;
-    this.stderr = init.stderr ?? EMPTY;
-    this.step = init.step;
-  }
-
-  get ok(): boolean {
-    return this.exitCode === 0 && !this.timedOut;
-  }
-
-  get stdoutText(): string {
-    this.#stdoutText ??= new TextDecoder().decode(this.stdout);
-    return this.#stdoutText;
-  }
-
-  get stderrText(): string {
-    this.#stderrText ??= new TextDecoder().decode(this.stderr);
-    return this.#stderrText;
-  }
-
-  describe(): string {
-    if (this.timedOut) return `timed out and was killed${this.signal ? ` (${this.signal})` : ""}`;
-    if (this.signal !== null) return `was killed by ${this.signal}`;
-    return `exited with code ${this.exitCode}`;
-  }
-}
 
 /** Output past this size is copied as it arrives instead of in one go when the exec ends. */
 const INCREMENTAL_FROM_BYTES = 1024 * 1024;

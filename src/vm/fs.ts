@@ -8,14 +8,13 @@ import type { Readable } from "node:stream";
 import type {
   AgentCallOptions,
   AgentClient,
-  GuestDirent,
-  GuestStats,
   GuestWatcher,
   ReaddirOptions,
   WatchOptions,
   WriteFileOptions,
   WriteFileSource,
 } from "../agent/index.ts";
+import type { GuestDirent, GuestStats } from "../internal/index.ts";
 
 /** Options of every `vm.fs` call: cancellation and a deadline (default: the agent's per call). */
 export type FsCallOptions = AgentCallOptions;

@@ -29,7 +29,7 @@ export {
   networkKind,
   parseNetworkPolicy,
 } from "./network-policy.ts";
-export { type ExposedPort, type ExposeTcpOptions, splice } from "./ports.ts";
+export type { ExposedPort, ExposeTcpOptions } from "./ports.ts";
 export { restoreMachineSpec } from "./restore.ts";
 export {
   bootForBake,

@@ -354,7 +354,7 @@ async function cachedInitramfsPath(packageDir: string, dir: string): Promise<str
 
 /**
  * Where `scripts/build-hosttools.sh` installs the relay: its key is the same manifest scheme over
- * the regular files directly in `hosttools/` and the script. Undefined when the package has no
+ * the regular files directly in `hosttools/`, `scripts/asset-cache.sh` and the script. Undefined when the package has no
  * `hosttools/` sources.
  */
 async function cachedNetRelayPath(packageDir: string, dir: string): Promise<string | undefined> {
@@ -365,7 +365,7 @@ async function cachedNetRelayPath(packageDir: string, dir: string): Promise<stri
     return undefined;
   }
   const paths = entries.filter((entry) => entry.isFile()).map((entry) => `hosttools/${entry.name}`);
-  paths.push("scripts/build-hosttools.sh");
+  paths.push("scripts/asset-cache.sh", "scripts/build-hosttools.sh");
   paths.sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
   let manifest = "";
   for (const path of paths) {
@@ -388,7 +388,10 @@ async function kernelCacheKey(packageDir: string, version: string): Promise<stri
   return sha256(lines.join("")).slice(0, 16);
 }
 
-/** Key of `scripts/build-initramfs.sh`: the same manifest scheme over the guest sources and the script. */
+/**
+ * Key of `scripts/build-initramfs.sh`: the same manifest scheme over the guest sources,
+ * `scripts/asset-cache.sh` and the script.
+ */
 async function initramfsCacheKey(packageDir: string): Promise<string> {
   const paths: string[] = [];
   if (await isFile(join(packageDir, "guest", "Makefile"))) paths.push("guest/Makefile");
@@ -404,7 +407,7 @@ async function initramfsCacheKey(packageDir: string): Promise<string> {
       paths.push(relative(packageDir, join(entry.parentPath, entry.name)).split(sep).join("/"));
     }
   }
-  paths.push("scripts/build-initramfs.sh");
+  paths.push("scripts/asset-cache.sh", "scripts/build-initramfs.sh");
   paths.sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
   let manifest = "";
   for (const path of paths) {

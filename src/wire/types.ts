@@ -1,6 +1,7 @@
 /** The JSON resources of the server's API (docs/server.md, docs/openapi.json). */
 
 import type { ImageConfig, PoolOptions, PoolStats, SymlinkPolicy, VmTimings } from "../index.ts";
+import type { GuestStatsInit } from "../internal/index.ts";
 
 /** Every API route starts with this. */
 export const API_PREFIX = "/v1";
@@ -114,22 +115,10 @@ export interface WireBake {
   force?: boolean;
 }
 
-/** `GuestStats` on the wire: numbers, nanosecond times as decimal strings. */
-export interface WireStats {
-  dev: number;
-  ino: number;
-  mode: number;
-  nlink: number;
-  uid: number;
-  gid: number;
-  rdev: number;
-  size: number;
-  blksize: number;
-  blocks: number;
-  atimeNs: string;
-  mtimeNs: string;
-  ctimeNs: string;
-}
+/** `GuestStats` on the wire: `stat(2)`'s numbers, nanosecond times as decimal strings. */
+export type WireStats = {
+  [K in keyof GuestStatsInit]: GuestStatsInit[K] extends bigint ? string : GuestStatsInit[K];
+};
 
 export interface WireDirent {
   name: string;

@@ -17,6 +17,7 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { after, before, it } from "node:test";
 import { promisify } from "node:util";
@@ -189,4 +190,33 @@ export async function assertWrkClean(port: number): Promise<void> {
   const requests = /(\d+) requests in/.exec(stdout);
   assert.ok(requests && Number(requests[1]) > 0, `wrk made no requests:\n${stdout}`);
   assert.doesNotMatch(stdout, /Socket errors|Non-2xx or 3xx responses/, stdout);
+}
+
+/**
+ * The check of an interpreter image (node, python): `program`, staged at `argv[1]` and run as
+ * `argv` plus `/tmp/result.json`, reads its stdin and writes `{ lines, words, sha256, …version }`
+ * of it to that file, which the host reads back and compares.
+ */
+export async function assertCountingProgram(
+  vm: Vm,
+  argv: readonly [string, string],
+  program: string,
+  version: Record<string, string>,
+): Promise<void> {
+  const input = "héllo wörld\nfrom the host\n".repeat(500);
+  const out = await vm
+    .execBuilder()
+    .stageFile(argv[1], program)
+    .argv([...argv, "/tmp/result.json"])
+    .stdin(input)
+    .timeout(60_000)
+    .output();
+  assert.equal(out.stdoutText, "wrote /tmp/result.json\n");
+  const result = JSON.parse(new TextDecoder().decode(await vm.readFile("/tmp/result.json")));
+  assert.deepEqual(result, {
+    lines: 1000,
+    words: 2500,
+    sha256: createHash("sha256").update(input).digest("hex"),
+    ...version,
+  });
 }

@@ -56,6 +56,7 @@ before(async () => {
   for (const path of [
     "kernel/supermachine.config",
     "scripts/build-kernel.sh",
+    "scripts/asset-cache.sh",
     "scripts/build-initramfs.sh",
     "scripts/build-hosttools.sh",
     "scripts/build-assets.sh",
