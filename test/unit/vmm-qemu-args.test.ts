@@ -182,7 +182,7 @@ describe("buildQemuArgs", () => {
           "-initrd",
           "/k/initrd",
           "-append",
-          "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2096021 quiet sm.epoch=1",
+          "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2096021 tsc=reliable noreplace-smp no_timer_check quiet sm.epoch=1",
         ],
       ],
     },
@@ -279,11 +279,17 @@ describe("kernelCommandLine", () => {
       'console=ttyS0 reboot=t panic=-1 sm.env="A B"',
     );
   });
-  it("adds tsc_early_khz only under tcg and only when known", () => {
-    assert.equal(kernelCommandLine({ accel: "tcg" }), "console=ttyS0 reboot=t panic=-1");
+  it("adds tsc_early_khz only under tcg and only when known, then the TCG arguments", () => {
     assert.equal(
-      kernelCommandLine({ accel: "tcg", tscKHz: 1000 }),
-      "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000",
+      kernelCommandLine({ accel: "tcg" }),
+      "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check",
     );
+    assert.equal(
+      kernelCommandLine({ accel: "tcg", tscKHz: 1000, kernelArgs: ["quiet"] }),
+      "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000 tsc=reliable noreplace-smp no_timer_check quiet",
+    );
+  });
+  it("adds nothing under kvm", () => {
+    assert.equal(kernelCommandLine({ accel: "kvm", tscKHz: 1000 }), "console=ttyS0 reboot=t panic=-1");
   });
 });
