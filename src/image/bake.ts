@@ -26,6 +26,7 @@ import {
   writeManifest,
 } from "../snapshot/index.ts";
 import {
+  bootCommandLine,
   bootForBake,
   copyNetworkPolicy,
   type NetworkPolicy,
@@ -67,6 +68,8 @@ export function bakeCacheKey(parts: {
   initramfsDigest: string;
   warmupTag: string;
   accelerator: string;
+  /** The kernel command line bakes boot with (`bootCommandLine`). */
+  kernelCommandLine: string;
   qemuVersion: string;
   workload: readonly string[] | undefined;
   execDefaults: unknown;
@@ -94,6 +97,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
     initramfsDigest: host.initramfsDigest,
     warmupTag: input.warmupTag,
     accelerator: host.accelerator,
+    kernelCommandLine: bootCommandLine(host.accelerator, input.vcpus),
     qemuVersion: host.qemuVersion,
     workload: input.workload,
     execDefaults: input.execDefaults,

@@ -11,10 +11,12 @@ import { EMPTY_IMAGE_CONFIG } from "../oci/index.ts";
 import { resolveRootfs } from "../rootfs/index.ts";
 import type { ImageIdentity } from "../snapshot/index.ts";
 import {
+  type Accelerator,
   createDiskOverlay,
   type GuestMemory,
   hostAccelerator,
   hostTscKHz,
+  kernelCommandLine,
   type LaunchMachineSpec,
   QemuProcess,
   resolveAssetPaths,
@@ -28,6 +30,14 @@ import { connectAgent, endFailedStart, type VmParts } from "./vm-parts.ts";
 
 /** Kernel arguments of every VM, before `VmConfig.kernelArgs`. */
 const BOOT_KERNEL_ARGS = ["quiet", "sm.root=/dev/vda", "sm.rootfstype=ext4"];
+
+/**
+ * The kernel command line a boot with `accel` and `vcpus` starts from (without the host's TSC rate
+ * and the per-VM arguments): what a baked snapshot depends on, so part of its cache key.
+ */
+export function bootCommandLine(accel: Accelerator, vcpus: number): string {
+  return kernelCommandLine({ accel, vcpus, kernelArgs: BOOT_KERNEL_ARGS });
+}
 
 /** How a boot differs from a plain `Vm.start`. */
 export interface BootOptions {
@@ -78,10 +88,6 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
     initramfsPath: assets.initramfs,
     kernelArgs: [
       ...BOOT_KERNEL_ARGS,
-      // Under TCG the guest's TSC runs at the host's rate, but on a busy host the clocksource
-      // watchdog may demote it and the guest clock then runs on 4 ms jiffies, slow (and so do
-      // the clones of a bake).
-      ...(choice.accel === "tcg" ? ["tsc=reliable"] : []),
       ...(network.device ? [NET_KERNEL_ARG] : []),
       ...(config.kernelArgs ?? []),
     ],

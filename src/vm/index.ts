@@ -3,7 +3,7 @@
  * snapshots of a running VM.
  */
 
-export type { BootOptions } from "./boot.ts";
+export { type BootOptions, bootCommandLine } from "./boot.ts";
 export {
   checkArgv,
   checkExecOptions,

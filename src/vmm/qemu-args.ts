@@ -177,19 +177,49 @@ export const BASE_KERNEL_ARGS: readonly string[] = [
   "panic=-1",
 ];
 
+/**
+ * Kernel arguments every VM gets under TCG, after `tsc_early_khz=`. Measured effect of each:
+ * docs/guest-assets.md, "Traps" and "The TCG kernel arguments".
+ */
+export const TCG_KERNEL_ARGS: readonly string[] = [
+  // The clocksource watchdog compares the TSC with jiffies, which fall behind on a busy host, and
+  // would demote the TSC (the guest clock then runs on 4 ms jiffies, slow; so do a bake's clones).
+  "tsc=reliable",
+  // A 1-vCPU kernel otherwise rewrites every LOCK prefix in its text (SMP → UP alternatives), which
+  // costs 0.3 s of the boot under TCG; the locks cost nothing there. No effect with 2+ vCPUs.
+  "noreplace-smp",
+  // Skip checking that the PIT's interrupt reaches the IO-APIC (a busy wait of a few ticks): microvm wires it.
+  "no_timer_check",
+];
+
+/**
+ * Kernel arguments a VM with one vCPU also gets under TCG, after {@link TCG_KERNEL_ARGS}.
+ * `noapictimer`: the kernel does not calibrate the local APIC timer against the PIT (25 ticks, at
+ * least 0.1 s of busy waiting, 0.2–0.3 s of a TCG boot) and ticks from the PIT instead. That
+ * doubles an idle 1-vCPU VM's host CPU (~1 % → ~2 % of a core) and would multiply a 2-vCPU
+ * VM's by 8 (broadcast IPIs), so only 1-vCPU VMs get it: docs/guest-assets.md, "Traps".
+ */
+export const TCG_ONE_VCPU_KERNEL_ARGS: readonly string[] = ["noapictimer"];
+
 const DISK_NAME = /^[a-z][a-z0-9-]{0,19}$/;
 const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
 const STRICT_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 const SPAWN_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny";
 
 /** The kernel command line for `spec` (`-append`). */
-export function kernelCommandLine(spec: Pick<MachineSpec, "accel" | "tscKHz" | "kernelArgs">): string {
+export function kernelCommandLine(
+  spec: Pick<MachineSpec, "accel" | "vcpus" | "tscKHz" | "kernelArgs">,
+): string {
   const args = [...BASE_KERNEL_ARGS];
-  if (spec.accel === "tcg" && spec.tscKHz !== undefined) {
-    if (!Number.isSafeInteger(spec.tscKHz) || spec.tscKHz <= 0) {
-      throw invalid(`tscKHz must be a positive integer, got ${spec.tscKHz}`);
+  if (spec.accel === "tcg") {
+    if (spec.tscKHz !== undefined) {
+      if (!Number.isSafeInteger(spec.tscKHz) || spec.tscKHz <= 0) {
+        throw invalid(`tscKHz must be a positive integer, got ${spec.tscKHz}`);
+      }
+      args.push(`tsc_early_khz=${spec.tscKHz}`);
     }
-    args.push(`tsc_early_khz=${spec.tscKHz}`);
+    args.push(...TCG_KERNEL_ARGS);
+    if (spec.vcpus === 1) args.push(...TCG_ONE_VCPU_KERNEL_ARGS);
   }
   for (const arg of spec.kernelArgs ?? []) {
     if (arg === "" || /[\s\0]/.test(arg.replace(/"[^"]*"/g, '""'))) {

@@ -433,7 +433,13 @@ describe("with the guest kernel", { skip }, () => {
       runtimeDir: await freshRoot(),
     });
     try {
-      assert.ok(vm.args.some((arg) => /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ quiet$/.test(arg)));
+      assert.ok(
+        vm.args.some((arg) =>
+          /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ tsc=reliable noreplace-smp no_timer_check noapictimer quiet$/.test(
+            arg,
+          ),
+        ),
+      );
       assert.deepEqual(await vm.exited, { code: 0, signal: null });
       await vm.stop();
       assert.match(

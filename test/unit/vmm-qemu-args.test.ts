@@ -182,7 +182,7 @@ describe("buildQemuArgs", () => {
           "-initrd",
           "/k/initrd",
           "-append",
-          "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2096021 quiet sm.epoch=1",
+          "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2096021 tsc=reliable noreplace-smp no_timer_check noapictimer quiet sm.epoch=1",
         ],
       ],
     },
@@ -275,15 +275,30 @@ describe("buildQemuArgs", () => {
 describe("kernelCommandLine", () => {
   it("keeps quoted values with spaces", () => {
     assert.equal(
-      kernelCommandLine({ accel: "kvm", kernelArgs: ['sm.env="A B"'] }),
+      kernelCommandLine({ accel: "kvm", vcpus: 1, kernelArgs: ['sm.env="A B"'] }),
       'console=ttyS0 reboot=t panic=-1 sm.env="A B"',
     );
   });
-  it("adds tsc_early_khz only under tcg and only when known", () => {
-    assert.equal(kernelCommandLine({ accel: "tcg" }), "console=ttyS0 reboot=t panic=-1");
+  it("adds tsc_early_khz only under tcg and only when known, then the TCG arguments", () => {
     assert.equal(
-      kernelCommandLine({ accel: "tcg", tscKHz: 1000 }),
-      "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000",
+      kernelCommandLine({ accel: "tcg", vcpus: 2 }),
+      "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check",
+    );
+    assert.equal(
+      kernelCommandLine({ accel: "tcg", vcpus: 2, tscKHz: 1000, kernelArgs: ["quiet"] }),
+      "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000 tsc=reliable noreplace-smp no_timer_check quiet",
+    );
+  });
+  it("adds noapictimer under tcg with one vCPU only", () => {
+    assert.equal(
+      kernelCommandLine({ accel: "tcg", vcpus: 1, kernelArgs: ["quiet"] }),
+      "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check noapictimer quiet",
+    );
+  });
+  it("adds nothing under kvm", () => {
+    assert.equal(
+      kernelCommandLine({ accel: "kvm", vcpus: 1, tscKHz: 1000 }),
+      "console=ttyS0 reboot=t panic=-1",
     );
   });
 });
