@@ -192,15 +192,6 @@ export const TCG_KERNEL_ARGS: readonly string[] = [
   "no_timer_check",
 ];
 
-/**
- * Kernel arguments a VM with one vCPU also gets under TCG, after {@link TCG_KERNEL_ARGS}.
- * `noapictimer`: the kernel does not calibrate the local APIC timer against the PIT (25 ticks, at
- * least 0.1 s of busy waiting, 0.2–0.3 s of a TCG boot) and ticks from the PIT instead. That
- * doubles an idle 1-vCPU VM's host CPU (~1 % → ~2 % of a core) and would multiply a 2-vCPU
- * VM's by 8 (broadcast IPIs), so only 1-vCPU VMs get it: docs/guest-assets.md, "Traps".
- */
-export const TCG_ONE_VCPU_KERNEL_ARGS: readonly string[] = ["noapictimer"];
-
 const DISK_NAME = /^[a-z][a-z0-9-]{0,19}$/;
 const MAC = /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/i;
 const STRICT_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -219,7 +210,6 @@ export function kernelCommandLine(
       args.push(`tsc_early_khz=${spec.tscKHz}`);
     }
     args.push(...TCG_KERNEL_ARGS);
-    if (spec.vcpus === 1) args.push(...TCG_ONE_VCPU_KERNEL_ARGS);
   }
   for (const arg of spec.kernelArgs ?? []) {
     if (arg === "" || /[\s\0]/.test(arg.replace(/"[^"]*"/g, '""'))) {

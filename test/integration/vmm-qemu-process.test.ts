@@ -435,7 +435,7 @@ describe("with the guest kernel", { skip }, () => {
     try {
       assert.ok(
         vm.args.some((arg) =>
-          /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ tsc=reliable noreplace-smp no_timer_check noapictimer quiet$/.test(
+          /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ tsc=reliable noreplace-smp no_timer_check quiet$/.test(
             arg,
           ),
         ),
