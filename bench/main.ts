@@ -180,6 +180,8 @@ async function spine(): Promise<void> {
       unit: "MB/s",
       summary: mbps(throughput),
       against: "guest dd 64 MiB to /dev/null",
+      budget: "≥ 0.5×",
+      higherIsBetter: true,
     });
   } finally {
     await vm?.stop();

@@ -62,6 +62,18 @@ describe("exec in a VM", { timeout: 600_000 }, () => {
     assert.ok(Buffer.from(out.stdout).equals(expected));
   });
 
+  vmIt("keeps 4 MiB of stdout and 4 MiB of stderr written at the same time apart and intact", async (vm) => {
+    // Both pipes fill while the agent splices frames out of them (docs/agent.md).
+    const size = 4 * 1024 * 1024;
+    const out = await vm.exec([
+      "sh",
+      "-c",
+      `yes out-line | head -c ${size} & yes err-line | head -c ${size} >&2; wait`,
+    ]);
+    assert.ok(Buffer.from(out.stdout).equals(Buffer.alloc(size, "out-line\n")));
+    assert.ok(Buffer.from(out.stderr).equals(Buffer.alloc(size, "err-line\n")));
+  });
+
   vmIt("round-trips binary stdin", async (vm) => {
     const input = randomBytes(3 * 1024 * 1024 + 17);
     const out = await vm.execBuilder().argv(["cat"]).stdin(input).output();
