@@ -33,12 +33,17 @@ async function machine(): Promise<string> {
   return `${cpus()[0]?.model.trim() ?? "unknown CPU"}, ${availableParallelism()} cores, ${gib} GiB, Linux ${release()}, ${qemu.replace(/^QEMU emulator /, "QEMU ")}, accelerator ${accel}, Node ${process.version}`;
 }
 
+/** A Markdown code span of `text`, which may hold backticks itself. */
+function code(text: string): string {
+  return text.includes("`") ? `\`\` ${text} \`\`` : `\`${text}\``;
+}
+
 function reading(table: Table, row: SectionRow): string {
   const s = row.summary;
   const spread = s.n > 1 ? ` (${fmt(s.min)}–${fmt(s.max)}, n ${s.n})` : "";
-  const parts = [`\`${row.name.trim()}\`: ${fmt(s.median)} ${row.unit}${spread}`];
-  const ratio = table.ratio(row);
-  if (ratio !== undefined) parts.push(`${ratio.toFixed(2)}× \`${row.against}\``);
+  const parts = [`${code(row.name.trim())}: ${fmt(s.median)} ${row.unit}${spread}`];
+  if (row.against !== undefined && table.ratio(row) !== undefined)
+    parts.push(`${table.ratioText(row)}× ${code(row.against)}`);
   const met = table.met(row);
   if (met !== undefined) parts.push(`budget ${row.budget}: ${met ? "met" : "**not met**"}`);
   return `- ${parts.join("; ")}.${row.reading === undefined ? "" : ` ${row.reading}`}`;

@@ -71,6 +71,17 @@ export class Table {
     return row.summary.median / base.summary.median;
   }
 
+  /** The ratio with two decimals, or three where two would round it across its budget's bound. */
+  ratioText(row: Row): string {
+    const ratio = this.ratio(row);
+    if (ratio === undefined) return "";
+    const bound = /^(≤|≥|=)\s*([\d.]+)\s*×/.exec(row.budget ?? "")?.[2];
+    const two = ratio.toFixed(2);
+    return bound !== undefined && Number(two) === Number(bound) && ratio !== Number(bound)
+      ? ratio.toFixed(3)
+      : two;
+  }
+
   render(rows: readonly Row[] = this.rows): string {
     const header = ["benchmark", "unit", "n", "min", "median", "p95", "max", "vs", "ratio", "budget", "met"];
     const lines = rows.map((row) => {
@@ -85,7 +96,7 @@ export class Table {
         fmt(row.summary.p95),
         fmt(row.summary.max),
         row.against ?? "",
-        ratio === undefined ? "" : `${ratio.toFixed(2)}×`,
+        ratio === undefined ? "" : `${this.ratioText(row)}×`,
         row.budget ?? "",
         met === undefined ? "" : met ? "yes" : "**no**",
       ];
