@@ -13,6 +13,7 @@ import { type Pool, type PoolBuilder, type PooledVm, poolBuilder, type VmSource 
 import { flattenedImageRootfs, type RootfsProgress, resolveRootfs } from "../rootfs/index.ts";
 import { Snapshot, type SnapshotOpenOptions, snapshotDirOf } from "../snapshot/index.ts";
 import {
+  DEFAULT_BOOT_TIMEOUT_MS,
   DEFAULT_MEMORY_MIB,
   DEFAULT_VCPUS,
   type NetworkPolicy,
@@ -254,7 +255,7 @@ export class Image {
     return {
       create: async (signal) => {
         const vm = await this.start(signal === undefined ? config : { ...config, signal });
-        if (snapshot !== undefined) await warm(vm, signal);
+        if (snapshot !== undefined) await warm(vm, config.bootTimeoutMs ?? DEFAULT_BOOT_TIMEOUT_MS, signal);
         return vm;
       },
       ...(snapshot === undefined ? {} : { prestart: () => this.prestart(config) }),
@@ -264,12 +265,13 @@ export class Image {
 }
 
 /**
- * Runs `true` once in a new VM. An image without `true` still warms the fork/exec paths: only a
- * VM that is no longer running (or an abort) fails the warm-up, and the VM is killed then.
+ * Runs `true` once in a new VM, within the start's own time limit. An image without `true` still
+ * warms the fork/exec paths: only a VM that is no longer running (or an abort) fails the warm-up,
+ * and the VM is killed then; one that timed out is tainted, and the pool discards it.
  */
-async function warm(vm: Vm, signal: AbortSignal | undefined): Promise<void> {
+async function warm(vm: Vm, timeoutMs: number, signal: AbortSignal | undefined): Promise<void> {
   try {
-    await vm.exec(["true"], { reject: false, ...(signal === undefined ? {} : { signal }) });
+    await vm.exec(["true"], { reject: false, timeoutMs, ...(signal === undefined ? {} : { signal }) });
   } catch (error) {
     if (vm.state === "running" && !signal?.aborted) return;
     await vm.kill();
