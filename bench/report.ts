@@ -61,6 +61,17 @@ function block(section: string, header: string, table: Table, rows: readonly Sec
   ].join("\n");
 }
 
+/** `doc` with the block of `section` replaced by `text` (which has its markers), or appended under a heading. */
+export function replaceBlock(doc: string, section: string, text: string): string {
+  const begin = `<!-- bench:${section} -->`;
+  const end = `<!-- /bench:${section} -->`;
+  const at = doc.indexOf(begin);
+  const until = doc.indexOf(end);
+  return at === -1 || until < at
+    ? `${doc.trimEnd()}\n\n## ${section}\n\n${text}\n`
+    : doc.slice(0, at) + text + doc.slice(until + end.length);
+}
+
 /** Replace (or append) the block of every section with rows in `table`. */
 export async function writeReport(path: string, table: Table, run: RunContext): Promise<void> {
   const ended = new Date();
@@ -79,14 +90,7 @@ export async function writeReport(path: string, table: Table, run: RunContext): 
       table,
       table.rows.filter((row) => row.section === section),
     );
-    const begin = `<!-- bench:${section} -->`;
-    const end = `<!-- /bench:${section} -->`;
-    const at = doc.indexOf(begin);
-    const until = doc.indexOf(end);
-    doc =
-      at === -1 || until < at
-        ? `${doc.trimEnd()}\n\n## ${section}\n\n${text}\n`
-        : doc.slice(0, at) + text + doc.slice(until + end.length);
+    doc = replaceBlock(doc, section, text);
   }
   await writeFile(path, doc);
   process.stderr.write(`bench: wrote ${sections.join(", ")} into ${path}\n`);
