@@ -7,6 +7,7 @@ import { describe } from "node:test";
 import { assertCountingProgram, serviceSuite } from "../helpers/services.ts";
 
 const PROGRAM = `
+import { createHash } from "node:crypto";
 import { writeFileSync } from "node:fs";
 const chunks = [];
 for await (const chunk of process.stdin) chunks.push(chunk);
