@@ -1,5 +1,4 @@
 /* The protocol loop: channel I/O, frame dispatch, sessions, stream table, reaping, timers. */
-#define _GNU_SOURCE /* splice */
 #include "agent.h"
 
 #include <errno.h>
@@ -80,32 +79,8 @@ struct oframe {
 	size_t len;
 	size_t off;
 	size_t cap;
-	/* >= 0: the payload is still in this pipe (a dup of a process's output pipe) and is spliced
-	 * into the channel after the header, without passing through this buffer. */
-	int src;
 	uint8_t data[];
 };
-
-/* At most one spliced frame is queued at a time; its pipe is not read otherwise until it is sent. */
-static const void *splice_owner;
-/* The channel refused splice (EINVAL): output is read into frames from then on. */
-static int no_splice;
-/* A pipe of our own between a process's pipe and the channel, holding mid_len bytes of the head
- * frame. virtio_console's splice_write (Linux 6.1) oopses when it is asked for fewer bytes than
- * its source pipe holds, and a process may add to its pipe at any time: the channel is only ever
- * given all of this pipe. */
-static int mid[2] = { -1, -1 };
-static size_t mid_len;
-
-static void mid_close(void)
-{
-	if (mid[0] >= 0) {
-		close(mid[0]);
-		close(mid[1]);
-	}
-	mid[0] = mid[1] = -1;
-	mid_len = 0;
-}
 
 static struct oframe *oq_head, *oq_tail;
 
@@ -123,22 +98,13 @@ static struct oframe *oframe_new(size_t len)
 		len = BIG_CAP;
 	}
 	struct oframe *f = malloc(sizeof *f + len);
-	if (f) {
+	if (f)
 		f->cap = len;
-		f->src = -1;
-	}
 	return f;
 }
 
 static void oframe_free(struct oframe *f)
 {
-	if (f->src >= 0) {
-		close(f->src);
-		f->src = -1;
-		splice_owner = NULL;
-		if (mid_len)
-			mid_close(); /* what it holds belongs to no frame now */
-	}
 	if (f->cap == BIG_CAP && nspare < MAX_SPARE)
 		spare[nspare++] = f;
 	else
@@ -244,28 +210,6 @@ void sm_frame_commit(uint8_t *payload, uint32_t stream, uint8_t type, uint8_t fl
 	f->len = SM_HDR_SIZE + n;
 	log_frame(">", stream, type, flags, n);
 	oq_append(f);
-}
-
-int sm_splice_ready(void) { return A.connected && !no_splice && !splice_owner; }
-
-int sm_splice_busy(const void *owner) { return owner == splice_owner; }
-
-int sm_frame_splice(uint8_t *payload, uint32_t stream, uint8_t type, int fd, size_t n, const void *owner)
-{
-	struct oframe *f = frame_of(payload);
-	if (!sm_splice_ready() || SM_HDR_SIZE + n > f->cap)
-		return -1;
-	int src = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-	if (src < 0)
-		return -1;
-	f->src = src;
-	splice_owner = owner;
-	struct sm_hdr h = { (uint32_t)n, stream, type, 0 };
-	sm_hdr_encode(f->data, &h);
-	f->len = SM_HDR_SIZE + n;
-	log_frame(">", stream, type, 0, n);
-	oq_append(f);
-	return 0;
 }
 
 void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags)
@@ -489,102 +433,12 @@ static void chan_check_connected(void)
 
 void sm_chan_flush(void);
 
-/* The channel cannot take spliced pages: read the rest of the head frame's payload into its
- * buffer (the pipe holds it: nothing else reads that pipe meanwhile) and send it as usual. */
-static void unsplice(struct oframe *f)
-{
-	no_splice = 1;
-	size_t at = f->off > SM_HDR_SIZE ? f->off : SM_HDR_SIZE;
-	while (at < f->len) {
-		/* what the pipe of our own holds comes first */
-		size_t want = mid_len ? (mid_len < f->len - at ? mid_len : f->len - at) : f->len - at;
-		ssize_t r = read(mid_len ? mid[0] : f->src, f->data + at, want);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			break;
-		if (mid_len)
-			mid_len -= (size_t)r;
-		at += (size_t)r;
-	}
-	mid_close();
-	if (at < f->len) {
-		sm_log("internal: a spliced frame's pipe held %zu bytes less than announced", f->len - at);
-		memset(f->data + at, 0, f->len - at);
-	}
-	close(f->src);
-	f->src = -1;
-	splice_owner = NULL;
-}
-
-/* Send some of the head frame, a spliced one: its header, then its payload from the pipe.
- * Returns 1 on progress, 0 when the channel is full, -1 when it is gone. */
-static int flush_spliced(void)
-{
-	struct oframe *f = oq_head;
-	ssize_t w;
-	if (f->off < SM_HDR_SIZE) {
-		w = write(A.chan, f->data + f->off, SM_HDR_SIZE - f->off);
-	} else {
-		if (!mid_len) {
-			if (mid[0] < 0 && (pipe2(mid, O_CLOEXEC | O_NONBLOCK) < 0 ||
-					   fcntl(mid[1], F_SETPIPE_SZ, SM_CHUNK) < (int)SM_CHUNK)) {
-				sm_dbg("pipe for splicing: %s; reading output instead", strerror(errno));
-				if (mid[0] >= 0)
-					mid_close();
-				mid[0] = mid[1] = -1;
-				unsplice(f);
-				return 1;
-			}
-			w = splice(f->src, NULL, mid[1], NULL, f->len - f->off, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-			if (w < 0 && errno == EINTR)
-				return 1;
-			if (w <= 0) {
-				unsplice(f); /* the pipe had less than announced: cannot happen; send what remains */
-				return 1;
-			}
-			mid_len = (size_t)w;
-		}
-		w = splice(mid[0], NULL, A.chan, NULL, mid_len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-		if ((w < 0 && errno == EINVAL) || w == 0) {
-			sm_dbg("channel splice: %s; reading output instead", w ? strerror(errno) : "no progress");
-			unsplice(f);
-			return 1;
-		}
-		if (w > 0)
-			mid_len -= (size_t)w;
-	}
-	if (w < 0) {
-		if (errno == EINTR)
-			return 1;
-		if (errno == EAGAIN)
-			return 0;
-		sm_dbg("channel write: %s", strerror(errno));
-		chan_disconnected();
-		return -1;
-	}
-	f->off += (size_t)w;
-	A.outq_bytes -= (size_t)w;
-	if (f->off == f->len) {
-		oq_head = f->next;
-		if (!oq_head)
-			oq_tail = NULL;
-		oframe_free(f);
-	}
-	return 1;
-}
-
 void sm_chan_flush(void)
 {
 	while (oq_head && A.connected) {
-		if (oq_head->src >= 0) {
-			if (flush_spliced() <= 0)
-				return;
-			continue;
-		}
 		struct iovec iov[64];
 		int k = 0;
-		for (struct oframe *f = oq_head; f && f->src < 0 && k < 64; f = f->next, k++) {
+		for (struct oframe *f = oq_head; f && k < 64; f = f->next, k++) {
 			iov[k].iov_base = f->data + f->off;
 			iov[k].iov_len = f->len - f->off;
 		}

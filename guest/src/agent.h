@@ -131,13 +131,6 @@ void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags)
 uint8_t *sm_frame_alloc(size_t payload_max);
 void sm_frame_commit(uint8_t *payload, uint32_t stream, uint8_t type, uint8_t flags, size_t n);
 void sm_frame_cancel(uint8_t *payload);
-/* Spliced data frames: queue a frame allocated by sm_frame_alloc whose n-byte payload is the next
- * n bytes in pipe fd (at least n are there), to be spliced into the channel after the header; the
- * payload buffer is left unused. Returns -1 (nothing queued) when splicing is not possible now.
- * While the frame is queued, sm_splice_busy(owner) is true: nothing else may read that pipe. */
-int sm_splice_ready(void);
-int sm_splice_busy(const void *owner);
-int sm_frame_splice(uint8_t *payload, uint32_t stream, uint8_t type, int fd, size_t n, const void *owner);
 void sm_send_error(uint32_t stream, uint32_t code, int err, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 void sm_send_window(uint32_t stream, uint32_t n);

@@ -826,23 +826,11 @@ static void pump_output(struct sm_stream *s, int role)
 	uint8_t *buf = sm_frame_alloc((size_t)max);
 	if (!buf)
 		return;
-	uint8_t type = (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR;
-	ssize_t r = -1;
-	int avail = 0;
-	/* A pipe's bytes go to the channel by splice: not copied through this process. */
-	if (!(role == 0 && s->tty) && sm_splice_ready() && ioctl(fd, FIONREAD, &avail) == 0 && avail > 0) {
-		size_t n = (uint64_t)avail < max ? (size_t)avail : (size_t)max;
-		if (sm_frame_splice(buf, s->id, type, fd, n, role == 0 ? (void *)&s->out_r : (void *)&s->err_r) == 0)
-			r = (ssize_t)n;
-	}
-	if (r < 0) {
-		r = read(fd, buf, max);
-		if (r <= 0)
-			sm_frame_cancel(buf);
-		else
-			sm_frame_commit(buf, s->id, type, 0, (size_t)r);
-	}
+	ssize_t r = read(fd, buf, max);
+	if (r <= 0)
+		sm_frame_cancel(buf);
 	if (r > 0) {
+		sm_frame_commit(buf, s->id, (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR, 0, (size_t)r);
 		s->out_credit -= (uint64_t)r + SM_FRAME_COST;
 		if (s->counted) {
 			*rem -= (uint64_t)r;
@@ -874,12 +862,11 @@ void sm_exec_poll(struct sm_stream *s, int fd[4], short ev[4])
 	if (s->state != X_RUNNING && s->state != X_DRAINING)
 		return;
 	int produce = s->out_credit > SM_FRAME_COST && !sm_output_blocked();
-	/* (not while a spliced frame of that pipe is queued: its bytes are still in the pipe) */
-	if (produce && !s->out_done && (!s->counted || s->rem_out > 0) && !sm_splice_busy(&s->out_r)) {
+	if (produce && !s->out_done && (!s->counted || s->rem_out > 0)) {
 		fd[0] = s->tty ? s->ptm : s->out_r;
 		ev[0] = POLLIN;
 	}
-	if (produce && !s->tty && !s->err_done && (!s->counted || s->rem_err > 0) && !sm_splice_busy(&s->err_r)) {
+	if (produce && !s->tty && !s->err_done && (!s->counted || s->rem_err > 0)) {
 		fd[1] = s->err_r;
 		ev[1] = POLLIN;
 	}
