@@ -97,7 +97,7 @@ export async function bakeSnapshot(input: BakeInput): Promise<{ snapshot: Snapsh
     initramfsDigest: host.initramfsDigest,
     warmupTag: input.warmupTag,
     accelerator: host.accelerator,
-    kernelCommandLine: bootCommandLine(host.accelerator, input.vcpus),
+    kernelCommandLine: bootCommandLine(host.accelerator),
     qemuVersion: host.qemuVersion,
     workload: input.workload,
     execDefaults: input.execDefaults,

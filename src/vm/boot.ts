@@ -32,11 +32,11 @@ import { connectAgent, endFailedStart, type VmParts } from "./vm-parts.ts";
 const BOOT_KERNEL_ARGS = ["quiet", "sm.root=/dev/vda", "sm.rootfstype=ext4"];
 
 /**
- * The kernel command line a boot with `accel` and `vcpus` starts from (without the host's TSC rate
- * and the per-VM arguments): what a baked snapshot depends on, so part of its cache key.
+ * The kernel command line a boot with `accel` starts from (without the host's TSC rate and the
+ * per-VM arguments): what a baked snapshot depends on, so part of its cache key.
  */
-export function bootCommandLine(accel: Accelerator, vcpus: number): string {
-  return kernelCommandLine({ accel, vcpus, kernelArgs: BOOT_KERNEL_ARGS });
+export function bootCommandLine(accel: Accelerator): string {
+  return kernelCommandLine({ accel, kernelArgs: BOOT_KERNEL_ARGS });
 }
 
 /** How a boot differs from a plain `Vm.start`. */

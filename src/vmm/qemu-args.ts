@@ -198,9 +198,7 @@ const STRICT_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resou
 const SPAWN_SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=allow,resourcecontrol=deny";
 
 /** The kernel command line for `spec` (`-append`). */
-export function kernelCommandLine(
-  spec: Pick<MachineSpec, "accel" | "vcpus" | "tscKHz" | "kernelArgs">,
-): string {
+export function kernelCommandLine(spec: Pick<MachineSpec, "accel" | "tscKHz" | "kernelArgs">): string {
   const args = [...BASE_KERNEL_ARGS];
   if (spec.accel === "tcg") {
     if (spec.tscKHz !== undefined) {

@@ -275,30 +275,21 @@ describe("buildQemuArgs", () => {
 describe("kernelCommandLine", () => {
   it("keeps quoted values with spaces", () => {
     assert.equal(
-      kernelCommandLine({ accel: "kvm", vcpus: 1, kernelArgs: ['sm.env="A B"'] }),
+      kernelCommandLine({ accel: "kvm", kernelArgs: ['sm.env="A B"'] }),
       'console=ttyS0 reboot=t panic=-1 sm.env="A B"',
     );
   });
-  it("adds tsc_early_khz only under tcg and only when known, then the TCG arguments", () => {
+  it("adds tsc_early_khz only under tcg and only when known, then the TCG arguments (no noapictimer: its idle cost would stay with every clone of a bake)", () => {
     assert.equal(
-      kernelCommandLine({ accel: "tcg", vcpus: 2 }),
+      kernelCommandLine({ accel: "tcg" }),
       "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check",
     );
     assert.equal(
-      kernelCommandLine({ accel: "tcg", vcpus: 2, tscKHz: 1000, kernelArgs: ["quiet"] }),
+      kernelCommandLine({ accel: "tcg", tscKHz: 1000, kernelArgs: ["quiet"] }),
       "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000 tsc=reliable noreplace-smp no_timer_check quiet",
     );
   });
-  it("adds no noapictimer (its idle cost would stay with every clone of a bake)", () => {
-    assert.equal(
-      kernelCommandLine({ accel: "tcg", vcpus: 1, kernelArgs: ["quiet"] }),
-      "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check quiet",
-    );
-  });
   it("adds nothing under kvm", () => {
-    assert.equal(
-      kernelCommandLine({ accel: "kvm", vcpus: 1, tscKHz: 1000 }),
-      "console=ttyS0 reboot=t panic=-1",
-    );
+    assert.equal(kernelCommandLine({ accel: "kvm", tscKHz: 1000 }), "console=ttyS0 reboot=t panic=-1");
   });
 });
