@@ -15,7 +15,7 @@ import {
   RegistryError,
   SupermachineError,
 } from "../../src/errors.ts";
-import { ContentStore } from "../../src/oci/content-store.ts";
+import { BlobWriter, ContentStore } from "../../src/oci/content-store.ts";
 import { PULL_PROGRESS_CHANNEL, type PullProgress } from "../../src/oci/progress.ts";
 import { listImages, type PullOptions, pullImage, resolveLocalImage } from "../../src/oci/pull.ts";
 import { RegistryClient } from "../../src/oci/registry-client.ts";
@@ -304,6 +304,43 @@ describe("faults", () => {
     assert.ok(range, `second request has a Range header: ${blobRequests[1]!.headers.range}`);
     assert.ok(Number(range[1]) > 0 && Number(range[1]) <= half, range[1]);
     assert.equal(sha256(await readFile(pulled.layers[0]!.path)), layer.digest);
+  });
+
+  test("a body is paused while 8 MiB wait for the disk, and arrives whole", async () => {
+    registry = await FakeRegistry.start();
+    const image = makeImage({ layerSizes: [12 * 1024 * 1024 + 3], compression: "none" });
+    const layer = image.layers[0]!;
+    registry.add("app", "1", image);
+    // A file whose first write finishes only once the client has accepted 9 MiB.
+    const file = Buffer.alloc(layer.size);
+    const writeSizes: number[] = [];
+    let releaseFirst: (() => void) | undefined;
+    const firstReleased = new Promise<void>((resolve) => {
+      releaseFirst = resolve;
+    });
+    const fh = {
+      async writev(chunks: Uint8Array[], position: number) {
+        const bytes = Buffer.concat(chunks);
+        writeSizes.push(bytes.length);
+        if (writeSizes.length === 1) await firstReleased;
+        bytes.copy(file, position);
+        return { bytesWritten: bytes.length };
+      },
+      datasync: async () => {},
+    };
+    const writer = new BlobWriter(fh as never, layer.digest, "sha256", layer.size);
+    const client = new RegistryClient(registry.host, { dockerConfigPath: false });
+    await client.fetchBlob("app", layer, writer, {
+      onBytes: (done) => {
+        if (done >= 9 * 1024 * 1024) releaseFirst?.();
+      },
+    });
+    await writer.flush();
+    assert.equal(writer.finalDigest(), layer.digest);
+    assert.equal(sha256(file), layer.digest);
+    // Without the pause, the second write would carry everything that arrived meanwhile (~11 MiB).
+    assert.ok(writeSizes[1]! >= 8 * 1024 * 1024, `second write ${writeSizes[1]}`);
+    assert.ok(Math.max(...writeSizes) <= 8 * 1024 * 1024 + 256 * 1024, `writes ${writeSizes.join(" ")}`);
   });
 
   test("a server that ignores Range restarts the blob from byte 0", async () => {
