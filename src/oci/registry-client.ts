@@ -10,6 +10,7 @@
  * has some), caches tokens per scope until they expire, and retries a request once after a 401.
  */
 
+import type { Readable } from "node:stream";
 import { AbortError, DigestMismatchError, RegistryError } from "../errors.ts";
 import { debug } from "../internal/index.ts";
 import { BlobSizeError, type BlobWriter } from "./content-store.ts";
@@ -163,8 +164,8 @@ async function readBounded(res: HttpResponse, max: number, what: () => Error): P
  * Resolves when the body ended (undefined) or the connection broke (the error: the caller resumes);
  * rejects with what `writer` threw (the body is destroyed) or an abort.
  */
-function receiveBody(
-  body: HttpResponse["body"],
+export function receiveBody(
+  body: Readable,
   writer: BlobWriter,
   signal: AbortSignal | undefined,
   onBytes: ((bytesDone: number) => void) | undefined,
