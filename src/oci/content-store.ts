@@ -411,22 +411,25 @@ export class ContentStore {
    * Write a blob through `produce`, which receives a {@link BlobWriter}. Once `produce` resolves,
    * size and digest are checked, the data fsynced, and the temp file renamed to its final name.
    * On any failure (including a `DigestMismatchError` from the check) the temp file is deleted.
-   * Returns the blob's path.
+   * `commitAfter`: the rename waits for it, and a rejection fails the write (a pull's layers wait
+   * for its config's checks). Returns the blob's path.
    */
   async writeBlob(
     digest: string,
     expectedBytes: number | undefined,
     produce: (writer: BlobWriter) => Promise<void>,
+    commitAfter?: Promise<void>,
   ): Promise<string> {
     if (parseDigest(digest) === undefined)
       throw storeError(`invalid or unsupported digest ${JSON.stringify(digest)}`);
-    return (await this.#write(digest, expectedBytes, produce)).path;
+    return (await this.#write(digest, expectedBytes, produce, commitAfter)).path;
   }
 
   async #write(
     digest: string,
     expectedBytes: number | undefined,
     produce: (writer: BlobWriter) => Promise<void>,
+    commitAfter: Promise<void> | undefined,
   ): Promise<{ digest: string; size: number; path: string }> {
     const parsed = parseDigest(digest);
     const algorithm = parsed?.algorithm ?? "sha256";
@@ -463,6 +466,7 @@ export class ContentStore {
         });
       }
       await fh.sync();
+      await commitAfter;
       await fh.close();
       const finalPath = this.blobPath(actual);
       await rename(tmpPath, finalPath);

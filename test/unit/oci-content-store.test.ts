@@ -187,6 +187,41 @@ describe("blobs", () => {
     assert.equal(writes.length, 2);
   });
 
+  test("commitAfter: the blob enters the store only once it resolves; its rejection leaves nothing", async () => {
+    let allow: () => void = () => {};
+    const gate = new Promise<void>((resolve) => {
+      allow = resolve;
+    });
+    let reached: () => void = () => {};
+    const waiting = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    // A thenable that tells when the store waits on it (after writing, verifying and syncing).
+    const observed = {
+      // biome-ignore lint/suspicious/noThenProperty: a thenable on purpose
+      then(onFulfilled: () => void, onRejected: (e: unknown) => void) {
+        reached();
+        return gate.then(onFulfilled, onRejected);
+      },
+    } as Promise<void>;
+    const writing = store.writeBlob(digest, bytes.length, (w) => w.write(bytes), observed);
+    await Promise.race([waiting, writing.then(() => assert.fail("stored without waiting for commitAfter"))]);
+    assert.ok(!(await store.hasBlob(digest)));
+    allow();
+    assert.equal(await writing, store.blobPath(digest));
+    assert.deepEqual(await readFile(store.blobPath(digest)), bytes);
+
+    const other = Buffer.from("another blob");
+    const refused = Promise.reject(new Error("config refused"));
+    refused.catch(() => {});
+    await assert.rejects(
+      store.writeBlob(sha256(other), other.length, (w) => w.write(other), refused),
+      /config refused/,
+    );
+    assert.ok(!(await store.hasBlob(sha256(other))));
+    assert.deepEqual(await tmpFiles(), []);
+  });
+
   test("many concurrent writers of the same blob all succeed", async () => {
     await Promise.all(
       Array.from({ length: 8 }, () => store.writeBlob(digest, bytes.length, (w) => w.write(bytes))),
