@@ -95,16 +95,20 @@ export class BlobSizeError extends Error {
   }
 }
 
-/** Chunks are gathered into writes of this size. */
+/** Chunks are gathered into writes of at least this size. */
 const FLUSH_BYTES = 1024 * 1024;
+/** Accepted bytes not yet handed to a write, at most: beyond this, {@link BlobWriter.write} waits for the disk. */
+const MAX_PENDING_BYTES = 8 * 1024 * 1024;
 /** Written data is flushed to disk (fdatasync, in the background) every this many bytes. */
 const SYNC_BYTES = 8 * 1024 * 1024;
 
 /**
  * Writes one blob into a temp file while hashing it. Obtained from {@link ContentStore.writeBlob}.
- * Chunks are gathered into 1 MiB writes; one write is in flight while the next chunks arrive. Every
- * 8 MiB written, an fdatasync runs in the background, so that the disk works while the download
- * goes on and the fsync before the rename has only the tail left to flush.
+ * Chunks are gathered into writes of 1 MiB or more; one write is in flight while the next chunks
+ * arrive, and what arrived meanwhile (up to 8 MiB) goes in the next one, so that a slow write (the
+ * disk busy with a sync) does not stop the producer. Every 8 MiB written, an fdatasync runs in the
+ * background, so that the disk works while the download goes on and the fsync before the rename
+ * has only the tail left to flush.
  */
 export class BlobWriter {
   readonly digest: string;
@@ -116,7 +120,9 @@ export class BlobWriter {
   #pending: Uint8Array[] = [];
   #pendingBytes = 0;
   #fileBytes = 0;
-  #inflight: Promise<void> = Promise.resolve();
+  /** The write in flight (never rejects: a failure is kept in #failure). */
+  #writing: Promise<void> | undefined;
+  #failure: { readonly error: unknown } | undefined;
   #syncedBytes = 0;
   #syncing: Promise<void> | undefined;
 
@@ -133,9 +139,22 @@ export class BlobWriter {
     return this.#bytes;
   }
 
-  /** Append a chunk. Throws {@link BlobSizeError} when it would exceed the declared size. */
+  /**
+   * Append a chunk (kept until written: the caller must not change it). Throws
+   * {@link BlobSizeError} when it would exceed the declared size, or the error of a failed write.
+   */
   async write(chunk: Uint8Array): Promise<void> {
-    if (chunk.length === 0) return;
+    if (!this.append(chunk)) await this.drained();
+    this.#throwIfFailed();
+  }
+
+  /**
+   * {@link write} without waiting: false when more than 8 MiB wait to be written, and the caller
+   * should await {@link drained} before the next chunk.
+   */
+  append(chunk: Uint8Array): boolean {
+    this.#throwIfFailed();
+    if (chunk.length === 0) return true;
     if (this.expectedBytes !== undefined && this.#bytes + chunk.length > this.expectedBytes) {
       throw new BlobSizeError(this.digest, this.expectedBytes, this.#bytes + chunk.length, true);
     }
@@ -143,13 +162,23 @@ export class BlobWriter {
     this.#bytes += chunk.length;
     this.#pending.push(chunk);
     this.#pendingBytes += chunk.length;
-    if (this.#pendingBytes >= FLUSH_BYTES) await this.#startWrite();
+    this.#startWrite(FLUSH_BYTES);
+    return this.#pendingBytes < MAX_PENDING_BYTES;
+  }
+
+  /** Resolves once at most 8 MiB wait to be written, or a write failed (the next {@link append} throws). */
+  async drained(): Promise<void> {
+    while (this.#pendingBytes >= MAX_PENDING_BYTES && this.#writing !== undefined) await this.#writing;
+  }
+
+  #throwIfFailed(): void {
+    if (this.#failure !== undefined) throw this.#failure.error;
   }
 
   /** Throw away everything written (a server that ignored a Range request sends from byte 0). */
   async reset(): Promise<void> {
     await this.settle();
-    this.#inflight = Promise.resolve();
+    this.#failure = undefined;
     this.#syncing = undefined;
     this.#pending = [];
     this.#pendingBytes = 0;
@@ -162,24 +191,35 @@ export class BlobWriter {
 
   /** Write out everything accepted so far (to the page cache: the store fsyncs before the rename). */
   async flush(): Promise<void> {
-    await this.#startWrite();
-    await this.#inflight;
+    this.#startWrite(1);
+    while (this.#writing !== undefined) {
+      await this.#writing;
+      this.#startWrite(1);
+    }
+    this.#throwIfFailed();
     await this.#syncing;
   }
 
-  /** Wait for the previous write, then start writing the pending chunks (not awaited). */
-  async #startWrite(): Promise<void> {
-    await this.#inflight;
-    if (this.#pending.length === 0) return;
+  /** Unless a write is in flight, start writing the pending chunks if there are `minBytes` (not awaited). */
+  #startWrite(minBytes: number): void {
+    if (this.#writing !== undefined || this.#failure !== undefined || this.#pendingBytes < minBytes) return;
     const chunks = this.#pending;
     const position = this.#fileBytes;
     const length = this.#pendingBytes;
     this.#pending = [];
     this.#pendingBytes = 0;
     this.#fileBytes += length;
-    const p = this.#writeAll(chunks, position).then(() => this.#startSync(position + length));
-    p.catch(() => {}); // surfaced by the next await of #inflight
-    this.#inflight = p;
+    this.#writing = this.#writeAll(chunks, position).then(
+      () => {
+        this.#writing = undefined;
+        this.#startSync(position + length);
+        this.#startWrite(FLUSH_BYTES);
+      },
+      (error: unknown) => {
+        this.#writing = undefined;
+        this.#failure = { error };
+      },
+    );
   }
 
   /** Start an fdatasync of what is written once SYNC_BYTES more than the last one are (not awaited). */
@@ -212,9 +252,9 @@ export class BlobWriter {
     }
   }
 
-  /** @internal Wait for the write in flight, ignoring its outcome (before closing on failure). */
+  /** @internal Wait for the write in flight and the background sync, ignoring their outcome (before closing on failure). */
   async settle(): Promise<void> {
-    await this.#inflight.catch(() => {});
+    while (this.#writing !== undefined) await this.#writing;
     await this.#syncing?.catch(() => {});
   }
 
@@ -371,22 +411,25 @@ export class ContentStore {
    * Write a blob through `produce`, which receives a {@link BlobWriter}. Once `produce` resolves,
    * size and digest are checked, the data fsynced, and the temp file renamed to its final name.
    * On any failure (including a `DigestMismatchError` from the check) the temp file is deleted.
-   * Returns the blob's path.
+   * `commitAfter`: the rename waits for it, and a rejection fails the write (a pull's layers wait
+   * for its config's checks). Returns the blob's path.
    */
   async writeBlob(
     digest: string,
     expectedBytes: number | undefined,
     produce: (writer: BlobWriter) => Promise<void>,
+    commitAfter?: Promise<void>,
   ): Promise<string> {
     if (parseDigest(digest) === undefined)
       throw storeError(`invalid or unsupported digest ${JSON.stringify(digest)}`);
-    return (await this.#write(digest, expectedBytes, produce)).path;
+    return (await this.#write(digest, expectedBytes, produce, commitAfter)).path;
   }
 
   async #write(
     digest: string,
     expectedBytes: number | undefined,
     produce: (writer: BlobWriter) => Promise<void>,
+    commitAfter: Promise<void> | undefined,
   ): Promise<{ digest: string; size: number; path: string }> {
     const parsed = parseDigest(digest);
     const algorithm = parsed?.algorithm ?? "sha256";
@@ -423,6 +466,7 @@ export class ContentStore {
         });
       }
       await fh.sync();
+      await commitAfter;
       await fh.close();
       const finalPath = this.blobPath(actual);
       await rename(tmpPath, finalPath);

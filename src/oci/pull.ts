@@ -236,6 +236,7 @@ async function storeResolved(
     desc: Descriptor,
     kind: "config" | "layer",
     blobSignal: AbortSignal | undefined,
+    commitAfter?: Promise<void>,
   ) => {
     if (await store.hasBlob(desc.digest, desc.size)) {
       report({
@@ -261,27 +262,31 @@ async function storeResolved(
     let last = performance.now();
     let counted = 0;
     try {
-      await store.writeBlob(desc.digest, desc.size, (writer) =>
-        resolved.blobs.fetch(desc, writer, {
-          signal: blobSignal ?? new AbortController().signal,
-          onBytes: (bytesDone) => {
-            if (bytesDone > counted) downloadedBytes += bytesDone - counted;
-            counted = bytesDone;
-            const now = performance.now();
-            if (now - last >= PROGRESS_INTERVAL_MS) {
-              last = now;
-              report({
-                type: "blob",
-                reference,
-                kind,
-                digest: desc.digest,
-                bytesDone,
-                totalBytes: desc.size,
-                state: "downloading",
-              });
-            }
-          },
-        }),
+      await store.writeBlob(
+        desc.digest,
+        desc.size,
+        (writer) =>
+          resolved.blobs.fetch(desc, writer, {
+            signal: blobSignal ?? new AbortController().signal,
+            onBytes: (bytesDone) => {
+              if (bytesDone > counted) downloadedBytes += bytesDone - counted;
+              counted = bytesDone;
+              const now = performance.now();
+              if (now - last >= PROGRESS_INTERVAL_MS) {
+                last = now;
+                report({
+                  type: "blob",
+                  reference,
+                  kind,
+                  digest: desc.digest,
+                  bytesDone,
+                  totalBytes: desc.size,
+                  state: "downloading",
+                });
+              }
+            },
+          }),
+        commitAfter,
       );
     } catch (err) {
       if (blobSignal?.aborted && !SupermachineError.is(err))
@@ -313,48 +318,72 @@ async function storeResolved(
     if (resolved.index) await store.putBlobBytes(resolved.index.digest, resolved.index.bytes);
     await store.putBlobBytes(resolved.manifestDigest, resolved.manifestBytes);
   })();
+  // The layers download while the config is fetched and checked (its round trips and fsyncs are
+  // most of a pull's fixed cost), but enter the store only once it passed; a config that fails the
+  // checks stops them and leaves no layer behind.
+  const unique = [...new Map(manifest.layers.map((l) => [l.digest, l])).values()];
+  const configFailed = new AbortController();
+  let configPassed: () => void = () => {};
+  const configChecked = new Promise<void>((resolve, reject) => {
+    configPassed = resolve;
+    configFailed.signal.addEventListener("abort", () => reject(configFailed.signal.reason), { once: true });
+  });
+  configChecked.catch(() => {}); // the config's own error is thrown below
+  const layersStored = forEachLimit(
+    unique,
+    options.concurrency ?? 3,
+    signal ? AbortSignal.any([signal, configFailed.signal]) : configFailed.signal,
+    (layer, s) => ensureBlob(layer, "layer", s, configChecked),
+  );
+  layersStored.catch(() => {}); // awaited below, or dropped when the config fails
+  const totalBytes = manifest.config.size + manifest.layers.reduce((n, l) => n + l.size, 0);
   let record: ImageRecord;
   let config: ImageConfig;
+  let platform: string;
   try {
-    await ensureBlob(manifest.config, "config", signal);
-    const configBytes = await store.readBlob(manifest.config.digest, IMAGE_CONFIG_MAX_BYTES);
     try {
-      config = parseImageConfig(configBytes);
+      await ensureBlob(manifest.config, "config", signal);
+      const configBytes = await store.readBlob(manifest.config.digest, IMAGE_CONFIG_MAX_BYTES);
+      try {
+        config = parseImageConfig(configBytes);
+      } catch (err) {
+        if (err instanceof ImageConfigError)
+          throw resolved.malformed(`image config ${manifest.config.digest}: ${err.message}`);
+        throw err;
+      }
+      const imagePlatform = platformOf(config) ?? resolved.indexPlatform;
+      if (
+        resolved.indexPlatform === undefined &&
+        imagePlatform !== undefined &&
+        platformScore(imagePlatform, wanted) === undefined
+      ) {
+        const available = [formatPlatform(imagePlatform)];
+        throw new PlatformNotFoundError(
+          `${reference} is a single-platform image for ${available[0]}, not ${formatPlatform(wanted)}`,
+          { platform: formatPlatform(wanted), available },
+        );
+      }
+      if (config.diffIds.length !== manifest.layers.length) {
+        throw resolved.malformed(
+          `image config lists ${config.diffIds.length} diff_ids but the manifest has ${manifest.layers.length} layers`,
+        );
+      }
+      platform = formatPlatform(imagePlatform ?? wanted);
+      report({
+        type: "resolved",
+        reference,
+        manifestDigest: resolved.manifestDigest,
+        platform,
+        layerCount: manifest.layers.length,
+        totalBytes,
+      });
+      configPassed();
     } catch (err) {
-      if (err instanceof ImageConfigError)
-        throw resolved.malformed(`image config ${manifest.config.digest}: ${err.message}`);
+      configFailed.abort(err);
+      await layersStored.catch(() => {});
       throw err;
     }
-    const imagePlatform = platformOf(config) ?? resolved.indexPlatform;
-    if (
-      resolved.indexPlatform === undefined &&
-      imagePlatform !== undefined &&
-      platformScore(imagePlatform, wanted) === undefined
-    ) {
-      const available = [formatPlatform(imagePlatform)];
-      throw new PlatformNotFoundError(
-        `${reference} is a single-platform image for ${available[0]}, not ${formatPlatform(wanted)}`,
-        { platform: formatPlatform(wanted), available },
-      );
-    }
-    if (config.diffIds.length !== manifest.layers.length) {
-      throw resolved.malformed(
-        `image config lists ${config.diffIds.length} diff_ids but the manifest has ${manifest.layers.length} layers`,
-      );
-    }
-    const platform = formatPlatform(imagePlatform ?? wanted);
-    const totalBytes = manifest.config.size + manifest.layers.reduce((n, l) => n + l.size, 0);
-    report({
-      type: "resolved",
-      reference,
-      manifestDigest: resolved.manifestDigest,
-      platform,
-      layerCount: manifest.layers.length,
-      totalBytes,
-    });
-
-    const unique = [...new Map(manifest.layers.map((l) => [l.digest, l])).values()];
-    await forEachLimit(unique, options.concurrency ?? 3, signal, (layer, s) => ensureBlob(layer, "layer", s));
+    await layersStored;
 
     const layers: LayerRecord[] = manifest.layers.map((l, i) => ({
       digest: l.digest,

@@ -10,6 +10,7 @@
  * has some), caches tokens per scope until they expire, and retries a request once after a 401.
  */
 
+import type { Readable } from "node:stream";
 import { AbortError, DigestMismatchError, RegistryError } from "../errors.ts";
 import { debug } from "../internal/index.ts";
 import { BlobSizeError, type BlobWriter } from "./content-store.ts";
@@ -156,6 +157,56 @@ async function readBounded(res: HttpResponse, max: number, what: () => Error): P
     chunks.push(chunk);
   }
   return Buffer.concat(chunks, total);
+}
+
+/**
+ * Feed a blob's body to `writer` as it arrives ('data' events, paused while the writer is behind).
+ * Resolves when the body ended (undefined) or the connection broke (the error: the caller resumes);
+ * rejects with what `writer` threw (the body is destroyed) or an abort.
+ */
+export function receiveBody(
+  body: Readable,
+  writer: BlobWriter,
+  signal: AbortSignal | undefined,
+  onBytes: ((bytesDone: number) => void) | undefined,
+): Promise<unknown> {
+  return new Promise<unknown>((resolve, reject) => {
+    const finish = (outcome: () => void) => {
+      body.off("data", onData);
+      body.off("end", onEnd);
+      body.off("error", onError);
+      body.off("close", onClose);
+      if (!body.readableEnded) body.destroy();
+      outcome();
+    };
+    const onData = (chunk: Buffer) => {
+      let more: boolean;
+      try {
+        more = writer.append(chunk);
+      } catch (err) {
+        finish(() => reject(err));
+        return;
+      }
+      onBytes?.(writer.bytesWritten);
+      if (!more) {
+        body.pause();
+        void writer.drained().then(() => body.resume());
+      }
+    };
+    const onEnd = () => finish(() => resolve(undefined));
+    const onError = (err: unknown) =>
+      finish(() => (isAbort(err, signal) ? reject(abortError(signal, err)) : resolve(err)));
+    const onClose = () =>
+      finish(() =>
+        signal?.aborted
+          ? reject(abortError(signal))
+          : resolve(new Error("connection closed before the body ended")),
+      );
+    body.on("data", onData);
+    body.on("end", onEnd);
+    body.on("error", onError);
+    body.on("close", onClose);
+  });
 }
 
 /** `message` of the first error in a registry's JSON error body, if any. */
@@ -729,36 +780,18 @@ export class RegistryClient {
       }
       const before = writer.bytesWritten;
       let broken: unknown;
-      const body = res.body;
-      const chunks = body[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
       try {
-        for (;;) {
-          let next: IteratorResult<Buffer>;
-          try {
-            next = await chunks.next();
-          } catch (err) {
-            if (isAbort(err, signal)) throw abortError(signal, err);
-            broken = err;
-            break;
-          }
-          if (next.done) break;
-          try {
-            await writer.write(next.value);
-          } catch (err) {
-            if (err instanceof BlobSizeError) {
-              throw this.#error(
-                "REGISTRY_ERROR",
-                `registry ${this.registry} sent more than the ${descriptor.size} bytes the descriptor of blob ${descriptor.digest} declares`,
-                res.status,
-                err,
-              );
-            }
-            throw err;
-          }
-          onBytes?.(writer.bytesWritten);
+        broken = await receiveBody(res.body, writer, signal, onBytes);
+      } catch (err) {
+        if (err instanceof BlobSizeError) {
+          throw this.#error(
+            "REGISTRY_ERROR",
+            `registry ${this.registry} sent more than the ${descriptor.size} bytes the descriptor of blob ${descriptor.digest} declares`,
+            res.status,
+            err,
+          );
         }
-      } finally {
-        if (!body.readableEnded) body.destroy();
+        throw err;
       }
       if (broken === undefined && writer.bytesWritten === descriptor.size) return;
       // The connection broke or the body ended early: resume from what we have.

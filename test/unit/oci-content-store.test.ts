@@ -9,6 +9,7 @@ import { afterEach, beforeEach, describe, test } from "node:test";
 import { DigestMismatchError, SupermachineError } from "../../src/errors.ts";
 import {
   BlobSizeError,
+  BlobWriter,
   ContentStore,
   defaultDataDir,
   type ImageRecord,
@@ -140,6 +141,84 @@ describe("blobs", () => {
     });
     assert.equal((await stat(path)).size, big.length);
     assert.equal(sha256(await readFile(path)), d);
+    assert.deepEqual(await tmpFiles(), []);
+  });
+
+  test("a write in flight does not stop the producer until 8 MiB wait; those go in one write", async () => {
+    // A file handle whose writes finish when the test says so.
+    const writes: { chunks: number; bytes: number; done: (error?: Error) => void }[] = [];
+    const fh = {
+      writev: (chunks: Uint8Array[]) =>
+        new Promise<{ bytesWritten: number }>((resolve, reject) => {
+          const bytes = chunks.reduce((n, c) => n + c.length, 0);
+          writes.push({
+            chunks: chunks.length,
+            bytes,
+            done: (error) => (error ? reject(error) : resolve({ bytesWritten: bytes })),
+          });
+        }),
+      datasync: async () => {},
+    };
+    const mib = Buffer.alloc(1024 * 1024, 1);
+    const w = new BlobWriter(fh as never, digest, "sha256", undefined);
+    assert.equal(w.append(mib), true);
+    assert.equal(writes.length, 1); // the first MiB is being written
+    for (let i = 0; i < 7; i++) assert.equal(w.append(mib), true);
+    assert.equal(w.append(mib), false); // 8 MiB wait: the producer should wait
+    let drained = false;
+    const draining = w.drained().then(() => {
+      drained = true;
+    });
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(drained, false);
+    writes[0]!.done();
+    await draining;
+    assert.equal(writes.length, 2);
+    assert.deepEqual(
+      { chunks: writes[1]!.chunks, bytes: writes[1]!.bytes },
+      { chunks: 8, bytes: 8 * mib.length },
+    );
+    // A failed write is thrown by the next write and by flush.
+    writes[1]!.done(Object.assign(new Error("EIO: i/o error, write"), { code: "EIO" }));
+    await w.settle();
+    assert.throws(() => w.append(mib), /EIO/);
+    await assert.rejects(w.write(mib), /EIO/);
+    await assert.rejects(w.flush(), /EIO/);
+    assert.equal(writes.length, 2);
+  });
+
+  test("commitAfter: the blob enters the store only once it resolves; its rejection leaves nothing", async () => {
+    let allow: () => void = () => {};
+    const gate = new Promise<void>((resolve) => {
+      allow = resolve;
+    });
+    let reached: () => void = () => {};
+    const waiting = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    // A thenable that tells when the store waits on it (after writing, verifying and syncing).
+    const observed = {
+      // biome-ignore lint/suspicious/noThenProperty: a thenable on purpose
+      then(onFulfilled: () => void, onRejected: (e: unknown) => void) {
+        reached();
+        return gate.then(onFulfilled, onRejected);
+      },
+    } as Promise<void>;
+    const writing = store.writeBlob(digest, bytes.length, (w) => w.write(bytes), observed);
+    await Promise.race([waiting, writing.then(() => assert.fail("stored without waiting for commitAfter"))]);
+    assert.ok(!(await store.hasBlob(digest)));
+    allow();
+    assert.equal(await writing, store.blobPath(digest));
+    assert.deepEqual(await readFile(store.blobPath(digest)), bytes);
+
+    const other = Buffer.from("another blob");
+    const refused = Promise.reject(new Error("config refused"));
+    refused.catch(() => {});
+    await assert.rejects(
+      store.writeBlob(sha256(other), other.length, (w) => w.write(other), refused),
+      /config refused/,
+    );
+    assert.ok(!(await store.hasBlob(sha256(other))));
     assert.deepEqual(await tmpFiles(), []);
   });
 

@@ -8,6 +8,7 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { PassThrough } from "node:stream";
 import { after, afterEach, before, beforeEach, describe, test } from "node:test";
 import {
   DigestMismatchError,
@@ -15,10 +16,10 @@ import {
   RegistryError,
   SupermachineError,
 } from "../../src/errors.ts";
-import { ContentStore } from "../../src/oci/content-store.ts";
+import { BlobWriter, ContentStore } from "../../src/oci/content-store.ts";
 import { PULL_PROGRESS_CHANNEL, type PullProgress } from "../../src/oci/progress.ts";
 import { listImages, type PullOptions, pullImage, resolveLocalImage } from "../../src/oci/pull.ts";
-import { RegistryClient } from "../../src/oci/registry-client.ts";
+import { RegistryClient, receiveBody } from "../../src/oci/registry-client.ts";
 import { FakeRegistry, MT, makeImage, makeIndex, type SyntheticImage, sha256 } from "../helpers/oci-kit.ts";
 
 let dataDir: string;
@@ -304,6 +305,70 @@ describe("faults", () => {
     assert.ok(range, `second request has a Range header: ${blobRequests[1]!.headers.range}`);
     assert.ok(Number(range[1]) > 0 && Number(range[1]) <= half, range[1]);
     assert.equal(sha256(await readFile(pulled.layers[0]!.path)), layer.digest);
+  });
+
+  test("a body is paused while 8 MiB wait for the disk, and arrives whole", async () => {
+    registry = await FakeRegistry.start();
+    const image = makeImage({ layerSizes: [12 * 1024 * 1024 + 3], compression: "none" });
+    const layer = image.layers[0]!;
+    registry.add("app", "1", image);
+    // A file whose first write finishes only after 8 MiB more than it holds were accepted.
+    const file = Buffer.alloc(layer.size);
+    const writeSizes: number[] = [];
+    let releaseFirst: (() => void) | undefined;
+    const firstReleased = new Promise<void>((resolve) => {
+      releaseFirst = resolve;
+    });
+    const fh = {
+      async writev(chunks: Uint8Array[], position: number) {
+        const bytes = Buffer.concat(chunks);
+        writeSizes.push(bytes.length);
+        if (writeSizes.length === 1) await firstReleased;
+        bytes.copy(file, position);
+        return { bytesWritten: bytes.length };
+      },
+      datasync: async () => {},
+    };
+    const writer = new BlobWriter(fh as never, layer.digest, "sha256", layer.size);
+    const client = new RegistryClient(registry.host, { dockerConfigPath: false });
+    await client.fetchBlob("app", layer, writer, {
+      onBytes: (done) => {
+        if (writeSizes.length > 0 && done >= writeSizes[0]! + 8 * 1024 * 1024) setImmediate(releaseFirst!);
+      },
+    });
+    await writer.flush();
+    assert.equal(writer.finalDigest(), layer.digest);
+    assert.equal(sha256(file), layer.digest);
+    assert.ok(writeSizes[1]! >= 8 * 1024 * 1024, `second write ${writeSizes[1]}`);
+    assert.ok(Math.max(...writeSizes) <= 8 * 1024 * 1024 + 256 * 1024, `writes ${writeSizes.join(" ")}`);
+  });
+
+  test("receiving stops while the writer is 8 MiB behind and resumes when it caught up", async () => {
+    let releaseFirst: (() => void) | undefined;
+    const firstReleased = new Promise<void>((resolve) => {
+      releaseFirst = resolve;
+    });
+    let writes = 0;
+    const fh = {
+      async writev(chunks: Uint8Array[]) {
+        if (++writes === 1) await firstReleased;
+        return { bytesWritten: chunks.reduce((n, c) => n + c.length, 0) };
+      },
+      datasync: async () => {},
+    };
+    const mib = Buffer.alloc(1024 * 1024, 7);
+    const body = new PassThrough();
+    const writer = new BlobWriter(fh as never, sha256(Buffer.alloc(0)), "sha256", undefined);
+    const received = receiveBody(body, writer, undefined, undefined);
+    for (let i = 0; i < 10; i++) body.write(mib);
+    await new Promise((resolve) => setImmediate(resolve));
+    // 1 MiB is being written and 8 MiB wait: the 10th MiB stays in the body.
+    assert.equal(writer.bytesWritten, 9 * mib.length);
+    assert.equal(body.isPaused(), true);
+    releaseFirst?.();
+    body.end(mib);
+    assert.equal(await received, undefined);
+    assert.equal(writer.bytesWritten, 11 * mib.length);
   });
 
   test("a server that ignores Range restarts the blob from byte 0", async () => {
