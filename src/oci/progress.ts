@@ -5,7 +5,11 @@ import diagnosticsChannel from "node:diagnostics_channel";
 export const PULL_PROGRESS_CHANNEL = "supermachine:pull:progress";
 
 export type PullProgress =
-  /** The manifest is known: what will be fetched. */
+  /**
+   * The manifest is known and the image config passed its checks: what will be fetched. A layer's
+   * first `downloading` events can come before it (layers download while the config is checked;
+   * none is `done` before it).
+   */
   | {
       readonly type: "resolved";
       readonly reference: string;
