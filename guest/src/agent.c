@@ -433,15 +433,46 @@ static void chan_check_connected(void)
 
 void sm_chan_flush(void);
 
+/* The virtio console port makes every write() (and every element of a writev()) a buffer of its
+ * own, which QEMU passes on, and the host reads, by itself: frames queued together that fit in
+ * one write (an exec's STDOUT FIN, STDERR FIN and EXIT) are copied into one, so the host wakes
+ * once for them. The port takes at most 32 KiB per write. */
+#define COALESCE_BYTES 32768u
+static uint8_t coalesced[COALESCE_BYTES];
+
+/* Fills `iov` with what the next write sends; returns the number of elements. */
+static int next_write(struct iovec iov[64])
+{
+	size_t total = 0;
+	int n = 0;
+	for (struct oframe *f = oq_head; f && n < 64 && total + (f->len - f->off) <= COALESCE_BYTES; f = f->next) {
+		total += f->len - f->off;
+		n++;
+	}
+	if (n >= 2) {
+		size_t at = 0;
+		struct oframe *f = oq_head;
+		for (int i = 0; i < n; i++, f = f->next) {
+			memcpy(coalesced + at, f->data + f->off, f->len - f->off);
+			at += f->len - f->off;
+		}
+		iov[0].iov_base = coalesced;
+		iov[0].iov_len = total;
+		return 1;
+	}
+	int k = 0;
+	for (struct oframe *f = oq_head; f && k < 64; f = f->next, k++) {
+		iov[k].iov_base = f->data + f->off;
+		iov[k].iov_len = f->len - f->off;
+	}
+	return k;
+}
+
 void sm_chan_flush(void)
 {
 	while (oq_head && A.connected) {
 		struct iovec iov[64];
-		int k = 0;
-		for (struct oframe *f = oq_head; f && k < 64; f = f->next, k++) {
-			iov[k].iov_base = f->data + f->off;
-			iov[k].iov_len = f->len - f->off;
-		}
+		int k = next_write(iov);
 		ssize_t w = writev(A.chan, iov, k);
 		if (w < 0) {
 			if (errno == EINTR)

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import type { Duplex, Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../errors.ts";
-import { debug } from "../internal/index.ts";
+import { debug, socketReads } from "../internal/index.ts";
 import {
   type AgentCallOptions,
   agentTimeout,
@@ -242,7 +242,7 @@ export class AgentClient {
   #shutdown: ReturnType<typeof deferred<void>> | undefined;
   #shutdownPromise: Promise<void> | undefined;
   #shutdownAcked = false;
-  readonly #onData = (chunk: Buffer) => this.#receive(chunk);
+  readonly #onData = (chunk: Uint8Array) => this.#receive(chunk);
   readonly #onEnd = () => this.#channelEnded();
   readonly #onError = (error: Error) =>
     this.#fail(new VmError("VM_EXITED", `agent channel failed: ${error.message}`, {}, { cause: error }));
@@ -297,7 +297,11 @@ export class AgentClient {
       },
     };
     this.fs = new GuestFs(this.#host);
-    socket.on("data", this.#onData);
+    // A VM's channel is read without the stream machinery (chunks of a reused buffer: the decoder
+    // copies what it keeps); any other stream through `data` events.
+    const reads = socketReads(socket);
+    if (reads) reads.read(this.#onData);
+    else socket.on("data", this.#onData);
     socket.on("end", this.#onEnd);
     socket.on("close", this.#onEnd);
     socket.on("error", this.#onError);

@@ -104,10 +104,7 @@ export const EMPTY_TYPES: ReadonlySet<number> = new Set([
   MessageType.UNMOUNT,
 ]);
 
-/**
- * One decoded frame. `payload` may be a view into the decoder's input chunk (zero copy) when it
- * is at least half of that chunk's memory; see {@link FrameDecoder}.
- */
+/** One decoded frame. `payload` is its own memory, never a view of an input chunk; see {@link FrameDecoder}. */
 export interface Frame {
   readonly stream: number;
   readonly type: number;
@@ -155,9 +152,9 @@ export function encodeFrame(frame: {
 
 /**
  * Incremental frame decoder. Push chunks as they arrive; each call yields the frames completed by
- * that chunk. A payload that lies entirely inside one chunk is returned as a view of the chunk when
- * it makes up at least half of the chunk's backing memory, and copied out otherwise: whoever keeps
- * a payload then keeps at most twice its size, never a whole read buffer for a 1-byte frame.
+ * that chunk. Nothing of a chunk is kept once `push` returns — payloads are copied out — so the
+ * caller may reuse its read buffer (the agent channel does), and whoever keeps a payload keeps
+ * exactly its size, never a whole read buffer for a 1-byte frame.
  *
  * Bounded: it never allocates more than one {@link MAX_PAYLOAD} buffer, and a header whose length
  * exceeds `MAX_PAYLOAD`, whose reserved flag bits are set, or whose type is unknown throws a
@@ -217,7 +214,7 @@ export class FrameDecoder {
         const flags = header[headerOffset + 9]!;
         this.#check(length, stream, type, flags);
         if (end - offset >= length) {
-          const payload = retainable(chunk, offset, length);
+          const payload = copyOut(chunk, offset, length);
           offset += length;
           yield { stream, type, flags, payload };
           continue;
@@ -275,10 +272,9 @@ export class FrameDecoder {
 
 const EMPTY = new Uint8Array(0);
 
-/** `chunk[offset, offset + length)` as a view if it is most of the chunk's memory, else a copy. */
-function retainable(chunk: Uint8Array, offset: number, length: number): Uint8Array {
+/** A copy of `chunk[offset, offset + length)`. */
+function copyOut(chunk: Uint8Array, offset: number, length: number): Uint8Array {
   if (length === 0) return EMPTY;
-  if (length * 2 >= chunk.buffer.byteLength) return chunk.subarray(offset, offset + length);
   const copy = new Uint8Array(length);
   copy.set(chunk.subarray(offset, offset + length));
   return copy;

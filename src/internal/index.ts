@@ -17,3 +17,4 @@ export { GuestDirent, GuestStats, type GuestStatsInit, guestStats } from "./gues
 export { hostError, typedErrors } from "./host-error.ts";
 export { Lazy, memoize, once } from "./memo.ts";
 export { cacheDir, dataDir, runtimeDir } from "./paths.ts";
+export { SocketReads, socketReads } from "./socket-reads.ts";

@@ -23,7 +23,7 @@ import { chmod, chown, mkdtemp, open, rm } from "node:fs/promises";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
-import { debug, memoize, publish } from "../internal/index.ts";
+import { debug, memoize, publish, SocketReads } from "../internal/index.ts";
 import { assertHostSupported, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";
 import {
   confinedCommand,
@@ -339,7 +339,7 @@ export class QemuProcess {
       const withMounts = options.agent !== false && options.mounts !== false;
       const [qmpListening, agentListening, consoleOpened, mountListening] = await Promise.allSettled([
         listenUnix(dir.qmpSocketPath),
-        options.agent === false ? undefined : listenUnix(dir.agentSocketPath),
+        options.agent === false ? undefined : listenUnix(dir.agentSocketPath, { reads: true }),
         ConsoleLog.open(dir.consoleLogPath, {
           ...(options.consoleLogMaxBytes === undefined ? {} : { maxBytes: options.consoleLogMaxBytes }),
         }),
@@ -687,15 +687,16 @@ interface Listener {
 
 /**
  * A connected socket pair (Node has no `socketpair()`): listen on `path`, connect to it, accept,
- * remove the path. QEMU gets one end as an inherited descriptor (`-chardev socket,fd=N`), so it
- * needs no path to the host's dirs.
+ * remove the path. QEMU gets the accepted end as an inherited descriptor (`-chardev socket,fd=N`),
+ * so it needs no path to the host's dirs. With `reads`, the host's end is read without Node's stream
+ * machinery (`SocketReads`: the agent channel).
  */
-async function listenUnix(path: string): Promise<Listener> {
+async function listenUnix(path: string, opts: { reads?: boolean } = {}): Promise<Listener> {
   const server = createServer();
   server.maxConnections = 1;
   const accepted = new Promise<Socket>((resolve) => {
     server.once("connection", (socket) => {
-      socket.on("error", (error) => debug("connection on %s: %s", path, error.message));
+      socket.on("error", (error) => debug("QEMU's end of %s: %s", path, error.message));
       server.close();
       resolve(socket);
     });
@@ -708,13 +709,13 @@ async function listenUnix(path: string): Promise<Listener> {
       resolve();
     });
   });
-  const qemuEnd = connect(path);
-  qemuEnd.on("error", (error) => debug("QEMU's end of %s: %s", path, error.message));
+  const host = opts.reads ? SocketReads.connect(path).socket : connect(path);
+  host.on("error", (error) => debug("connection on %s: %s", path, error.message));
   await new Promise<void>((resolve, reject) => {
-    qemuEnd.once("connect", resolve);
-    qemuEnd.once("error", reject);
+    host.once("connect", resolve);
+    host.once("error", reject);
   });
-  const host = await accepted;
+  const qemuEnd = await accepted;
   await rm(path, { force: true });
   return { path, server, connection: Promise.resolve(host), qemuEnd };
 }

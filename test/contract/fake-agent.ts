@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { once } from "node:events";
 import { mkdtemp, rm } from "node:fs/promises";
-import { connect, createServer, type Socket } from "node:net";
+import { createServer, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after } from "node:test";
@@ -14,8 +14,12 @@ import { AgentClient } from "../../src/agent/agent-client.ts";
 import { encodeFrame, type Frame, FrameDecoder, MessageType } from "../../src/agent/frame-codec.ts";
 import { decodeHostHello, encodeGuestHello, PROTOCOL_VERSION } from "../../src/agent/messages.ts";
 import { SupermachineError } from "../../src/errors.ts";
+import { SocketReads } from "../../src/internal/index.ts";
 
-/** Two connected unix stream sockets. */
+/**
+ * Two connected unix stream sockets; the first is read like a VM's agent channel (`SocketReads`:
+ * one reused buffer, no stream machinery).
+ */
 export async function socketPair(): Promise<[Socket, Socket]> {
   const dir = await mkdtemp(join(tmpdir(), "sm-pair-"));
   const path = join(dir, "s");
@@ -24,7 +28,7 @@ export async function socketPair(): Promise<[Socket, Socket]> {
     server.listen(path);
     await once(server, "listening");
     const accepted = once(server, "connection");
-    const client = connect(path);
+    const client = SocketReads.connect(path).socket;
     await once(client, "connect");
     const [peer] = (await accepted) as [Socket];
     return [client, peer];

@@ -78,14 +78,7 @@ describe("FrameDecoder", () => {
     }
   });
 
-  test("returns payloads inside one chunk as views of it (zero copy)", () => {
-    const chunk = encodeFrame({ stream: 1, type: MessageType.STDOUT, payload: new Uint8Array(1000).fill(7) });
-    const [frame] = new FrameDecoder().pushAll(chunk);
-    assert.equal(frame!.payload.buffer, chunk.buffer);
-    assert.equal(frame!.payload.byteOffset, HEADER_BYTES);
-  });
-
-  test("copies small payloads out of a large chunk, so a kept frame never pins the chunk", () => {
+  test("copies every payload out of its chunk, so the caller may reuse its read buffer", () => {
     const frames = [
       { stream: 1, type: MessageType.STDOUT, payload: Uint8Array.of(9) },
       { stream: 1, type: MessageType.STDOUT, payload: new Uint8Array(0) },
@@ -93,12 +86,30 @@ describe("FrameDecoder", () => {
     ];
     const chunk = Buffer.concat(frames.map((f) => encodeFrame(f)));
     const [one, empty, big] = new FrameDecoder().pushAll(chunk);
-    assert.notEqual(one!.payload.buffer, chunk.buffer);
+    chunk.fill(0xee); // the reader's buffer, reused for the next read
     assert.equal(one!.payload.buffer.byteLength, 1);
     assert.deepEqual([...one!.payload], [9]);
     assert.equal(empty!.payload.length, 0);
     assert.notEqual(empty!.payload.buffer, chunk.buffer);
-    assert.equal(big!.payload.buffer, chunk.buffer, "most of the chunk: still a view");
+    assert.notEqual(big!.payload.buffer, chunk.buffer);
+    assert.equal(big!.payload.length, 60_000);
+    assert.ok(big!.payload.every((b) => b === 3));
+  });
+
+  test("keeps nothing of a chunk a frame spans: the next chunk may reuse its memory", () => {
+    const payload = new Uint8Array(100).map((_, i) => i);
+    const bytes = encodeFrame({ stream: 1, type: MessageType.STDOUT, payload });
+    const buffer = new Uint8Array(64);
+    const decoder = new FrameDecoder();
+    const out = [];
+    for (let at = 0; at < bytes.length; at += buffer.length) {
+      const n = Math.min(buffer.length, bytes.length - at);
+      buffer.set(bytes.subarray(at, at + n));
+      out.push(...decoder.push(buffer.subarray(0, n)));
+      buffer.fill(0xee);
+    }
+    assert.equal(out.length, 1);
+    assert.deepEqual([...out[0]!.payload], [...payload]);
   });
 
   test("accepts a payload of exactly MAX_PAYLOAD", () => {
