@@ -3,14 +3,16 @@
  * socketpair. Processes run on this host, so paths come from a temporary directory.
  */
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { subscribe, unsubscribe } from "node:diagnostics_channel";
-import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { after, before, describe, test } from "node:test";
+import { promisify } from "node:util";
 import type { AgentClient } from "../../src/agent/agent-client.ts";
 import { FRAME_COST } from "../../src/agent/frame-codec.ts";
 import { DEFAULT_WINDOW } from "../../src/agent/messages.ts";
@@ -457,6 +459,47 @@ describe("backpressure", () => {
     assert.equal(received, total);
     assert.ok(maxBuffered <= DEFAULT_WINDOW, `buffered ${maxBuffered}`);
     assert.equal((await channel.exited).exitCode, 0);
+  });
+
+  test("output taken while the channel is full is sent once, and the exec ends though a background process keeps its pipe", async () => {
+    // The host stops reading. One exec fills the channel (within its credit, under the agent's
+    // queue limit); then another writes "abc" and exits, leaving a process that keeps its stdout
+    // open. "abc" left the pipe when the agent took it: the exec must end once it is sent.
+    const filled = join(dir, "channel-filled");
+    const reaped = join(dir, "writer-pid");
+    await promisify(execFile)("mkfifo", [filled, reaped]);
+    agent.socket.pause();
+    const filler = client.exec({
+      argv: ["sh", "-c", `head -c ${512 * 1024} /dev/zero; echo > ${filled}`],
+      windowBytes: 1024 * 1024, // its output and the cost of its frames, which are small on a terminal
+      tty: true, // a terminal is read, not spliced: the writer's output is spliced
+    });
+    const writer = client.exec({
+      argv: [
+        "sh",
+        "-c",
+        `read x < ${filled}; sleep 1000 & printf abc; echo $$ > ${reaped}; read x < ${reaped}`,
+      ],
+    });
+    const pid = Number((await readFile(reaped, "utf8")).trim());
+    await writeFile(reaped, "exit\n");
+    // the agent reaps it (and sees what its pipes hold then) before the host reads again
+    while (
+      await stat(`/proc/${pid}`).then(
+        () => true,
+        () => false,
+      )
+    )
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    agent.socket.resume();
+    const take = async (channel: typeof writer) => {
+      const chunks: Uint8Array[] = [];
+      for (let chunk = await channel.read(); chunk; chunk = await channel.read()) chunks.push(chunk.data);
+      return Buffer.concat(chunks);
+    };
+    await take(filler);
+    assert.equal((await take(writer)).toString(), "abc");
+    assert.equal((await writer.exited).exitCode, 0);
   });
 });
 
