@@ -42,12 +42,16 @@ void sm_kill_group(pid_t pgid, int sig)
 		kill(-pgid, sig);
 }
 
-/* Signal the current step: its group, and the process itself while it has not been reaped (it may
- * not have called setsid yet). */
+/* Signal the current step: its group, and the process itself while it is not in that group yet
+ * (it may not have called setsid). Once it leads its group it cannot leave it, so the group's
+ * signal reached it: a second one would be a second delivery (a shell that ran its trap for the
+ * first would run it again). Checked before the group's signal, so a setsid in between costs at
+ * most a second delivery, never a missed one. */
 static void signal_step(struct sm_stream *s, int sig)
 {
+	int direct = s->pid > 0 && getpgid(s->pid) != s->pgid;
 	sm_kill_tree(s->pgid, s->cgroup, sig);
-	if (s->pid > 0)
+	if (direct)
 		kill(s->pid, sig);
 }
 
