@@ -23,6 +23,7 @@ import { hostAccelerator, resolveAssetPaths, Vm } from "../src/index.ts";
 import { QemuProcess } from "../src/vmm/qemu-process.ts";
 import { busyboxInitramfs } from "../test/helpers/hostile-initramfs.ts";
 import { busyboxRootfs } from "../test/helpers/vm.ts";
+import { CEILING_BYTES, channelCeiling } from "./channel-ceiling.ts";
 import { cliStartBench } from "./cli-start.ts";
 import { mountBench } from "./mounts.ts";
 import { networkBench } from "./network.ts";
@@ -186,6 +187,21 @@ async function spine(): Promise<void> {
   } finally {
     await vm?.stop();
   }
+
+  const ceiling = await channelCeiling(accel, assets, quick ? 2 : 5);
+  const ceilingMbps = (samples: number[]) =>
+    summarize(samples.map((ms) => CEILING_BYTES / 1e6 / (ms / 1000)));
+  const bareDd = "bare guest (no agent): dd 64 MiB to /dev/null";
+  table.add({ name: bareDd, unit: "MB/s", summary: ceilingMbps(ceiling.devNull) });
+  table.add({
+    name: "bare guest (no agent): the same dd straight into the channel's port",
+    unit: "MB/s",
+    summary: ceilingMbps(ceiling.port),
+    against: bareDd,
+    higherIsBetter: true,
+    reading:
+      "The channel's own ceiling: no agent, no pipe, no frames; stdout goes through a pipe and the agent on top of this.",
+  });
 }
 
 const sections: Record<Section, () => Promise<void>> = {

@@ -10,7 +10,8 @@ import { scratchDir } from "./scratch.ts";
 
 const run = promisify(execFile);
 
-const FIND_PORT = `#!/bin/busybox sh
+/** A busybox /init prologue that sets `$port` to the guest's device of the `sm.agent` port. */
+export const FIND_PORT = `#!/bin/busybox sh
 /bin/busybox mount -t devtmpfs dev /dev
 /bin/busybox mount -t sysfs sys /sys
 port=""
