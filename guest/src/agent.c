@@ -1,4 +1,5 @@
 /* The protocol loop: channel I/O, frame dispatch, sessions, stream table, reaping, timers. */
+#define _GNU_SOURCE /* splice */
 #include "agent.h"
 
 #include <errno.h>
@@ -79,8 +80,60 @@ struct oframe {
 	size_t len;
 	size_t off;
 	size_t cap;
+	/* >= 0: the payload is in spools[spool], not in data (see sm_frame_splice) */
+	int spool;
 	uint8_t data[];
 };
+
+/* Pipes of our own, each holding exactly the unsent payload of one queued frame: a process's output
+ * is spliced from its pipe into one when it is pumped (so it leaves the process's pipe then, as a
+ * read would take it) and from there into the channel, without passing through this process. The
+ * channel is only ever handed all that such a pipe holds: virtio_console's splice_write (Linux 6.1)
+ * oopses when asked for less than its source pipe holds. */
+#define NSPOOL 16
+static struct {
+	int r, w;
+	int busy;
+} spools[NSPOOL];
+/* Splicing failed once (the channel cannot take spliced pages, or lost some): read from then on. */
+static int no_splice;
+
+static void spool_close(int i)
+{
+	if (spools[i].r >= 0) {
+		close(spools[i].r);
+		close(spools[i].w);
+	}
+	spools[i].r = spools[i].w = -1;
+	spools[i].busy = 0;
+}
+
+/* A free, empty spool pipe (created on first use), or -1. */
+static int spool_get(void)
+{
+	static int init;
+	if (!init) {
+		for (int i = 0; i < NSPOOL; i++)
+			spools[i].r = spools[i].w = -1;
+		init = 1;
+	}
+	for (int i = 0; i < NSPOOL; i++) {
+		if (spools[i].busy)
+			continue;
+		if (spools[i].r < 0) {
+			int p[2];
+			if (pipe2(p, O_CLOEXEC | O_NONBLOCK) < 0)
+				return -1;
+			/* room for a whole chunk (a smaller pipe only makes smaller frames) */
+			fcntl(p[1], F_SETPIPE_SZ, SM_CHUNK);
+			spools[i].r = p[0];
+			spools[i].w = p[1];
+		}
+		spools[i].busy = 1;
+		return i;
+	}
+	return -1;
+}
 
 static struct oframe *oq_head, *oq_tail;
 
@@ -98,13 +151,22 @@ static struct oframe *oframe_new(size_t len)
 		len = BIG_CAP;
 	}
 	struct oframe *f = malloc(sizeof *f + len);
-	if (f)
+	if (f) {
 		f->cap = len;
+		f->spool = -1;
+	}
 	return f;
 }
 
 static void oframe_free(struct oframe *f)
 {
+	if (f->spool >= 0) {
+		if (f->off < f->len)
+			spool_close(f->spool); /* what it still holds belongs to no frame now */
+		else
+			spools[f->spool].busy = 0;
+		f->spool = -1;
+	}
 	if (f->cap == BIG_CAP && nspare < MAX_SPARE)
 		spare[nspare++] = f;
 	else
@@ -210,6 +272,32 @@ void sm_frame_commit(uint8_t *payload, uint32_t stream, uint8_t type, uint8_t fl
 	f->len = SM_HDR_SIZE + n;
 	log_frame(">", stream, type, flags, n);
 	oq_append(f);
+}
+
+ssize_t sm_frame_splice(uint8_t *payload, uint32_t stream, uint8_t type, int fd, size_t max)
+{
+	struct oframe *f = frame_of(payload);
+	if (!A.connected || no_splice || max > f->cap - SM_HDR_SIZE)
+		return -2;
+	int i = spool_get();
+	if (i < 0)
+		return -2;
+	ssize_t r = splice(fd, NULL, spools[i].w, NULL, max, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	if (r <= 0) {
+		int e = errno;
+		spools[i].busy = 0; /* nothing moved: it is still empty */
+		if (r < 0 && e != EAGAIN && e != EINTR)
+			return -2; /* not a pipe, or no memory: read it */
+		errno = e;
+		return r;
+	}
+	f->spool = i;
+	struct sm_hdr h = { (uint32_t)r, stream, type, 0 };
+	sm_hdr_encode(f->data, &h);
+	f->len = SM_HDR_SIZE + (size_t)r;
+	log_frame(">", stream, type, 0, (size_t)r);
+	oq_append(f);
+	return r;
 }
 
 void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags)
@@ -440,37 +528,109 @@ void sm_chan_flush(void);
 #define COALESCE_BYTES 32768u
 static uint8_t coalesced[COALESCE_BYTES];
 
-/* Fills `iov` with what the next write sends; returns the number of elements. */
+/* What of a queued frame a write can send: all of it, or a spooled frame's header (its payload
+ * follows by splice). */
+static size_t sendable(const struct oframe *f)
+{
+	return (f->spool >= 0 ? SM_HDR_SIZE : f->len) - f->off;
+}
+
+/* Fills `iov` with what the next write sends, whole frames up to and including the header of the
+ * first spooled one; returns the number of elements. */
 static int next_write(struct iovec iov[64])
 {
 	size_t total = 0;
 	int n = 0;
-	for (struct oframe *f = oq_head; f && n < 64 && total + (f->len - f->off) <= COALESCE_BYTES; f = f->next) {
-		total += f->len - f->off;
+	for (struct oframe *f = oq_head; f && n < 64 && total + sendable(f) <= COALESCE_BYTES; f = f->next) {
+		total += sendable(f);
 		n++;
+		if (f->spool >= 0)
+			break;
 	}
 	if (n >= 2) {
 		size_t at = 0;
 		struct oframe *f = oq_head;
 		for (int i = 0; i < n; i++, f = f->next) {
-			memcpy(coalesced + at, f->data + f->off, f->len - f->off);
-			at += f->len - f->off;
+			memcpy(coalesced + at, f->data + f->off, sendable(f));
+			at += sendable(f);
 		}
 		iov[0].iov_base = coalesced;
 		iov[0].iov_len = total;
 		return 1;
 	}
 	int k = 0;
-	for (struct oframe *f = oq_head; f && k < 64; f = f->next, k++) {
+	for (struct oframe *f = oq_head; f && k < 64; f = f->next) {
 		iov[k].iov_base = f->data + f->off;
-		iov[k].iov_len = f->len - f->off;
+		iov[k++].iov_len = sendable(f);
+		if (f->spool >= 0)
+			break;
 	}
 	return k;
+}
+
+static void oq_pop(void)
+{
+	struct oframe *f = oq_head;
+	oq_head = f->next;
+	if (!oq_head)
+		oq_tail = NULL;
+	oframe_free(f);
+}
+
+/* The head frame's spool pipe cannot go to the channel: read what it holds into the frame's own
+ * buffer and send it from there (and read process output from now on). */
+static void unspool(struct oframe *f, int err)
+{
+	sm_log("splicing output into the channel failed (%s); reading it instead", err ? strerror(err) : "no progress");
+	no_splice = 1;
+	int fd = spools[f->spool].r;
+	size_t at = f->off;
+	while (at < f->len) {
+		ssize_t r = read(fd, f->data + at, f->len - at);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			break;
+		at += (size_t)r;
+	}
+	if (at < f->len) {
+		/* virtio_console takes the pages before it fails to queue them: keep the framing */
+		sm_log("lost %zu bytes of stream %u's output in the channel; sent as zeros", f->len - at,
+		       sm_be32(f->data + 4));
+		memset(f->data + at, 0, f->len - at);
+	}
+	spool_close(f->spool);
+	f->spool = -1;
+}
+
+/* Send some of the head frame's spooled payload. Returns 1 on progress, 0 when the channel is full. */
+static int flush_spool(void)
+{
+	struct oframe *f = oq_head;
+	ssize_t w = splice(spools[f->spool].r, NULL, A.chan, NULL, f->len - f->off, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+	if (w > 0) {
+		f->off += (size_t)w;
+		A.outq_bytes -= (size_t)w;
+		if (f->off == f->len)
+			oq_pop();
+		return 1;
+	}
+	if (w < 0 && errno == EINTR)
+		return 1;
+	if (w < 0 && errno == EAGAIN)
+		return 0;
+	unspool(f, w < 0 ? errno : 0);
+	return 1;
 }
 
 void sm_chan_flush(void)
 {
 	while (oq_head && A.connected) {
+		if (oq_head->spool >= 0 && oq_head->off >= SM_HDR_SIZE) {
+			if (!flush_spool())
+				return;
+			continue;
+		}
 		struct iovec iov[64];
 		int k = next_write(iov);
 		ssize_t w = writev(A.chan, iov, k);
@@ -486,16 +646,16 @@ void sm_chan_flush(void)
 		A.outq_bytes -= (size_t)w;
 		while (w > 0) {
 			struct oframe *f = oq_head;
-			size_t left = f->len - f->off;
+			size_t left = sendable(f);
 			if ((size_t)w < left) {
 				f->off += (size_t)w;
 				break;
 			}
 			w -= (ssize_t)left;
-			oq_head = f->next;
-			if (!oq_head)
-				oq_tail = NULL;
-			oframe_free(f);
+			f->off += left;
+			if (f->off < f->len)
+				break; /* a spooled frame's header: its payload follows by splice */
+			oq_pop();
 		}
 	}
 }

@@ -131,6 +131,11 @@ void sm_send_buf(struct sm_buf *b, uint32_t stream, uint8_t type, uint8_t flags)
 uint8_t *sm_frame_alloc(size_t payload_max);
 void sm_frame_commit(uint8_t *payload, uint32_t stream, uint8_t type, uint8_t flags, size_t n);
 void sm_frame_cancel(uint8_t *payload);
+/* A data frame whose payload is spliced out of pipe fd (up to max bytes, max <= what
+ * sm_frame_alloc was given), like a read of fd would take it, but without copying it through this
+ * process: > 0 queued with that many bytes; 0 end of file and -1 with errno (EAGAIN, EINTR) as
+ * read(2), the frame not queued; -2 when splicing is not possible now (read fd instead). */
+ssize_t sm_frame_splice(uint8_t *payload, uint32_t stream, uint8_t type, int fd, size_t max);
 void sm_send_error(uint32_t stream, uint32_t code, int err, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 void sm_send_window(uint32_t stream, uint32_t n);

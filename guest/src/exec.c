@@ -830,11 +830,17 @@ static void pump_output(struct sm_stream *s, int role)
 	uint8_t *buf = sm_frame_alloc((size_t)max);
 	if (!buf)
 		return;
-	ssize_t r = read(fd, buf, max);
+	uint8_t type = (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR;
+	/* A pipe's bytes go to the channel by splice (a terminal's are read) */
+	ssize_t r = s->tty ? -2 : sm_frame_splice(buf, s->id, type, fd, (size_t)max);
+	if (r == -2) {
+		r = read(fd, buf, max);
+		if (r > 0)
+			sm_frame_commit(buf, s->id, type, 0, (size_t)r);
+	}
 	if (r <= 0)
 		sm_frame_cancel(buf);
 	if (r > 0) {
-		sm_frame_commit(buf, s->id, (role == 0 || s->tty) ? SM_STDOUT : SM_STDERR, 0, (size_t)r);
 		s->out_credit -= (uint64_t)r + SM_FRAME_COST;
 		if (s->counted) {
 			*rem -= (uint64_t)r;
