@@ -948,7 +948,7 @@ export class AgentClient {
   }
 
   async #sendData(stream: number, type: number, payload: Uint8Array, flags = 0): Promise<void> {
-    await this.#writable();
+    if (this.#needDrain) await this.#writable();
     if (this.#closedError) throw this.#closedError;
     if (stream !== 0 && !this.#streams.has(stream)) return; // reset or ended meanwhile
     this.#writeFrame(stream, type, payload, flags);

@@ -105,16 +105,13 @@ export function encodeValue(kind: FieldKind, value: TypedField["value"]): Uint8A
     case "u8":
     case "u16":
     case "u32": {
-      const max = kind === "u8" ? 0xff : kind === "u16" ? 0xffff : 0xffff_ffff;
-      if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > max) {
-        throw invalid(`${String(value)} is not a ${kind}`);
-      }
+      const n = checkUnsigned(kind, value, kind === "u8" ? 0xff : kind === "u16" ? 0xffff : 0xffff_ffff);
       const size = FIXED_SIZE[kind]!;
       const out = new Uint8Array(size);
       const view = new DataView(out.buffer);
-      if (size === 1) out[0] = value;
-      else if (size === 2) view.setUint16(0, value);
-      else view.setUint32(0, value);
+      if (size === 1) out[0] = n;
+      else if (size === 2) view.setUint16(0, n);
+      else view.setUint32(0, n);
       return out;
     }
     case "i32": {
@@ -206,127 +203,231 @@ export function decodeValue(
   }
 }
 
+/** `value` as a `kind` integer of at most `max`, or `INVALID_ARGUMENT`. */
+function checkUnsigned(kind: FieldKind, value: unknown, max: number): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 0 || value > max) {
+    throw invalid(`${String(value)} is not a ${kind}`);
+  }
+  return value;
+}
+
 /**
  * Builds a field sequence in canonical order. Call the setters in ascending tag order (repeated
- * fields: once per entry, in list order); `undefined` values are skipped.
+ * fields: once per entry, in list order); `undefined` values are skipped. Values are checked as
+ * they are set and written into one buffer by {@link finish} (ASCII strings and integers without
+ * an intermediate copy).
  */
 export class FieldWriter {
-  readonly #fields: RawField[] = [];
+  readonly #tags: number[] = [];
+  /** An ASCII string, an integer (its width in {@link #lengths}), or bytes. */
+  readonly #values: (string | number | Uint8Array)[] = [];
+  readonly #lengths: number[] = [];
   #lastTag = -1;
   #size = 0;
 
-  #add(tag: number, value: Uint8Array): this {
+  #add(tag: number, value: string | number | Uint8Array, length: number): this {
     if (tag < this.#lastTag)
       throw new Error(`fields written out of order: tag ${tag} after ${this.#lastTag}`);
     this.#lastTag = tag;
-    if (this.#fields.length === MAX_FIELDS) throw invalid(`more than ${MAX_FIELDS} fields in one message`);
-    this.#size += FIELD_HEADER_BYTES + value.length;
+    if (this.#tags.length === MAX_FIELDS) throw invalid(`more than ${MAX_FIELDS} fields in one message`);
+    this.#size += FIELD_HEADER_BYTES + length;
     if (this.#size > MAX_PAYLOAD) throw invalid(`message larger than ${MAX_PAYLOAD} bytes`);
-    this.#fields.push({ tag, value });
+    this.#tags.push(tag);
+    this.#values.push(value);
+    this.#lengths.push(length);
     return this;
   }
 
   u8(tag: number, value: number | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("u8", value));
+    return value === undefined ? this : this.#add(tag, checkUnsigned("u8", value, 0xff), 1);
   }
   u16(tag: number, value: number | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("u16", value));
+    return value === undefined ? this : this.#add(tag, checkUnsigned("u16", value, 0xffff), 2);
   }
   u32(tag: number, value: number | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("u32", value));
+    return value === undefined ? this : this.#add(tag, checkUnsigned("u32", value, 0xffff_ffff), 4);
   }
   i32(tag: number, value: number | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("i32", value));
+    return value === undefined ? this : this.#add(tag, encodeValue("i32", value), 4);
   }
   u64(tag: number, value: bigint | number | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("u64", value));
+    return value === undefined ? this : this.#add(tag, encodeValue("u64", value), 8);
   }
   bool(tag: number, value: boolean | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("u8", value ? 1 : 0));
+    return value === undefined ? this : this.#add(tag, value ? 1 : 0, 1);
   }
   string(tag: number, value: string | undefined): this {
-    return value === undefined ? this : this.#add(tag, encodeValue("string", value));
+    if (value === undefined) return this;
+    if (typeof value === "string") {
+      let ascii = true;
+      for (let i = 0; i < value.length; i++) {
+        const c = value.charCodeAt(i);
+        if (c === 0 || c > 0x7f) {
+          ascii = false;
+          break;
+        }
+      }
+      if (ascii) return this.#add(tag, value, value.length);
+    }
+    const bytes = encodeValue("string", value);
+    return this.#add(tag, bytes, bytes.length);
   }
   strings(tag: number, values: readonly string[] | undefined): this {
     for (const v of values ?? []) this.string(tag, v);
     return this;
   }
   bytes(tag: number, value: Uint8Array | undefined): this {
-    return value === undefined ? this : this.#add(tag, value);
+    return value === undefined ? this : this.#add(tag, value, value.length);
   }
   nested(tag: number, value: FieldWriter): this {
-    return this.#add(tag, value.finish());
+    const bytes = value.finish();
+    return this.#add(tag, bytes, bytes.length);
   }
 
   /** The encoded payload. */
   finish(): Uint8Array {
-    return encodeFieldList(this.#fields);
+    const out = new Uint8Array(this.#size);
+    const tags = this.#tags;
+    const values = this.#values;
+    const lengths = this.#lengths;
+    let offset = 0;
+    for (let i = 0; i < tags.length; i++) {
+      const value = values[i]!;
+      const length = lengths[i]!;
+      out[offset] = tags[i]!;
+      out[offset + 1] = length >>> 24;
+      out[offset + 2] = length >>> 16;
+      out[offset + 3] = length >>> 8;
+      out[offset + 4] = length;
+      offset += FIELD_HEADER_BYTES;
+      if (typeof value === "string") {
+        for (let j = 0; j < length; j++) out[offset + j] = value.charCodeAt(j);
+      } else if (typeof value === "number") {
+        for (let j = length - 1, rest = value; j >= 0; j--, rest >>>= 8) out[offset + j] = rest;
+      } else {
+        out.set(value, offset);
+      }
+      offset += length;
+    }
+    return out;
   }
 }
 
 /**
- * Reads a decoded field sequence by tag. Getters return `undefined` for absent optional fields;
- * `need()` turns that into an error naming the field.
+ * Reads a field sequence by tag. Getters return `undefined` for absent optional fields; `need()`
+ * turns that into an error naming the field. Values are read in place (a field sequence holds a
+ * handful of fields: a lookup is a scan).
  */
 export class FieldReader {
   readonly what: string;
   readonly depth: number;
-  readonly #byTag = new Map<number, Uint8Array[]>();
+  readonly #payload: Uint8Array;
+  /** Per field in wire order: its tag, the offset of its value and the value's length. */
+  readonly #index: number[] = [];
 
-  constructor(fields: readonly RawField[], what: string, depth = 1) {
+  private constructor(payload: Uint8Array, what: string, depth: number) {
     this.what = what;
     this.depth = depth;
-    for (const f of fields) {
-      const list = this.#byTag.get(f.tag);
-      if (list) list.push(f.value);
-      else this.#byTag.set(f.tag, [f.value]);
+    this.#payload = payload;
+    const index = this.#index;
+    const end = payload.length;
+    let offset = 0;
+    while (offset < end) {
+      if (end - offset < FIELD_HEADER_BYTES) {
+        throw protocolError(`${what}: truncated field header at offset ${offset}`);
+      }
+      const tag = payload[offset]!;
+      const length = readU32(payload, offset + 1);
+      offset += FIELD_HEADER_BYTES;
+      if (length > end - offset) {
+        throw protocolError(`${what}: field ${tag} claims ${length} bytes but only ${end - offset} remain`);
+      }
+      if (index.length === MAX_FIELDS * 3) throw protocolError(`${what}: more than ${MAX_FIELDS} fields`);
+      index.push(tag, offset, length);
+      offset += length;
     }
   }
 
   /** Parses `payload` as a field sequence. */
   static decode(payload: Uint8Array, what: string, depth = 1): FieldReader {
-    return new FieldReader(decodeFieldList(payload, what), what, depth);
+    return new FieldReader(payload, what, depth);
   }
 
   /** Tags present, in ascending order. */
   get tags(): number[] {
-    return [...this.#byTag.keys()].sort((a, b) => a - b);
+    const tags = new Set<number>();
+    for (let i = 0; i < this.#index.length; i += 3) tags.add(this.#index[i]!);
+    return [...tags].sort((a, b) => a - b);
   }
 
-  #single(tag: number, name: string): Uint8Array | undefined {
-    const list = this.#byTag.get(tag);
-    if (!list) return undefined;
-    if (list.length > 1)
-      throw protocolError(`${this.what}: field ${name} (${tag}) appears ${list.length} times`);
-    return list[0];
+  /** Where the value of the non-repeated field `tag` is in the index, or -1 if absent. */
+  #single(tag: number, name: string): number {
+    const index = this.#index;
+    let found = -1;
+    let count = 0;
+    for (let i = 0; i < index.length; i += 3) {
+      if (index[i] !== tag) continue;
+      if (found === -1) found = i;
+      count++;
+    }
+    if (count > 1) throw protocolError(`${this.what}: field ${name} (${tag}) appears ${count} times`);
+    return found;
   }
 
-  #one<T>(kind: FieldKind, tag: number, name: string): T | undefined {
-    const raw = this.#single(tag, name);
-    return raw === undefined ? undefined : (decodeValue(kind, raw, `${this.what}.${name}`, this.depth) as T);
+  /** Offset of the fixed-size `kind` value of field `tag`, or -1 if absent. */
+  #fixed(kind: FieldKind, size: number, tag: number, name: string): number {
+    const at = this.#single(tag, name);
+    if (at === -1) return -1;
+    const length = this.#index[at + 2]!;
+    if (length !== size) {
+      throw protocolError(`${this.what}.${name}: a ${kind} must be ${size} bytes, got ${length}`);
+    }
+    return this.#index[at + 1]!;
+  }
+
+  #value(at: number): Uint8Array {
+    const offset = this.#index[at + 1]!;
+    return this.#payload.subarray(offset, offset + this.#index[at + 2]!);
+  }
+
+  /** The values of the repeated field `tag`, in order. */
+  #all(tag: number): Uint8Array[] {
+    const values: Uint8Array[] = [];
+    for (let i = 0; i < this.#index.length; i += 3) if (this.#index[i] === tag) values.push(this.#value(i));
+    return values;
   }
 
   u8(tag: number, name: string): number | undefined {
-    return this.#one("u8", tag, name);
+    const at = this.#fixed("u8", 1, tag, name);
+    return at === -1 ? undefined : this.#payload[at]!;
   }
   u16(tag: number, name: string): number | undefined {
-    return this.#one("u16", tag, name);
+    const at = this.#fixed("u16", 2, tag, name);
+    return at === -1 ? undefined : (this.#payload[at]! << 8) | this.#payload[at + 1]!;
   }
   u32(tag: number, name: string): number | undefined {
-    return this.#one("u32", tag, name);
+    const at = this.#fixed("u32", 4, tag, name);
+    return at === -1 ? undefined : readU32(this.#payload, at);
   }
   i32(tag: number, name: string): number | undefined {
-    return this.#one("i32", tag, name);
+    const at = this.#fixed("i32", 4, tag, name);
+    return at === -1 ? undefined : readU32(this.#payload, at) | 0;
   }
   u64(tag: number, name: string): bigint | undefined {
-    return this.#one("u64", tag, name);
+    const at = this.#fixed("u64", 8, tag, name);
+    if (at === -1) return undefined;
+    return (BigInt(readU32(this.#payload, at)) << 32n) | BigInt(readU32(this.#payload, at + 4));
   }
   /** A u64 that must fit in a JavaScript number (sizes, durations). */
   u64Number(tag: number, name: string): number | undefined {
-    const v = this.u64(tag, name);
-    if (v === undefined) return undefined;
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw protocolError(`${this.what}.${name}: ${v} is too large`);
-    return Number(v);
+    const at = this.#fixed("u64", 8, tag, name);
+    if (at === -1) return undefined;
+    const high = readU32(this.#payload, at);
+    if (high > 0x1f_ffff) {
+      const v = (BigInt(high) << 32n) | BigInt(readU32(this.#payload, at + 4));
+      throw protocolError(`${this.what}.${name}: ${v} is too large`);
+    }
+    return high * 0x1_0000_0000 + readU32(this.#payload, at + 4);
   }
   /** A u8 used as a flag: 0 or 1. */
   bool(tag: number, name: string): boolean | undefined {
@@ -336,27 +437,32 @@ export class FieldReader {
     return v === 1;
   }
   string(tag: number, name: string, maxBytes?: number): string | undefined {
-    const raw = this.#single(tag, name);
-    if (raw === undefined) return undefined;
+    const at = this.#single(tag, name);
+    if (at === -1) return undefined;
+    const raw = this.#value(at);
     if (maxBytes !== undefined && raw.length > maxBytes) {
       throw protocolError(`${this.what}.${name}: ${raw.length} bytes, limit ${maxBytes}`);
     }
     return decodeValue("string", raw, `${this.what}.${name}`, this.depth) as string;
   }
   bytes(tag: number, name: string): Uint8Array | undefined {
-    return this.#single(tag, name);
+    const at = this.#single(tag, name);
+    return at === -1 ? undefined : this.#value(at);
   }
   /** A repeated string field, in order (empty if absent). */
   strings(tag: number, name: string): string[] {
-    return (this.#byTag.get(tag) ?? []).map(
+    return this.#all(tag).map(
       (raw) => decodeValue("string", raw, `${this.what}.${name}`, this.depth) as string,
     );
   }
   /** A repeated nested field, in order (empty if absent). */
   nestedList(tag: number, name: string): FieldReader[] {
-    return (this.#byTag.get(tag) ?? []).map((raw) => {
-      const fields = decodeValue("nested", raw, `${this.what}.${name}`, this.depth) as RawField[];
-      return new FieldReader(fields, `${this.what}.${name}`, this.depth + 1);
+    const what = `${this.what}.${name}`;
+    return this.#all(tag).map((raw) => {
+      if (this.depth + 1 > MAX_NESTING_DEPTH) {
+        throw protocolError(`${what}: nested fields deeper than ${MAX_NESTING_DEPTH} levels`);
+      }
+      return new FieldReader(raw, what, this.depth + 1);
     });
   }
 
@@ -365,4 +471,11 @@ export class FieldReader {
     if (value === undefined) throw protocolError(`${this.what}: required field ${name} is missing`);
     return value;
   }
+}
+
+function readU32(bytes: Uint8Array, offset: number): number {
+  return (
+    ((bytes[offset]! << 24) | (bytes[offset + 1]! << 16) | (bytes[offset + 2]! << 8) | bytes[offset + 3]!) >>>
+    0
+  );
 }

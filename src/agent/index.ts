@@ -20,6 +20,7 @@ export {
   type ExecExit,
   type ExecOutput,
   type ExecRequest,
+  envList,
   type StagedFile,
 } from "./exec-channel.ts";
 export type { GuestFileInfo } from "./file-streams.ts";

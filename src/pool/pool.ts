@@ -302,7 +302,7 @@ export class Pool<V extends PoolableVm = Vm> {
     this.#busy.delete(lease);
     const reason =
       how === "discard" ? "discarded" : slot.dead ? "exited" : slot.vm.tainted ? "tainted" : undefined;
-    publish("pool:release", { pool: this.name, vmId: slot.vm.id, discarded: reason !== undefined });
+    publish("pool:release", () => ({ pool: this.name, vmId: slot.vm.id, discarded: reason !== undefined }));
     if (reason !== undefined) {
       this.#discard(slot, reason);
     } else if (this.#closed) {
@@ -338,7 +338,7 @@ export class Pool<V extends PoolableVm = Vm> {
     const lease = createLease(slot.vm, this.#returnLease, waitedMs);
     this.#busy.set(lease as PooledVm<PoolableVm>, slot);
     this.#totalAcquired++;
-    publish("pool:acquire", { pool: this.name, vmId: slot.vm.id, waitedMs });
+    publish("pool:acquire", () => ({ pool: this.name, vmId: slot.vm.id, waitedMs }));
     return lease;
   }
 

@@ -21,7 +21,7 @@ export interface ExecTarget {
   describe(): string;
 }
 
-/** Defaults from the image config, applied under what the builder sets. */
+/** Defaults from the image config, applied under what the builder sets. Fixed for a VM's life. */
 export interface ExecDefaults {
   env: Record<string, string>;
   cwd: string;
@@ -113,14 +113,14 @@ export class ExecRun {
       this.#cleanup.push(() => clearTimeout(timer));
     }
     channel.started.then(
-      ({ pid }) => publish("exec:start", { argv: this.argv, pid, target: this.target.describe() }),
+      ({ pid }) => publish("exec:start", () => ({ argv: this.argv, pid, target: this.target.describe() })),
       () => {},
     );
     channel.exited.then(
       (exit) => {
         this.#finish();
         if (exit.timedOut) this.reportTimedOut();
-        publish("exec:exit", {
+        publish("exec:exit", () => ({
           argv: this.argv,
           pid: channel.pid,
           exitCode: exit.exitCode,
@@ -129,7 +129,7 @@ export class ExecRun {
           durationMs: exit.durationMs,
           peakRssKiB: exit.peakRssKiB,
           target: this.target.describe(),
-        });
+        }));
       },
       () => this.#finish(),
     );

@@ -4,7 +4,7 @@
  * (collect the output, or stream it through an {@link ExecHandle}).
  */
 
-import type { ExecChannel, ExecRequest, StagedFile } from "../agent/index.ts";
+import { type ExecChannel, type ExecRequest, envList, type StagedFile } from "../agent/index.ts";
 import {
   ExecError,
   type ExecOutcome,
@@ -13,7 +13,7 @@ import {
   SupermachineError,
 } from "../errors.ts";
 import { throwIfAborted } from "../internal/index.ts";
-import { type ExecHandle, ExecRun, type ExecTarget, execHandle } from "./exec-handle.ts";
+import { type ExecDefaults, type ExecHandle, ExecRun, type ExecTarget, execHandle } from "./exec-handle.ts";
 import { OutputCollector } from "./exec-outcome.ts";
 
 /** `PATH` when the image config sets none. */
@@ -252,7 +252,10 @@ function startExec(
 ): ExecRun {
   throwIfAborted(options.signal, "exec");
   const defaults = target.defaults();
-  const env: Record<string, string> = { PATH: DEFAULT_PATH, ...defaults.env, ...options.env };
+  const env =
+    options.env === undefined
+      ? defaultEnv(defaults)
+      : { PATH: DEFAULT_PATH, ...defaults.env, ...options.env };
   const tty = options.tty === true;
   const stage: StagedFile[] = (options.stageFiles ?? []).map((file) => ({
     path: file.path,
@@ -284,6 +287,18 @@ function startExec(
     graceMs: options.killGraceMs,
     signal: options.signal,
   });
+}
+
+/** The environment of execs that set none, per VM (its defaults never change): made once. */
+const defaultEnvs = new WeakMap<ExecDefaults, readonly string[]>();
+
+function defaultEnv(defaults: ExecDefaults): readonly string[] {
+  let env = defaultEnvs.get(defaults);
+  if (env === undefined) {
+    env = Object.freeze(envList({ PATH: DEFAULT_PATH, ...defaults.env }));
+    defaultEnvs.set(defaults, env);
+  }
+  return env;
 }
 
 /** Waits for `STARTED`; start errors get the target's description. */
