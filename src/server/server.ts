@@ -149,7 +149,10 @@ export class SupermachineServer implements ServerCore {
         resolve();
       });
     });
-    void server.readiness();
+    // Warms the host report; /readyz reports what it finds, this only logs a failure to find out.
+    server
+      .readiness()
+      .catch((error: Error) => server.log("warn", "host check failed", { error: error.message }));
     server.log("info", "listening", {
       url: server.url,
       serverId: server.serverId,

@@ -108,17 +108,17 @@ export async function hostReport(
   const [accelerator, kvm, qemu, seccomp, tools, assets, network, data, cache, runtime] = await Promise.all([
     detectAccelerator({ env }),
     kvmStatus(env),
-    qemuPath.then(
-      async (path) => {
+    // QEMU not found, or found and its `--version` failed: either is a finding, not an error.
+    qemuPath
+      .then(async (path) => {
         const v = await qemuVersion(path);
         return {
           found: true as const,
           path,
           version: v.package === "" ? v.text : `${v.text} (${v.package})`,
         };
-      },
-      (error: Error) => ({ found: false as const, error: error.message }),
-    ),
+      })
+      .catch((error: Error) => ({ found: false as const, error: error.message })),
     qemuPath.then(qemuSupportsSandbox, () => false),
     confinementTools().then(
       () => true,

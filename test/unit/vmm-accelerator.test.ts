@@ -12,6 +12,7 @@ import {
   parseQemuVersion,
   tscKHzFrom,
 } from "../../src/vmm/accelerator.ts";
+import { hostReport } from "../../src/vmm/host-report.ts";
 
 let dir: string;
 before(async () => {
@@ -146,5 +147,16 @@ describe("findQemu", () => {
       findQemu({ SUPERMACHINE_QEMU: path.join(dir, "missing"), PATH: "" }),
       /SUPERMACHINE_QEMU/,
     );
+  });
+});
+
+describe("hostReport", () => {
+  it("reports a QEMU whose --version fails as not found, with the reason, and still reports the rest", async () => {
+    const broken = path.join(dir, "qemu-broken");
+    await writeFile(broken, "#!/bin/sh\nexit 3\n", { mode: 0o755 });
+    const report = await hostReport({ env: { ...process.env, SUPERMACHINE_QEMU: broken } });
+    assert.equal(report.qemu.found, false);
+    assert.match(report.qemu.found ? "" : report.qemu.error, /--version failed/);
+    assert.ok(["kvm", "tcg"].includes(report.accelerator.accel));
   });
 });
