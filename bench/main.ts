@@ -5,11 +5,12 @@
  *   node bench/main.ts [--quick] [--only SECTION[,SECTION…]] [--write]
  *                      [--verifier-workers 1,2,4,8] [--verifier-cycles N] [--vcpu-cycles N]
  *
- * Sections, in order: spine, restore, pull, mounts, network, verifier, vcpus, ports, serve, cli (all by
- * default).
+ * Sections, in order: spine, restore, pull, mounts, network, verifier, light, vcpus, ports, serve, cli
+ * (all by default).
  * `--verifier-workers`: worker counts of the verifier loop (default 1,2,4,8, 1 with --quick: a
  * guest `rustc -O` takes ~30–60 s under TCG here, so the default takes the better part of an hour);
  * `--verifier-cycles`: cycles per worker at each worker count (default 2: the first in a VM is cold);
+ * the light loop (`light`) runs at the same worker counts, 10 cycles per worker (3 with --quick);
  * `--vcpu-cycles`: restore → exec → stop cycles per vCPU count (default 100, 20 with --quick).
  * `--write`: each section that ran replaces its block of docs/benchmarks.md (bench/report.ts).
  */
@@ -34,7 +35,7 @@ import { restoreBench } from "./restore.ts";
 import { serveBench } from "./serve.ts";
 import { summarize, Table } from "./table.ts";
 import { vcpuBench } from "./vcpus.ts";
-import { verifierBench } from "./verifier.ts";
+import { lightBench, verifierBench } from "./verifier.ts";
 
 const SECTIONS = [
   "spine",
@@ -43,6 +44,7 @@ const SECTIONS = [
   "mounts",
   "network",
   "verifier",
+  "light",
   "vcpus",
   "ports",
   "serve",
@@ -211,6 +213,7 @@ const sections: Record<Section, () => Promise<void>> = {
   mounts: () => mountBench(table, quick),
   network: () => networkBench(table, quick),
   verifier: () => verifierBench(table, { workers: verifierWorkers, cyclesPerWorker: verifierCycles! }),
+  light: () => lightBench(table, { workers: verifierWorkers, cyclesPerWorker: quick ? 3 : 10 }),
   vcpus: () => vcpuBench(table, { runs: quick ? 2 : 3, cycles: vcpuCycles! }),
   ports: () => portsBench(table, quick),
   serve: () => serveBench(table, quick),

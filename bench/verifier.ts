@@ -10,6 +10,10 @@
  *
  * The image is the rust image of the service checks (test/fixtures/services/build.sh: Debian's
  * rustc, the same compiler version as the host floor's /usr/bin/rustc).
+ *
+ * `lightBench` is the same loop with little guest work, so that the orchestration shows: the python
+ * image of the service checks, each cycle acquire → stage a small program → `python3` on it →
+ * release, kept warm and with a fresh clone, against Debian's python3 on the host.
  */
 import { execFile } from "node:child_process";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
@@ -17,7 +21,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { promisify } from "node:util";
-import { Image } from "../src/index.ts";
+import { Image, type Vm } from "../src/index.ts";
 import { serviceImages } from "../test/helpers/service-images.ts";
 import { summarize, type Table } from "./table.ts";
 
@@ -25,6 +29,8 @@ const execFileAsync = promisify(execFile);
 
 /** Debian's rustc on the host (package `rustc`, installed by scripts/setup.sh): the floor. */
 const HOST_RUSTC = "/usr/bin/rustc";
+/** Debian's python3 on the host (package `python3`, installed by scripts/setup.sh): the light loop's floor. */
+const HOST_PYTHON = "/usr/bin/python3";
 const MEMORY_MIB = 512;
 /** Bound of one guest compile + run: far above a compile under TCG on a loaded machine. */
 const CYCLE_TIMEOUT_MS = 600_000;
@@ -42,6 +48,11 @@ function candidate(n: number): { source: string; expected: string } {
     source: `fn main() {\n    let n: u64 = ${n};\n    let s: u64 = (1..=n).map(|x| x * x).sum();\n    println!("{} {}", n, s);\n}\n`,
     expected: `${n} ${(n * (n + 1) * (2 * n + 1)) / 6}\n`,
   };
+}
+
+/** Candidate `n` of the light loop: the same computation and output in Python. */
+function pythonCandidate(n: number): string {
+  return `n = ${n}\nprint(n, sum(x * x for x in range(1, n + 1)))\n`;
 }
 
 /** The seed program the warm bake compiles (so the compiler's files and libstd are in the page cache). */
@@ -87,26 +98,44 @@ async function hostRustcVersion(): Promise<string> {
   }
 }
 
-async function hostLoop(workers: number, jobs: number): Promise<LoopResult> {
-  const dir = await mkdtemp(join(tmpdir(), "sm-bench-rustc-"));
+/** What a cycle needs of a VM: a lease from a pool or the VM a warm-up gets. */
+type Runner = Pick<Vm, "execBuilder">;
+
+/** The loop on the host: `cycle` gets a scratch directory of its own run and the candidate's number. */
+async function hostLoop(
+  workers: number,
+  jobs: number,
+  cycle: (dir: string, n: number) => Promise<string>,
+): Promise<LoopResult> {
+  const dir = await mkdtemp(join(tmpdir(), "sm-bench-host-"));
   try {
-    return await runLoop(workers, jobs, async (n) => {
-      const src = join(dir, `c${n}.rs`);
-      const bin = join(dir, `c${n}`);
-      await writeFile(src, candidate(n).source);
-      await execFileAsync(HOST_RUSTC, ["-O", "-o", bin, src]);
-      return (await execFileAsync(bin)).stdout;
-    });
+    return await runLoop(workers, jobs, (n) => cycle(dir, n));
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
 }
 
+async function hostRustcCycle(dir: string, n: number): Promise<string> {
+  const src = join(dir, `c${n}.rs`);
+  const bin = join(dir, `c${n}`);
+  await writeFile(src, candidate(n).source);
+  await execFileAsync(HOST_RUSTC, ["-O", "-o", bin, src]);
+  return (await execFileAsync(bin)).stdout;
+}
+
+async function hostPythonCycle(dir: string, n: number): Promise<string> {
+  const src = join(dir, `c${n}.py`);
+  await writeFile(src, pythonCandidate(n));
+  return (await execFileAsync(HOST_PYTHON, [src])).stdout;
+}
+
+/** The loop through a pool of `image` with `workers` VMs: `cycle` runs candidate `n` in a leased VM. */
 async function vmLoop(
   image: Image,
   restoreOnRelease: boolean,
   workers: number,
   jobs: number,
+  cycle: (vm: Runner, n: number) => Promise<string>,
 ): Promise<LoopResult> {
   await using pool = await image
     .pool()
@@ -117,14 +146,45 @@ async function vmLoop(
     .build();
   return await runLoop(workers, jobs, async (n) => {
     await using vm = await pool.acquire();
-    const out = await vm
-      .execBuilder()
-      .stageFile("/tmp/candidate.rs", candidate(n).source)
-      .argv(["rustc", "-O", "-o", "/tmp/candidate", "/tmp/candidate.rs"])
-      .chain(["/tmp/candidate"])
-      .timeout(CYCLE_TIMEOUT_MS)
-      .output();
-    return out.stdoutText;
+    return await cycle(vm, n);
+  });
+}
+
+async function rustcCycle(vm: Runner, n: number): Promise<string> {
+  const out = await vm
+    .execBuilder()
+    .stageFile("/tmp/candidate.rs", candidate(n).source)
+    .argv(["rustc", "-O", "-o", "/tmp/candidate", "/tmp/candidate.rs"])
+    .chain(["/tmp/candidate"])
+    .timeout(CYCLE_TIMEOUT_MS)
+    .output();
+  return out.stdoutText;
+}
+
+async function pythonCycle(vm: Runner, n: number): Promise<string> {
+  const out = await vm
+    .execBuilder()
+    .stageFile("/tmp/candidate.py", pythonCandidate(n))
+    .argv(["python3", "/tmp/candidate.py"])
+    .timeout(CYCLE_TIMEOUT_MS)
+    .output();
+  return out.stdoutText;
+}
+
+/** One configuration's two rows: time per cycle and cycles per second, against the floor's. */
+function addLoopRows(table: Table, name: string, result: LoopResult, floorName?: string): void {
+  table.add({
+    name,
+    unit: "ms/cycle",
+    summary: summarize(result.cycles),
+    ...(floorName === undefined ? {} : { against: floorName }),
+  });
+  table.add({
+    name: `  ${name}: throughput`,
+    unit: "cycles/s",
+    summary: summarize([result.perSecond]),
+    higherIsBetter: true,
+    ...(floorName === undefined ? {} : { against: `  ${floorName}: throughput` }),
   });
 }
 
@@ -168,23 +228,69 @@ export async function verifierBench(table: Table, options: VerifierBenchOptions)
     for (const workers of options.workers) {
       const jobs = workers * options.cyclesPerWorker;
       const floorName = `host ${version} -O + run, ${workers} at once`;
-      const configs: [string, () => Promise<LoopResult>][] = [
-        [floorName, () => hostLoop(workers, jobs)],
-        [`verifier: warm bake, kept warm, ${workers} worker(s)`, () => vmLoop(warm, false, workers, jobs)],
-        [`verifier: warm bake, fresh clone, ${workers} worker(s)`, () => vmLoop(warm, true, workers, jobs)],
-        [`verifier: no warm bake, kept warm, ${workers} worker(s)`, () => vmLoop(cold, false, workers, jobs)],
+      addLoopRows(table, floorName, await hostLoop(workers, jobs, hostRustcCycle));
+      const configs: [string, Image, boolean][] = [
+        [`verifier: warm bake, kept warm, ${workers} worker(s)`, warm, false],
+        [`verifier: warm bake, fresh clone, ${workers} worker(s)`, warm, true],
+        [`verifier: no warm bake, kept warm, ${workers} worker(s)`, cold, false],
       ];
-      for (const [name, run] of configs) {
-        const { cycles, perSecond } = await run();
-        const against = name === floorName ? {} : { against: floorName };
-        table.add({ name, unit: "ms/cycle", summary: summarize(cycles), ...against });
-        table.add({
-          name: `  ${name}: throughput`,
-          unit: "cycles/s",
-          summary: summarize([perSecond]),
-          higherIsBetter: true,
-          ...(name === floorName ? {} : { against: `  ${floorName}: throughput` }),
-        });
+      for (const [name, image, restore] of configs)
+        addLoopRows(table, name, await vmLoop(image, restore, workers, jobs, rustcCycle), floorName);
+    }
+  } finally {
+    await rm(dataDir, { recursive: true, force: true });
+  }
+}
+
+export interface LightBenchOptions {
+  /** Worker counts, each measured in every configuration. */
+  readonly workers: readonly number[];
+  /** Cycles per worker at each worker count. */
+  readonly cyclesPerWorker: number;
+}
+
+/**
+ * The light loop: the verifier's cycle with a small Python program instead of a compile, so the
+ * cost of leasing, staging, exec and release shows against the guest's work. The image is baked
+ * with a warm-up that runs the seed program (the interpreter's files in the page cache).
+ */
+export async function lightBench(table: Table, options: LightBenchOptions): Promise<void> {
+  let version: string;
+  try {
+    version = (await execFileAsync(HOST_PYTHON, ["--version"])).stdout.trim();
+  } catch {
+    throw new Error(
+      `the light loop's floor needs Debian's python3 at ${HOST_PYTHON}: apt-get install python3`,
+    );
+  }
+  const python = (await serviceImages()).images.python;
+  const dataDir = await mkdtemp(join(tmpdir(), "sm-bench-python-"));
+  try {
+    const t0 = performance.now();
+    const image = await Image.builder(python.source)
+      .name("bench-python-warm")
+      .memoryMiB(256)
+      .workload(false)
+      .pullOptions({ dataDir })
+      .force()
+      .withWarmup(async (vm) => {
+        const out = await pythonCycle(vm, 1000);
+        if (out !== SEED.expected) throw new Error(`the seed printed ${out}`);
+      })
+      .warmupTag("seed")
+      .build();
+    table.add({
+      name: `bake python ${python.version} (256 MiB), warm-up running a seed`,
+      unit: "ms",
+      summary: summarize([performance.now() - t0]),
+    });
+    for (const workers of options.workers) {
+      const jobs = workers * options.cyclesPerWorker;
+      const floorName = `host ${version} + run, ${workers} at once`;
+      addLoopRows(table, floorName, await hostLoop(workers, jobs, hostPythonCycle));
+      for (const restore of [false, true]) {
+        const name = `light loop: ${restore ? "fresh clone" : "kept warm"}, ${workers} worker(s)`;
+        addLoopRows(table, name, await vmLoop(image, restore, workers, jobs, pythonCycle), floorName);
       }
     }
   } finally {
