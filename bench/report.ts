@@ -43,7 +43,7 @@ function reading(table: Table, row: SectionRow): string {
   const spread = s.n > 1 ? ` (${fmt(s.min)}–${fmt(s.max)}, n ${s.n})` : "";
   const parts = [`${code(row.name.trim())}: ${fmt(s.median)} ${row.unit}${spread}`];
   if (row.against !== undefined && table.ratio(row) !== undefined)
-    parts.push(`${table.ratioText(row)}× ${code(row.against)}`);
+    parts.push(`${table.ratioText(row)}× ${code(row.against.trim())}`);
   const met = table.met(row);
   if (met !== undefined) parts.push(`budget ${row.budget}: ${met ? "met" : "**not met**"}`);
   return `- ${parts.join("; ")}.${row.reading === undefined ? "" : ` ${row.reading}`}`;
