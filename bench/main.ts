@@ -8,7 +8,8 @@
  * Sections, in order: spine, restore, pull, mounts, network, verifier, light, vcpus, ports, serve, cli
  * (all by default).
  * `--verifier-workers`: worker counts of the verifier loop (default 1,2,4,8, 1 with --quick: a
- * guest `rustc -O` takes ~30–60 s under TCG here, so the default takes the better part of an hour);
+ * guest `rustc -O` takes 6–70 s under TCG here, depending on the shared host's day, so the default
+ * takes from ten minutes to the better part of an hour);
  * `--verifier-cycles`: cycles per worker at each worker count (default 2: the first in a VM is cold);
  * the light loop (`light`) runs at the same worker counts, 10 cycles per worker (3 with --quick);
  * `--vcpu-cycles`: restore → exec → stop cycles per vCPU count (default 100, 20 with --quick).

@@ -35,6 +35,7 @@ const MEMORY_MIB = 512;
 /** Bound of one guest compile + run: far above a compile under TCG on a loaded machine. */
 const CYCLE_TIMEOUT_MS = 600_000;
 
+/** The verifier's and the light loop's options. */
 export interface VerifierBenchOptions {
   /** Worker counts, each measured in every configuration. */
   readonly workers: readonly number[];
@@ -242,19 +243,12 @@ export async function verifierBench(table: Table, options: VerifierBenchOptions)
   }
 }
 
-export interface LightBenchOptions {
-  /** Worker counts, each measured in every configuration. */
-  readonly workers: readonly number[];
-  /** Cycles per worker at each worker count. */
-  readonly cyclesPerWorker: number;
-}
-
 /**
  * The light loop: the verifier's cycle with a small Python program instead of a compile, so the
  * cost of leasing, staging, exec and release shows against the guest's work. The image is baked
  * with a warm-up that runs the seed program (the interpreter's files in the page cache).
  */
-export async function lightBench(table: Table, options: LightBenchOptions): Promise<void> {
+export async function lightBench(table: Table, options: VerifierBenchOptions): Promise<void> {
   let version: string;
   try {
     version = (await execFileAsync(HOST_PYTHON, ["--version"])).stdout.trim();
