@@ -12,7 +12,7 @@ import { resolveRootfs } from "../rootfs/index.ts";
 import type { ImageIdentity } from "../snapshot/index.ts";
 import {
   type Accelerator,
-  createDiskOverlay,
+  createBootOverlay,
   type GuestMemory,
   hostAccelerator,
   hostTscKHz,
@@ -103,7 +103,7 @@ export async function bootVm(config: VmConfig, options: BootOptions = {}): Promi
     machine,
     prepare: async (_stateDir, { diskDir }) => {
       overlayPath = options.bake?.overlayPath ?? join(diskDir, "rootfs.qcow2");
-      await createDiskOverlay(rootfs.imagePath, overlayPath, { baseFormat: "raw", signal });
+      await createBootOverlay(rootfs.imagePath, overlayPath, signal);
       const disks = [
         {
           name: "root",

@@ -1,9 +1,9 @@
 import { execFile } from "node:child_process";
-import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { SupermachineError, VmError } from "../errors.ts";
-import { runtimeDir } from "../internal/index.ts";
+import { runtimeDir, throwIfAborted } from "../internal/index.ts";
 
 const run = promisify(execFile);
 
@@ -11,7 +11,7 @@ const run = promisify(execFile);
  * Creates a qcow2 overlay at `overlayPath` whose backing file is `basePath`, so a VM writes to its
  * own overlay and never to the shared base image (or snapshot disk state). The overlay is 0600.
  */
-export async function createDiskOverlay(
+async function createDiskOverlay(
   basePath: string,
   overlayPath: string,
   opts: { baseFormat: "raw" | "qcow2"; signal?: AbortSignal | undefined },
@@ -79,4 +79,31 @@ export class OverlayTemplate {
       await rm(tmp, { recursive: true, force: true });
     }
   }
+}
+
+/** How many bases {@link createBootOverlay} keeps a template for (~200 KB each). */
+const BOOT_TEMPLATES = 16;
+const bootTemplates = new Map<string, OverlayTemplate>();
+
+/**
+ * A boot's overlay on a raw root filesystem image: a copy of a template made once per base file
+ * as it is now (its device, inode, size and mtime), so the boots after the first of an image run
+ * no `qemu-img`; a base rewritten in place gets a template of its own. The latest
+ * {@link BOOT_TEMPLATES} bases are kept.
+ */
+export async function createBootOverlay(
+  basePath: string,
+  overlayPath: string,
+  signal?: AbortSignal,
+): Promise<void> {
+  const info = await stat(basePath);
+  const key = `${resolve(basePath)}\0${info.dev}:${info.ino}:${info.size}:${info.mtimeMs}`;
+  let template = bootTemplates.get(key);
+  if (template === undefined) {
+    template = new OverlayTemplate(basePath, "raw");
+    bootTemplates.set(key, template);
+    if (bootTemplates.size > BOOT_TEMPLATES) bootTemplates.delete(bootTemplates.keys().next().value!);
+  }
+  throwIfAborted(signal, "VM start");
+  await template.create(overlayPath);
 }

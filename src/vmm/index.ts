@@ -18,7 +18,7 @@ export {
 } from "./accelerator.ts";
 export * from "./asset-paths.ts";
 export { ConsoleLog, type ConsoleLogOptions, DEFAULT_CONSOLE_LOG_MAX_BYTES } from "./console-log.ts";
-export { createDiskOverlay, OverlayTemplate } from "./disk-overlay.ts";
+export { createBootOverlay, OverlayTemplate } from "./disk-overlay.ts";
 export {
   type DirReport,
   type HostPaths,
