@@ -55,28 +55,47 @@ function invalid(message: string): SupermachineError {
 }
 
 /**
+ * Walks a payload's fields, checking the structure only (lengths, count): per field in wire order
+ * its tag, the offset of its value and the value's length, flat in one array.
+ */
+function indexFields(payload: Uint8Array, what: string): number[] {
+  const index: number[] = [];
+  const end = payload.length;
+  let offset = 0;
+  while (offset < end) {
+    if (end - offset < FIELD_HEADER_BYTES) {
+      throw protocolError(`${what}: truncated field header at offset ${offset}`);
+    }
+    const tag = payload[offset]!;
+    const length = readU32(payload, offset + 1);
+    offset += FIELD_HEADER_BYTES;
+    if (length > end - offset) {
+      throw protocolError(`${what}: field ${tag} claims ${length} bytes but only ${end - offset} remain`);
+    }
+    if (index.length === MAX_FIELDS * 3) throw protocolError(`${what}: more than ${MAX_FIELDS} fields`);
+    index.push(tag, offset, length);
+    offset += length;
+  }
+  return index;
+}
+
+/** A nested sequence inside one at `depth`, or a protocol error when it would be too deep. */
+function checkNesting(what: string, depth: number): void {
+  if (depth + 1 > MAX_NESTING_DEPTH) {
+    throw protocolError(`${what}: nested fields deeper than ${MAX_NESTING_DEPTH} levels`);
+  }
+}
+
+/**
  * Splits a payload into raw fields, checking the structure only (lengths, count). Values are views
  * of `payload`.
  */
 export function decodeFieldList(payload: Uint8Array, what = "payload"): RawField[] {
+  const index = indexFields(payload, what);
   const fields: RawField[] = [];
-  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
-  let offset = 0;
-  while (offset < payload.length) {
-    if (payload.length - offset < FIELD_HEADER_BYTES) {
-      throw protocolError(`${what}: truncated field header at offset ${offset}`);
-    }
-    const tag = payload[offset]!;
-    const length = view.getUint32(offset + 1);
-    offset += FIELD_HEADER_BYTES;
-    if (length > payload.length - offset) {
-      throw protocolError(
-        `${what}: field ${tag} claims ${length} bytes but only ${payload.length - offset} remain`,
-      );
-    }
-    if (fields.length === MAX_FIELDS) throw protocolError(`${what}: more than ${MAX_FIELDS} fields`);
-    fields.push({ tag, value: payload.subarray(offset, offset + length) });
-    offset += length;
+  for (let i = 0; i < index.length; i += 3) {
+    const offset = index[i + 1]!;
+    fields.push({ tag: index[i]!, value: payload.subarray(offset, offset + index[i + 2]!) });
   }
   return fields;
 }
@@ -194,9 +213,7 @@ export function decodeValue(
     case "bytes":
       return raw;
     case "nested":
-      if (depth + 1 > MAX_NESTING_DEPTH) {
-        throw protocolError(`${what}: nested fields deeper than ${MAX_NESTING_DEPTH} levels`);
-      }
+      checkNesting(what, depth);
       return decodeFieldList(raw, what);
     default:
       throw protocolError(`${what}: unknown field kind ${String(kind)}`);
@@ -323,29 +340,13 @@ export class FieldReader {
   readonly depth: number;
   readonly #payload: Uint8Array;
   /** Per field in wire order: its tag, the offset of its value and the value's length. */
-  readonly #index: number[] = [];
+  readonly #index: number[];
 
   private constructor(payload: Uint8Array, what: string, depth: number) {
     this.what = what;
     this.depth = depth;
     this.#payload = payload;
-    const index = this.#index;
-    const end = payload.length;
-    let offset = 0;
-    while (offset < end) {
-      if (end - offset < FIELD_HEADER_BYTES) {
-        throw protocolError(`${what}: truncated field header at offset ${offset}`);
-      }
-      const tag = payload[offset]!;
-      const length = readU32(payload, offset + 1);
-      offset += FIELD_HEADER_BYTES;
-      if (length > end - offset) {
-        throw protocolError(`${what}: field ${tag} claims ${length} bytes but only ${end - offset} remain`);
-      }
-      if (index.length === MAX_FIELDS * 3) throw protocolError(`${what}: more than ${MAX_FIELDS} fields`);
-      index.push(tag, offset, length);
-      offset += length;
-    }
+    this.#index = indexFields(payload, what);
   }
 
   /** Parses `payload` as a field sequence. */
@@ -459,9 +460,7 @@ export class FieldReader {
   nestedList(tag: number, name: string): FieldReader[] {
     const what = `${this.what}.${name}`;
     return this.#all(tag).map((raw) => {
-      if (this.depth + 1 > MAX_NESTING_DEPTH) {
-        throw protocolError(`${what}: nested fields deeper than ${MAX_NESTING_DEPTH} levels`);
-      }
+      checkNesting(what, this.depth);
       return new FieldReader(raw, what, this.depth + 1);
     });
   }
