@@ -292,11 +292,7 @@ ssize_t sm_frame_splice(uint8_t *payload, uint32_t stream, uint8_t type, int fd,
 		return r;
 	}
 	f->spool = i;
-	struct sm_hdr h = { (uint32_t)r, stream, type, 0 };
-	sm_hdr_encode(f->data, &h);
-	f->len = SM_HDR_SIZE + (size_t)r;
-	log_frame(">", stream, type, 0, (size_t)r);
-	oq_append(f);
+	sm_frame_commit(payload, stream, type, 0, (size_t)r); /* connected: checked above */
 	return r;
 }
 
