@@ -95,8 +95,8 @@ export class BlobSizeError extends Error {
   }
 }
 
-/** Chunks are gathered into writes of at least this size. */
-const FLUSH_BYTES = 1024 * 1024;
+/** Accepted bytes are copied into buffers of this size, each written once it is full. */
+const BUFFER_BYTES = 1024 * 1024;
 /** Accepted bytes not yet handed to a write, at most: beyond this, {@link BlobWriter.write} waits for the disk. */
 const MAX_PENDING_BYTES = 8 * 1024 * 1024;
 /** Written data is flushed to disk (fdatasync, in the background) every this many bytes. */
@@ -104,11 +104,12 @@ const SYNC_BYTES = 8 * 1024 * 1024;
 
 /**
  * Writes one blob into a temp file while hashing it. Obtained from {@link ContentStore.writeBlob}.
- * Chunks are gathered into writes of 1 MiB or more; one write is in flight while the next chunks
- * arrive, and what arrived meanwhile (up to 8 MiB) goes in the next one, so that a slow write (the
- * disk busy with a sync) does not stop the producer. Every 8 MiB written, an fdatasync runs in the
- * background, so that the disk works while the download goes on and the fsync before the rename
- * has only the tail left to flush.
+ * Chunks are copied into 1 MiB buffers of the writer's own (reused: a chunk's memory is the
+ * caller's again once append returns, as a socket's reused read buffer needs); one write is in
+ * flight while the next buffers fill, and the buffers filled meanwhile (up to 8 MiB) go in the
+ * next one, so that a slow write (the disk busy with a sync) does not stop the producer. Every 8
+ * MiB written, an fdatasync runs in the background, so that the disk works while the download goes
+ * on and the fsync before the rename has only the tail left to flush.
  */
 export class BlobWriter {
   readonly digest: string;
@@ -117,7 +118,14 @@ export class BlobWriter {
   readonly #algorithm: DigestAlgorithm;
   #hash;
   #bytes = 0;
-  #pending: Uint8Array[] = [];
+  /** Full buffers (and at a flush the last, partial one) waiting to be written, in order. */
+  #queue: Buffer[] = [];
+  /** The buffer being filled, and how much of it is. */
+  #filling: Buffer | undefined;
+  #filled = 0;
+  /** Buffers written and free to fill again. */
+  #free: Buffer[] = [];
+  /** Accepted bytes not yet handed to a write (queued or filling). */
   #pendingBytes = 0;
   #fileBytes = 0;
   /** The write in flight (never rejects: a failure is kept in #failure). */
@@ -140,8 +148,8 @@ export class BlobWriter {
   }
 
   /**
-   * Append a chunk (kept until written: the caller must not change it). Throws
-   * {@link BlobSizeError} when it would exceed the declared size, or the error of a failed write.
+   * Append a chunk (copied: the caller may reuse its memory). Throws {@link BlobSizeError} when it
+   * would exceed the declared size, or the error of a failed write.
    */
   async write(chunk: Uint8Array): Promise<void> {
     if (!this.append(chunk)) await this.drained();
@@ -149,7 +157,7 @@ export class BlobWriter {
   }
 
   /**
-   * {@link write} without waiting: false when more than 8 MiB wait to be written, and the caller
+   * {@link write} without waiting: false when 8 MiB or more wait to be written, and the caller
    * should await {@link drained} before the next chunk.
    */
   append(chunk: Uint8Array): boolean {
@@ -160,13 +168,20 @@ export class BlobWriter {
     }
     this.#hash.update(chunk);
     this.#bytes += chunk.length;
-    this.#pending.push(chunk);
     this.#pendingBytes += chunk.length;
-    this.#startWrite(FLUSH_BYTES);
+    for (let at = 0; at < chunk.length; ) {
+      this.#filling ??= this.#free.pop() ?? Buffer.allocUnsafe(BUFFER_BYTES);
+      const take = Math.min(chunk.length - at, BUFFER_BYTES - this.#filled);
+      this.#filling.set(chunk.subarray(at, at + take), this.#filled);
+      this.#filled += take;
+      at += take;
+      if (this.#filled === BUFFER_BYTES) this.#queueFilling();
+    }
+    this.#startWrite();
     return this.#pendingBytes < MAX_PENDING_BYTES;
   }
 
-  /** Resolves once at most 8 MiB wait to be written, or a write failed (the next {@link append} throws). */
+  /** Resolves once less than 8 MiB wait to be written, or a write failed (the next {@link append} throws). */
   async drained(): Promise<void> {
     while (this.#pendingBytes >= MAX_PENDING_BYTES && this.#writing !== undefined) await this.#writing;
   }
@@ -175,12 +190,21 @@ export class BlobWriter {
     if (this.#failure !== undefined) throw this.#failure.error;
   }
 
+  #queueFilling(): void {
+    if (this.#filling === undefined || this.#filled === 0) return;
+    this.#queue.push(this.#filled === BUFFER_BYTES ? this.#filling : this.#filling.subarray(0, this.#filled));
+    this.#filling = undefined;
+    this.#filled = 0;
+  }
+
   /** Throw away everything written (a server that ignored a Range request sends from byte 0). */
   async reset(): Promise<void> {
     await this.settle();
     this.#failure = undefined;
     this.#syncing = undefined;
-    this.#pending = [];
+    this.#queue = [];
+    this.#filling = undefined;
+    this.#filled = 0;
     this.#pendingBytes = 0;
     await this.#fh.truncate(0);
     this.#fileBytes = 0;
@@ -191,29 +215,34 @@ export class BlobWriter {
 
   /** Write out everything accepted so far (to the page cache: the store fsyncs before the rename). */
   async flush(): Promise<void> {
-    this.#startWrite(1);
-    while (this.#writing !== undefined) {
-      await this.#writing;
-      this.#startWrite(1);
+    for (;;) {
+      while (this.#writing !== undefined) await this.#writing;
+      this.#throwIfFailed();
+      this.#queueFilling();
+      if (this.#queue.length === 0) break;
+      this.#startWrite();
     }
-    this.#throwIfFailed();
     await this.#syncing;
   }
 
-  /** Unless a write is in flight, start writing the pending chunks if there are `minBytes` (not awaited). */
-  #startWrite(minBytes: number): void {
-    if (this.#writing !== undefined || this.#failure !== undefined || this.#pendingBytes < minBytes) return;
-    const chunks = this.#pending;
+  /** Unless a write is in flight, start writing the queued buffers (not awaited). */
+  #startWrite(): void {
+    if (this.#writing !== undefined || this.#failure !== undefined || this.#queue.length === 0) return;
+    const buffers = this.#queue;
     const position = this.#fileBytes;
-    const length = this.#pendingBytes;
-    this.#pending = [];
-    this.#pendingBytes = 0;
+    const length = buffers.reduce((n, b) => n + b.length, 0);
+    this.#queue = [];
+    this.#pendingBytes -= length;
     this.#fileBytes += length;
-    this.#writing = this.#writeAll(chunks, position).then(
+    this.#writing = this.#writeAll(buffers, position).then(
       () => {
         this.#writing = undefined;
+        for (const buffer of buffers) {
+          if (buffer.length === BUFFER_BYTES && this.#free.length < MAX_PENDING_BYTES / BUFFER_BYTES)
+            this.#free.push(buffer);
+        }
         this.#startSync(position + length);
-        this.#startWrite(FLUSH_BYTES);
+        this.#startWrite();
       },
       (error: unknown) => {
         this.#writing = undefined;

@@ -1,11 +1,16 @@
 /**
- * One HTTP GET through `node:http` / `node:https` (Node's global agents: keep-alive, the CA store
- * plus `NODE_EXTRA_CA_CERTS`, and `NODE_USE_ENV_PROXY` proxies). The body is the Node stream
- * itself: a blob arrives in the socket's own buffers, without the copies and per-chunk promises of
- * WHATWG `fetch` streams. Redirects are not followed here (the registry client checks each hop).
+ * One HTTP GET. Requests go through `node:http` / `node:https` (Node's global agents: keep-alive,
+ * the CA store plus `NODE_EXTRA_CA_CERTS`, and `NODE_USE_ENV_PROXY` proxies); a blob's GET
+ * (`bulk`) takes a connection of its own read into one reused buffer (bulk-get.ts), unless Node
+ * sends requests through a proxy. Either way the body is an {@link HttpBody}, handed to one sink
+ * chunk by chunk without the copies and per-chunk promises of WHATWG `fetch` streams. Redirects
+ * are not followed here (the registry client checks each hop).
  */
 
 import type { IncomingMessage } from "node:http";
+import type { Readable } from "node:stream";
+import { bulkGet } from "./bulk-get.ts";
+import type { HttpBody, HttpResponse } from "./http-response.ts";
 
 /** Idle time (no byte sent or received) after which a request fails, as undici's default. */
 const IDLE_TIMEOUT_MS = 300_000;
@@ -13,18 +18,51 @@ const IDLE_TIMEOUT_MS = 300_000;
 /** Bodies at most this long (by Content-Length) are drained on discard, keeping the connection. */
 const DRAIN_MAX_BYTES = 64 * 1024;
 
-export interface HttpResponse {
-  readonly status: number;
-  readonly ok: boolean;
-  /** A header's value (repeated headers joined with ", "), or undefined. */
-  header(name: string): string | undefined;
-  readonly body: IncomingMessage;
-  /** Drop the body: drained when short and declared, else the connection is closed. */
-  discard(): void;
-}
-
 class IdleTimeoutError extends Error {
   readonly code = "ETIMEDOUT";
+}
+
+/** A Node stream (a `node:http` response) as an {@link HttpBody}. */
+export function streamBody(stream: Readable): HttpBody {
+  return {
+    consume(sink) {
+      return new Promise<unknown>((resolve, reject) => {
+        const finish = (outcome: () => void) => {
+          stream.off("data", onData);
+          stream.off("end", onEnd);
+          stream.off("error", onError);
+          stream.off("close", onClose);
+          if (!stream.readableEnded) stream.destroy();
+          outcome();
+        };
+        const onData = (chunk: Buffer) => {
+          let waited: void | Promise<void>;
+          try {
+            waited = sink(chunk);
+          } catch (err) {
+            finish(() => reject(err));
+            return;
+          }
+          if (waited === undefined) return;
+          stream.pause();
+          waited.then(
+            () => stream.resume(),
+            (err: unknown) => finish(() => reject(err)),
+          );
+        };
+        const onEnd = () => finish(() => resolve(undefined));
+        const onError = (err: unknown) => finish(() => resolve(err));
+        const onClose = () => finish(() => resolve(new Error("connection closed before the body ended")));
+        stream.on("data", onData);
+        stream.on("end", onEnd);
+        stream.on("error", onError);
+        stream.on("close", onClose);
+      });
+    },
+    destroy() {
+      stream.destroy();
+    },
+  };
 }
 
 function toResponse(res: IncomingMessage): HttpResponse {
@@ -36,7 +74,7 @@ function toResponse(res: IncomingMessage): HttpResponse {
       const v = res.headers[name.toLowerCase()];
       return Array.isArray(v) ? v.join(", ") : v;
     },
-    body: res,
+    body: streamBody(res),
     discard() {
       // A body read to its end gives the connection back to the agent.
       const length = Number(res.headers["content-length"] ?? Number.NaN);
@@ -46,16 +84,28 @@ function toResponse(res: IncomingMessage): HttpResponse {
   };
 }
 
+/** True when Node sends HTTP requests through the proxy of the environment (Node >= 24). */
+function envProxyEnabled(): boolean {
+  const flag = process.env.NODE_USE_ENV_PROXY;
+  return (flag !== undefined && flag !== "" && flag !== "0") || process.execArgv.includes("--use-env-proxy");
+}
+
 /**
- * GET `url` with `headers`; resolves when the status and headers arrived. Connection and TLS
- * errors reject with Node's error (its `code`: `ECONNREFUSED`, `EPROTO`, certificate codes…),
- * an abort through `signal` with an `AbortError`.
+ * GET `url` with `headers`; resolves when the status and headers arrived. `bulk`: a blob's body,
+ * read on a connection of its own (see above). Connection and TLS errors reject with Node's error
+ * (its `code`: `ECONNREFUSED`, `EPROTO`, certificate codes…), an abort through `signal` with an
+ * `AbortError`.
  */
 export async function httpGet(
   url: URL,
   headers: Record<string, string>,
   signal: AbortSignal | undefined,
+  options: { bulk?: boolean } = {},
 ): Promise<HttpResponse> {
+  const idle = () => new IdleTimeoutError(`no data from ${url.origin} for ${IDLE_TIMEOUT_MS / 1000} s`);
+  if (options.bulk === true && !envProxyEnabled()) {
+    return bulkGet(url, headers, signal, IDLE_TIMEOUT_MS, idle);
+  }
   // Loaded on first use: TLS alone adds ~20 ms to the start of every CLI command that pulls nothing.
   const { request } = url.protocol === "https:" ? await import("node:https") : await import("node:http");
   return new Promise((resolve, reject) => {
@@ -63,9 +113,7 @@ export async function httpGet(
       res.on("error", () => {}); // surfaced to whoever reads the body
       resolve(toResponse(res));
     });
-    req.on("timeout", () => {
-      req.destroy(new IdleTimeoutError(`no data from ${url.origin} for ${IDLE_TIMEOUT_MS / 1000} s`));
-    });
+    req.on("timeout", () => req.destroy(idle()));
     req.on("error", reject);
     req.end();
   });

@@ -1,7 +1,7 @@
 /**
  * Client for the Distribution (Docker Registry HTTP API v2) protocol: manifests, blobs, auth.
  *
- * Transport: `node:http` / `node:https` (http-get.ts). HTTPS everywhere (trusting `NODE_EXTRA_CA_CERTS`), except that
+ * Transport: `node:http` / `node:https`, a blob's body on a connection of its own (http-get.ts). HTTPS everywhere (trusting `NODE_EXTRA_CA_CERTS`), except that
  * loopback registries (127.0.0.0/8, ::1, localhost) and registries listed in `insecureRegistries`
  * are tried over HTTPS first and fall back to plain HTTP when the server does not speak TLS.
  *
@@ -10,13 +10,13 @@
  * has some), caches tokens per scope until they expire, and retries a request once after a 401.
  */
 
-import type { Readable } from "node:stream";
 import { AbortError, DigestMismatchError, RegistryError } from "../errors.ts";
 import { debug } from "../internal/index.ts";
 import { BlobSizeError, type BlobWriter } from "./content-store.ts";
 import { digestOf, parseDigest } from "./digest.ts";
 import { loadDockerCredentials, type RegistryCredentials, registryKey } from "./docker-config.ts";
-import { type HttpResponse, httpGet } from "./http-get.ts";
+import { httpGet } from "./http-get.ts";
+import type { HttpBody, HttpResponse } from "./http-response.ts";
 import { MANIFEST_MAX_BYTES } from "./manifest.ts";
 import { bareMediaType, MANIFEST_ACCEPT } from "./media-types.ts";
 import { type AuthChallenge, parseWwwAuthenticate } from "./www-authenticate.ts";
@@ -148,65 +148,33 @@ async function readBounded(res: HttpResponse, max: number, what: () => Error): P
   }
   const chunks: Buffer[] = [];
   let total = 0;
-  for await (const chunk of res.body as AsyncIterable<Buffer>) {
+  const broken = await res.body.consume((chunk) => {
     total += chunk.length;
-    if (total > max) {
-      res.body.destroy();
-      throw what();
-    }
-    chunks.push(chunk);
-  }
+    if (total > max) throw what();
+    chunks.push(Buffer.from(chunk));
+  });
+  if (broken !== undefined) throw broken;
   return Buffer.concat(chunks, total);
 }
 
 /**
- * Feed a blob's body to `writer` as it arrives ('data' events, paused while the writer is behind).
+ * Feed a blob's body to `writer` as it arrives (reading waits while the writer is 8 MiB behind).
  * Resolves when the body ended (undefined) or the connection broke (the error: the caller resumes);
  * rejects with what `writer` threw (the body is destroyed) or an abort.
  */
-export function receiveBody(
-  body: Readable,
+export async function receiveBody(
+  body: HttpBody,
   writer: BlobWriter,
   signal: AbortSignal | undefined,
   onBytes: ((bytesDone: number) => void) | undefined,
 ): Promise<unknown> {
-  return new Promise<unknown>((resolve, reject) => {
-    const finish = (outcome: () => void) => {
-      body.off("data", onData);
-      body.off("end", onEnd);
-      body.off("error", onError);
-      body.off("close", onClose);
-      if (!body.readableEnded) body.destroy();
-      outcome();
-    };
-    const onData = (chunk: Buffer) => {
-      let more: boolean;
-      try {
-        more = writer.append(chunk);
-      } catch (err) {
-        finish(() => reject(err));
-        return;
-      }
-      onBytes?.(writer.bytesWritten);
-      if (!more) {
-        body.pause();
-        void writer.drained().then(() => body.resume());
-      }
-    };
-    const onEnd = () => finish(() => resolve(undefined));
-    const onError = (err: unknown) =>
-      finish(() => (isAbort(err, signal) ? reject(abortError(signal, err)) : resolve(err)));
-    const onClose = () =>
-      finish(() =>
-        signal?.aborted
-          ? reject(abortError(signal))
-          : resolve(new Error("connection closed before the body ended")),
-      );
-    body.on("data", onData);
-    body.on("end", onEnd);
-    body.on("error", onError);
-    body.on("close", onClose);
+  const broken = await body.consume((chunk) => {
+    const more = writer.append(chunk);
+    onBytes?.(writer.bytesWritten);
+    return more ? undefined : writer.drained();
   });
+  if (broken !== undefined && isAbort(broken, signal)) throw abortError(signal, broken);
+  return broken;
 }
 
 /** `message` of the first error in a registry's JSON error body, if any. */
@@ -264,17 +232,19 @@ export class RegistryClient {
   /**
    * GET `url`, following redirects by hand (at most {@link MAX_REDIRECTS}) so that each hop is
    * checked: never from HTTPS to plain HTTP unless the registry is marked insecure, plain HTTP only
-   * to hosts that may be reached that way, and credentials never sent to another origin.
+   * to hosts that may be reached that way, and credentials never sent to another origin. `bulk`:
+   * a blob's body (http-get.ts).
    */
   async #fetch(
     url: string | URL,
     headers: Record<string, string>,
     signal: AbortSignal | undefined,
+    options: { bulk?: boolean } = {},
   ): Promise<HttpResponse> {
     let current = new URL(url);
     let h = headers;
     for (let hop = 0; ; hop++) {
-      const res = await httpGet(current, h, signal);
+      const res = await httpGet(current, h, signal, options);
       const location = res.header("location");
       if (![301, 302, 303, 307, 308].includes(res.status) || location === undefined) return res;
       res.discard();
@@ -575,6 +545,7 @@ export class RegistryClient {
     repository: string,
     headers: Record<string, string>,
     signal: AbortSignal | undefined,
+    options: { bulk?: boolean } = {},
   ): Promise<HttpResponse> {
     const origin = await this.#resolveOrigin(signal);
     let scope = `repository:${repository}:pull`;
@@ -586,7 +557,7 @@ export class RegistryClient {
       if (auth) h.authorization = auth;
       let res: HttpResponse;
       try {
-        res = await this.#fetch(`${origin}${path}`, h, signal);
+        res = await this.#fetch(`${origin}${path}`, h, signal, options);
       } catch (err) {
         if (isAbort(err, signal)) throw abortError(signal, err);
         if (attempt >= this.#retries) {
@@ -736,7 +707,7 @@ export class RegistryClient {
       if (start === descriptor.size && descriptor.size > 0) return;
       const headers: Record<string, string> = { "accept-encoding": "identity" };
       if (start > 0) headers.range = `bytes=${start}-`;
-      const res = await this.#get(path, repository, headers, signal);
+      const res = await this.#get(path, repository, headers, signal, { bulk: true });
       if (res.status === 206 && start > 0) {
         const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(res.header("content-range") ?? "");
         if (range === null || Number(range[1]) !== start) {

@@ -17,6 +17,7 @@ import {
   SupermachineError,
 } from "../../src/errors.ts";
 import { BlobWriter, ContentStore } from "../../src/oci/content-store.ts";
+import { streamBody } from "../../src/oci/http-get.ts";
 import { PULL_PROGRESS_CHANNEL, type PullProgress } from "../../src/oci/progress.ts";
 import { listImages, type PullOptions, pullImage, resolveLocalImage } from "../../src/oci/pull.ts";
 import { RegistryClient, receiveBody } from "../../src/oci/registry-client.ts";
@@ -149,6 +150,31 @@ describe("pull from a registry", () => {
     assert.ok(again.filter((e) => e.type === "blob").every((e) => e.type === "blob" && e.state === "cached"));
     assert.equal((await listImages({ dataDir })).length, 1);
     assert.equal((await storeState()).tmp.length, 0);
+  });
+
+  test("blobs come on connections of their own, through node:http when Node uses the environment's proxy", async () => {
+    registry = await FakeRegistry.start();
+    const image = makeImage({ layerSizes: [300_000, 5000] });
+    registry.add("app", "1", image);
+    const blobDigests = new Set([image.config.digest, ...image.layers.map((l) => l.digest)]);
+    const connections = (path: (p: string) => boolean) =>
+      registry.requests.filter((r) => path(r.path)).map((r) => String(r.headers.connection));
+    await pullImage(`${registry.host}/app:1`, opts());
+    const isBlob = (p: string) => blobDigests.has(p.slice(p.lastIndexOf("/") + 1));
+    assert.deepEqual(new Set(connections(isBlob)), new Set(["close"]));
+    assert.deepEqual(new Set(connections((p) => p.includes("/manifests/"))), new Set(["keep-alive"]));
+    await rm(join(dataDir, "oci"), { recursive: true });
+    registry.requests.length = 0;
+    // What Node 24 reads at start to send requests through HTTP_PROXY / HTTPS_PROXY.
+    process.env.NODE_USE_ENV_PROXY = "1";
+    try {
+      const pulled = await pullImage(`${registry.host}/app:1`, opts());
+      await assertStored(image);
+      assert.equal(pulled.layers.length, 2);
+    } finally {
+      delete process.env.NODE_USE_ENV_PROXY;
+    }
+    assert.deepEqual(new Set(connections(isBlob)), new Set(["keep-alive"]));
   });
 
   test("Docker manifest list: platform selection; arm64 and amd64 records side by side", async () => {
@@ -359,7 +385,7 @@ describe("faults", () => {
     const mib = Buffer.alloc(1024 * 1024, 7);
     const body = new PassThrough();
     const writer = new BlobWriter(fh as never, sha256(Buffer.alloc(0)), "sha256", undefined);
-    const received = receiveBody(body, writer, undefined, undefined);
+    const received = receiveBody(streamBody(body), writer, undefined, undefined);
     for (let i = 0; i < 10; i++) body.write(mib);
     await new Promise((resolve) => setImmediate(resolve));
     // 1 MiB is being written and 8 MiB wait: the 10th MiB stays in the body.
