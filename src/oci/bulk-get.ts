@@ -16,7 +16,7 @@ import type { HttpBody, HttpResponse } from "./http-response.ts";
 
 /** Bytes read from the socket at once (one buffer per connection, reused for every read). */
 const READ_BUFFER_BYTES = 256 * 1024;
-/** A status line and headers longer than this are refused. */
+/** A status line and headers longer than this (1xx answers before them included) are refused. */
 const MAX_HEAD_BYTES = 64 * 1024;
 /** A chunk-size or trailer line longer than this is refused (the trailer as a whole: MAX_HEAD_BYTES). */
 const MAX_CHUNK_LINE_BYTES = 4096;
@@ -148,12 +148,15 @@ class BulkResponse implements HttpBody {
     return true;
   };
 
+  /** Bytes of 1xx heads skipped so far (they count toward the head's bound). */
+  #skippedHeadBytes = 0;
+
   /** Adds `bytes` to the head; once it is complete returns what follows it (the body's start). */
   #readHead(bytes: Uint8Array): Uint8Array | undefined {
     let head = Buffer.concat([this.#headBytes!, bytes]);
     for (;;) {
       const end = head.indexOf("\r\n\r\n");
-      if ((end < 0 ? head.length : end) > MAX_HEAD_BYTES) {
+      if (this.#skippedHeadBytes + (end < 0 ? head.length : end) > MAX_HEAD_BYTES) {
         throw new HttpFramingError(`response head over ${MAX_HEAD_BYTES} bytes`);
       }
       if (end < 0) {
@@ -166,7 +169,10 @@ class BulkResponse implements HttpBody {
         throw new HttpFramingError(`not an HTTP/1.1 response: ${JSON.stringify(statusLine)}`);
       const code = Number(status[1]);
       head = head.subarray(end + 4);
-      if (code >= 100 && code < 200) continue; // 100 Continue and friends: the answer follows
+      if (code >= 100 && code < 200) {
+        this.#skippedHeadBytes += end + 4;
+        continue; // 100 Continue and friends: the answer follows
+      }
       this.#respond(code, fields);
       this.#headBytes = undefined;
       return head;
@@ -275,7 +281,7 @@ class BulkResponse implements HttpBody {
   }
 
   #deliver(chunk: Uint8Array): void {
-    if (chunk.length === 0) return;
+    if (chunk.length === 0 || this.#settled) return;
     if (this.#sink === undefined || this.#waiting || this.#held.length > 0) {
       // Nobody reads yet, or the sink waits: keep a copy (the read buffer is reused) and stop reading.
       this.#held.push(Buffer.from(chunk));

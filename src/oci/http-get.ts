@@ -26,14 +26,35 @@ class IdleTimeoutError extends Error {
 export function streamBody(stream: Readable): HttpBody {
   return {
     consume(sink) {
+      if (stream.destroyed || stream.readableEnded) {
+        // Broke (or was read) before anyone came to read it: no event will come.
+        return Promise.resolve(
+          stream.readableEnded
+            ? undefined
+            : (stream.errored ?? new Error("connection closed before the body ended")),
+        );
+      }
       return new Promise<unknown>((resolve, reject) => {
+        /** The sink's pending promise: the outcome waits for it. */
+        let waiting: Promise<void> | undefined;
+        let done = false;
         const finish = (outcome: () => void) => {
+          if (done) return;
+          done = true;
           stream.off("data", onData);
           stream.off("end", onEnd);
           stream.off("error", onError);
           stream.off("close", onClose);
           if (!stream.readableEnded) stream.destroy();
           outcome();
+        };
+        const settle = (outcome: () => void) => {
+          if (waiting === undefined) finish(outcome);
+          else
+            waiting.then(
+              () => finish(outcome),
+              () => {},
+            );
         };
         const onData = (chunk: Buffer) => {
           let waited: void | Promise<void>;
@@ -45,14 +66,17 @@ export function streamBody(stream: Readable): HttpBody {
           }
           if (waited === undefined) return;
           stream.pause();
-          waited.then(
-            () => stream.resume(),
+          waiting = waited.then(
+            () => {
+              waiting = undefined;
+              if (!done) stream.resume();
+            },
             (err: unknown) => finish(() => reject(err)),
           );
         };
-        const onEnd = () => finish(() => resolve(undefined));
-        const onError = (err: unknown) => finish(() => resolve(err));
-        const onClose = () => finish(() => resolve(new Error("connection closed before the body ended")));
+        const onEnd = () => settle(() => resolve(undefined));
+        const onError = (err: unknown) => settle(() => resolve(err));
+        const onClose = () => settle(() => resolve(new Error("connection closed before the body ended")));
         stream.on("data", onData);
         stream.on("end", onEnd);
         stream.on("error", onError);
@@ -84,10 +108,15 @@ function toResponse(res: IncomingMessage): HttpResponse {
   };
 }
 
-/** True when Node sends HTTP requests through the proxy of the environment (Node >= 24). */
+/**
+ * True when Node sends HTTP requests through the proxy of the environment (Node >= 24:
+ * `NODE_USE_ENV_PROXY=1`, or `--use-env-proxy` on the command line or in `NODE_OPTIONS`).
+ */
 function envProxyEnabled(): boolean {
   const flag = process.env.NODE_USE_ENV_PROXY;
-  return (flag !== undefined && flag !== "" && flag !== "0") || process.execArgv.includes("--use-env-proxy");
+  if (flag !== undefined && flag !== "" && flag !== "0") return true;
+  const options = [...process.execArgv, ...(process.env.NODE_OPTIONS ?? "").split(/\s+/)];
+  return options.includes("--use-env-proxy");
 }
 
 /**

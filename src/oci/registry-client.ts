@@ -724,7 +724,12 @@ export class RegistryClient {
       } else if (res.status === 200) {
         if (start > 0) {
           debug("registry %s: Range ignored, restarting %s from 0", this.registry, descriptor.digest);
-          await writer.reset();
+          try {
+            await writer.reset();
+          } catch (error) {
+            res.discard();
+            throw error;
+          }
         }
       } else if (res.status === 416 && start > 0) {
         res.discard();

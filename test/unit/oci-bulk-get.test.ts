@@ -163,11 +163,30 @@ describe("bulk GET", () => {
     assert.ok(outcome instanceof HttpFramingError && /bad chunk size/.test(outcome.message), String(outcome));
   });
 
-  test("a head over 64 KiB is refused", async () => {
+  test("a head over 64 KiB is refused, 1xx answers before it counted", async () => {
+    let count = 0;
     const url = await serve((socket) => {
-      socket.end(`HTTP/1.1 200 OK\r\nX-Big: ${"a".repeat(70 * 1024)}\r\n\r\n`);
+      if (++count === 1) socket.end(`HTTP/1.1 200 OK\r\nX-Big: ${"a".repeat(70 * 1024)}\r\n\r\n`);
+      else socket.end("HTTP/1.1 102 Processing\r\n\r\n".repeat(3000));
     });
     await assert.rejects(get(url), /response head over 65536 bytes/);
+    await assert.rejects(get(url), /response head over 65536 bytes/);
+  });
+
+  test("a sink that threw is not called again, though more chunks came in the same read", async () => {
+    const url = await serve((socket) => {
+      socket.end(`HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n${"2\r\nab\r\n".repeat(50)}0\r\n\r\n`);
+    });
+    const res = await get(url);
+    let calls = 0;
+    await assert.rejects(
+      res.body.consume(() => {
+        calls++;
+        throw new Error("no more");
+      }),
+      /no more/,
+    );
+    assert.equal(calls, 1);
   });
 
   test("what the sink throws rejects consume and closes the connection", async () => {

@@ -397,6 +397,15 @@ describe("faults", () => {
     assert.equal(writer.bytesWritten, 11 * mib.length);
   });
 
+  test("a node:http body that broke before anyone read it reports the break at once", async () => {
+    const body = new PassThrough();
+    body.on("error", () => {}); // as httpGet's responses have
+    body.destroy(new Error("socket hang up"));
+    await new Promise((resolve) => setImmediate(resolve));
+    const outcome = await streamBody(body).consume(() => assert.fail("no chunk"));
+    assert.match(String(outcome), /socket hang up/);
+  });
+
   test("a server that ignores Range restarts the blob from byte 0", async () => {
     registry = await FakeRegistry.start();
     const image = makeImage({ layerSizes: [600_000], compression: "none" });
