@@ -1,10 +1,11 @@
 /**
  * A blob's GET on a connection of its own (`node:net`, or `node:tls` for https, with Node's CA
- * store and `NODE_EXTRA_CA_CERTS`), its response read into one reused buffer (`onread`) and its
- * body handed on chunk by chunk, no allocation per read. `node:http` allocates every 64 KiB read,
- * parses it and pushes it through a stream whose 16 KiB high-water mark stops and restarts the
- * socket on each one: 500–600 ms of CPU for a 134 MB blob from a loopback registry, against ~100
- * ms for this path with its SHA-256 (docs/oci.md, "Where a pull's time goes").
+ * store, `NODE_EXTRA_CA_CERTS` and the TLS settings of `https.globalAgent`), its response read
+ * into one reused buffer (`onread`) and its body handed on chunk by chunk, no allocation per
+ * read. `node:http` allocates every 64 KiB read, parses it and pushes it through a stream whose 16
+ * KiB high-water mark stops and restarts the socket on each one: 500–600 ms of CPU for a 134 MB
+ * blob from a loopback registry, against ~100 ms for this path with its SHA-256 (docs/oci.md,
+ * "Where a pull's time goes").
  *
  * HTTP/1.1 with `Connection: close`: a status line and headers (at most 64 KiB, 1xx answers
  * skipped), then a body framed by `Transfer-Encoding: chunked`, `Content-Length`, or the end of the
@@ -53,6 +54,7 @@ export async function bulkGet(
   const socket =
     url.protocol === "https:"
       ? (await import("node:tls")).connect({
+          ...(await globalTlsOptions()),
           host,
           port: Number(url.port || 443),
           ...(isIP(host) === 0 ? { servername: host } : {}),
@@ -63,6 +65,30 @@ export async function bulkGet(
   socket.write(lines.join("\r\n"));
   return response.head;
 }
+
+/** TLS settings a program gave Node's global HTTPS agent (its CA, client certificate…), as node:https uses them. */
+async function globalTlsOptions(): Promise<Record<string, unknown>> {
+  const { globalAgent } = await import("node:https");
+  const options = globalAgent.options as Record<string, unknown>;
+  const kept: Record<string, unknown> = {};
+  for (const key of TLS_OPTION_KEYS) if (options[key] !== undefined) kept[key] = options[key];
+  return kept;
+}
+
+const TLS_OPTION_KEYS = [
+  "ca",
+  "cert",
+  "key",
+  "pfx",
+  "passphrase",
+  "ciphers",
+  "ecdhCurve",
+  "minVersion",
+  "maxVersion",
+  "secureOptions",
+  "rejectUnauthorized",
+  "checkServerIdentity",
+] as const;
 
 type Framing =
   | { kind: "length"; left: number }

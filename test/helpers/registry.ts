@@ -159,7 +159,8 @@ function hexOf(digest: string): string {
   return match[1]!;
 }
 
-async function makeTlsCertificate(dir: string): Promise<{ certPath: string; keyPath: string }> {
+/** A self-signed certificate for 127.0.0.1 (openssl), valid two days. */
+export async function makeTlsCertificate(dir: string): Promise<{ certPath: string; keyPath: string }> {
   const certPath = join(dir, "registry.crt");
   const keyPath = join(dir, "registry.key");
   await execFileAsync("openssl", [

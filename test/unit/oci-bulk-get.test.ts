@@ -5,11 +5,15 @@
  */
 import assert from "node:assert/strict";
 import { once } from "node:events";
+import { readFile } from "node:fs/promises";
+import { createServer as createHttpsServer, globalAgent } from "node:https";
 import { createServer, type Server, type Socket } from "node:net";
 import { afterEach, describe, test } from "node:test";
 import { HttpFramingError } from "../../src/oci/bulk-get.ts";
 import { httpGet } from "../../src/oci/http-get.ts";
 import type { HttpResponse } from "../../src/oci/http-response.ts";
+import { makeTlsCertificate } from "../helpers/registry.ts";
+import { scratchDir } from "../helpers/scratch.ts";
 
 let server: Server | undefined;
 afterEach(async () => {
@@ -228,5 +232,29 @@ describe("bulk GET", () => {
       /invalid character in HTTP header "authorization"/,
     );
     assert.equal(connections, 0);
+  });
+
+  test("HTTPS: the certificate is checked, with the CA a program gave https.globalAgent", async () => {
+    const { certPath, keyPath } = await makeTlsCertificate(await scratchDir("sm-bulk-tls-"));
+    const cert = await readFile(certPath);
+    const tls = createHttpsServer({ cert, key: await readFile(keyPath) }, (_req, res) => {
+      res.end(payload);
+    });
+    tls.listen(0, "127.0.0.1");
+    await once(tls, "listening");
+    try {
+      const url = new URL(`https://127.0.0.1:${(tls.address() as { port: number }).port}/v2/`);
+      await assert.rejects(get(url), { code: "DEPTH_ZERO_SELF_SIGNED_CERT" });
+      globalAgent.options.ca = cert;
+      try {
+        const { body, outcome } = await read(await get(url));
+        assert.equal(outcome, undefined);
+        assert.deepEqual(body, payload);
+      } finally {
+        delete globalAgent.options.ca;
+      }
+    } finally {
+      tls.close();
+    }
   });
 });
