@@ -8,7 +8,6 @@
  * every pending operation) — never a crash, a hang or an unhandled rejection on the host.
  */
 
-import { randomBytes } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
 import { mkdtemp, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -16,7 +15,7 @@ import { join } from "node:path";
 import type { Duplex, Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../errors.ts";
-import { debug, socketReads } from "../internal/index.ts";
+import { debug, nodeCrypto, socketReads } from "../internal/index.ts";
 import {
   type AgentCallOptions,
   agentTimeout,
@@ -314,7 +313,7 @@ export class AgentClient {
    * Rejects with `AGENT_VERSION`, `AGENT_PROTOCOL`, `VM_BOOT_TIMEOUT`, `VM_EXITED` or `AbortError`.
    */
   static async connect(socket: Duplex, opts: AgentConnectOptions = {}): Promise<AgentClient> {
-    const epoch = opts.epoch ?? randomBytes(8).readBigUInt64BE();
+    const epoch = opts.epoch ?? nodeCrypto().randomBytes(8).readBigUInt64BE();
     const client = new AgentClient(socket, epoch);
     await client.#handshake(opts, "connect");
     return client;
@@ -339,8 +338,9 @@ export class AgentClient {
         `cannot start a new agent session with ${this.#streams.size} stream(s) and ${this.#pings.size} ping(s) of the current one open${this.#shutdown ? " after SHUTDOWN" : ""}`,
       );
     }
-    let epoch = opts.epoch ?? randomBytes(8).readBigUInt64BE();
-    while (opts.epoch === undefined && epoch === this.#epoch) epoch = randomBytes(8).readBigUInt64BE();
+    let epoch = opts.epoch ?? nodeCrypto().randomBytes(8).readBigUInt64BE();
+    while (opts.epoch === undefined && epoch === this.#epoch)
+      epoch = nodeCrypto().randomBytes(8).readBigUInt64BE();
     this.#epoch = epoch;
     this.#state = "handshake";
     this.#hello = deferred<void>();
@@ -357,7 +357,7 @@ export class AgentClient {
       version: PROTOCOL_VERSION,
       epoch: this.#epoch,
       timeNs: opts.timeNs ?? hostClock.nowNs(),
-      entropy: opts.entropy ?? new Uint8Array(randomBytes(64)),
+      entropy: opts.entropy ?? new Uint8Array(nodeCrypto().randomBytes(64)),
       machineId: opts.identity?.machineId,
       hostname: opts.identity?.hostname,
     });

@@ -11,10 +11,9 @@
  * to the new QEMU's socket (its `HELLO` starts a session that drops the mounts of the old one).
  */
 
-import { randomBytes } from "node:crypto";
 import { Duplex } from "node:stream";
 import { AbortError, GuestIoError, SupermachineError, VmError } from "../errors.ts";
-import { debug, publish } from "../internal/index.ts";
+import { debug, nodeCrypto, publish } from "../internal/index.ts";
 import {
   describeType,
   encodeFrameHeader,
@@ -402,7 +401,7 @@ export class MountChannel {
    * `VM_BOOT_TIMEOUT`, `VM_EXITED` or `ABORTED`.
    */
   static async connect(socket: Duplex, options: MountChannelConnectOptions = {}): Promise<MountChannel> {
-    const channel = new MountChannel(socket, options.epoch ?? randomBytes(8).readBigUInt64BE());
+    const channel = new MountChannel(socket, options.epoch ?? nodeCrypto().randomBytes(8).readBigUInt64BE());
     const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const timer = setTimeout(
       () =>

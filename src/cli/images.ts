@@ -2,7 +2,7 @@
 import { Image, type ImagePullOptions, Store } from "../index.ts";
 import { type Cli, positiveInt, UsageError } from "./cli.ts";
 import { ago, bytes, json, table } from "./output.ts";
-import { Progress, progressMode } from "./progress.ts";
+import type { Progress } from "./progress.ts";
 
 /** Options of every command that may pull. */
 export interface PullFlags {
@@ -30,6 +30,8 @@ export interface PullCommandFlags extends PullFlags {
 }
 
 export async function pullCommand(cli: Cli, reference: string, flags: PullCommandFlags): Promise<number> {
+  // Loaded here: the progress bars' module (and Node's readline under it) is for pulls only.
+  const { Progress, progressMode } = await import("./progress.ts");
   const progress = new Progress(progressMode(flags.quiet === true));
   const pull = { ...pullOptions(flags, cli, progress), pullPolicy: "always" as const };
   if (flags.name === undefined && (flags.memory !== undefined || flags.vcpus !== undefined)) {

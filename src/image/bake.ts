@@ -4,11 +4,10 @@
  * inputs that decide the result. Sequence and measurements: docs/snapshots.md.
  */
 
-import { createHash } from "node:crypto";
 import { mkdir, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { SnapshotError } from "../errors.ts";
-import { dataDir, debug, publish, throwIfAborted } from "../internal/index.ts";
+import { dataDir, debug, nodeCrypto, publish, throwIfAborted } from "../internal/index.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 import {
   assertSnapshotName,
@@ -81,7 +80,7 @@ export function bakeCacheKey(parts: {
     ...parts,
     workload: parts.workload ?? null,
   });
-  return createHash("sha256").update(text).digest("hex");
+  return nodeCrypto().createHash("sha256").update(text).digest("hex");
 }
 
 /** Bake (or reuse) the snapshot for `input`. */

@@ -3,6 +3,7 @@
  * library and the client share (guest file stats, exec outcomes, the host side of exposed ports). No VM code: the client and the wire use it too.
  */
 export { mapAbort, raceAbort, throwIfAborted } from "./abort.ts";
+export { nodeCrypto, nodeDns, nodeZlib, yieldToLoop } from "./builtins.ts";
 export { debug, publish } from "./diagnostics.ts";
 export { type ExecOutcomeInit, ExecOutcomeRecord } from "./exec-outcome.ts";
 export {

@@ -24,7 +24,6 @@
  *   namespaces while pruning.
  */
 
-import { createHash, randomBytes } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
 import {
   type FileHandle,
@@ -40,7 +39,7 @@ import {
 } from "node:fs/promises";
 import { join } from "node:path";
 import { AbortError, DigestMismatchError, SupermachineError } from "../errors.ts";
-import { dataDir, debug } from "../internal/index.ts";
+import { dataDir, debug, nodeCrypto } from "../internal/index.ts";
 import { type DigestAlgorithm, hasherFor, parseDigest } from "./digest.ts";
 
 /** `${SUPERMACHINE_DATA_DIR:-${XDG_DATA_HOME:-~/.local/share}/supermachine}`. */
@@ -338,7 +337,7 @@ async function fsyncDir(dir: string): Promise<void> {
 }
 
 function randomSuffix(): string {
-  return randomBytes(6).toString("hex");
+  return nodeCrypto().randomBytes(6).toString("hex");
 }
 
 /** Write a file atomically: temp file in the same directory, fsync, rename, fsync the directory. */
@@ -361,7 +360,7 @@ export async function writeFileAtomic(path: string, dir: string, data: string | 
 }
 
 function recordId(reference: string, platform: string): string {
-  return createHash("sha256").update(`${reference}\n${platform}`).digest("hex").slice(0, 40);
+  return nodeCrypto().createHash("sha256").update(`${reference}\n${platform}`).digest("hex").slice(0, 40);
 }
 
 function isRecordShape(v: unknown): v is ImageRecord {

@@ -1,6 +1,7 @@
 /** Content digests (`sha256:<hex>`, `sha512:<hex>`): validation and hashing. */
 
-import { createHash, type Hash } from "node:crypto";
+import type { Hash } from "node:crypto";
+import { nodeCrypto } from "../internal/index.ts";
 
 export type DigestAlgorithm = "sha256" | "sha512";
 
@@ -29,10 +30,10 @@ export function isDigest(digest: unknown): digest is string {
 
 /** A streaming hasher for the algorithm of `digest` (sha256 or sha512). */
 export function hasherFor(algorithm: DigestAlgorithm): Hash {
-  return createHash(algorithm);
+  return nodeCrypto().createHash(algorithm);
 }
 
 /** Digest of a byte string, `sha256:<hex>` by default. */
 export function digestOf(bytes: Uint8Array, algorithm: DigestAlgorithm = "sha256"): string {
-  return `${algorithm}:${createHash(algorithm).update(bytes).digest("hex")}`;
+  return `${algorithm}:${nodeCrypto().createHash(algorithm).update(bytes).digest("hex")}`;
 }

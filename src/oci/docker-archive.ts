@@ -5,13 +5,12 @@
  * synthesised, and the result is stored like a pulled image.
  */
 
-import { createHash, randomBytes } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
 import { open, stat, unlink } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { pipeline } from "node:stream/promises";
-import { createGunzip } from "node:zlib";
 import { AbortError, SupermachineError } from "../errors.ts";
+import { nodeCrypto, nodeZlib } from "../internal/index.ts";
 import type { BlobWriter } from "./content-store.ts";
 import { digestOf } from "./digest.ts";
 import { IMAGE_CONFIG_MAX_BYTES } from "./image-config.ts";
@@ -148,9 +147,11 @@ export async function resolveDockerArchive(
       await fh.close();
     }
     if (sniffCompression(head) === "gzip") {
-      tempCopy = join(tmpDir, `archive.${process.pid}.${randomBytes(6).toString("hex")}.tar`);
+      tempCopy = join(tmpDir, `archive.${process.pid}.${nodeCrypto().randomBytes(6).toString("hex")}.tar`);
       try {
-        await pipeline(createReadStream(file), createGunzip(), createWriteStream(tempCopy), { signal });
+        await pipeline(createReadStream(file), nodeZlib().createGunzip(), createWriteStream(tempCopy), {
+          signal,
+        });
       } catch (err) {
         if (signal?.aborted) throw new AbortError("import aborted", { cause: signal.reason });
         throw malformed(`cannot decompress (${(err as Error).message})`);
@@ -230,7 +231,7 @@ export async function resolveDockerArchive(
     for (const layerPath of entry.Layers) {
       const member = index.resolve(layerPath);
       if (member === undefined) throw malformed(`layer ${layerPath} is missing`);
-      const hash = createHash("sha256");
+      const hash = nodeCrypto().createHash("sha256");
       const headBytes: Buffer[] = [];
       let headLength = 0;
       try {

@@ -2,12 +2,11 @@
  * Root filesystem images: flatten OCI layers (or take a plain directory) into one ext4 image,
  * rootless, deterministic, written atomically. See docs/rootfs.md.
  */
-import { createHash, randomBytes } from "node:crypto";
 import { unlinkSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, open, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { LayerError, SupermachineError } from "../errors.ts";
-import { debug, mapAbort, publish, throwIfAborted } from "../internal/index.ts";
+import { debug, mapAbort, nodeCrypto, publish, throwIfAborted } from "../internal/index.ts";
 import { applyLayer, DEFAULT_ROOTFS_LIMITS, ImageBudget, type RootfsLimits, Spool } from "./apply-layer.ts";
 import { DEFAULT_MIN_FREE_DISK_BYTES, DiskSpace } from "./disk-space.ts";
 import { writeExt4Image } from "./ext4-writer.ts";
@@ -114,7 +113,7 @@ export interface RootfsImage {
 
 /** A UUID (RFC 9562 version 8: custom) derived from `parts`. */
 function derivedUuid(...parts: string[]): string {
-  const h = createHash("sha256").update(parts.join("\0")).digest();
+  const h = nodeCrypto().createHash("sha256").update(parts.join("\0")).digest();
   h[6] = (h[6]! & 0x0f) | 0x80;
   h[8] = (h[8]! & 0x3f) | 0x80;
   const x = h.subarray(0, 16).toString("hex");
@@ -167,7 +166,10 @@ async function makeScratch(o: ImageOptions): Promise<Scratch> {
   } catch (cause) {
     throw new SupermachineError("ROOTFS_BUILD", `cannot create scratch space for ${output}`, { cause });
   }
-  const tempImage = join(dirname(output), `.${basename(output)}.${randomBytes(6).toString("hex")}.tmp`);
+  const tempImage = join(
+    dirname(output),
+    `.${basename(output)}.${nodeCrypto().randomBytes(6).toString("hex")}.tmp`,
+  );
   return { output, workDir, tempImage };
 }
 

@@ -4,11 +4,10 @@
  * Both are rebuildable; `prune` removes what no stored image or snapshot uses.
  */
 
-import { createHash } from "node:crypto";
 import { chmod, copyFile, lstat, mkdir, open, readdir, readlink, rename, rm, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { dataDir } from "../internal/index.ts";
+import { dataDir, nodeCrypto } from "../internal/index.ts";
 import {
   buildImageFromDirectory,
   flattenLayers,
@@ -100,7 +99,10 @@ export async function resolveRootfs(
     if (opts.intoStore !== true) return { imagePath: absolute, key };
     const dir = join(opts.dataDir ?? dataDir(), "rootfs", "dirs");
     await mkdir(dir, { recursive: true, mode: 0o700 });
-    const imagePath = join(dir, `${createHash("sha256").update(key).digest("hex").slice(0, 32)}.ext4`);
+    const imagePath = join(
+      dir,
+      `${nodeCrypto().createHash("sha256").update(key).digest("hex").slice(0, 32)}.ext4`,
+    );
     if ((await stat(imagePath).catch(() => undefined))?.isFile()) return { imagePath, key };
     const tmp = `${imagePath}.${process.pid}.tmp`;
     await copyFile(absolute, tmp);
@@ -142,7 +144,7 @@ async function assertExt4(file: string): Promise<void> {
 
 /** A hash of everything in the tree that the image depends on. Never follows symlinks. */
 export async function fingerprintTree(root: string): Promise<string> {
-  const hash = createHash("sha256");
+  const hash = nodeCrypto().createHash("sha256");
   hash.update(`rootfs-format ${ROOTFS_FORMAT_VERSION}\n`);
   const walk = async (rel: string): Promise<void> => {
     const names = (await readdir(join(root, rel))).sort();

@@ -16,9 +16,8 @@
  * - unused inode-table blocks and all-zero file blocks are not written: the file is sparse.
  */
 import { closeSync, fsyncSync, ftruncateSync, openSync, readSync, writeSync } from "node:fs";
-import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
-import { throwIfAborted } from "../internal/index.ts";
+import { throwIfAborted, yieldToLoop } from "../internal/index.ts";
 import { ContentReader } from "./content-reader.ts";
 import { crc32c, crc32cU32 } from "./crc32c.ts";
 import {

@@ -6,8 +6,8 @@
 import { closeSync, createReadStream, fstatSync, openSync, readSync } from "node:fs";
 import { open } from "node:fs/promises";
 import type { Readable } from "node:stream";
-import zlib from "node:zlib";
 import { SupermachineError } from "../errors.ts";
+import { nodeZlib } from "../internal/index.ts";
 
 export type LayerCompression = "gzip" | "zstd" | "none";
 
@@ -64,8 +64,8 @@ export async function openLayer(path: string, mediaType: string, signal?: AbortS
   if (compression === "none") return { stream: raw, compression, bytesRead: () => read };
   const inflate =
     compression === "gzip"
-      ? zlib.createGunzip({ chunkSize: CHUNK })
-      : zlib.createZstdDecompress({ chunkSize: CHUNK });
+      ? nodeZlib().createGunzip({ chunkSize: CHUNK })
+      : nodeZlib().createZstdDecompress({ chunkSize: CHUNK });
   raw.on("error", (err) => inflate.destroy(err));
   inflate.on("close", () => raw.destroy());
   raw.pipe(inflate);

@@ -20,9 +20,8 @@ import {
   readlinkSync,
   type Stats,
 } from "node:fs";
-import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { SupermachineError } from "../errors.ts";
-import { throwIfAborted } from "../internal/index.ts";
+import { throwIfAborted, yieldToLoop } from "../internal/index.ts";
 import { type DirNode, FileTree, type TreeNode } from "./file-tree.ts";
 
 function devMajor(rdev: number): number {

@@ -4,11 +4,11 @@
  * anything. Format: docs/snapshots.md.
  */
 
-import { createHash } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { SnapshotError } from "../errors.ts";
+import { nodeCrypto } from "../internal/index.ts";
 import type { ImageConfig } from "../oci/index.ts";
 import { ROOTFS_FORMAT_VERSION } from "../rootfs/index.ts";
 
@@ -302,7 +302,7 @@ export async function writeManifest(dir: string, manifest: SnapshotManifest): Pr
 
 /** sha256 hex of a file's content. */
 export async function sha256File(path: string): Promise<string> {
-  const hash = createHash("sha256");
+  const hash = nodeCrypto().createHash("sha256");
   for await (const chunk of createReadStream(path, { highWaterMark: 1024 * 1024 }))
     hash.update(chunk as Buffer);
   return hash.digest("hex");

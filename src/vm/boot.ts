@@ -4,7 +4,6 @@
  */
 
 import { join } from "node:path";
-import { performance } from "node:perf_hooks";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "../internal/index.ts";
 import { EMPTY_IMAGE_CONFIG } from "../oci/index.ts";

@@ -3,9 +3,9 @@
  * `/etc/machine-id`, sent with every agent session so that clones of one snapshot never share them
  * (docs/snapshots.md, "Clones are independent").
  */
-import { randomBytes } from "node:crypto";
 import { type GuestIdentity, HOSTNAME_PATTERN } from "../agent/index.ts";
 import { SupermachineError } from "../errors.ts";
+import { nodeCrypto } from "../internal/index.ts";
 
 /** Checks a user's `hostname` option. */
 export function checkHostname(hostname: unknown, what: string): void {
@@ -19,7 +19,7 @@ export function checkHostname(hostname: unknown, what: string): void {
 
 /** A new `/etc/machine-id` value. */
 export function newMachineId(): string {
-  return randomBytes(16).toString("hex");
+  return nodeCrypto().randomBytes(16).toString("hex");
 }
 
 /** The identity of the VM `vmId`: `hostname` or the id, and its machine id (default a new one). */

@@ -13,8 +13,8 @@
  * the guest reaches at 10.0.2.2:PORT).
  */
 
-import { lookup } from "node:dns/promises";
 import { SupermachineError } from "../errors.ts";
+import { nodeDns } from "../internal/index.ts";
 
 /** What a VM may reach on the network. Default `"none"`. See docs/network.md. */
 export type NetworkPolicy = "none" | "outbound" | { readonly allow: readonly string[] };
@@ -209,7 +209,7 @@ async function resolveIpv4(name: string): Promise<string[]> {
     );
   });
   try {
-    const found = await Promise.race([lookup(name, { all: true, family: 4 }), timeout]);
+    const found = await Promise.race([nodeDns().lookup(name, { all: true, family: 4 }), timeout]);
     return [...new Set(found.map((entry) => entry.address))];
   } finally {
     clearTimeout(timer);

@@ -7,7 +7,6 @@
  */
 
 import { join } from "node:path";
-import { performance } from "node:perf_hooks";
 import type { AgentClient, GuestIdentity } from "../agent/index.ts";
 import { SupermachineError } from "../errors.ts";
 import { throwIfAborted } from "../internal/index.ts";

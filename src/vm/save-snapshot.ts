@@ -9,11 +9,10 @@
  * bake does. The result restores like a baked snapshot. See docs/snapshots.md.
  */
 
-import { randomBytes } from "node:crypto";
 import { copyFile, mkdir, rename, rm, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { publish } from "../internal/index.ts";
+import { nodeCrypto, publish } from "../internal/index.ts";
 import {
   assertSnapshotName,
   type BackingFileEntry,
@@ -123,7 +122,7 @@ export async function saveSnapshot(
       network: vm.network,
       execDefaults: vm.defaults,
       warmupTag: vm.source?.manifest.warmupTag ?? "",
-      cacheKey: `running-vm:${randomBytes(16).toString("hex")}`,
+      cacheKey: `running-vm:${nodeCrypto().randomBytes(16).toString("hex")}`,
       parent: vm.source?.dir,
       backingChain: chain,
     });

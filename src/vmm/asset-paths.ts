@@ -1,12 +1,11 @@
 import { execFile } from "node:child_process";
-import { createHash } from "node:crypto";
 import { createReadStream, type Dirent, readFileSync } from "node:fs";
 import { access, constants, readdir, readFile, stat } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { dirname, join, relative, sep } from "node:path";
 import { fileURLToPath } from "node:url";
 import { DigestMismatchError, SupermachineError } from "../errors.ts";
-import { cacheDir, once } from "../internal/index.ts";
+import { cacheDir, nodeCrypto, once } from "../internal/index.ts";
 
 /**
  * Where the guest kernel (an uncompressed, PVH-bootable `vmlinux`) and the initramfs are, and the
@@ -311,7 +310,7 @@ async function verify(path: string, expected: string, label: string): Promise<st
 const verified = new Map<string, string>();
 
 async function fileSha256Stream(path: string): Promise<string> {
-  const hash = createHash("sha256");
+  const hash = nodeCrypto().createHash("sha256");
   for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
   return hash.digest("hex");
 }
@@ -452,7 +451,7 @@ const linuxSourceVersion: () => Promise<string | null> = once(
 );
 
 function sha256(data: string | Buffer): string {
-  return createHash("sha256").update(data).digest("hex");
+  return nodeCrypto().createHash("sha256").update(data).digest("hex");
 }
 
 async function fileSha256(path: string): Promise<string | undefined> {

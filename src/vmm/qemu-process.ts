@@ -21,7 +21,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { chmod, chown, mkdtemp, open, rm } from "node:fs/promises";
 import { connect, createServer, type Server, type Socket } from "node:net";
-import { performance } from "node:perf_hooks";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
 import { debug, memoize, publish, SocketReads } from "../internal/index.ts";
 import { assertHostSupported, findQemu, hostTscKHz, qemuSupportsSandbox } from "./accelerator.ts";

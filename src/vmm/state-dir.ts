@@ -23,7 +23,6 @@
  * reuse: a pid counts as the recorded process only if its start time matches.
  */
 
-import { randomBytes } from "node:crypto";
 import { lstatSync, readdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import {
   chmod,
@@ -40,7 +39,7 @@ import {
 } from "node:fs/promises";
 import path from "node:path";
 import { SupermachineError } from "../errors.ts";
-import { dataDir, debug, runtimeDir } from "../internal/index.ts";
+import { dataDir, debug, nodeCrypto, runtimeDir } from "../internal/index.ts";
 
 /** How many kept (failed) VM dirs a sweep leaves. */
 export const DEFAULT_MAX_KEPT_DIRS = 16;
@@ -135,7 +134,7 @@ export class VmStateDir {
   static async create(options: { root?: string; id?: string; diskRoot?: string } = {}): Promise<VmStateDir> {
     const root = options.root ?? runtimeRoot();
     const disks = options.diskRoot ?? diskRoot();
-    const id = options.id ?? randomBytes(5).toString("hex");
+    const id = options.id ?? nodeCrypto().randomBytes(5).toString("hex");
     if (!VM_ID.test(id)) {
       throw new SupermachineError("INVALID_ARGUMENT", `VM id ${JSON.stringify(id)} must match ${VM_ID}`);
     }
