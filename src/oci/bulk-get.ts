@@ -90,6 +90,12 @@ const TLS_OPTION_KEYS = [
   "checkServerIdentity",
 ] as const;
 
+/** What the server sent, quoted for an error message: at most 80 characters of it. */
+function quoted(text: string | undefined): string {
+  const value = text ?? "";
+  return JSON.stringify(value.length > 80 ? `${value.slice(0, 80)}…` : value);
+}
+
 type Framing =
   | { kind: "length"; left: number }
   | { kind: "close" }
@@ -191,8 +197,7 @@ class BulkResponse implements HttpBody {
       }
       const [statusLine, ...fields] = head.toString("latin1", 0, end).split("\r\n");
       const status = /^HTTP\/1\.[01] (\d{3})(?: |$)/.exec(statusLine!);
-      if (status === null)
-        throw new HttpFramingError(`not an HTTP/1.1 response: ${JSON.stringify(statusLine)}`);
+      if (status === null) throw new HttpFramingError(`not an HTTP/1.1 response: ${quoted(statusLine)}`);
       const code = Number(status[1]);
       head = head.subarray(end + 4);
       if (code >= 100 && code < 200) {
@@ -209,7 +214,7 @@ class BulkResponse implements HttpBody {
     const values = new Map<string, string>();
     for (const field of fields) {
       const colon = field.indexOf(":");
-      if (colon <= 0) throw new HttpFramingError(`malformed header line ${JSON.stringify(field)}`);
+      if (colon <= 0) throw new HttpFramingError(`malformed header line ${quoted(field)}`);
       const name = field.slice(0, colon).trim().toLowerCase();
       const value = field.slice(colon + 1).trim();
       const before = values.get(name);
@@ -222,8 +227,7 @@ class BulkResponse implements HttpBody {
       this.#framing = { kind: "chunked", state: "size", left: 0, line: "", trailerBytes: 0 };
     else if (encoding !== undefined) this.#framing = { kind: "close" };
     else if (length !== undefined) {
-      if (!/^\d{1,15}$/.test(length))
-        throw new HttpFramingError(`bad Content-Length ${JSON.stringify(length)}`);
+      if (!/^\d{1,15}$/.test(length)) throw new HttpFramingError(`bad Content-Length ${quoted(length)}`);
       this.#framing = { kind: "length", left: Number(length) };
     } else this.#framing = { kind: "close" };
     this.#resolveHead({
@@ -293,7 +297,7 @@ class BulkResponse implements HttpBody {
       framing.state = "size";
     } else if (framing.state === "size") {
       const size = /^([0-9a-fA-F]{1,12})[ \t]*(?:;.*)?$/.exec(line);
-      if (size === null) throw new HttpFramingError(`bad chunk size line ${JSON.stringify(line)}`);
+      if (size === null) throw new HttpFramingError(`bad chunk size line ${quoted(line)}`);
       framing.left = Number.parseInt(size[1]!, 16);
       framing.state = framing.left === 0 ? "trailer" : "data";
     } else if (line === "") {
