@@ -148,7 +148,7 @@ describe("bulk GET", () => {
 
   test("malformed answers: status line, header line, Content-Length, chunk size", async () => {
     const answers = [
-      "SSH-2.0-OpenSSH\r\n\r\n",
+      `SSH-2.0-OpenSSH${"x".repeat(5000)}\r\n\r\n`,
       "HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
       "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
     ];
@@ -160,7 +160,7 @@ describe("bulk GET", () => {
     for (const pattern of [/not an HTTP\/1\.1 response/, /malformed header line/, /bad Content-Length/]) {
       await assert.rejects(
         get(url),
-        (e: unknown) => e instanceof HttpFramingError && pattern.test(e.message),
+        (e: unknown) => e instanceof HttpFramingError && pattern.test(e.message) && e.message.length < 200,
       );
     }
     const { outcome } = await read(await get(url));
