@@ -1,7 +1,7 @@
 /**
  * Node built-ins that a command which neither pulls nor runs a VM never needs, loaded on first
- * use: importing them with the library cost ~15–25 ms of every CLI start that loads it (`node:crypto`
- * alone ~8 ms; docs/cli.md, start time).
+ * use: importing them with the library cost ~15–25 ms of every CLI start that loads it
+ * (`node:crypto` alone ~8 ms; docs/cli.md, start time); and the one way to yield to the event loop.
  */
 import { createRequire } from "node:module";
 import { once } from "./memo.ts";
@@ -17,7 +17,7 @@ export const nodeZlib = once(() => load("node:zlib") as typeof import("node:zlib
 /** `node:dns/promises`. */
 export const nodeDns = once(() => load("node:dns/promises") as typeof import("node:dns/promises"));
 
-/** Resolves on the event loop's next turn (after pending I/O): a long job's yield. */
+/** Resolves on the event loop's next turn (after pending I/O and the reactions already due). */
 export function yieldToLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
 }

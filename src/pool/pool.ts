@@ -1,5 +1,5 @@
 import { AbortError, PoolTimeoutError, SupermachineError } from "../errors.ts";
-import { debug, publish, throwIfAborted } from "../internal/index.ts";
+import { debug, publish, throwIfAborted, yieldToLoop } from "../internal/index.ts";
 import type { Vm } from "../vm/index.ts";
 import type { PoolClock } from "./pool-clock.ts";
 import { createLease, type PooledVm, revokeLease } from "./pooled-vm.ts";
@@ -290,7 +290,7 @@ export class Pool<V extends PoolableVm = Vm> {
   async settled(): Promise<void> {
     for (;;) {
       // Reactions already due (a VM that just died, a lease just returned) run first.
-      await new Promise((resolve) => setImmediate(resolve));
+      await yieldToLoop();
       if (this.#background.size === 0) return;
       await Promise.allSettled([...this.#background]);
     }
