@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the supermachine guest kernel (an uncompressed, PVH-bootable vmlinux) from Debian's
-# linux-source-6.1: `make tinyconfig` + kernel/supermachine.config, everything built in.
+# linux-source-6.1 with kernel/patches/*.patch applied: `make tinyconfig` + kernel/supermachine.config,
+# everything built in.
 #
 # Installs $CACHE/kernel/<key>/vmlinux, where
 #   CACHE = ${SUPERMACHINE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}
 #   key   = first 16 hex digits of sha256 over the manifest
 #             "<sha256 of kernel/supermachine.config>  kernel/supermachine.config\n"
 #             "<sha256 of scripts/build-kernel.sh>  scripts/build-kernel.sh\n"
+#             "<sha256 of kernel/patches/P>  kernel/patches/P\n" for each patch, in C-locale order
 #             "linux-source-6.1 <dpkg version>\n"
 # (src/vmm/asset-paths.ts computes the same key). Does nothing when that file exists.
 #
@@ -39,6 +41,10 @@ case "${1:-}" in
 esac
 
 [[ -f $fragment ]] || die "missing $fragment"
+patches=()
+while IFS= read -r -d '' patch; do patches+=("$patch"); done < <(
+  find "$root/kernel/patches" -maxdepth 1 -type f -name '*.patch' -print0 2>/dev/null | LC_ALL=C sort -z
+)
 version="$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null)" ||
   die "$src_pkg is not installed: apt-get install $src_pkg"
 [[ -n $version ]] || die "$src_pkg is not installed: apt-get install $src_pkg"
@@ -47,9 +53,15 @@ key="$(
   {
     printf '%s  %s\n' "$(sha256 "$fragment")" kernel/supermachine.config
     printf '%s  %s\n' "$(sha256 "$script")" scripts/build-kernel.sh
+    for patch in "${patches[@]}"; do printf '%s  %s\n' "$(sha256 "$patch")" "${patch#"$root"/}"; done
     printf '%s %s\n' "$src_pkg" "$version"
   } | sha256sum | cut -c1-16
 )"
+# The patched source and its build dir are kept per patch set (the pristine tree is never patched).
+patch_set=""
+if ((${#patches[@]})); then
+  patch_set="+$(for patch in "${patches[@]}"; do sha256 "$patch"; done | sha256sum | cut -c1-12)"
+fi
 out_dir="$cache/kernel/$key"
 out="$out_dir/vmlinux"
 
@@ -78,19 +90,23 @@ fi
 
 start=$SECONDS
 [[ -f $src_tar ]] || die "missing $src_tar: apt-get install $src_pkg"
-srcdir="$cache/src/${src_pkg}_$version"
+srcdir="$cache/src/${src_pkg}_$version$patch_set"
 if [[ ! -f $srcdir/.supermachine-extracted ]]; then
   log "extracting $src_tar -> $srcdir"
   rm -rf "$srcdir" "$srcdir.tmp"
   mkdir -p "$srcdir.tmp"
   tar -xJf "$src_tar" -C "$srcdir.tmp" --strip-components=1
+  for patch in "${patches[@]}"; do
+    log "applying ${patch#"$root"/}"
+    patch -d "$srcdir.tmp" -p1 --forward --batch --silent <"$patch" || die "${patch#"$root"/} does not apply to $src_pkg $version"
+  done
   touch "$srcdir.tmp/.supermachine-extracted"
   mv "$srcdir.tmp" "$srcdir"
 fi
 
 # Out-of-tree build dir shared by every key of this source version: a changed fragment rebuilds
 # incrementally. Safe to delete at any time.
-builddir="$cache/kernel-build/${src_pkg}_$version"
+builddir="$cache/kernel-build/${src_pkg}_$version$patch_set"
 mkdir -p "$builddir"
 buildlog="$builddir/build.log"
 : >"$buildlog"

@@ -11,7 +11,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 packages=(
   qemu-system-x86 qemu-utils e2fsprogs util-linux
   musl-tools busybox-static cpio zstd gzip
-  linux-source-6.1 build-essential bc flex bison libelf-dev xz-utils
+  linux-source-6.1 build-essential bc flex bison libelf-dev xz-utils patch
   docker-registry skopeo debootstrap apache2-utils openssl curl ca-certificates tmux
   libarchive-tools acl attr python3 clang-14 libclang-rt-14-dev
   # the service checks' clients (test/integration/services-*.test.ts); Debian 12 has pgbench in

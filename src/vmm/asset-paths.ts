@@ -378,7 +378,17 @@ async function cachedNetRelayPath(packageDir: string, dir: string): Promise<stri
 /** Key of `scripts/build-kernel.sh`: sha256 of the manifest of its inputs, first 16 hex digits. */
 async function kernelCacheKey(packageDir: string, version: string): Promise<string | undefined> {
   const lines: string[] = [];
-  for (const path of ["kernel/supermachine.config", "scripts/build-kernel.sh"]) {
+  let patches: string[] = [];
+  try {
+    patches = (await readdir(join(packageDir, "kernel", "patches"), { withFileTypes: true }))
+      .filter((entry) => entry.isFile() && entry.name.endsWith(".patch"))
+      .map((entry) => `kernel/patches/${entry.name}`)
+      .sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+  } catch (error) {
+    // No patches directory: a kernel of the fragment alone.
+    if ((error as NodeJS.ErrnoException).code !== "ENOENT") return undefined;
+  }
+  for (const path of ["kernel/supermachine.config", "scripts/build-kernel.sh", ...patches]) {
     const digest = await fileSha256(join(packageDir, path));
     if (digest === undefined) return undefined;
     lines.push(`${digest}  ${path}\n`);

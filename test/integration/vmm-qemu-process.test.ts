@@ -435,7 +435,7 @@ describe("with the guest kernel", { skip }, () => {
     try {
       assert.ok(
         vm.args.some((arg) =>
-          /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ tsc=reliable noreplace-smp no_timer_check quiet$/.test(
+          /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ tsc=reliable noreplace-smp no_timer_check lapic_timer_hz=1000000000 quiet$/.test(
             arg,
           ),
         ),
@@ -446,6 +446,28 @@ describe("with the guest kernel", { skip }, () => {
         await readFile(vm.consoleLogPath, "utf8"),
         /Kernel panic - not syncing: VFS: Unable to mount root fs/,
       );
+    } catch (error) {
+      t.diagnostic(`console log: ${vm.consoleLogPath}`);
+      throw error;
+    } finally {
+      await vm.kill();
+    }
+  });
+
+  it("takes the local APIC timer's rate from the command line under TCG instead of calibrating it", async (t) => {
+    const placeholder = path.join(tmp, "no-initramfs-apic");
+    await writeFile(placeholder, "");
+    const kernel = (await resolveAssetPaths({ initramfs: placeholder })).kernel;
+    const vm = await QemuProcess.launch({
+      machine: { ...tiny, memoryMiB: 128, kernelPath: kernel, kernelArgs: ["apic=verbose"] },
+      runtimeDir: await freshRoot(),
+    });
+    try {
+      assert.deepEqual(await vm.exited, { code: 0, signal: null });
+      await vm.stop();
+      const log = await readFile(vm.consoleLogPath, "utf8");
+      assert.match(log, /lapic timer already calibrated 4000000\b/);
+      assert.doesNotMatch(log, /calibrating APIC timer/);
     } catch (error) {
       t.diagnostic(`console log: ${vm.consoleLogPath}`);
       throw error;

@@ -55,6 +55,7 @@ before(async () => {
   // A package dir with the real build scripts and a small fake guest source tree.
   for (const path of [
     "kernel/supermachine.config",
+    "kernel/patches/lapic-timer-hz.patch",
     "scripts/build-kernel.sh",
     "scripts/asset-cache.sh",
     "scripts/build-initramfs.sh",
@@ -328,6 +329,31 @@ describe("cache keys match the build scripts", () => {
     const cached = await cachedAssetPaths({ packageDir, env });
     assert.equal(cached.kernel, stdout.trim());
     assert.match(stdout.trim(), /\/kernel\/[0-9a-f]{16}\/vmlinux$/);
+  });
+
+  test("kernel: every patch keys it, in the same order as scripts/build-kernel.sh", async (t) => {
+    if ((await linuxSourceVersion()) === null) {
+      t.skip("dpkg-query does not know linux-source-6.1 on this host");
+      return;
+    }
+    const printPath = async () =>
+      (
+        await run("bash", [join(packageDir, "scripts/build-kernel.sh"), "--print-path"], {
+          env: { ...process.env, ...env },
+        })
+      ).stdout.trim();
+    const before = await printPath();
+    // "B" sorts before "a" by bytes (the C locale), after it in most others: both sides sort by bytes.
+    const added = [join(packageDir, "kernel/patches/B.patch"), join(packageDir, "kernel/patches/a.patch")];
+    for (const [i, path] of added.entries()) await touch(path, `patch ${i}\n`);
+    try {
+      const after = await printPath();
+      assert.notEqual(after, before);
+      assert.equal((await cachedAssetPaths({ packageDir, env })).kernel, after);
+    } finally {
+      for (const path of added) await rm(path);
+    }
+    assert.equal((await cachedAssetPaths({ packageDir, env })).kernel, before);
   });
 
   test("build-assets.sh --print-paths prints both paths", async (t) => {

@@ -182,7 +182,7 @@ describe("buildQemuArgs", () => {
           "-initrd",
           "/k/initrd",
           "-append",
-          "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2096021 tsc=reliable noreplace-smp no_timer_check quiet sm.epoch=1",
+          "console=ttyS0 reboot=t panic=-1 tsc_early_khz=2096021 tsc=reliable noreplace-smp no_timer_check lapic_timer_hz=1000000000 quiet sm.epoch=1",
         ],
       ],
     },
@@ -282,11 +282,11 @@ describe("kernelCommandLine", () => {
   it("adds tsc_early_khz only under tcg and only when known, then the TCG arguments (no noapictimer: its idle cost would stay with every clone of a bake)", () => {
     assert.equal(
       kernelCommandLine({ accel: "tcg" }),
-      "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check",
+      "console=ttyS0 reboot=t panic=-1 tsc=reliable noreplace-smp no_timer_check lapic_timer_hz=1000000000",
     );
     assert.equal(
       kernelCommandLine({ accel: "tcg", tscKHz: 1000, kernelArgs: ["quiet"] }),
-      "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000 tsc=reliable noreplace-smp no_timer_check quiet",
+      "console=ttyS0 reboot=t panic=-1 tsc_early_khz=1000 tsc=reliable noreplace-smp no_timer_check lapic_timer_hz=1000000000 quiet",
     );
   });
   it("adds nothing under kvm", () => {
