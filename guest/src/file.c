@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -106,11 +107,49 @@ int sm_fw_write(struct sm_fwriter *w, const void *p, size_t n)
 	return 0;
 }
 
+/* A file that is a mount point (the VM's names, runtime.c) cannot be renamed over (EBUSY): the
+ * temp file's content, mode and owner are copied into it in place instead. Not atomic. */
+static int copy_in_place(const char *tmp, const char *path)
+{
+	int in = open(tmp, O_RDONLY | O_CLOEXEC);
+	int out = in < 0 ? -1 : open(path, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC);
+	struct stat st;
+	int r = out < 0 || fstat(in, &st) < 0 ? -1 : 0;
+	for (off_t left = r == 0 ? st.st_size : 0; left > 0;) {
+		ssize_t n = sendfile(out, in, NULL, (size_t)left);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			if (n == 0)
+				errno = EIO; /* the temp file shrank: only this writer has it */
+			r = -1;
+			break;
+		}
+		left -= n;
+	}
+	if (r == 0 && (!owner_ok(fchown(out, st.st_uid, st.st_gid)) || fchmod(out, st.st_mode & 07777) < 0))
+		r = -1;
+	int e = errno;
+	if (out >= 0)
+		close(out);
+	if (in >= 0)
+		close(in);
+	errno = e;
+	return r;
+}
+
 int sm_fw_finish(struct sm_fwriter *w)
 {
 	int r = close(w->fd);
 	w->fd = -1;
-	if (r < 0 || rename(w->tmp, w->path) < 0) {
+	if (r == 0 && rename(w->tmp, w->path) < 0) {
+		r = -1;
+		if (errno == EBUSY && copy_in_place(w->tmp, w->path) == 0) {
+			unlink(w->tmp);
+			r = 0;
+		}
+	}
+	if (r < 0) {
 		int e = errno;
 		sm_fw_abort(w);
 		errno = e;

@@ -419,8 +419,9 @@ export class AgentClient {
   }
 
   /**
-   * Writes a file in the guest (atomically: a temporary file renamed into place), streamed at any
-   * size. Rejects with `GuestIoError` if the guest cannot write it.
+   * Writes a file in the guest (atomically: a temporary file renamed into place; a mount point,
+   * which refuses the rename, is written in place), streamed at any size. Rejects with
+   * `GuestIoError` if the guest cannot write it.
    */
   async writeFile(path: string, data: WriteFileSource, opts: WriteFileOptions = {}): Promise<void> {
     if (!path.startsWith("/")) throw invalid(`writeFile path ${JSON.stringify(path)} must be absolute`);

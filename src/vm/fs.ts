@@ -53,7 +53,7 @@ export class GuestFileSystem {
     return encoding === "utf8" ? new TextDecoder().decode(bytes) : bytes;
   }
 
-  /** Writes (atomically replaces) the file, streamed at any size. Default mode 0644. */
+  /** Writes (atomically replaces; a mount point such as `/etc/hosts` in place) the file, streamed at any size. Default mode 0644. */
   async writeFile(path: string, data: WriteFileSource, options: WriteFileOptions = {}): Promise<void> {
     return this.#agent().writeFile(path, data, options);
   }

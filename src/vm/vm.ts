@@ -236,7 +236,7 @@ export class Vm {
     return spawnExec(this.#target, checkArgv(argv), checkExecOptions(options));
   }
 
-  /** Write `data` to `path` in the guest (streamed; any size; atomically replaced). Default mode 0644. */
+  /** Write `data` to `path` in the guest (streamed; any size; atomically replaced, or in place where `path` is a mount point such as `/etc/hosts`). Default mode 0644. */
   async writeFile(path: string, data: WriteFileSource, options: WriteFileOptions = {}): Promise<void> {
     const agent = this.#agent();
     return typedErrors("STORE_ERROR", `writing ${path} in VM ${this.id}`, () =>

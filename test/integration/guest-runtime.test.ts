@@ -32,6 +32,39 @@ describe("the guest's runtime environment", { timeout: 600_000 }, () => {
     assert.equal(await sh("stat -c '%a %u' /etc/hosts /etc/hostname"), "644 0\n644 0\n");
   });
 
+  shared.it(
+    "keeps /etc/hostname, /etc/hosts and /etc/machine-id in files of their own mounted over the image's, as docker does",
+    async () => {
+      const vm = shared.current();
+      assert.equal(
+        await sh(
+          'for f in hostname hosts machine-id; do stat -f -c %T /etc/$f; grep -c " /etc/$f " /proc/mounts; done',
+        ),
+        "tmpfs\n1\ntmpfs\n1\ntmpfs\n1\n",
+      );
+      // the tmpfs they came from is no longer mounted anywhere else
+      assert.equal(await sh("grep -c sm-names /proc/mounts"), "3\n");
+      // a rename over one fails, as in docker; the file API writes it in place, with its mode
+      assert.match(await sh("echo x > /tmp/h; mv /tmp/h /etc/hostname 2>&1; cat /etc/hostname"), /busy/i);
+      const hosts = await vm.readFile("/etc/hosts");
+      try {
+        await vm.writeFile("/etc/hosts", `${Buffer.from(hosts).toString()}10.9.8.7\tadded\n`, {
+          mode: 0o640,
+        });
+        assert.equal(
+          await sh("getent hosts added | tr -s ' \t' ' '; stat -c '%a %u' /etc/hosts"),
+          "10.9.8.7 added\n640 0\n",
+        );
+        assert.equal(
+          await sh("grep -c ' /etc/hosts ' /proc/mounts; ls -a /etc | grep -c '^\\.sm-' || true"),
+          "1\n0\n",
+        );
+      } finally {
+        await vm.writeFile("/etc/hosts", hosts, { mode: 0o644 });
+      }
+    },
+  );
+
   shared.it("has an /etc/resolv.conf when the image has none", async () => {
     assert.equal(await sh("grep -v '^#' /etc/resolv.conf"), "nameserver 127.0.0.1\n");
   });
