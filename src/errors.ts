@@ -327,7 +327,7 @@ export class OutputLimitError extends SupermachineError {
 export class GuestIoError extends SupermachineError {
   readonly path: string;
   readonly errno: number | undefined;
-  /** The operation that failed, Node-style: `stat`, `mkdir`, `rm`, `scandir`, `connect`, `read`, … */
+  /** The operation that failed, Node-style: `stat`, `mkdir`, `rm`, `scandir`, `connect`, `read`, ... */
   readonly syscall: string | undefined;
   /** The second path of `rename` (the new name) and `symlink` (the target). */
   readonly dest: string | undefined;

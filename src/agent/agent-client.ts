@@ -643,7 +643,7 @@ export class AgentClient {
    * 127.0.0.1) inside the guest, made by the agent, and resolves with it as a Node `Duplex` once
    * connected. Backpressure holds both ways; `end()` half-closes, `destroy()` resets the guest
    * connection. A failed connect rejects with a `GuestIoError` named for its errno
-   * (`ECONNREFUSED`, `ENETUNREACH`, …); no answer within `timeoutMs` (default 30 000) with
+   * (`ECONNREFUSED`, `ENETUNREACH`, ...); no answer within `timeoutMs` (default 30 000) with
    * `AGENT_TIMEOUT`.
    */
   connectTcp(port: number, opts: ConnectTcpOptions = {}): Promise<Duplex> {

@@ -135,7 +135,7 @@ export class ExecChannel implements StreamHandler {
   #requestSent = false;
   readonly #startWatchdog: Watchdog;
 
-  // Output (guest → host), under host credit.
+  // Output (guest -> host), under host credit.
   readonly #credit: GuestCredit;
   /** Output not yet read, with the credit each chunk cost. */
   readonly #queue: { output: ExecOutput; cost: number }[] = [];
@@ -146,7 +146,7 @@ export class ExecChannel implements StreamHandler {
   #readers: (() => void)[] = [];
   #discard = false;
 
-  // Stdin (host → guest), under agent credit.
+  // Stdin (host -> guest), under agent credit.
   #stdinCredit = DEFAULT_WINDOW;
   #stdinChain: Promise<void> = Promise.resolve();
   #stdinEnded = false;

@@ -290,7 +290,7 @@ export class GuestFs {
     return this.#call(m, noFollow ? "lutime" : "utime", opts, () => {});
   }
 
-  /** Checks that `path` exists (`F_OK`, default) or is readable/writable/executable (`R_OK`, …). */
+  /** Checks that `path` exists (`F_OK`, default) or is readable/writable/executable (`R_OK`, ...). */
   async access(path: string, mode = F_OK, opts: AgentCallOptions = {}): Promise<void> {
     if (!Number.isInteger(mode) || mode < 0 || mode > 7)
       throw invalid(`access mode ${mode} is not F_OK..R_OK|W_OK|X_OK`);

@@ -3,7 +3,7 @@ import { type AgentErrorMessage, agentErrorCodeName } from "./messages.ts";
 
 /** Where a failed guest system call was aimed, for {@link syscallError}. */
 export interface SyscallTarget {
-  /** Node-style name of the call: `stat`, `mkdir`, `scandir`, `connect`, `read`, … */
+  /** Node-style name of the call: `stat`, `mkdir`, `scandir`, `connect`, `read`, ... */
   syscall: string;
   path: string;
   dest?: string | undefined;

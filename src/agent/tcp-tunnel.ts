@@ -76,12 +76,12 @@ class TcpTunnel implements StreamHandler {
   readonly #connectWatchdog: Watchdog;
   #state: State = "connecting";
   #error: Error | undefined;
-  // guest → host
+  // guest -> host
   readonly #queue: { data: Uint8Array; cost: number }[] = [];
   #wanting = false;
   #guestFin = false;
   #pushedEnd = false;
-  // host → guest
+  // host -> guest
   #sendCredit = DEFAULT_WINDOW;
   #creditWaiters: (() => void)[] = [];
   #hostFin = false;
@@ -136,7 +136,7 @@ class TcpTunnel implements StreamHandler {
       : `${this.#address}:${this.#port}`;
   }
 
-  /** Resolves once the agent connected; rejects with `GuestIoError` (`ECONNREFUSED`, …) otherwise. */
+  /** Resolves once the agent connected; rejects with `GuestIoError` (`ECONNREFUSED`, ...) otherwise. */
   get connected(): Promise<void> {
     return this.#connected.promise;
   }

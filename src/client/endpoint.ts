@@ -154,7 +154,7 @@ export class Endpoint {
     const peer = new StreamPeer(
       {
         send: (message) => socket.send(message),
-        // A browser-style WebSocket may close with 1000 or 3000–4999 only.
+        // A browser-style WebSocket may close with 1000 or 3000-4999 only.
         close: (code, reason) => socket.close(code === 1000 ? 1000 : 4000 + (code % 1000), reason),
       },
       handlers,

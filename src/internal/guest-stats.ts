@@ -115,7 +115,7 @@ export class GuestDirent {
   readonly name: string;
   /** The directory listed. */
   readonly parentPath: string;
-  /** `d_type`: the `S_IFMT` bits >> 12 (8 file, 4 directory, 10 symlink, …), 0 if unknown. */
+  /** `d_type`: the `S_IFMT` bits >> 12 (8 file, 4 directory, 10 symlink, ...), 0 if unknown. */
   readonly type: number;
 
   constructor(name: string, parentPath: string, type: number) {

@@ -251,7 +251,7 @@ export async function flattenLayers(options: FlattenLayersOptions): Promise<Root
           limits,
           budget,
           signal,
-          // Free space is checked again after every half of what was left (1 … 64 MiB) has been
+          // Free space is checked again after every half of what was left (1 ... 64 MiB) has been
           // written (zeros are holes and cost nothing).
           onSpool: (written, ctx) => {
             if (written < nextCheck) return;

@@ -72,7 +72,7 @@ const S_IFMT = {
 const FT = { file: 1, dir: 2, char: 3, block: 4, fifo: 5, socket: 6, symlink: 7 } as const;
 const EXTENTS_FL = 0x80000;
 
-/** A run of physical blocks holding the inode's blocks `logical` … `logical + len - 1`. */
+/** A run of physical blocks holding the inode's blocks `logical` ... `logical + len - 1`. */
 interface Run {
   logical: number;
   start: number;
@@ -663,7 +663,7 @@ class BlockAllocator {
     }
   }
 
-  /** `n` blocks for logical blocks `logical` …; appended to `runs` (merged where contiguous). */
+  /** `n` blocks for logical blocks `logical` ...; appended to `runs` (merged where contiguous). */
   alloc(n: number, logical = 0, runs: Run[] = []): Run[] {
     while (n > 0) {
       const g = Math.floor(this.#cursor / this.#bpg);

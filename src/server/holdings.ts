@@ -83,7 +83,7 @@ export class Holdings {
     }
   }
 
-  // ── images ──────────────────────────────────────────────────────────────────────────────────
+  // -- images ----------------------------------------------------------------------------------
 
   /** The image of a stored snapshot (opened once; checked against this host on first use). */
   image(snapshot: string): Promise<Image> {
@@ -117,7 +117,7 @@ export class Holdings {
     return this.options.dataDir === undefined ? {} : { dataDir: this.options.dataDir };
   }
 
-  // ── VMs ─────────────────────────────────────────────────────────────────────────────────────
+  // -- VMs -------------------------------------------------------------------------------------
 
   get vmCount(): number {
     return this.#vms.size;
@@ -226,7 +226,7 @@ export class Holdings {
     }
   }
 
-  // ── pools ───────────────────────────────────────────────────────────────────────────────────
+  // -- pools -----------------------------------------------------------------------------------
 
   pools(): HeldPool[] {
     return [...this.#pools.values()];
@@ -294,7 +294,7 @@ export class Holdings {
     await held.pool.close({ force: options.force ?? true });
   }
 
-  // ── bounds ──────────────────────────────────────────────────────────────────────────────────
+  // -- bounds ----------------------------------------------------------------------------------
 
   /** VM slots in use: VMs of their own, every pool's `max`, starts in progress. */
   get reservedVms(): number {
@@ -359,7 +359,7 @@ export class Holdings {
     return { ...mount, hostPath: real };
   }
 
-  // ── life cycle ──────────────────────────────────────────────────────────────────────────────
+  // -- life cycle ------------------------------------------------------------------------------
 
   async #reap(): Promise<void> {
     const now = Date.now();

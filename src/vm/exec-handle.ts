@@ -135,7 +135,7 @@ export class ExecRun {
     );
   }
 
-  /** `["sh","-c",…]` shortened for messages. */
+  /** `["sh","-c",...]` shortened for messages. */
   get name(): string {
     const text = JSON.stringify(this.argv);
     return text.length > 120 ? `${text.slice(0, 117)}...` : text;

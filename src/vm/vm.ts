@@ -217,7 +217,7 @@ export class Vm {
     return this.#parts.agent.agentVersion;
   }
 
-  /** A builder for one command: set argv, env, … then `output()` or `spawn()`. */
+  /** A builder for one command: set argv, env, ... then `output()` or `spawn()`. */
   execBuilder(): ExecBuilder {
     return execBuilder(this.#target);
   }
@@ -309,7 +309,7 @@ export class Vm {
 
   /**
    * Starts the VM's workload: a long-lived process (an image's Entrypoint + Cmd) that belongs to
-   * the VM rather than to one call — it survives restores of a snapshot taken while it runs, its
+   * the VM rather than to one call - it survives restores of a snapshot taken while it runs, its
    * output is kept (bounded) in the guest for {@link workloadLogs}, and its exit is reported. One
    * at a time.
    */

@@ -185,7 +185,7 @@ export const TCG_KERNEL_ARGS: readonly string[] = [
   // The clocksource watchdog compares the TSC with jiffies, which fall behind on a busy host, and
   // would demote the TSC (the guest clock then runs on 4 ms jiffies, slow; so do a bake's clones).
   "tsc=reliable",
-  // A 1-vCPU kernel otherwise rewrites every LOCK prefix in its text (SMP → UP alternatives), which
+  // A 1-vCPU kernel otherwise rewrites every LOCK prefix in its text (SMP -> UP alternatives), which
   // costs 0.3 s of the boot under TCG; the locks cost nothing there. No effect with 2+ vCPUs.
   "noreplace-smp",
   // Skip checking that the PIT's interrupt reaches the IO-APIC (a busy wait of a few ticks): microvm wires it.
