@@ -188,7 +188,8 @@ static void mount_name_files(void)
 			}
 			unlink(path);
 		}
-		fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+		/* read-only: an image's file can be mounted over on a read-only root too */
+		fd = open(path, O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
 		if (fd < 0 || mount(file, path, NULL, MS_BIND, NULL) < 0)
 			sm_log("runtime: mounting a file of its own over %s: %s", path, strerror(errno));
 		if (fd >= 0)

@@ -424,15 +424,36 @@ describe("QemuProcess", { skip }, () => {
 });
 
 describe("with the guest kernel", { skip }, () => {
-  it("boots it (no initramfs: the kernel panics, and panic=-1 ends QEMU)", async (t) => {
-    const placeholder = path.join(tmp, "no-initramfs");
+  /**
+   * Boots the guest kernel alone (no initramfs: it panics, and panic=-1 ends QEMU) with
+   * `kernelArgs`, then hands the finished VM and its console log to `check`.
+   */
+  async function bootKernelAlone(
+    t: TestContext,
+    kernelArgs: string[],
+    check: (vm: QemuProcess, log: string) => void,
+  ): Promise<void> {
+    const placeholder = path.join(await freshRoot(), "no-initramfs");
     await writeFile(placeholder, "");
     const kernel = (await resolveAssetPaths({ initramfs: placeholder })).kernel;
     const vm = await QemuProcess.launch({
-      machine: { ...tiny, memoryMiB: 128, kernelPath: kernel, kernelArgs: ["quiet"] },
+      machine: { ...tiny, memoryMiB: 128, kernelPath: kernel, kernelArgs },
       runtimeDir: await freshRoot(),
     });
     try {
+      assert.deepEqual(await vm.exited, { code: 0, signal: null });
+      await vm.stop();
+      check(vm, await readFile(vm.consoleLogPath, "utf8"));
+    } catch (error) {
+      t.diagnostic(`console log: ${vm.consoleLogPath}`);
+      throw error;
+    } finally {
+      await vm.kill();
+    }
+  }
+
+  it("boots it (no initramfs: the kernel panics, and panic=-1 ends QEMU)", async (t) => {
+    await bootKernelAlone(t, ["quiet"], (vm, log) => {
       assert.ok(
         vm.args.some((arg) =>
           /^console=ttyS0 reboot=t panic=-1 tsc_early_khz=\d+ tsc=reliable noreplace-smp no_timer_check lapic_timer_hz=1000000000 quiet$/.test(
@@ -440,40 +461,15 @@ describe("with the guest kernel", { skip }, () => {
           ),
         ),
       );
-      assert.deepEqual(await vm.exited, { code: 0, signal: null });
-      await vm.stop();
-      assert.match(
-        await readFile(vm.consoleLogPath, "utf8"),
-        /Kernel panic - not syncing: VFS: Unable to mount root fs/,
-      );
-    } catch (error) {
-      t.diagnostic(`console log: ${vm.consoleLogPath}`);
-      throw error;
-    } finally {
-      await vm.kill();
-    }
+      assert.match(log, /Kernel panic - not syncing: VFS: Unable to mount root fs/);
+    });
   });
 
   it("takes the local APIC timer's rate from the command line under TCG instead of calibrating it", async (t) => {
-    const placeholder = path.join(tmp, "no-initramfs-apic");
-    await writeFile(placeholder, "");
-    const kernel = (await resolveAssetPaths({ initramfs: placeholder })).kernel;
-    const vm = await QemuProcess.launch({
-      machine: { ...tiny, memoryMiB: 128, kernelPath: kernel, kernelArgs: ["apic=verbose"] },
-      runtimeDir: await freshRoot(),
-    });
-    try {
-      assert.deepEqual(await vm.exited, { code: 0, signal: null });
-      await vm.stop();
-      const log = await readFile(vm.consoleLogPath, "utf8");
+    await bootKernelAlone(t, ["apic=verbose"], (_vm, log) => {
       assert.match(log, /lapic timer already calibrated 4000000\b/);
       assert.doesNotMatch(log, /calibrating APIC timer/);
-    } catch (error) {
-      t.diagnostic(`console log: ${vm.consoleLogPath}`);
-      throw error;
-    } finally {
-      await vm.kill();
-    }
+    });
   });
 });
 
