@@ -108,11 +108,12 @@ int sm_fw_write(struct sm_fwriter *w, const void *p, size_t n)
 }
 
 /* A file that is a mount point (the VM's names, runtime.c) cannot be renamed over (EBUSY): the
- * temp file's content, mode and owner are copied into it in place instead. Not atomic. */
+ * temp file's content, mode and owner are copied into it in place instead. Not atomic, but never
+ * empty on the way: written over the old bytes from the start, then cut to its length. */
 static int copy_in_place(const char *tmp, const char *path)
 {
 	int in = open(tmp, O_RDONLY | O_CLOEXEC);
-	int out = in < 0 ? -1 : open(path, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC);
+	int out = in < 0 ? -1 : open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
 	struct stat st;
 	int r = out < 0 || fstat(in, &st) < 0 ? -1 : 0;
 	for (off_t left = r == 0 ? st.st_size : 0; left > 0;) {
@@ -127,7 +128,8 @@ static int copy_in_place(const char *tmp, const char *path)
 		}
 		left -= n;
 	}
-	if (r == 0 && (!owner_ok(fchown(out, st.st_uid, st.st_gid)) || fchmod(out, st.st_mode & 07777) < 0))
+	if (r == 0 && (ftruncate(out, st.st_size) < 0 || !owner_ok(fchown(out, st.st_uid, st.st_gid)) ||
+		       fchmod(out, st.st_mode & 07777) < 0))
 		r = -1;
 	int e = errno;
 	if (out >= 0)
