@@ -49,6 +49,18 @@ const UNOWNED_GRACE_MS = 60_000;
 const MAX_SOCKET_PATH_BYTES = 107;
 const VM_ID = /^[A-Za-z0-9_-]{1,40}$/;
 
+/**
+ * A new VM id: 10 random hex digits, at least one of them a letter. The id is the VM's default
+ * hostname, and glibc takes a name of decimal digits alone for a malformed address and never
+ * looks it up (`getent hosts 5019670881` finds nothing, whatever `/etc/hosts` says).
+ */
+export function newVmId(): string {
+  for (;;) {
+    const id = nodeCrypto().randomBytes(5).toString("hex");
+    if (/[a-f]/.test(id)) return id;
+  }
+}
+
 /** The runtime root for this user (see `runtimeDir` in src/internal/paths.ts). */
 export const runtimeRoot = runtimeDir;
 
@@ -128,13 +140,13 @@ export class VmStateDir {
 
   /**
    * Create a fresh dir for a VM (mode 0700) with owner.json naming this process. `id` defaults to
-   * 10 random hex digits. Fails with `HOST_UNSUPPORTED` when the root is not private to this user
+   * {@link newVmId}. Fails with `HOST_UNSUPPORTED` when the root is not private to this user
    * or its path is too long for unix sockets.
    */
   static async create(options: { root?: string; id?: string; diskRoot?: string } = {}): Promise<VmStateDir> {
     const root = options.root ?? runtimeRoot();
     const disks = options.diskRoot ?? diskRoot();
-    const id = options.id ?? nodeCrypto().randomBytes(5).toString("hex");
+    const id = options.id ?? newVmId();
     if (!VM_ID.test(id)) {
       throw new SupermachineError("INVALID_ARGUMENT", `VM id ${JSON.stringify(id)} must match ${VM_ID}`);
     }
