@@ -240,6 +240,7 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
     // A kept-warm pool is measured twice: in its first cycles, and again after `later` more, when
     // V8 has optimized the path (the first cycles of a process pay for the compiling too).
     const later = quick ? 300 : 1000;
+    const sampled = quick ? 10 : 30;
     for (const restoreOnRelease of [false, true]) {
       await using pool = await image.pool().min(1).max(1).restoreOnRelease(restoreOnRelease).build();
       const cycles = async (count: number) => {
@@ -260,7 +261,7 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
         }
         return { ms, shares, outside };
       };
-      const first = await cycles(quick ? 10 : 30);
+      const first = await cycles(sampled);
       const label = restoreOnRelease ? "fresh clone each time" : "kept warm";
       table.add({
         name: `warm cycle acquire → true → release (${label})`,
@@ -285,7 +286,7 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
       });
       if (!restoreOnRelease) {
         await cycles(later);
-        const steady = await cycles(quick ? 10 : 30);
+        const steady = await cycles(sampled);
         table.add({
           name: `  host share, ${later} cycles later (kept warm, steady)`,
           unit: "%",

@@ -365,36 +365,46 @@ async function cachedNetRelayPath(packageDir: string, dir: string): Promise<stri
   }
   const paths = entries.filter((entry) => entry.isFile()).map((entry) => `hosttools/${entry.name}`);
   paths.push("scripts/asset-cache.sh", "scripts/build-hosttools.sh");
-  paths.sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+  const manifest = await manifestOf(packageDir, paths.sort(bytewise));
+  return manifest === undefined ? undefined : join(dir, "sm-net", sha256(manifest).slice(0, 16), "sm-net");
+}
+
+/** Paths in the order of their bytes, as `LC_ALL=C sort` orders them in the build scripts. */
+function bytewise(a: string, b: string): number {
+  return Buffer.compare(Buffer.from(a), Buffer.from(b));
+}
+
+/** The manifest lines `<sha256>  <path>\n` of `paths`, in their order; undefined when one is missing. */
+async function manifestOf(packageDir: string, paths: readonly string[]): Promise<string | undefined> {
   let manifest = "";
   for (const path of paths) {
     const digest = await fileSha256(join(packageDir, path));
     if (digest === undefined) return undefined;
     manifest += `${digest}  ${path}\n`;
   }
-  return join(dir, "sm-net", sha256(manifest).slice(0, 16), "sm-net");
+  return manifest;
 }
 
 /** Key of `scripts/build-kernel.sh`: sha256 of the manifest of its inputs, first 16 hex digits. */
 async function kernelCacheKey(packageDir: string, version: string): Promise<string | undefined> {
-  const lines: string[] = [];
   let patches: string[] = [];
   try {
     patches = (await readdir(join(packageDir, "kernel", "patches"), { withFileTypes: true }))
       .filter((entry) => entry.isFile() && entry.name.endsWith(".patch"))
       .map((entry) => `kernel/patches/${entry.name}`)
-      .sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+      .sort(bytewise);
   } catch (error) {
     // No patches directory: a kernel of the fragment alone.
     if ((error as NodeJS.ErrnoException).code !== "ENOENT") return undefined;
   }
-  for (const path of ["kernel/supermachine.config", "scripts/build-kernel.sh", ...patches]) {
-    const digest = await fileSha256(join(packageDir, path));
-    if (digest === undefined) return undefined;
-    lines.push(`${digest}  ${path}\n`);
-  }
-  lines.push(`${LINUX_SOURCE_PACKAGE} ${version}\n`);
-  return sha256(lines.join("")).slice(0, 16);
+  const manifest = await manifestOf(packageDir, [
+    "kernel/supermachine.config",
+    "scripts/build-kernel.sh",
+    ...patches,
+  ]);
+  return manifest === undefined
+    ? undefined
+    : sha256(`${manifest}${LINUX_SOURCE_PACKAGE} ${version}\n`).slice(0, 16);
 }
 
 /**
@@ -417,7 +427,7 @@ async function initramfsCacheKey(packageDir: string): Promise<string> {
     }
   }
   paths.push("scripts/asset-cache.sh", "scripts/build-initramfs.sh");
-  paths.sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+  paths.sort(bytewise);
   let manifest = "";
   for (const path of paths) {
     const digest = await fileSha256(join(packageDir, path));

@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { describe } from "node:test";
-import { Image } from "../../src/index.ts";
+import { Image, type Vm } from "../../src/index.ts";
 import { fixtureImages } from "../helpers/fixtures.ts";
 import { scratchDir } from "../helpers/scratch.ts";
 import { sharedVm, vmTest } from "../helpers/vm.ts";
@@ -15,10 +15,14 @@ async function debianImage(): Promise<Image> {
   return Image.pull(`oci:${(await fixtureImages()).debian}`, { dataDir: await scratchDir("sm-data-") });
 }
 
+/** The stdout of `script` run by `/bin/sh` in `vm` as `user`. */
+async function shell(vm: Vm, script: string, user = "root"): Promise<string> {
+  return (await vm.execBuilder().argv(["/bin/sh", "-c", script]).user(user).output()).stdoutText;
+}
+
 describe("the guest's runtime environment", { timeout: 600_000 }, () => {
   const shared = sharedVm(async () => (await debianImage()).start({ memoryMiB: 256 }));
-  const sh = async (script: string, user = "root") =>
-    (await shared.current().execBuilder().argv(["/bin/sh", "-c", script]).user(user).output()).stdoutText;
+  const sh = (script: string, user = "root") => shell(shared.current(), script, user);
 
   shared.it("has its id as hostname, in /etc/hostname and resolvable through /etc/hosts", async () => {
     const id = shared.current().id;
@@ -93,8 +97,7 @@ vmTest("the hostname is the one the host gives", async () => {
 
 vmTest("vm.writeFile writes /etc/hosts in place (a mount point), with its mode", async () => {
   await using vm = await (await debianImage()).start({ memoryMiB: 256 });
-  const sh = async (script: string) =>
-    (await vm.execBuilder().argv(["/bin/sh", "-c", script]).user("root").output()).stdoutText;
+  const sh = (script: string) => shell(vm, script);
   const hosts = Buffer.from(await vm.readFile("/etc/hosts")).toString();
   await vm.writeFile("/etc/hosts", `${hosts}10.9.8.7\tadded\n`, { mode: 0o640 });
   assert.equal(
