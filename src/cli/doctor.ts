@@ -75,8 +75,8 @@ function describe(report: HostReport): string[] {
     "confinement",
     [
       c.tools
-        ? "no capabilities, no_new_privs, rlimits, dies with its host process (setpriv, prlimit)"
-        : "setpriv or prlimit is missing: VMs will not start; install util-linux",
+        ? "no capabilities, no_new_privs, rlimits, SCHED_BATCH, dies with its host process (setpriv, prlimit, chrt)"
+        : "setpriv, prlimit or chrt is missing: VMs will not start; install util-linux",
       "error" in user
         ? `QEMU's user: ${user.error}`
         : user.source === "self"

@@ -13,9 +13,13 @@
  *   `/proc/self/fd`), its sockets live in a dir only it and the host can enter;
  * - resource limits: address space, open files, no core dumps.
  *
+ * - the `SCHED_BATCH` policy (not wakeup-preempting): with more running VMs than cores, QEMUs take
+ *   turns in whole time slices instead of preempting each other at every I/O wakeup, and the host
+ *   program (normal policy) still preempts them (docs/vmm.md, "Scheduling").
+ *
  * The chain is `setpriv [--reuid/--regid --clear-groups] --no-new-privs --inh-caps=-all
- * [--bounding-set=-all] --ambient-caps=-all --pdeathsig SIGKILL -- prlimit … -- qemu …`; with a
- * network allow-list, the relay `sm-net … --` comes before QEMU (net-relay.ts).
+ * [--bounding-set=-all] --ambient-caps=-all --pdeathsig SIGKILL -- prlimit … -- chrt --batch -- 0
+ * qemu …`; with a network allow-list, the relay `sm-net … --` comes before QEMU (net-relay.ts).
  */
 
 import { readFileSync } from "node:fs";
@@ -118,13 +122,20 @@ export function qemuLimits(memoryMiB: number): QemuLimits {
   return { addressSpaceBytes: (memoryMiB + 3 * 1024) * 1024 * 1024, openFiles: 4096 };
 }
 
+/** The util-linux programs of the chain. */
+export interface ConfinementTools {
+  setpriv: string;
+  prlimit: string;
+  chrt: string;
+}
+
 /**
  * The command and arguments that start `program` (QEMU's path and arguments, or the relay's and
  * then QEMU's) confined: through `setpriv` (dropping the user when we are root, capabilities,
- * `no_new_privs`, dying with the host) and `prlimit`.
+ * `no_new_privs`, dying with the host), `prlimit` and `chrt --batch`.
  */
 export function confinedCommand(
-  tools: { setpriv: string; prlimit: string },
+  tools: ConfinementTools,
   program: readonly string[],
   identity: QemuIdentity,
   limits: QemuLimits,
@@ -151,24 +162,32 @@ export function confinedCommand(
       `--nofile=${limits.openFiles}`,
       "--core=0",
       "--",
+      // chrt takes no `--` after its priority: the `--` ends its options, then the priority.
+      tools.chrt,
+      "--batch",
+      "--",
+      "0",
       ...program,
     ],
   };
 }
 
 /**
- * `setpriv` and `prlimit` from util-linux (on every Debian and most Linux hosts): QEMU is never
- * started without them. Found once per process.
+ * `setpriv`, `prlimit` and `chrt` from util-linux (on every Debian and most Linux hosts): QEMU is
+ * never started without them. Found once per process.
  */
-export const confinementTools: () => Promise<{ setpriv: string; prlimit: string }> = once(async () => {
-  const [setpriv, prlimit] = await Promise.all([findOnPath("setpriv"), findOnPath("prlimit")]);
-  if (setpriv === undefined || prlimit === undefined) {
+export const confinementTools: () => Promise<ConfinementTools> = once(async () => {
+  const names = ["setpriv", "prlimit", "chrt"] as const;
+  const found = await Promise.all(names.map((name) => findOnPath(name)));
+  const missing = names.filter((_, i) => found[i] === undefined);
+  if (missing.length > 0) {
     throw new SupermachineError(
       "HOST_UNSUPPORTED",
-      `${setpriv === undefined ? "setpriv" : "prlimit"} not found: QEMU runs confined by util-linux's setpriv and prlimit; install util-linux (apt-get install util-linux)`,
+      `${missing.join(", ")} not found: QEMU runs confined by util-linux's setpriv, prlimit and chrt; install util-linux (apt-get install util-linux)`,
     );
   }
-  return { setpriv, prlimit };
+  const [setpriv, prlimit, chrt] = found as [string, string, string];
+  return { setpriv, prlimit, chrt };
 });
 
 /** The cgroup v2 controllers QEMU would be limited by, and whether that is possible here. */

@@ -72,7 +72,7 @@ export interface HostReport {
   readonly confinement: {
     /** QEMU runs with its seccomp sandbox (`-sandbox on`, denying spawn, privilege changes, obsolete calls); without it QEMU does not start. */
     readonly seccomp: boolean;
-    /** `setpriv` and `prlimit` are there: no capabilities, `no_new_privs`, rlimits, and QEMU dies with the process that started it. */
+    /** `setpriv`, `prlimit` and `chrt` are there: no capabilities, `no_new_privs`, rlimits, `SCHED_BATCH`, and QEMU dies with the process that started it. */
     readonly tools: boolean;
     /** Who QEMU runs as: `self` (this user) on a non-root host; on a root host a uid of its own per VM (`uid` is the group's base) or `SUPERMACHINE_QEMU_USER`. */
     readonly user:

@@ -4,7 +4,7 @@
  *
  * QEMU's command line names its VM (`-name supermachine-<id>`) but no host path: every file and
  * socket reaches it as a descriptor. So QEMU processes are found by VM id, or as children of this
- * process (setpriv and prlimit exec QEMU in place).
+ * process (setpriv, prlimit and chrt exec QEMU in place).
  */
 import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 

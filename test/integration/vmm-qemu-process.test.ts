@@ -175,6 +175,15 @@ async function waitGone(pid: number, startTime: string, timeoutMs: number): Prom
   return performance.now() - started;
 }
 
+/** Linux's `SCHED_BATCH` policy number. */
+const SCHED_BATCH = 3;
+
+/** The scheduling policy of a process or thread (field 41 of its `stat`). */
+async function schedulingPolicy(statPath: string): Promise<number> {
+  const stat = await readFile(statPath, "utf8");
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[41 - 3]);
+}
+
 describe("QemuProcess", { skip }, () => {
   it("launches, answers QMP, connects the agent channel and stops cleanly", async (t) => {
     const root = await freshRoot();
@@ -194,6 +203,15 @@ describe("QemuProcess", { skip }, () => {
       assert.equal(vm.qmp.greeting.version.qemu.major >= 7, true);
       assert.ok((await vm.agentSocket) instanceof Socket);
       assert.ok(vm.args.includes("-sandbox"), "sandbox is on where supported");
+      const threads = await readdir(`/proc/${vm.pid}/task`);
+      assert.ok(threads.length > 1, "QEMU runs several threads");
+      for (const tid of threads) {
+        assert.equal(
+          await schedulingPolicy(`/proc/${vm.pid}/task/${tid}/stat`),
+          SCHED_BATCH,
+          `thread ${tid}`,
+        );
+      }
       await assert.rejects(vm.qmp.execute("no-such-command"), (error: unknown) => {
         assert.ok(error instanceof QmpError);
         assert.equal(error.qmpClass, "CommandNotFound");
@@ -201,6 +219,7 @@ describe("QemuProcess", { skip }, () => {
       });
     } catch (error) {
       t.diagnostic(`console log: ${vm.consoleLogPath}`);
+      await vm.kill();
       throw error;
     }
     const stopping = vm.stop();
