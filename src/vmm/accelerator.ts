@@ -181,20 +181,27 @@ export function assertHostSupported(): void {
   }
 }
 
-/** The QEMU binary: `SUPERMACHINE_QEMU`, else `qemu-system-x86_64` on `PATH`. */
-export async function findQemu(env: NodeJS.ProcessEnv = process.env): Promise<string> {
-  const configured = env.SUPERMACHINE_QEMU;
-  if (configured !== undefined && configured !== "") {
+/**
+ * The QEMU binary: `SUPERMACHINE_QEMU`, else `qemu-system-x86_64` on `PATH`. Found once per value
+ * of the two (every launch asks; a failed lookup is tried again next time).
+ */
+export function findQemu(env: NodeJS.ProcessEnv = process.env): Promise<string> {
+  return lookUpQemu(`${env.SUPERMACHINE_QEMU ?? ""}\0${env.PATH ?? ""}`);
+}
+
+const lookUpQemu = memoize(async (key: string): Promise<string> => {
+  const [configured, pathList] = key.split("\0") as [string, string];
+  if (configured !== "") {
     if (await isExecutable(configured)) return path.resolve(configured);
     throw new SupermachineError(
       "QEMU_NOT_FOUND",
       `QEMU not found: SUPERMACHINE_QEMU=${configured} is not an executable file; fix it or unset it`,
     );
   }
-  const found = await findOnPath(QEMU_BINARY, env);
+  const found = await findOnPath(QEMU_BINARY, { PATH: pathList });
   if (found !== undefined) return found;
   throw new SupermachineError("QEMU_NOT_FOUND", `QEMU not found: ${INSTALL_HINT}`);
-}
+});
 
 /** Find an executable by name on `PATH`. */
 export async function findOnPath(

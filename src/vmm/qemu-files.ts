@@ -6,8 +6,8 @@
  * file's own permissions still apply, see {@link grantMemoryFile}).
  */
 
-import { constants } from "node:fs";
-import { chmod, chown, type FileHandle, open, stat } from "node:fs/promises";
+import { closeSync, constants, openSync } from "node:fs";
+import { chmod, chown, open, stat } from "node:fs/promises";
 import type { QemuIdentity } from "./confinement.ts";
 import type { DiskSpec, GuestMemory, MachineSpec } from "./qemu-args.ts";
 
@@ -16,35 +16,37 @@ export const FIRST_FD = 3;
 
 /** Files opened for one QEMU, and the machine spec rewritten to use them. */
 export interface QemuFiles<M extends Partial<MachineSpec>> {
-  /** Descriptors in the order QEMU inherits them: `handles[i]` is QEMU's fd `FIRST_FD + i`. */
-  handles: FileHandle[];
+  /** Descriptors in the order QEMU inherits them: `fds[i]` is QEMU's fd `FIRST_FD + i`. */
+  fds: number[];
   machine: M;
   addFds: { fd: number; set: number }[];
-  /** Closes the host's copies (after QEMU started). */
-  close(): Promise<void>;
+  /** Closes the host's copies (after QEMU started). Idempotent. */
+  close(): void;
 }
 
 /**
  * Opens what `machine` names (and the incoming state, which becomes fd {@link FIRST_FD}) and
- * returns the spec with `/dev/fdset/N` and `/proc/self/fd/N` in place of the paths.
+ * returns the spec with `/dev/fdset/N` and `/proc/self/fd/N` in place of the paths. The opens and
+ * closes are synchronous: a handful of local files per VM start, each a short system call, where
+ * a request through the thread pool would cost more than the call.
  */
 export async function openQemuFiles<M extends Partial<MachineSpec>>(
   machine: M,
   incomingStatePath: string | undefined,
 ): Promise<QemuFiles<M>> {
-  const handles: FileHandle[] = [];
+  const fds: number[] = [];
   const addFds: { fd: number; set: number }[] = [];
-  const close = async () => {
-    await Promise.allSettled(handles.map((h) => h.close()));
+  const close = () => {
+    for (const fd of fds.splice(0)) closeSync(fd);
   };
-  const add = async (path: string, flags: number): Promise<number> => {
-    handles.push(await open(path, flags));
-    return FIRST_FD + handles.length - 1;
+  const add = (path: string, flags: number): number => {
+    fds.push(openSync(path, flags));
+    return FIRST_FD + fds.length - 1;
   };
   try {
-    if (incomingStatePath !== undefined) await add(incomingStatePath, constants.O_RDONLY);
-    const fdset = async (path: string, readOnly: boolean): Promise<string> => {
-      const fd = await add(path, readOnly ? constants.O_RDONLY : constants.O_RDWR);
+    if (incomingStatePath !== undefined) add(incomingStatePath, constants.O_RDONLY);
+    const fdset = (path: string, readOnly: boolean): string => {
+      const fd = add(path, readOnly ? constants.O_RDONLY : constants.O_RDWR);
       const set = addFds.length + 1;
       addFds.push({ fd, set });
       return `/dev/fdset/${set}`;
@@ -52,26 +54,26 @@ export async function openQemuFiles<M extends Partial<MachineSpec>>(
     const disks: DiskSpec[] = [];
     for (const disk of machine.disks ?? []) {
       const backing = [];
-      for (const entry of disk.backing ?? []) backing.push({ ...entry, path: await fdset(entry.path, true) });
+      for (const entry of disk.backing ?? []) backing.push({ ...entry, path: fdset(entry.path, true) });
       disks.push({
         ...disk,
-        path: await fdset(disk.path, disk.readOnly === true),
+        path: fdset(disk.path, disk.readOnly === true),
         ...(disk.backing === undefined ? {} : { backing }),
       });
     }
-    const procFd = async (path: string) => `/proc/self/fd/${await add(path, constants.O_RDONLY)}`;
+    const procFd = (path: string) => `/proc/self/fd/${add(path, constants.O_RDONLY)}`;
     const rewritten: M = { ...machine };
     if (machine.disks !== undefined) rewritten.disks = disks;
-    if (machine.kernelPath !== undefined) rewritten.kernelPath = await procFd(machine.kernelPath);
-    if (machine.initramfsPath !== undefined) rewritten.initramfsPath = await procFd(machine.initramfsPath);
+    if (machine.kernelPath !== undefined) rewritten.kernelPath = procFd(machine.kernelPath);
+    if (machine.initramfsPath !== undefined) rewritten.initramfsPath = procFd(machine.initramfsPath);
     const memory = machine.memory;
     if (memory?.kind === "file") {
       const sized = await ensureMemoryFile(memory, machine.memoryMiB ?? 0);
-      rewritten.memory = { ...sized, path: await procFd(memory.path) };
+      rewritten.memory = { ...sized, path: procFd(memory.path) };
     }
-    return { handles, machine: rewritten, addFds, close };
+    return { fds, machine: rewritten, addFds, close };
   } catch (error) {
-    await close();
+    close();
     throw error;
   }
 }

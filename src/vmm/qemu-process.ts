@@ -19,6 +19,7 @@
  */
 
 import { type ChildProcess, spawn } from "node:child_process";
+import { rmSync } from "node:fs";
 import { chmod, chown, mkdtemp, open, rm } from "node:fs/promises";
 import { connect, createServer, type Server, type Socket } from "node:net";
 import { AbortError, SupermachineError, VmError } from "../errors.ts";
@@ -359,7 +360,7 @@ export class QemuProcess {
         if (result.status === "rejected") throw result.reason;
       }
       // The channels are sockets already connected to the host, inherited after the files.
-      const socketFd = (listener: Listener) => FIRST_FD + files!.handles.length + listeners.indexOf(listener);
+      const socketFd = (listener: Listener) => FIRST_FD + files!.fds.length + listeners.indexOf(listener);
       args = buildQemuArgs({
         ...files.machine,
         addFds: files.addFds,
@@ -372,7 +373,7 @@ export class QemuProcess {
       });
       throwIfAborted(signal);
       const inherited: (number | Socket | "pipe")[] = [
-        ...files.handles.map((file) => file.fd),
+        ...files.fds,
         ...listeners.map((listener) => listener.qemuEnd),
       ];
       let program = [qemuPath, ...args];
@@ -392,15 +393,13 @@ export class QemuProcess {
         inherited,
       );
       if (options.netRelay !== undefined) {
-        relayStatus = child.stdio[
-          FIRST_FD + files.handles.length + listeners.length
-        ] as NodeJS.ReadableStream;
+        relayStatus = child.stdio[FIRST_FD + files.fds.length + listeners.length] as NodeJS.ReadableStream;
       }
-      await files.close();
+      files.close();
       await relayHandle?.close();
       for (const listener of listeners) listener.qemuEnd.destroy();
     } catch (error) {
-      await files?.close();
+      files?.close();
       await relayHandle?.close();
       for (const listener of listeners) listener.qemuEnd.destroy();
       for (const listener of listeners) listener.server.close();
@@ -715,7 +714,9 @@ async function listenUnix(path: string, opts: { reads?: boolean } = {}): Promise
     host.once("error", reject);
   });
   const qemuEnd = await accepted;
-  await rm(path, { force: true });
+  // The path is no longer needed once connected (a sync unlink: a request through the thread pool
+  // would cost more than the call).
+  rmSync(path, { force: true });
   return { path, server, connection: Promise.resolve(host), qemuEnd };
 }
 

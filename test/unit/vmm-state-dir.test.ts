@@ -135,6 +135,18 @@ describe("VmStateDir", () => {
     await dir.finish({ keep: true, exit: { exitCode: 1, signal: null, reason: "failed" } });
     assert.equal(existsSync(dir.diskDir), false, "a kept dir keeps its log, not its disk");
   });
+
+  it("removes a disk dir with a large overlay, a small one and a dir of its own", async () => {
+    const base = await freshRoot();
+    const dir = await VmStateDir.create({ root: base, diskRoot: disks(base), id: "d2" });
+    await writeFile(path.join(dir.diskDir, "rootfs.qcow2"), Buffer.alloc(64 * 1024 * 1024, 1));
+    await writeFile(path.join(dir.diskDir, "data.qcow2"), "overlay");
+    await mkdir(path.join(dir.diskDir, "volumes"));
+    await writeFile(path.join(dir.diskDir, "volumes", "v1"), "v");
+    await dir.finish({ keep: false, exit: { exitCode: 0, signal: null, reason: "kept" } });
+    assert.equal(existsSync(dir.diskDir), false);
+    assert.equal(existsSync(dir.path), false);
+  });
 });
 
 describe("sweepStaleVms", () => {
