@@ -361,43 +361,31 @@ export async function restoreBench(table: Table, quick: boolean): Promise<void> 
         }
       }
     }
-    const bestOf = (rates: Map<number, number[]>) =>
-      [...rates].reduce((a, b) => (summarize(b[1]).median > summarize(a[1]).median ? b : a))[0];
-    const rowName = (workers: number) => `throughput, ${workers} worker(s)`;
-    const best = bestOf(throughput);
-    for (const [workers, rounds] of throughput) {
-      table.add({
-        name: rowName(workers),
-        unit: "exec/s",
-        summary: summarize(rounds),
-        ...(workers >= 4
-          ? {
-              against: rowName(best),
-              budget: "≥ 0.9×",
-              higherIsBetter: true,
-              reading:
-                "More workers than cores: the pool's VMs are warmed before they are lent, so they only queue for CPU.",
-            }
-          : {}),
-      });
-    }
-    const loopName = (workers: number) => `in-guest exec loop, ${workers} VM(s) at once`;
-    const bestLoop = bestOf(inGuest);
-    for (const [workers, rounds] of inGuest) {
-      table.add({
-        name: loopName(workers),
-        unit: "exec/s",
-        summary: summarize(rounds),
-        ...(workers >= 4
-          ? {
-              against: loopName(bestLoop),
-              higherIsBetter: true,
-              reading:
-                "The guests alone, no host orchestration: a shell loop of `/bin/true` in every VM of the pool at once. What the emulated guests lose with more VMs than cores bounds the throughput budget's ratio.",
-            }
-          : {}),
-      });
-    }
+    // Rows per worker count; from 4 on (more than the cores) against the best count's median.
+    const addRates = (
+      rates: Map<number, number[]>,
+      name: (workers: number) => string,
+      beyondCores: { budget?: string; reading: string },
+    ) => {
+      const best = [...rates].reduce((a, b) => (summarize(b[1]).median > summarize(a[1]).median ? b : a))[0];
+      for (const [workers, rounds] of rates) {
+        table.add({
+          name: name(workers),
+          unit: "exec/s",
+          summary: summarize(rounds),
+          ...(workers >= 4 ? { against: name(best), higherIsBetter: true, ...beyondCores } : {}),
+        });
+      }
+    };
+    addRates(throughput, (workers) => `throughput, ${workers} worker(s)`, {
+      budget: "≥ 0.9×",
+      reading:
+        "More workers than cores: the pool's VMs are warmed before they are lent, so they only queue for CPU.",
+    });
+    addRates(inGuest, (workers) => `in-guest exec loop, ${workers} VM(s) at once`, {
+      reading:
+        "The guests alone, no host orchestration: a shell loop of `/bin/true` in every VM of the pool at once. What the emulated guests lose with more VMs than cores bounds the throughput budget's ratio.",
+    });
 
     // The 1st clone alone, then the 8th with seven others restored from the same snapshot. The
     // guest RAM is the snapshot file mapped copy-on-write, shared by all clones; QEMU's own

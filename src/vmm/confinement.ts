@@ -11,8 +11,7 @@
  * - an empty environment and only the descriptors it needs: every file it reads or writes is
  *   opened by the host and passed down (disks as fdsets, kernel/initramfs/memory through
  *   `/proc/self/fd`), its sockets live in a dir only it and the host can enter;
- * - resource limits: address space, open files, no core dumps.
- *
+ * - resource limits: address space, open files, no core dumps;
  * - the `SCHED_BATCH` policy (not wakeup-preempting): with more running VMs than cores, QEMUs take
  *   turns in whole time slices instead of preempting each other at every I/O wakeup, and the host
  *   program (normal policy) still preempts them (docs/vmm.md, "Scheduling").

@@ -37,7 +37,13 @@ export async function openQemuFiles<M extends Partial<MachineSpec>>(
   const fds: number[] = [];
   const addFds: { fd: number; set: number }[] = [];
   const close = () => {
-    for (const fd of fds.splice(0)) closeSync(fd);
+    for (const fd of fds.splice(0)) {
+      try {
+        closeSync(fd);
+      } catch {
+        // Our own descriptor of a local file: nothing to do if the kernel reports an error on it.
+      }
+    }
   };
   const add = (path: string, flags: number): number => {
     fds.push(openSync(path, flags));
