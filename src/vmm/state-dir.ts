@@ -283,11 +283,11 @@ async function removeDiskDir(dir: string): Promise<void> {
 
 /** Makes `dir` a directory of this user that no one else can enter (0700). */
 async function ensurePrivateDir(dir: string): Promise<void> {
+  const mode = 0o700;
   const uid = process.getuid?.();
   // Every VM start asks: one lstat answers when the dir is already what it must be.
   const seen = lstatSync(dir, { throwIfNoEntry: false });
-  if (seen?.isDirectory() && (uid === undefined || seen.uid === uid) && (seen.mode & 0o777) === 0o700) return;
-  const mode = 0o700;
+  if (seen?.isDirectory() && (uid === undefined || seen.uid === uid) && (seen.mode & 0o777) === mode) return;
   await mkdir(dir, { recursive: true, mode });
   const info = await lstat(dir);
   if (!info.isDirectory() || (uid !== undefined && info.uid !== uid)) {
